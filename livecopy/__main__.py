@@ -1,0 +1,3 @@
+from livecopy.cli import main
+
+main()

@@ -1,0 +1,14 @@
+"""Collects every area's subcommands under the root `livecopy` group."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(root: click.Group) -> None:
+    from livecopy import cli_stream
+    from models import cli as models_cli
+
+    for module in (cli_stream, models_cli):
+        for cmd in module.commands():
+            root.add_command(cmd)
