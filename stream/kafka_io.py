@@ -1,0 +1,366 @@
+"""Kafka plumbing on confluent-kafka: client configs, topic admin, and the batch loop.
+
+`BatchLoop` is the at-least-once engine every livecopy consumer runs:
+
+    poll a batch -> processor.process(records) -> produce rejects to the DLQ and wait for acks
+    -> commit the batch's offsets.
+
+Offsets are committed only after the processor's effects (Redis write, produce) and the DLQ
+records were acknowledged. When the processor raises `TransientError` (Redis down, broker
+hiccup), the loop pauses its partitions, backs off while keeping its group membership alive,
+rewinds to the first offset it did not finish, and tries again: nothing is committed, nothing
+is lost. A record that makes the processor fail for any other reason is isolated and sent
+to the DLQ with reason `processing_error`: a worker never dies on bad input. SIGTERM (via
+`stop()`) finishes the batch in hand, commits and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from livecopy.settings import KafkaSettings
+from stream.wire import Record, Rejection, Topics, dlq_headers
+
+log = logging.getLogger(__name__)
+
+
+def base_config(k: KafkaSettings) -> dict[str, Any]:
+    return {"bootstrap.servers": k.bootstrap_servers, **k.client_config}
+
+
+def producer_config(k: KafkaSettings, **overrides: Any) -> dict[str, Any]:
+    return {
+        **base_config(k),
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": k.producer_linger_ms,
+        "compression.type": "lz4",
+        **overrides,
+    }
+
+
+def consumer_config(k: KafkaSettings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        **base_config(k),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": k.auto_offset_reset,
+        "session.timeout.ms": k.session_timeout_ms,
+        "heartbeat.interval.ms": k.heartbeat_interval_ms,
+        "max.poll.interval.ms": k.max_poll_interval_ms,
+        "fetch.wait.max.ms": k.fetch_wait_max_ms,
+        "enable.partition.eof": False,
+        **overrides,
+    }
+
+
+def ensure_topics(k: KafkaSettings, topics: Topics, timeout_s: float = 30.0) -> list[str]:
+    """Create the CONTRACTS.md topics that do not exist yet; returns the ones created."""
+    admin = AdminClient(base_config(k))
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        NewTopic(name, num_partitions=n, replication_factor=topics.replication_factor)
+        for name, n in topics.partition_counts().items()
+        if name not in existing
+    ]
+    if not wanted:
+        return []
+    created = []
+    for name, fut in admin.create_topics(wanted, request_timeout=timeout_s).items():
+        try:
+            fut.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+def to_record(m: Message) -> Record:
+    ts_type, ts = m.timestamp()
+    return Record(
+        topic=m.topic() or "",
+        partition=m.partition() or 0,
+        offset=m.offset() or 0,
+        key=m.key(),
+        value=m.value(),
+        timestamp_ms=ts if ts_type != 0 else 0,
+        headers=list(m.headers() or []),
+    )
+
+
+class TransientError(Exception):
+    """A dependency is unavailable; the batch will be retried from Kafka later."""
+
+
+@dataclass
+class Outcome:
+    """What a processor did with a batch: records to send to the DLQ (the rest took effect)."""
+
+    rejected: list[tuple[Record, Rejection]]
+
+
+class Processor(Protocol):
+    def process(self, records: Sequence[Record]) -> Outcome:
+        """Take effect for each record (idempotently) or reject it. Raise TransientError to retry."""
+        ...
+
+    def healthy(self) -> bool:
+        """Cheap probe used while backing off after a TransientError."""
+        ...
+
+
+class LoopMetrics(Protocol):
+    def batch_done(self, records: Sequence[Record], rejected: int, seconds: float) -> None: ...
+
+    def retrying(self, reason: str) -> None: ...
+
+
+class NullMetrics:
+    def batch_done(self, records: Sequence[Record], rejected: int, seconds: float) -> None:
+        pass
+
+    def retrying(self, reason: str) -> None:
+        pass
+
+
+class DeliveryTracker:
+    """Counts outstanding produce() calls and remembers failures, for flush-then-check."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+
+    def take(self) -> list[str]:
+        errs, self.errors = self.errors, []
+        return errs
+
+
+class BatchLoop:
+    def __init__(
+        self,
+        consumer: Consumer,
+        dlq_producer: Producer,
+        processor: Processor,
+        *,
+        topics: Sequence[str],
+        dlq_topic: str,
+        max_batch: int = 2000,
+        poll_timeout_s: float = 0.2,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        metrics: LoopMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = dlq_producer
+        self.processor = processor
+        self.topics = list(topics)
+        self.dlq_topic = dlq_topic
+        self.max_batch = max_batch
+        self.poll_timeout_s = poll_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.metrics = metrics or NullMetrics()
+        self.clock = clock
+        self._stop = threading.Event()
+        self._delivery = DeliveryTracker()
+        self._done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
+        self._assigned: set[tuple[str, int]] = set()
+        self._paused = False
+        self.batches = 0
+        self.records = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish its batch in hand, commit and return (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        """Consume until `stop()`; then commit what took effect and close."""
+        self.start()
+        try:
+            while not self._stop.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def step(self) -> int:
+        """Poll one batch and see it through (effects, DLQ, commit). Returns its size."""
+        batch = self._poll_batch()
+        if batch:
+            self._handle(batch)
+        return len(batch)
+
+    def close(self) -> None:
+        self._commit(sync=True)
+        self.producer.flush(10)
+        self.consumer.close()
+
+    # -- rebalance ----------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._assigned |= {(p.topic, p.partition) for p in parts}
+        if self._paused:
+            consumer.pause(parts)
+        log.info("assigned %s", sorted(self._assigned))
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._commit(sync=True)
+        gone = {(p.topic, p.partition) for p in parts}
+        self._assigned -= gone
+        for tp in gone:
+            self._done.pop(tp, None)
+        log.info("revoked %s", sorted(gone))
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _poll_batch(self) -> list[Record]:
+        first = self.consumer.poll(self.poll_timeout_s)
+        if first is None:
+            return []
+        msgs = [first]
+        if self.max_batch > 1:
+            msgs += self.consumer.consume(self.max_batch - 1, timeout=0)
+        out = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err.str())
+                continue
+            out.append(to_record(m))
+        return out
+
+    def _handle(self, batch: list[Record]) -> None:
+        started = self.clock()
+        try:
+            outcome = self._process_isolating(batch)
+            self._send_to_dlq(outcome.rejected)
+        except TransientError as exc:
+            self.metrics.retrying(str(exc))
+            log.warning("batch of %d will be retried: %s", len(batch), exc)
+            self._backoff_and_rewind(batch)
+            return
+        for r in batch:
+            self._done[(r.topic, r.partition)] = r.offset + 1
+        self._commit(sync=False)
+        self.batches += 1
+        self.records += len(batch)
+        self.metrics.batch_done(batch, len(outcome.rejected), self.clock() - started)
+
+    def _process_isolating(self, batch: list[Record]) -> Outcome:
+        try:
+            return self.processor.process(batch)
+        except TransientError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                return Outcome([(batch[0], self._processing_error(batch[0], exc))])
+            log.exception("batch of %d failed; isolating the bad record(s)", len(batch))
+        rejected: list[tuple[Record, Rejection]] = []
+        for r in batch:  # one at a time (idempotent), so only the poison record(s) go to the DLQ
+            try:
+                rejected += self.processor.process([r]).rejected
+            except TransientError:
+                raise
+            except Exception as exc:
+                rejected.append((r, self._processing_error(r, exc)))
+        return Outcome(rejected)
+
+    @staticmethod
+    def _processing_error(r: Record, exc: Exception) -> Rejection:
+        log.error("record %s[%d]@%d failed processing", r.topic, r.partition, r.offset, exc_info=exc)
+        return Rejection("processing_error", f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300])
+
+    def _send_to_dlq(self, rejected: list[tuple[Record, Rejection]]) -> None:
+        if not rejected:
+            return
+        for rec, rej in rejected:
+            while True:
+                try:
+                    self.producer.produce(
+                        self.dlq_topic,
+                        value=rec.value,
+                        key=rec.key,
+                        headers=dlq_headers(rej, rec.topic, rec.partition, rec.offset),
+                        on_delivery=self._delivery,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.1)
+        left = self.producer.flush(30)
+        errors = self._delivery.take()
+        if left or errors:
+            raise TransientError(f"DLQ produce not acknowledged: {left} pending, errors {errors[:3]}")
+
+    def _commit(self, sync: bool) -> None:
+        if not self._done:
+            return
+        offsets = [TopicPartition(t, p, off) for (t, p), off in self._done.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+        except KafkaException as exc:
+            # Not fatal: the records took effect idempotently and will at worst be re-read.
+            log.warning("offset commit failed: %s", exc)
+        if sync:
+            self._done.clear()
+
+    def _backoff_and_rewind(self, batch: list[Record]) -> None:
+        """Pause, wait until the processor is healthy again, then rewind to the unfinished records."""
+        rewind: dict[tuple[str, int], int] = {}
+        for r in batch:
+            key = (r.topic, r.partition)
+            rewind[key] = min(rewind.get(key, r.offset), r.offset)
+        parts = self.consumer.assignment()
+        self.consumer.pause(parts)
+        self._paused = True
+        delay = self.backoff_initial_s
+        try:
+            while not self._stop.is_set():
+                deadline = self.clock() + delay
+                while self.clock() < deadline and not self._stop.is_set():
+                    # keeps the group membership alive; paused partitions deliver nothing, but a
+                    # message that raced the pause must be read again later, so remember it.
+                    m = self.consumer.poll(min(0.2, max(0.0, deadline - self.clock())))
+                    if m is not None and m.error() is None:
+                        key = (m.topic() or "", m.partition() or 0)
+                        rewind[key] = min(rewind.get(key, m.offset() or 0), m.offset() or 0)
+                if self.processor.healthy():
+                    break
+                delay = min(delay * 2, self.backoff_max_s)
+                log.warning("still unhealthy, next try in %.1f s", delay)
+        finally:
+            self._paused = False
+            current = self.consumer.assignment()
+            for (topic, part), off in rewind.items():
+                if (topic, part) in self._assigned:
+                    self.consumer.seek(TopicPartition(topic, part, off))
+            self.consumer.resume(current)
+
+
+def committed_offsets(k: KafkaSettings, group_id: str, topic: str, partitions: int) -> dict[int, int]:
+    """Committed offset per partition of a group (-1 where none)."""
+    c = Consumer(consumer_config(k, group_id))
+    try:
+        res = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: (tp.offset if tp.offset != OFFSET_INVALID else -1) for tp in res}
+    finally:
+        c.close()

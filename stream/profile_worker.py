@@ -1,0 +1,111 @@
+"""The profile worker: `livecopy.events` -> per-user profiles in Redis.
+
+`ProfileProcessor` is transport-free (records in, effects in a `ProfileStore`, rejects out), so it
+is unit-tested with the in-memory store; `run_profile_worker` wires it to Kafka and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Producer
+
+from livecopy.metrics import WorkerMetrics
+from livecopy.settings import ProfileSettings, Settings
+from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
+from stream.profile import ProfileUpdate, event_update
+from stream.profile_store import ProfileStore, RedisProfileStore, TransientStoreError
+from stream.wire import Record, Rejection, Topics, decode_event
+
+log = logging.getLogger(__name__)
+
+GROUP = "profile"
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ProfileProcessor:
+    def __init__(
+        self,
+        store: ProfileStore,
+        cfg: ProfileSettings,
+        *,
+        now_ms: Callable[[], int] = wall_ms,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.now_ms = now_ms
+        self.metrics = metrics
+        self.applied = 0
+        self.duplicates = 0
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        updates: list[ProfileUpdate] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        for rec in records:
+            try:
+                updates.append(event_update(decode_event(rec.key, rec.value), self.cfg))
+            except Rejection as rej:
+                rejected.append((rec, rej))
+        try:
+            flags = self.store.apply(updates, self.now_ms())
+        except TransientStoreError as exc:
+            raise TransientError(str(exc)) from exc
+        applied = sum(flags)
+        self.applied += applied
+        self.duplicates += len(flags) - applied
+        if self.metrics:
+            self.metrics.count("applied", applied)
+            self.metrics.count("duplicate", len(flags) - applied)
+        return Outcome(rejected)
+
+    def healthy(self) -> bool:
+        return self.store.ping()
+
+
+def build_profile_loop(settings: Settings, *, max_batch: int | None = None, group_suffix: str = "",
+                       metrics: WorkerMetrics | None = None, **consumer_overrides: Any) -> BatchLoop:
+    topics = Topics.from_settings(settings.topics)
+    client = redis.Redis.from_url(
+        settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.socket_timeout_s,
+    )
+    store = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
+    processor = ProfileProcessor(store, settings.profile, metrics=metrics)
+    w = settings.worker
+    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
+    dlq = Producer(producer_config(settings.kafka))
+    return BatchLoop(
+        consumer, dlq, processor,
+        topics=[topics.events], dlq_topic=topics.dlq,
+        max_batch=max_batch or w.max_batch, poll_timeout_s=w.poll_timeout_s,
+        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
+        metrics=metrics,
+    )
+
+
+def install_stop_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: finishing the batch in hand, committing, exiting", signum)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_profile_worker(settings: Settings, *, max_batch: int | None = None, metrics_port: int | None = None) -> None:
+    metrics = WorkerMetrics("profile")
+    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    loop = build_profile_loop(settings, max_batch=max_batch, metrics=metrics)
+    install_stop_signals(loop.stop)
+    log.info("profile worker consuming %s (batch <= %d)", loop.topics, loop.max_batch)
+    loop.run()
+    log.info("profile worker stopped after %d records in %d batches", loop.records, loop.batches)

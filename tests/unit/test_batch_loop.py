@@ -1,0 +1,230 @@
+"""The at-least-once loop against an in-memory Kafka: commits, DLQ, outages, poison records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+import pytest
+
+from livecopy.settings import ProfileSettings
+from stream.kafka_io import BatchLoop, Outcome
+from stream.profile import render, replay
+from stream.profile_store import InMemoryProfileStore
+from stream.profile_worker import ProfileProcessor
+from stream.wire import Record, decode_event
+from tests.fakes import FakeCluster, FakeConsumer, FakeProducer
+
+CFG = ProfileSettings()
+T0 = 1_795_341_600_000
+
+
+def event(i: int, user: str = "u1", **kw: object) -> dict[str, object]:
+    return {"event_id": f"e{i}", "type": "add_to_cart", "user_id": user, "ts": T0 + i,
+            "product_id": f"p{i % 5}", "category": "a/b", "price": 1.5, **kw}
+
+
+class RecoveringStore(InMemoryProfileStore):
+    """Down until it has been probed `outage_pings` times, then up again."""
+
+    def __init__(self, cfg: ProfileSettings, outage_pings: int) -> None:
+        super().__init__(cfg)
+        self.down = True
+        self.outage_pings = outage_pings
+        self.pings = 0
+
+    def ping(self) -> bool:
+        self.pings += 1
+        if self.pings >= self.outage_pings:
+            self.down = False
+        return not self.down
+
+
+def make(store: InMemoryProfileStore, partitions: int = 3, max_batch: int = 50,
+         cluster: FakeCluster | None = None):
+    if cluster is None:
+        cluster = FakeCluster()
+        cluster.create("ev", partitions)
+        cluster.create("dlq", 1)
+    consumer = FakeConsumer(cluster, "g")
+    producer = FakeProducer(cluster)
+    loop = BatchLoop(consumer, producer, ProfileProcessor(store, CFG, now_ms=lambda: T0),  # type: ignore[arg-type]
+                     topics=["ev"], dlq_topic="dlq", max_batch=max_batch,
+                     backoff_initial_s=0.001, backoff_max_s=0.004)
+    return cluster, consumer, producer, loop
+
+
+def publish(cluster: FakeCluster, values: Sequence[bytes | dict[str, object]], key: bytes | None = b"u1") -> None:
+    for v in values:
+        data = v if isinstance(v, bytes) else orjson.dumps(v)
+        k = key if isinstance(v, bytes) else str(v["user_id"]).encode()
+        cluster.append("ev", k, data)
+
+
+def drain(loop: BatchLoop, max_steps: int = 1000) -> None:
+    loop.start()
+    for _ in range(max_steps):
+        if loop.step() == 0:
+            break
+    loop.close()
+
+
+def end_offsets(cluster: FakeCluster, topic: str = "ev") -> dict[int, int]:
+    return {p: len(log) for (t, p), log in cluster.logs.items() if t == topic and log}
+
+
+def committed(cluster: FakeCluster, topic: str = "ev") -> dict[int, int]:
+    return {p: off for (g, t, p), off in cluster.committed.items() if t == topic}
+
+
+def expected_profiles(cluster: FakeCluster) -> dict[str, object]:
+    events = []
+    for m in cluster.records("ev"):
+        try:
+            events.append(decode_event(m.key(), m.value()))
+        except Exception:
+            continue
+    return {u: render(u, s, CFG) for u, s in replay(events, CFG, T0).items()}
+
+
+def actual_profiles(store: InMemoryProfileStore) -> dict[str, object]:
+    return {u: render(u, s, CFG) for u, s in store.states.items()}
+
+
+def test_good_records_apply_bad_ones_go_to_the_dlq_and_offsets_are_committed() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, consumer, _producer, loop = make(store)
+    publish(cluster, [event(i, user=f"u{i % 4}") for i in range(40)])
+    publish(cluster, [b"{broken", orjson.dumps(event(99, price="1"))], key=b"u1")
+    publish(cluster, [orjson.dumps(event(100, user="u2"))], key=b"someone-else")
+    drain(loop)
+    assert actual_profiles(store) == expected_profiles(cluster)
+    dlq = cluster.records("dlq")
+    reasons = sorted(dict(m.headers() or [])["error"].decode() for m in dlq)
+    assert reasons == ["key_mismatch", "not_json", "wrong_type"]
+    h = dict(dlq[0].headers() or [])
+    assert set(h) == {"error", "error.detail", "source.topic", "source.partition", "source.offset"}
+    assert h["source.topic"] == b"ev"
+    src = cluster.logs[("ev", int(h["source.partition"]))][int(h["source.offset"])]
+    assert dlq[0].value() == src.value() and dlq[0].key() == src.key()  # original bytes, unchanged
+    assert committed(cluster) == end_offsets(cluster)
+    assert consumer.closed
+
+
+def test_redelivered_batches_take_effect_once() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _c, _p, loop = make(store)
+    publish(cluster, [event(i) for i in range(10)])
+    drain(loop)
+    first = actual_profiles(store)
+    cluster.committed.clear()  # as if the commits were lost: everything is delivered again
+    drain(make(store, cluster=cluster)[3])
+    assert actual_profiles(store) == first
+    assert store.states["u1"].version == 10
+
+
+def test_store_outage_commits_nothing_and_loses_nothing() -> None:
+    store = RecoveringStore(CFG, outage_pings=4)
+    cluster, consumer, _producer, loop = make(store, max_batch=7)
+    publish(cluster, [event(i, user=f"u{i % 3}") for i in range(30)])
+    loop.start()
+    loop.step()  # the first batch meets the outage: backoff until the store answers, then rewind
+    assert store.pings == 4
+    assert committed(cluster) == {}  # nothing committed while the effect was not acknowledged
+    for _ in range(100):
+        if loop.step() == 0:
+            break
+    loop.close()
+    assert actual_profiles(store) == expected_profiles(cluster)
+    assert committed(cluster) == end_offsets(cluster)
+    assert not consumer.paused
+
+
+def test_a_message_that_raced_the_pause_is_read_again() -> None:
+    store = RecoveringStore(CFG, outage_pings=2)
+    cluster, consumer, _producer, loop = make(store, partitions=2, max_batch=3)
+    for i in range(6):
+        cluster.append("ev", b"u1", orjson.dumps(event(i)), partition=i // 3)
+    loop.start()
+    # the first batch (partition 0) meets the outage; while paused, a prefetched message of
+    # partition 1 is handed out anyway: it must not be skipped.
+    consumer.racing_pause.append(cluster.logs[("ev", 1)][0])
+    for _ in range(10):
+        loop.step()
+    loop.close()
+    assert store.states["u1"].version == 6
+    assert committed(cluster) == {0: 3, 1: 3}
+
+
+def test_dlq_not_acknowledged_means_retry_not_commit() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, producer, loop = make(store, partitions=1)
+    publish(cluster, [b"nope"])
+    producer.fail_deliveries = True
+    loop.start()
+    loop.step()
+    assert committed(cluster) == {} and cluster.records("dlq") == []
+    producer.fail_deliveries = False
+    loop.step()
+    loop.close()
+    assert [dict(m.headers() or [])["error"] for m in cluster.records("dlq")] == [b"not_json"]
+    assert committed(cluster) == {0: 1}
+
+
+class ExplodingProcessor(ProfileProcessor):
+    """A processor with a bug that one record triggers."""
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        if any(r.value and b"boom" in r.value for r in records):
+            raise RuntimeError("bug triggered by this record")
+        return super().process(records)
+
+
+def test_a_poison_record_goes_to_the_dlq_and_the_rest_applies() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, _producer, loop = make(store, partitions=1)
+    loop.processor = ExplodingProcessor(store, CFG, now_ms=lambda: T0)
+    publish(cluster, [event(1), event(2, props={"x": "boom"}), event(3)])
+    drain(loop)
+    assert store.states["u1"].version == 2
+    (rec,) = cluster.records("dlq")
+    assert dict(rec.headers() or [])["error"] == b"processing_error"
+    assert b"RuntimeError" in dict(rec.headers() or [])["error.detail"]
+    assert committed(cluster) == {0: 3}
+
+
+def test_revocation_commits_what_took_effect() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, consumer, _producer, loop = make(store, partitions=1)
+    publish(cluster, [event(i) for i in range(5)])
+    loop.start()
+    loop.step()
+    consumer.revoke_all()
+    assert committed(cluster) == {0: 5}
+
+
+def test_stop_is_honoured_between_batches() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, consumer, _producer, loop = make(store, partitions=1, max_batch=2)
+    publish(cluster, [event(i) for i in range(6)])
+
+    class StopAfterFirst(ProfileProcessor):
+        def process(self, records: Sequence[Record]) -> Outcome:
+            out = super().process(records)
+            loop.stop()
+            return out
+
+    loop.processor = StopAfterFirst(store, CFG, now_ms=lambda: T0)
+    loop.run()
+    assert committed(cluster) == {0: 2} and consumer.closed
+    assert store.states["u1"].version == 2
+
+
+@pytest.mark.parametrize("max_batch", [1, 1000])
+def test_batch_size_does_not_change_the_result(max_batch: int) -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _c, _p, loop = make(store, max_batch=max_batch)
+    publish(cluster, [event(i, user=f"u{i % 7}") for i in range(50)])
+    drain(loop)
+    assert actual_profiles(store) == expected_profiles(cluster)
+
