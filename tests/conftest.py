@@ -1,0 +1,54 @@
+"""Shared fixtures. Integration tests run against a real broker and a real Redis: Apache Kafka +
+Redis containers (testcontainers) when a Docker daemon answers, else the embedded stack (tansu +
+redis-server). The choice is made once per session and printed in the pytest header."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from livecopy.devstack import StackInfo, docker_available, open_stack
+from livecopy.settings import Settings
+from stream.kafka_io import ensure_topics
+from stream.wire import Topics
+
+_CHOICE: dict[str, str] = {}
+
+
+def stack_choice() -> str:
+    if not _CHOICE:
+        _CHOICE["kind"] = "docker" if docker_available() else "embedded"
+    return _CHOICE["kind"]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    kind = stack_choice()
+    if kind == "docker":
+        return "livecopy stack: testcontainers (Apache Kafka KRaft + Redis containers; a Docker daemon answers)"
+    from livecopy.devstack import _version, redis_binary, tansu_binary
+
+    return (f"livecopy stack: embedded ({_version([tansu_binary(), '--version'])} + "
+            f"redis-server {_version([redis_binary(), '--version']).split(' v=')[-1].split()[0]}; no Docker daemon)")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[StackInfo]:
+    with open_stack(prefer=stack_choice()) as info:
+        yield info
+
+
+@pytest.fixture
+def settings(stack: StackInfo) -> Settings:
+    """Settings pointing at the session's stack, with topics, consumer groups and Redis keys of
+    this test alone (tests share one broker and one Redis)."""
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(
+        topics={"prefix": f"t{tag}.", "events_partitions": 4, "default_partitions": 2},  # type: ignore[arg-type]
+        redis={"url": stack.redis_url, "key_prefix": f"t{tag}:"},  # type: ignore[arg-type]
+        worker={"group_prefix": f"t{tag}-", "poll_timeout_s": 0.1},  # type: ignore[arg-type]
+        kafka={"bootstrap_servers": stack.bootstrap_servers},  # type: ignore[arg-type]
+    )
+    ensure_topics(s.kafka, Topics.from_settings(s.topics))
+    return s

@@ -1,0 +1,107 @@
+"""Events produced with the SDK change Redis profiles exactly as the pure function predicts."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import orjson
+import pytest
+
+from livecopy import EventProducer
+from livecopy.catalog import Catalog
+from livecopy.settings import Settings
+from stream.contracts import Event
+from stream.kafka_io import committed_offsets
+from stream.loadgen import SessionGenerator
+from stream.profile_worker import build_profile_loop
+from stream.wire import Topics
+from tests.integration.helpers import (
+    ThreadWorker,
+    expected_profiles,
+    mismatches,
+    profiles_match,
+    read_topic,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_795_341_600_000
+
+
+def loadgen_events(n: int, users: int, seed: int = 3) -> list[dict[str, object]]:
+    gen = SessionGenerator(Catalog.generate(300, seed=seed), users, seed=seed, concurrency=20).events()
+    return list(itertools.islice(gen, n))
+
+
+def late_events(users: int, seed: int = 5) -> list[dict[str, object]]:
+    """Events with event times far out of order (hours apart, shuffled)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(300):
+        out.append({"event_id": f"late-{i}", "type": rng.choice(["product_view", "add_to_cart", "purchase"]),
+                    "user_id": f"u-{rng.randrange(users):06d}", "ts": T0 - rng.randrange(72 * 3_600_000),
+                    "product_id": f"sku-{rng.randrange(50):05d}", "category": rng.choice(["home/kitchen", "toys/games"]),
+                    "price": round(rng.random() * 90, 2), "quantity": rng.randint(1, 4)})
+    return out
+
+
+def test_sdk_events_change_profiles_as_the_pure_function_predicts(settings: Settings) -> None:
+    events = loadgen_events(4000, users=60) + late_events(users=60)
+    random.Random(1).shuffle(events)
+    dups = random.Random(2).sample(events, 600)
+    with EventProducer(settings=settings) as p:
+        for e in events + dups:  # every duplicate is a re-send of the same event_id
+            p.send(e)
+    expected = expected_profiles(settings, (Event.model_validate(e) for e in events))
+    with ThreadWorker(build_profile_loop(settings)) as w:
+        wait_until(lambda: w.loop.records >= len(events) + len(dups), 60, "all records consumed")
+        wait_until(profiles_match(settings, expected), 10, "profiles to match")
+    assert not mismatches(settings, expected)
+    assert w.loop.processor.duplicates == len(dups)  # type: ignore[attr-defined]
+    assert w.loop.processor.applied == len(events)  # type: ignore[attr-defined]
+    # offsets were committed up to the end of every partition that had records
+    committed = committed_offsets(settings.kafka, settings.worker.group_prefix + "profile",
+                                  Topics.from_settings(settings.topics).events, settings.topics.events_partitions)
+    assert sum(committed.values()) == len(events) + len(dups)
+
+
+MALFORMED: list[tuple[str, bytes | None, bytes]] = [
+    ("not_json", b"u-1", b"{this is not json"),
+    ("wrong_type", b"u-1", orjson.dumps({"event_id": "b1", "type": "product_view", "user_id": "u-1",
+                                          "ts": 1, "product_id": "p", "price": "12.00"})),
+    ("missing_field", b"u-1", orjson.dumps({"event_id": "b2", "type": "add_to_cart", "user_id": "u-1", "ts": 1})),
+    ("bad_charset", b"u-1", orjson.dumps({"event_id": "b 3 ?", "type": "page_view", "user_id": "u-1", "ts": 1})),
+    ("oversize", b"u-1", orjson.dumps({"event_id": "b4", "type": "page_view", "user_id": "u-1", "ts": 1,
+                                        "pad": "x" * 70_000})),
+    ("key_mismatch", b"u-2", orjson.dumps({"event_id": "b5", "type": "page_view", "user_id": "u-1", "ts": 1})),
+    ("unknown_type", b"u-1", orjson.dumps({"event_id": "b6", "type": "teleport", "user_id": "u-1", "ts": 1})),
+    ("not_object", b"u-1", b"[1,2,3]"),
+]
+
+
+def test_every_malformed_class_lands_in_the_dlq_and_good_records_around_it_apply(settings: Settings) -> None:
+    topics = Topics.from_settings(settings.topics)
+    good = [{"event_id": f"g{i}", "type": "add_to_cart", "user_id": "u-1", "ts": T0 + i,
+             "product_id": f"p{i}", "category": "toys/games", "price": 2.0} for i in range(len(MALFORMED) + 1)]
+    with EventProducer(settings=settings, config={"message.max.bytes": 2_000_000}) as p:
+        for g, (_reason, key, value) in itertools.zip_longest(good, MALFORMED, fillvalue=(None, None, None)):
+            if g:
+                p.send(g)
+            if value is not None:
+                p.send_raw(key, value)
+    expected = expected_profiles(settings, [Event.model_validate(g) for g in good])
+    with ThreadWorker(build_profile_loop(settings)):
+        wait_until(profiles_match(settings, expected), 60, "good records applied")
+        dlq = read_topic(settings, topics.dlq, expect=len(MALFORMED))
+    assert sorted(dict(m.headers())["error"].decode() for m in dlq) == sorted(r for r, _k, _v in MALFORMED)
+    by_reason = {dict(m.headers())["error"].decode(): m for m in dlq}
+    for reason, key, value in MALFORMED:
+        m = by_reason[reason]
+        h = dict(m.headers())
+        assert m.value() == value and m.key() == key, reason  # original bytes, unchanged
+        assert h["source.topic"].decode() == topics.events
+        assert int(h["source.partition"]) in range(settings.topics.events_partitions)
+        assert int(h["source.offset"]) >= 0
+        assert h["error.detail"] and b"\n" not in h["error.detail"]

@@ -1,0 +1,103 @@
+"""Reading profiles: GET /v1/profile/{user_id}, `livecopy profile show`, `livecopy dev up|status|down`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from livecopy.devstack import free_port
+from livecopy.settings import Settings
+from services.api import create_app
+from stream.contracts import Event, Profile
+from stream.profile_worker import build_profile_loop
+from tests.integration.helpers import (
+    ROOT,
+    ThreadWorker,
+    expected_profiles,
+    produce,
+    profiles_match,
+    settings_env,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+EVENTS = [
+    {"event_id": "r1", "type": "product_view", "user_id": "reader@shop", "ts": "2026-11-22T10:00:00Z",
+     "product_id": "sku-1", "category": "home/kitchen", "price": 39.9},
+    {"event_id": "r2", "type": "purchase", "user_id": "reader@shop", "ts": "2026-11-22T11:00:00Z",
+     "product_id": "sku-1", "category": "home/kitchen", "price": 39.9, "quantity": 2},
+]
+
+
+@pytest.fixture
+def applied(settings: Settings) -> Profile:
+    produce(settings, EVENTS)
+    expected = expected_profiles(settings, [Event.model_validate(e) for e in EVENTS])
+    with ThreadWorker(build_profile_loop(settings)):
+        wait_until(profiles_match(settings, expected), 60, "events applied")
+    return expected["reader@shop"]
+
+
+def test_http_profile_endpoint(settings: Settings, applied: Profile) -> None:
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/v1/profile/reader@shop")
+        assert r.status_code == 200
+        body = r.json()
+        assert body == json.loads(applied.model_dump_json())
+        assert body["event_counts"] == {"product_view": 1, "purchase": 1}
+        assert body["purchase_value"] == pytest.approx(79.8)
+        assert body["recent_products"] == ["sku-1"]
+        assert body["last_seen"] == "2026-11-22T11:00:00.000Z"
+        r = client.get("/v1/profile/nobody")
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+        r = client.get("/v1/profile/bad%20id!")
+        assert r.status_code == 422 and r.json()["error"] == "invalid_user_id"
+        assert client.get("/healthz").json()["status"] == "ok"
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and "livecopy_http_requests_total" in metrics.text
+
+
+def test_cli_profile_show_json(settings: Settings, applied: Profile) -> None:
+    out = subprocess.run([sys.executable, "-m", "livecopy", "profile", "show", "reader@shop", "--json"],
+                         env=settings_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert Profile.model_validate_json(out.stdout) == applied
+    missing = subprocess.run([sys.executable, "-m", "livecopy", "profile", "show", "nobody"],
+                             env=settings_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "no profile" in missing.stderr
+
+
+def test_dev_up_status_down(tmp_path: Path) -> None:
+    env = settings_env(Settings())
+    ports = ["--kafka-port", str(free_port()), "--redis-port", str(free_port()), "--data-dir", str(tmp_path)]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "livecopy", "dev", *args, *ports], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=90)
+
+    up = cli("up")
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "tansu" in up.stdout and "redis" in up.stdout
+        st = cli("status")
+        assert st.returncode == 0 and st.stdout.count("running") == 2
+        again = cli("up")  # idempotent: already running
+        assert again.returncode == 0, again.stderr
+        topics = subprocess.run(
+            [sys.executable, "-c", "import sys; from confluent_kafka.admin import AdminClient; "
+             "print(sorted(AdminClient({'bootstrap.servers': sys.argv[1]}).list_topics(timeout=10).topics))",
+             f"127.0.0.1:{ports[1]}"], capture_output=True, text=True, timeout=60)
+        for t in ("livecopy.events", "livecopy.events.dlq", "livecopy.copy", "livecopy.feedback",
+                  "livecopy.model-updates"):
+            assert t in topics.stdout
+    finally:
+        down = cli("down")
+    assert down.returncode == 0
+    st = cli("status")
+    assert st.returncode == 1 and st.stdout.count("stopped") == 2

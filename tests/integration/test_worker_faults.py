@@ -1,0 +1,157 @@
+"""Faults: kill -9 mid-stream, Redis going away, SIGTERM. Every event's effect lands exactly once."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from livecopy import EventProducer
+from livecopy.catalog import Catalog
+from livecopy.devstack import free_port, redis_binary, wait_redis
+from livecopy.settings import Settings
+from stream.contracts import Event
+from stream.kafka_io import committed_offsets
+from stream.loadgen import SessionGenerator, paced
+from stream.profile_worker import build_profile_loop
+from stream.wire import Topics
+from tests.integration.helpers import (
+    ThreadWorker,
+    expected_profiles,
+    mismatches,
+    profiles_match,
+    redis_profiles,
+    start_cli,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def session_events(n: int, users: int, seed: int) -> list[dict[str, object]]:
+    gen = SessionGenerator(Catalog.generate(400, seed=seed), users, seed=seed, concurrency=50).events()
+    return list(itertools.islice(gen, n))
+
+
+def applied_versions(settings: Settings, users: list[str]) -> int:
+    return sum(p.profile_version for p in redis_profiles(settings, users).values() if p)
+
+
+def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(settings: Settings, tmp_path: Path) -> None:
+    events = session_events(12_000, users=300, seed=11)
+    expected = expected_profiles(settings, (Event.model_validate(e) for e in events))
+    users = list(expected)
+    log = tmp_path / "worker.log"
+    worker = start_cli(settings, "worker", "profile", "--max-batch", "200", log=log)
+
+    def producer() -> None:  # a steady stream while the worker gets killed
+        with EventProducer(settings=settings) as p:
+            for n in paced(4000, None):
+                if n >= len(events):
+                    break
+                p.send(events[n])
+
+    t = threading.Thread(target=producer)
+    t.start()
+    try:
+        wait_until(lambda: applied_versions(settings, users) > 2000, 60, "the worker to be mid-stream")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        at_kill = applied_versions(settings, users)
+        assert 0 < at_kill < len(events), "the kill must happen mid-stream"
+        t.join(60)
+        worker = start_cli(settings, "worker", "profile", "--max-batch", "200", log=log)
+        wait_until(profiles_match(settings, expected), 90, "every event applied after the restart")
+        assert not mismatches(settings, expected)
+    finally:
+        worker.kill()
+        worker.wait(10)
+        t.join(5)
+
+
+def test_sigterm_finishes_commits_and_exits(settings: Settings, tmp_path: Path) -> None:
+    events = session_events(3000, users=100, seed=12)
+    expected = expected_profiles(settings, (Event.model_validate(e) for e in events))
+    worker = start_cli(settings, "worker", "profile", log=tmp_path / "w.log")
+    try:
+        with EventProducer(settings=settings) as p:
+            for e in events:
+                p.send(e)
+        wait_until(profiles_match(settings, expected), 60, "events applied")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    topics = Topics.from_settings(settings.topics)
+    committed = committed_offsets(settings.kafka, settings.worker.group_prefix + "profile", topics.events,
+                                  settings.topics.events_partitions)
+    assert sum(committed.values()) == len(events)
+
+
+class RedisServer:
+    """A Redis of this test's own, so it can be stopped and started again (AOF on)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_redis(self.url, 10)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def test_redis_outage_pauses_commits_nothing_loses_nothing(settings: Settings, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    s = settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"url": server.url, "socket_timeout_s": 1.0}),
+        "worker": settings.worker.model_copy(update={"retry_backoff_initial_s": 0.1, "retry_backoff_max_s": 0.5}),
+    })
+    topics = Topics.from_settings(s.topics)
+    group = s.worker.group_prefix + "profile"
+    first = session_events(500, users=40, seed=21)
+    second = session_events(1500, users=40, seed=22)
+    expected_first = expected_profiles(s, (Event.model_validate(e) for e in first))
+    expected_all = expected_profiles(s, (Event.model_validate(e) for e in first + second))
+    try:
+        with ThreadWorker(build_profile_loop(s)) as w:
+            with EventProducer(settings=s) as p:
+                for e in first:
+                    p.send(e)
+            wait_until(profiles_match(s, expected_first), 60, "first events applied")
+            wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, 4).values()) == len(first),
+                       20, "first offsets committed")
+            server.stop()
+            with EventProducer(settings=s) as p:
+                for e in second:
+                    p.send(e)
+            time.sleep(4)  # the worker meets the outage, backs off, retries
+            assert w.loop.processor.applied == len(first)  # type: ignore[attr-defined]
+            committed = committed_offsets(s.kafka, group, topics.events, 4)
+            assert sum(committed.values()) == len(first), "nothing committed during the outage"
+            server.start()
+            wait_until(profiles_match(s, expected_all), 60, "all events applied after Redis is back")
+            assert not mismatches(s, expected_all)
+            wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, 4).values())
+                       == len(first) + len(second), 20, "all offsets committed")
+    finally:
+        server.stop()
