@@ -32,7 +32,8 @@ def _configure_logging(level: str) -> None:
 
 
 @click.group()
-@click.option("--env-file", type=click.Path(dir_okay=False), default=None, help="Read LIVECOPY_* settings from this file.")
+@click.option("--env-file", type=click.Path(dir_okay=False), default=None,
+              help="Read LIVECOPY_* settings from this file.")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING, ...")
 @click.pass_context
 def cli(ctx: click.Context, env_file: str | None, log_level: str | None) -> None:

@@ -6,11 +6,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
 from livecopy.cli import Ctx, pass_ctx
+
+if TYPE_CHECKING:
+    from livecopy.devstack import EmbeddedStack
 
 
 # -- livecopy dev up|down|status --------------------------------------------------------------
@@ -19,7 +22,7 @@ def dev() -> None:
     """The embedded stack (tansu broker + Redis on loopback), no Docker needed."""
 
 
-def _stack(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None):  # type: ignore[no-untyped-def]
+def _stack(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None) -> EmbeddedStack:
     from livecopy.devstack import EmbeddedStack
 
     cfg = ctx.settings.dev
@@ -29,13 +32,13 @@ def _stack(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: s
 
 
 _port_opts = [
-    click.option("--kafka-port", type=int, default=None, help="Broker port (default LIVECOPY_DEV__KAFKA_PORT or 9092)."),
-    click.option("--redis-port", type=int, default=None, help="Redis port (default LIVECOPY_DEV__REDIS_PORT or 6379)."),
+    click.option("--kafka-port", type=int, default=None, help="Broker port (default 9092)."),
+    click.option("--redis-port", type=int, default=None, help="Redis port (default 6379)."),
     click.option("--data-dir", default=None, help="Pids, logs and Redis data (default .livecopy/dev)."),
 ]
 
 
-def _with_ports(f):  # type: ignore[no-untyped-def]
+def _with_ports(f: Any) -> Any:
     for opt in reversed(_port_opts):
         f = opt(f)
     return f
@@ -82,6 +85,24 @@ def dev_status(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_di
         click.echo(f"{name:6} {'running' if s['running'] else 'stopped':8} {s['address']}  pid={s['pid']}")
     if not (st["kafka"]["running"] and st["redis"]["running"]):
         sys.exit(1)
+
+
+@click.group()
+def topics() -> None:
+    """Topics of CONTRACTS.md."""
+
+
+@topics.command("create")
+@pass_ctx
+def topics_create(ctx: Ctx) -> None:
+    """Create the livecopy topics that do not exist yet (partition counts from settings)."""
+    from stream.kafka_io import ensure_topics
+    from stream.wire import Topics
+
+    t = Topics.from_settings(ctx.settings.topics)
+    created = ensure_topics(ctx.settings.kafka, t)
+    for name, n in t.partition_counts().items():
+        click.echo(f"{name:32} {n:3} partitions  {'created' if name in created else 'exists'}")
 
 
 # -- producing --------------------------------------------------------------------------------
@@ -213,4 +234,4 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
 
 
 def commands() -> list[click.Command]:
-    return [dev, produce, loadgen, worker, profile, serve]
+    return [dev, topics, produce, loadgen, worker, profile, serve]

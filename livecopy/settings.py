@@ -26,6 +26,7 @@ class KafkaSettings(BaseModel):
     # How long the broker may hold a fetch when there is no data: the latency/CPU trade-off.
     fetch_wait_max_ms: int = 10
     producer_linger_ms: int = 5
+    producer_compression: str = "lz4"  # none | gzip | snappy | lz4 | zstd
     auto_offset_reset: str = "earliest"
 
 
@@ -81,6 +82,8 @@ class WorkerSettings(BaseModel):
     poll_timeout_s: float = 0.2
     retry_backoff_initial_s: float = 0.2
     retry_backoff_max_s: float = 10.0
+    # Offsets are committed asynchronously at most this often (and synchronously on revoke / stop).
+    commit_interval_s: float = 0.5
     metrics_port: int = 0  # 0: no metrics endpoint
     group_prefix: str = "livecopy-"
 
@@ -125,5 +128,5 @@ class Settings(BaseSettings):
 def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings from the environment (and an optional .env-style file)."""
     if env_file is not None:
-        return Settings(_env_file=str(env_file), **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=str(env_file), **overrides)
     return Settings(**overrides)

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     field_validator,
     model_validator,
@@ -54,6 +55,9 @@ IMPRESSION_REQUIRED = frozenset({EventType.IMPRESSION, EventType.CLICK})
 _RFC3339 = re.compile(
     r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
 )
+# A /-separated path of names that are not blank and hold no control characters.
+_SEG = r"[^/\x00-\x1f]*[^/\s][^/\x00-\x1f]*"
+_CATEGORY = re.compile(rf"{_SEG}(?:/{_SEG})*\Z")
 # Year 1970 .. 9999 in epoch milliseconds.
 _MAX_EPOCH_MS = 253_402_300_799_999
 
@@ -105,7 +109,7 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
     event_id: Id
-    type: EventType
+    type: Annotated[EventType, Strict(False)]  # the enum from its JSON string, validated in Rust
     user_id: UserId
     ts: EventTime
     product_id: Id | None = None
@@ -118,26 +122,10 @@ class Event(BaseModel):
     slot: Annotated[str, StringConstraints(max_length=64)] | None = None
     props: dict[str, Any] | None = None
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _type_from_json(cls, v: Any) -> Any:
-        # strict mode wants an enum instance from Python; JSON gives the string.
-        if isinstance(v, str):
-            try:
-                return EventType(v)
-            except ValueError:
-                raise PydanticCustomError(
-                    "unknown_type", "type '{v}' is not one of the event types", {"v": v[:40]}
-                ) from None
-        return v
-
     @field_validator("category")
     @classmethod
     def _category_path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = v.split("/")
-        if any(not p.strip() for p in parts) or any(ord(c) < 32 for c in v):
+        if v is not None and not _CATEGORY.match(v):
             raise PydanticCustomError("bad_format", "category must be a /-separated path of non-empty names")
         return v
 

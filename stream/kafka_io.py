@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -42,7 +42,7 @@ def producer_config(k: KafkaSettings, **overrides: Any) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": k.producer_linger_ms,
-        "compression.type": "lz4",
+        "compression.type": k.producer_compression,
         **overrides,
     }
 
@@ -94,7 +94,7 @@ def to_record(m: Message) -> Record:
         key=m.key(),
         value=m.value(),
         timestamp_ms=ts if ts_type != 0 else 0,
-        headers=list(m.headers() or []),
+        headers=cast("list[tuple[str, bytes]]", list(m.headers() or [])),
     )
 
 
@@ -161,6 +161,7 @@ class BatchLoop:
         poll_timeout_s: float = 0.2,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
+        commit_interval_s: float = 0.5,
         metrics: LoopMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -173,6 +174,9 @@ class BatchLoop:
         self.poll_timeout_s = poll_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.commit_interval_s = commit_interval_s
+        self._last_commit = float("-inf")
+        self._dirty = False
         self.metrics = metrics or NullMetrics()
         self.clock = clock
         self._stop = threading.Event()
@@ -209,6 +213,11 @@ class BatchLoop:
         batch = self._poll_batch()
         if batch:
             self._handle(batch)
+        if self._dirty and self.clock() - self._last_commit >= self.commit_interval_s:
+            # Asynchronous and at most every commit_interval_s (also when idle): offsets only ever
+            # name records whose effects were acknowledged; a lost commit only means re-reading
+            # (idempotent) records.
+            self._commit(sync=False)
         return len(batch)
 
     def close(self) -> None:
@@ -261,7 +270,7 @@ class BatchLoop:
             return
         for r in batch:
             self._done[(r.topic, r.partition)] = r.offset + 1
-        self._commit(sync=False)
+        self._dirty = True
         self.batches += 1
         self.records += len(batch)
         self.metrics.batch_done(batch, len(outcome.rejected), self.clock() - started)
@@ -300,7 +309,7 @@ class BatchLoop:
                         self.dlq_topic,
                         value=rec.value,
                         key=rec.key,
-                        headers=dlq_headers(rej, rec.topic, rec.partition, rec.offset),
+                        headers=cast(Any, dlq_headers(rej, rec.topic, rec.partition, rec.offset)),
                         on_delivery=self._delivery,
                     )
                     break
@@ -312,11 +321,16 @@ class BatchLoop:
             raise TransientError(f"DLQ produce not acknowledged: {left} pending, errors {errors[:3]}")
 
     def _commit(self, sync: bool) -> None:
+        self._dirty = False
         if not self._done:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in self._done.items()]
+        self._last_commit = self.clock()
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+            if sync:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             # Not fatal: the records took effect idempotently and will at worst be re-read.
             log.warning("offset commit failed: %s", exc)

@@ -5,6 +5,8 @@
 --   {"i": event_id, "y": type, "t": ts_ms, "p": product_or_null, "c": cart_add, "u": purchase_add,
 --    "a": [[category, weight], ...]}
 -- Returns one integer per update: 1 applied, 0 duplicate.
+-- Cost per call: one HMGET of every field the updates touch, the merge in Lua, one HSET of what
+-- changed, one ZADD NX per event (dedupe), one ZADD GT + trim per product.
 local p, r, s = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -15,31 +17,45 @@ local ttl = tonumber(ARGV[5])
 local function fmt(x) return string.format('%.17g', x) end
 
 redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(now - window))
-local out = {}
+
+-- dedupe first (ZADD NX answers 0 for an id already seen, also for a repeat inside this call)
+local updates, fresh = {}, {}
+local names, seen_name = {'v', 'f', 'l', 'cv', 'pv'}, {v = true, f = true, l = true, cv = true, pv = true}
+local function want(name)
+  if not seen_name[name] then seen_name[name] = true; names[#names + 1] = name end
+end
 for i = 6, #ARGV do
   local u = cjson.decode(ARGV[i])
-  if redis.call('ZSCORE', s, u.i) then
-    out[#out + 1] = 0
-  else
-    redis.call('ZADD', s, now, u.i)
-    redis.call('HINCRBY', p, 'v', 1)
-    redis.call('HINCRBY', p, 'n:' .. u.y, 1)
+  updates[#updates + 1] = u
+  local added = redis.call('ZADD', s, 'NX', now, u.i)
+  fresh[#fresh + 1] = added
+  if added == 1 then
+    want('n:' .. u.y)
+    if u.a then
+      for _, cw in ipairs(u.a) do want('a:' .. cw[1]); want('t:' .. cw[1]) end
+    end
+  end
+end
+
+local vals = redis.call('HMGET', p, unpack(names))
+local h = {}
+for i, name in ipairs(names) do h[name] = tonumber(vals[i]) end
+local dirty = {}
+local function set(name, value) h[name] = value; dirty[name] = true end
+
+for k, u in ipairs(updates) do
+  if fresh[k] == 1 then
     local t = u.t
-    local first = tonumber(redis.call('HGET', p, 'f'))
-    if (not first) or t < first then redis.call('HSET', p, 'f', fmt(t)) end
-    local last = tonumber(redis.call('HGET', p, 'l'))
-    if (not last) or t > last then redis.call('HSET', p, 'l', fmt(t)) end
-    if u.c and u.c ~= 0 then
-      redis.call('HSET', p, 'cv', fmt((tonumber(redis.call('HGET', p, 'cv')) or 0) + u.c))
-    end
-    if u.u and u.u ~= 0 then
-      redis.call('HSET', p, 'pv', fmt((tonumber(redis.call('HGET', p, 'pv')) or 0) + u.u))
-    end
+    set('v', (h['v'] or 0) + 1)
+    set('n:' .. u.y, (h['n:' .. u.y] or 0) + 1)
+    if (not h['f']) or t < h['f'] then set('f', t) end
+    if (not h['l']) or t > h['l'] then set('l', t) end
+    if u.c and u.c ~= 0 then set('cv', (h['cv'] or 0) + u.c) end
+    if u.u and u.u ~= 0 then set('pv', (h['pv'] or 0) + u.u) end
     if u.a then
       for _, cw in ipairs(u.a) do
-        local cat, w = cw[1], cw[2]
-        local vals = redis.call('HMGET', p, 'a:' .. cat, 't:' .. cat)
-        local value, ref = tonumber(vals[1]), tonumber(vals[2])
+        local an, tn, w = 'a:' .. cw[1], 't:' .. cw[1], cw[2]
+        local value, ref = h[an], h[tn]
         if not value then
           value, ref = w, t
         elseif t >= ref then
@@ -47,19 +63,27 @@ for i = 6, #ARGV do
         else
           value = value + w * 2 ^ (-(ref - t) / hl)
         end
-        redis.call('HSET', p, 'a:' .. cat, fmt(value), 't:' .. cat, fmt(ref))
+        set(an, value); set(tn, ref)
       end
     end
     if type(u.p) == 'string' then
       redis.call('ZADD', r, 'GT', t, u.p)
-      redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1))
     end
-    out[#out + 1] = 1
   end
 end
-if ttl > 0 then
-  redis.call('PEXPIRE', p, ttl)
-  redis.call('PEXPIRE', r, ttl)
-  redis.call('PEXPIRE', s, ttl)
+
+local args = {}
+for name, _ in pairs(dirty) do
+  args[#args + 1] = name
+  args[#args + 1] = fmt(h[name])
 end
-return out
+if #args > 0 then
+  redis.call('HSET', p, unpack(args))
+  redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1))
+  if ttl > 0 then
+    redis.call('PEXPIRE', p, ttl)
+    redis.call('PEXPIRE', r, ttl)
+    redis.call('PEXPIRE', s, ttl)
+  end
+end
+return fresh

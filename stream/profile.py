@@ -17,6 +17,7 @@ Duplicates (same event_id within the dedupe window) take effect once.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class ProfileState:
     seen: dict[str, int] = field(default_factory=dict)  # event_id -> applied-at ms (dedupe)
 
 
+@functools.lru_cache(maxsize=4096)
 def category_credits(category: str | None, weight: float, depth: int) -> tuple[tuple[str, float], ...]:
     """electronics/audio/headphones -> electronics, electronics/audio, ... (up to depth) and the full path."""
     if not category or weight == 0.0:

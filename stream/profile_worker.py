@@ -88,6 +88,7 @@ def build_profile_loop(settings: Settings, *, max_batch: int | None = None, grou
         topics=[topics.events], dlq_topic=topics.dlq,
         max_batch=max_batch or w.max_batch, poll_timeout_s=w.poll_timeout_s,
         backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
+        commit_interval_s=w.commit_interval_s,
         metrics=metrics,
     )
 

@@ -88,7 +88,7 @@ _REASONS = {
     "string_too_long": "bad_length",
     "string_too_short": "bad_length",
     "too_long": "bad_length",
-    "unknown_type": "unknown_type",
+    "enum": "unknown_type",
     "bad_format": "bad_format",
     "out_of_range": "out_of_range",
     "greater_than": "out_of_range",

