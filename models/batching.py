@@ -26,6 +26,7 @@ from typing import Generic, Protocol, TypeVar
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
+Req_contra = TypeVar("Req_contra", contravariant=True)
 Res = TypeVar("Res")
 
 
@@ -41,12 +42,12 @@ class EngineStopped(Exception):
     pass
 
 
-class Executor(Protocol[Req, Res]):
+class Executor(Protocol[Req_contra, Res]):
     """Runs one batch; returns one result per request, in order."""
 
     version: str
 
-    def run(self, requests: Sequence[Req]) -> list[Res]: ...
+    def run(self, requests: Sequence[Req_contra]) -> list[Res]: ...
 
 
 @dataclass

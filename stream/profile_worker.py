@@ -16,6 +16,7 @@ import redis
 from confluent_kafka import Consumer, Producer
 
 from livecopy.metrics import WorkerMetrics
+from livecopy.runtime import tune_gc_for_latency
 from livecopy.settings import ProfileSettings, Settings
 from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
 from stream.profile import ProfileUpdate, event_update
@@ -107,6 +108,7 @@ def run_profile_worker(settings: Settings, *, max_batch: int | None = None, metr
     metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
     loop = build_profile_loop(settings, max_batch=max_batch, metrics=metrics)
     install_stop_signals(loop.stop)
+    tune_gc_for_latency()
     log.info("profile worker consuming %s (batch <= %d)", loop.topics, loop.max_batch)
     loop.run()
     log.info("profile worker stopped after %d records in %d batches", loop.records, loop.batches)
