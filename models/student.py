@@ -27,7 +27,13 @@ from transformers import GPT2Config, GPT2Model
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
+from models.paths import shipped_student_dir
 from models.styles import STYLES
+
+__all__ = [
+    "META_FILE", "CTRHead", "LoadedStudent", "ModelMeta", "StudentConfig", "StudentModel", "StudentOutput",
+    "load_student", "save_student", "shipped_student_dir",
+]
 
 META_FILE = "livecopy.json"
 DEFAULT_NAME = "livecopy-student"

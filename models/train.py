@@ -190,7 +190,7 @@ def heldout_nll(
 class TeacherTrainConfig:
     base: str | None = None
     out: str = "runs/teacher"
-    steps: int = 240
+    steps: int = 200
     batch_size: int = 16
     lr: float = 1e-4
     warmup: int = 20
