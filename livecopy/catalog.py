@@ -228,7 +228,9 @@ class Catalog:
             noun = rng.choice(nouns)
             k = 1 if rng.random() < 0.6 else 2
             chosen = tuple(rng.sample(attrs, k))
-            title = f"{brand} {' '.join(_title_case(a) for a in chosen)} {_title_case(noun)}"
+            # an attribute already in the noun ("adjustable" + "adjustable dumbbells") is not repeated
+            shown = [a for a in chosen if a.lower() not in noun.lower()]
+            title = f"{brand} {' '.join(_title_case(a) for a in shown)} {_title_case(noun)}".replace("  ", " ")
             if title in seen_titles:
                 title = f"{title} {rng.choice(['II', 'Pro', 'Plus', 'Lite', 'Max', 'Mini', 'S', 'X'])}"
                 if title in seen_titles:

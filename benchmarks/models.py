@@ -1,0 +1,137 @@
+"""Teacher vs student, in one run: parameters, held-out perplexity, copies/s at batch 1 and 32.
+
+    python benchmarks/models.py [--teacher runs/teacher] [--student models/shipped/livecopy-student]
+                                [--rows 600] [--samples 20] [--json-out report.json]
+
+Perplexity: held-out split (products never seen in training), copy tokens + EOS given prompt and
+style token. Both models' summed NLL is divided by the *teacher's* token count of the same text
+(the student tokenizer is a merge-closed subset of the teacher's, so on corpus text the two
+tokenizations coincide; the share of rows where they do is printed), and bits per UTF-8 byte are
+printed as the tokenizer-free check. Speed: the same hand-written KV-cached decode loop for both
+models, one sampled copy per prompt (temperature 0.9, top-k 50, top-p 0.95, at most 48 new
+tokens), fp32 on this CPU, after a warm-up call; the student's time includes its CTR read at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.cli import shipped_student_dir
+from models.evaluate import (
+    copy_nll_rows,
+    demo_contexts,
+    dir_size_mb,
+    heldout_examples,
+    load_any,
+    measure_speed,
+    sample_copies,
+)
+
+TARGETS = {"params_ratio_max": 0.10, "speed_ratio_b32_min": 5.0, "ppl_ratio_max": 1.35}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="runs/teacher")
+    ap.add_argument("--student", default=str(shipped_student_dir()))
+    ap.add_argument("--rows", type=int, default=600, help="held-out rows for perplexity")
+    ap.add_argument("--samples", type=int, default=20, help="student sample copies to print (0: none)")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    teacher = load_any(args.teacher)
+    student = load_any(args.student)
+    rows = heldout_examples(args.rows)
+    print(f"host: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"held-out rows: {len(rows)} (products never seen in training)")
+
+    t_nll, t_n = copy_nll_rows(teacher, rows)
+    s_nll, s_n = copy_nll_rows(student, rows)
+    same = float(np.mean(t_n == s_n))
+    n_bytes = sum(len(r.copy.encode()) + 1 for r in rows)
+    res: dict[str, dict[str, float]] = {}
+    for name, m, nll in (("teacher", teacher, t_nll), ("student", student, s_nll)):
+        res[name] = {
+            "params": float(m.params),
+            "disk_mb": dir_size_mb(m.path),
+            "ppl": float(np.exp(nll.sum() / t_n.sum())),
+            "bits_per_byte": float(nll.sum() / np.log(2) / n_bytes),
+        }
+    prompts = [r.prompt for r in rows[:96]]
+    for name, m, n1, n32 in (("teacher", teacher, 6, 64), ("student", student, 48, 320)):
+        res[name]["copies_per_s_b1"] = measure_speed(m, prompts, 1, n1)["copies_per_s"]
+        res[name]["copies_per_s_b32"] = measure_speed(m, prompts, 32, n32)["copies_per_s"]
+
+    t, s = res["teacher"], res["student"]
+    ratios = {
+        "params": s["params"] / t["params"],
+        "ppl": s["ppl"] / t["ppl"],
+        "bits_per_byte": s["bits_per_byte"] / t["bits_per_byte"],
+        "speed_b1": s["copies_per_s_b1"] / t["copies_per_s_b1"],
+        "speed_b32": s["copies_per_s_b32"] / t["copies_per_s_b32"],
+    }
+    line = "{:<26}{:>16}{:>16}{:>12}"
+    print()
+    print(line.format("", "teacher", "student", "ratio"))
+    print(line.format("parameters", f"{t['params'] / 1e6:.2f} M", f"{s['params'] / 1e6:.2f} M",
+                      f"{ratios['params']:.3f}"))
+    print(line.format("checkpoint on disk", f"{t['disk_mb']:.1f} MB", f"{s['disk_mb']:.1f} MB",
+                      f"{s['disk_mb'] / t['disk_mb']:.3f}"))
+    print(line.format("held-out perplexity", f"{t['ppl']:.3f}", f"{s['ppl']:.3f}", f"{ratios['ppl']:.3f}"))
+    print(line.format("held-out bits/byte", f"{t['bits_per_byte']:.4f}", f"{s['bits_per_byte']:.4f}",
+                      f"{ratios['bits_per_byte']:.3f}"))
+    print(line.format("copies/s, batch 1", f"{t['copies_per_s_b1']:.2f}", f"{s['copies_per_s_b1']:.2f}",
+                      f"{ratios['speed_b1']:.1f}x"))
+    print(line.format("copies/s, batch 32", f"{t['copies_per_s_b32']:.2f}", f"{s['copies_per_s_b32']:.2f}",
+                      f"{ratios['speed_b32']:.1f}x"))
+    print(f"\nidentical tokenization on {same:.1%} of held-out rows (perplexity per teacher token)")
+    checks = {
+        f"student params <= {TARGETS['params_ratio_max']:.0%} of teacher":
+            ratios["params"] <= TARGETS["params_ratio_max"],
+        f"student >= {TARGETS['speed_ratio_b32_min']:.0f}x teacher copies/s at batch 32":
+            ratios["speed_b32"] >= TARGETS["speed_ratio_b32_min"],
+        f"student perplexity <= {TARGETS['ppl_ratio_max']}x teacher": ratios["ppl"] <= TARGETS["ppl_ratio_max"],
+        "shipped checkpoint <= 25 MB": s["disk_mb"] <= 25.0,
+    }
+    for k, ok in checks.items():
+        print(f"  [{'PASS' if ok else 'FAIL'}] {k}")
+    meta = student.meta.metrics
+    if "ctr_auc_heldout" in meta:
+        print(f"\nCTR head, held-out (synthetic prior labels): AUC {meta['ctr_auc_heldout']:.3f} "
+              f"(the prior's own probabilities reach {meta['ctr_auc_prior_ceiling']:.3f} on the same clicks)")
+
+    samples = []
+    if args.samples:
+        ctxs = demo_contexts(max(1, -(-args.samples // 4)))[: args.samples]
+        samples, stats = sample_copies(student, ctxs, k=4, seed=0)
+        print(f"\nstudent samples (best of 4 candidates by CTR among those passing the filter; "
+              f"filter pass rate {stats.as_dict()['pass_rate']:.0%}, fallbacks {stats.fallbacks}):")
+        last = None
+        for smp in samples:
+            if smp["product"] != last:
+                extra = (f", {smp['discount_pct']}% off" if smp["discount_pct"] else "")
+                extra += ", eco" if smp["eco"] else ""
+                print(f"\n  {smp['product']} (${smp['price']:.2f}{extra})")
+                last = smp["product"]
+            print(f"    {smp['persona']:<15} [{smp['style']}] {smp['text']}")
+    print(f"\nbenchmark wall time: {time.perf_counter() - t_start:.0f} s")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"results": res, "ratios": ratios, "checks": checks, "identical_tokenization": same,
+             "samples": samples}, indent=2, default=str))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,544 @@
+"""The training corpus: (product + persona context -> style + marketing copy) pairs.
+
+Everything here is deterministic from a seed:
+
+* products from :meth:`livecopy.catalog.Catalog.generate` (2,000 products, seed 7 by default);
+* personas sampled per product (:func:`sample_persona`);
+* the style drawn from a *prior* p(style | context) (:func:`style_prior`) -- price-sensitive
+  shoppers lean to discount copy, eco-minded ones to eco, new users to social proof, lapsed
+  ones to urgency -- a tendency with noise, not a rule;
+* the copy written by compositional templates (persona opener + style core + call to action,
+  several phrasings each, filled with the product's own title, noun, attributes, price,
+  discount, rating and reviews), or, for part of the rows, by the pretrained teacher
+  (``models/data/teacher_copies.jsonl``, filtered; see docs/models.md);
+* a synthetic click probability from a documented prior click model (:func:`prior_click_logit`)
+  and a sampled click, for pre-training the CTR head. These labels are synthetic: no public data
+  set links ad text to clicks.
+
+The held-out split is by product: a product is held out when ``sha256(product_id) % 10 == 0``
+(about 10%); no row of a held-out product is ever used for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from livecopy.catalog import Catalog, Product
+from models.context import CopyContext, build_prompt, is_plural, product_context
+from models.filter import check_copy
+from models.styles import STYLES, classify_style
+
+CORPUS_VERSION = 1
+DEFAULT_CATALOG_SIZE = 2000
+DEFAULT_CATALOG_SEED = 7
+HELDOUT_MOD = 10
+
+TEACHER_COPIES_FILE = "teacher_copies.jsonl"
+
+
+def is_heldout(product_id: str) -> bool:
+    """The deterministic held-out rule: ``int(sha256(product_id)) % 10 == 0``."""
+    return int(hashlib.sha256(product_id.encode()).hexdigest(), 16) % HELDOUT_MOD == 0
+
+
+def split_of(product_id: str) -> str:
+    return "heldout" if is_heldout(product_id) else "train"
+
+
+# --------------------------------------------------------------------------- personas
+
+
+def sample_persona(rng: random.Random, product: Product, leaves: Sequence[str]) -> dict[str, Any]:
+    """Persona fields of a :class:`CopyContext` for a random shopper seeing ``product``."""
+    leaf = product.category.split("/")[-1]
+    others = [c for c in leaves if c != leaf] or [leaf]
+    new = rng.random() < 0.35
+    if new:
+        user = "new"
+        engagement = "cold" if rng.random() < 0.8 else "casual"
+        price = "unknown" if rng.random() < 0.6 else rng.choice(["low", "mid", "high"])
+        n_likes = rng.choice([0, 0, 1])
+    else:
+        user = "returning"
+        engagement = rng.choices(["casual", "engaged", "lapsed"], weights=[0.4, 0.35, 0.25])[0]
+        price = rng.choices(["low", "mid", "high", "unknown"], weights=[0.25, 0.4, 0.3, 0.05])[0]
+        n_likes = rng.choice([1, 2, 2])
+    likes: list[str] = []
+    affinity = "none"
+    if n_likes:
+        if rng.random() < 0.45:
+            if rng.random() < 0.7:
+                likes = [leaf]
+                affinity = "high"
+            else:
+                likes = [rng.choice(others), leaf]
+                affinity = "some"
+        else:
+            likes = [rng.choice(others)]
+        while len(likes) < n_likes:
+            c = rng.choice(others)
+            if c not in likes:
+                likes.append(c)
+        likes = likes[:2]
+    eco_minded = rng.random() < (0.35 if product.eco else 0.15)
+    slot = rng.choices(["pdp", "feed", "cart", "email", None], weights=[0.35, 0.3, 0.15, 0.1, 0.1])[0]
+    return {
+        "user": user, "price_sensitivity": price, "engagement": engagement, "likes": tuple(likes),
+        "affinity": affinity, "eco_minded": eco_minded, "slot": slot,
+    }
+
+
+# --------------------------------------------------------------------------- style prior
+
+
+def style_prior(ctx: CopyContext) -> dict[str, float]:
+    """p(style | context) of the corpus writer: a sensible tendency, with plenty of mass left
+    on the other styles. Eco copy only for eco products."""
+    w = {
+        "urgency": 0.6,
+        "discount": 0.7 if ctx.discount_pct else 0.25,
+        "quality": 0.8,
+        "eco": 1.0 if ctx.eco else 0.0,
+        "social_proof": 0.6 + (0.4 if ctx.reviews >= 500 else 0.0) - (0.3 if ctx.reviews < 20 else 0.0),
+        "practical": 0.6,
+    }
+    if ctx.price_sensitivity == "high":
+        w["discount"] *= 4.0 if ctx.discount_pct else 2.5
+        w["quality"] *= 0.5
+    elif ctx.price_sensitivity == "low":
+        w["quality"] *= 2.5
+        w["discount"] *= 0.5
+    if ctx.user == "new":
+        w["social_proof"] *= 3.5
+    if ctx.engagement == "lapsed":
+        w["urgency"] *= 3.0
+        w["discount"] *= 1.5
+    elif ctx.engagement == "engaged":
+        w["urgency"] *= 1.5
+        w["quality"] *= 1.5
+    if ctx.eco_minded and ctx.eco:
+        w["eco"] *= 4.0
+    if ctx.affinity == "high":
+        w["quality"] *= 1.5
+    if ctx.price_band in ("premium", "luxury"):
+        w["quality"] *= 1.5
+    total = sum(w.values())
+    return {s: w[s] / total for s in STYLES}
+
+
+# --------------------------------------------------------------------------- click prior
+
+
+def _unit_hash(*parts: str) -> float:
+    h = hashlib.sha256("|".join(parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def _gauss_hash(*parts: str) -> float:
+    u1 = max(_unit_hash(*parts, "a"), 1e-12)
+    u2 = _unit_hash(*parts, "b")
+    return math.sqrt(-2 * math.log(u1)) * math.cos(2 * math.pi * u2)
+
+
+def prior_click_logit(ctx: CopyContext, style: str, text: str, on_product: bool = True) -> float:
+    """The synthetic *prior* click model used to pre-train the CTR head.
+
+    logit = base + style x persona effects + relevance (affinity) + product appeal
+    (rating, discount) + copy effects (length vs slot, brand named) + a per-product random
+    effect; off-product copy is heavily penalised. The simulator uses a different hidden model.
+    """
+    z = -2.6
+    ps, eng = ctx.price_sensitivity, ctx.engagement
+    if style == "discount":
+        z += {"high": 0.9, "mid": 0.3, "low": -0.3}.get(ps, 0.1) + (0.4 if eng == "lapsed" else 0.0)
+        z += 0.0 if ctx.discount_pct else -0.2
+    elif style == "urgency":
+        z += {"lapsed": 0.5, "engaged": 0.3}.get(eng, 0.0) - (0.3 if ctx.user == "new" else 0.0)
+    elif style == "quality":
+        z += {"low": 0.7, "high": -0.4}.get(ps, 0.0) + (0.3 if ctx.price_band in ("premium", "luxury") else 0.0)
+    elif style == "eco":
+        z += 1.1 if ctx.eco_minded else -0.2
+    elif style == "social_proof":
+        z += (0.8 if ctx.user == "new" else 0.0) + 0.2 * math.log10(ctx.reviews + 1) - 0.4
+    z += {"high": 0.6, "some": 0.25}.get(ctx.affinity, 0.0)
+    z += 0.8 * (ctx.rating - 4.3) + 0.015 * ctx.discount_pct
+    if ctx.slot in ("feed", "cart") and len(text) > 150:
+        z -= 0.4
+    if ctx.brand and ctx.brand.lower() in text.lower():
+        z += 0.1
+    z += 0.3 * _gauss_hash("product", ctx.product_id)
+    if not on_product:
+        z -= 2.0
+    return z
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# --------------------------------------------------------------------------- templates
+
+_OPENERS: dict[str, tuple[str, ...]] = {
+    "new": ("New here?", "First visit?", "Just looking around?", "Hello and welcome!", "Nice to meet you."),
+    "returning": ("Welcome back!", "Good to see you again.", "Back again?", "Hi again!"),
+    "lapsed": ("It's been a while!", "We kept a spot for you.", "Long time, no see!", "Look who's back!"),
+    "affinity": ("Picked for you:", "Back for more {leaf}?", "For your {leaf} wishlist:", "A {leaf} find for you:",
+                 "Because you like {leaf}:"),
+    "price_high": ("Smart pick:", "Worth a look:", "Spend wisely:"),
+    "eco": ("For the eco-minded:", "Shopping with care?"),
+}
+
+_CORES: dict[str, tuple[str, ...]] = {
+    "discount_pct": (
+        "Save {pct}% on the {title}, now just {sale}.",
+        "{pct}% off the {title}: yours for {sale} instead of {price}.",
+        "Deal alert: the {title} {is} {pct}% off, now {sale}.",
+        "Get {a_attr_noun} from {brand} for {sale}, that's {pct}% off.",
+        "Price drop on the {title}: save {pct}% and pay {sale}.",
+        "The {title} {is} reduced by {pct}% to {sale}.",
+        "Your next {noun} for less: {pct}% off the {title}.",
+        "Grab the {title} at {pct}% off, a real deal at {sale}.",
+        "Save {saved} on the {title} with {pct}% off.",
+        "{brand} deal: {pct}% off {a_attr_noun}, now {sale}.",
+    ),
+    "discount_value": (
+        "Great value: the {title} for just {price}.",
+        "A smart deal on {a_attr_noun} from {brand}, just {price}.",
+        "Real value for your money: the {title} at {price} is a deal worth taking.",
+        "Get more for less with the {title}, only {price}.",
+        "Great value from {brand}: {a_attr_noun} for {price}.",
+        "Looking for a deal? The {title} {is} just {price}.",
+    ),
+    "urgency": (
+        "Selling fast: the {title} won't last at {now_price}.",
+        "Hurry, the {title} {is} going fast.",
+        "Last chance to grab {a_attr_noun} from {brand}, now {now_price}.",
+        "Don't wait: the {title} {is} in limited supply.",
+        "Order the {title} today and enjoy your new {noun} sooner.",
+        "The {title} {is} selling fast, get yours today.",
+        "Hurry, grab the {title} while stocks last.",
+        "Don't wait: the {title} {is} going fast at {now_price}.",
+        "Limited stock: the {title} for {now_price}, ready to ship today.",
+        "Act fast: the {attr} {noun} from {brand} won't stay in stock for long.",
+    ),
+    "quality": (
+        "Crafted to last: the {title} brings {attr} quality to every day.",
+        "The {title}: quality that is built to last.",
+        "Precision-engineered and made to last: the {title}.",
+        "Quality you can feel: {brand}'s {attr} {noun}, crafted with care.",
+        "Built to last and crafted with attention to detail: the {title}, {now_price}.",
+        "{brand} craftsmanship in every detail of this {attr} {noun}.",
+        "Durable, {attr} and beautifully finished: the {title}.",
+        "The {title} {is} made with quality materials and built to last.",
+        "{a_noun_cap} that last{s} for years: the {title}.",
+    ),
+    "eco": (
+        "A more sustainable choice: the {title}, {attr} and kinder to the planet.",
+        "Shop greener with the {title} and leave a lighter footprint.",
+        "Sustainable by design: the {attr} {noun} from {brand}.",
+        "Good for you, kinder to the planet: the {title}.",
+        "The {title}: sustainably made and responsibly sourced.",
+        "Lower your footprint with the {title}, {now_price}.",
+        "Choose a greener {noun}: the {title} {is} made sustainably.",
+        "Eco-conscious and {attr}: meet the {title}.",
+    ),
+    "social_proof_many": (
+        "Rated {rating} stars by {reviews} shoppers: the {title}.",
+        "Shoppers love the {title}: {rating}/5 from {reviews} reviews.",
+        "{reviews} reviews and counting: the {title} {is} a fan favourite.",
+        "Join {reviews} reviewers who rated the {title} {rating} stars.",
+        "Loved by shoppers: the {attr} {noun} from {brand}, rated {rating}/5.",
+        "The {title} {has} {reviews} reviews and a {rating}-star rating.",
+    ),
+    "social_proof_best": (
+        "A bestseller for a reason: the {title}, rated {rating} stars.",
+        "Our bestseller {noun}: the {title}, with {reviews} reviews.",
+        "Top-rated and a bestseller: the {title} ({rating}/5).",
+    ),
+    "social_proof_few": (
+        "Rated {rating} out of 5 by early shoppers: the {title}.",
+        "Early reviews are in: the {title} {is} rated {rating}/5.",
+        "Shoppers rate the {title} {rating} stars.",
+    ),
+    "practical": (
+        "The {title}: {a_noun} that fit{s} right into your routine.",
+        "Meet the {title}, yours for {now_price}.",
+        "Simple, {attr} and easy to use: the {title}.",
+        "Everything you want in {a_noun}: {attr}, reliable, {now_price}.",
+        "Make everyday life easier with the {attr} {noun} from {brand}.",
+        "The {title} {does} exactly what you need, for {now_price}.",
+        "{attr_cap} where it counts: the {title}.",
+        "Your everyday {noun}, done right: the {title}.",
+    ),
+}
+
+_CTAS: dict[str, tuple[str, ...]] = {
+    "discount": ("Grab the deal.", "Save now.", "Shop the deal.", "Claim your savings."),
+    "urgency": ("Order today.", "Get yours before it's gone.", "Don't wait.", "Shop it today."),
+    "quality": ("Invest in quality.", "Made for the long run.", "Feel the quality."),
+    "eco": ("Choose sustainable.", "Better for the planet.", "Shop sustainably."),
+    "social_proof": ("See why shoppers love it.", "Read the reviews.", "Join the fans."),
+    "practical": ("Shop now.", "Take a look.", "Find yours.", "Add it to your cart."),
+}
+
+
+def _money(x: float) -> str:
+    return f"${x:,.2f}"
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[:1].lower() in "aeiou" else "a"
+
+
+def template_slots(ctx: CopyContext, rng: random.Random) -> dict[str, str]:
+    noun = ctx.noun or ctx.title.split()[-1].lower()
+    attrs = [a for a in ctx.attributes if a.lower() not in noun.lower()] or [""]
+    attr = rng.choice(attrs)
+    plural = is_plural(noun)
+    title_plural = plural and ctx.title.lower().endswith(noun.lower())
+    attr_noun = f"{attr} {noun}".strip()
+    return {
+        "title": ctx.title,
+        "brand": ctx.brand,
+        "noun": noun,
+        "attr": attr or "well-made",
+        "attr_cap": (attr or "well-made")[:1].upper() + (attr or "well-made")[1:],
+        "a_attr_noun": attr_noun if plural else f"{_article(attr_noun)} {attr_noun}",
+        "a_noun": noun if plural else f"{_article(noun)} {noun}",
+        "a_noun_cap": (noun if plural else f"{_article(noun)} {noun}")[:1].upper()
+        + (noun if plural else f"{_article(noun)} {noun}")[1:],
+        "s": "" if plural else "s",
+        "is": "are" if title_plural else "is",
+        "has": "have" if title_plural else "has",
+        "does": "do" if title_plural else "does",
+        "price": _money(ctx.price),
+        "sale": _money(ctx.sale_price),
+        "now_price": _money(ctx.sale_price if ctx.discount_pct else ctx.price),
+        "saved": _money(round(ctx.price - ctx.sale_price, 2)),
+        "pct": str(ctx.discount_pct),
+        "rating": f"{ctx.rating:.1f}",
+        "reviews": f"{ctx.reviews:,}",
+        "leaf": ctx.leaf_category,
+    }
+
+
+def _core_key(style: str, ctx: CopyContext, rng: random.Random) -> str:
+    if style == "discount":
+        return "discount_pct" if ctx.discount_pct else "discount_value"
+    if style == "social_proof":
+        if ctx.reviews >= 500 and rng.random() < 0.4:
+            return "social_proof_best"
+        return "social_proof_many" if ctx.reviews >= 20 else "social_proof_few"
+    return style
+
+
+def persona_opener(ctx: CopyContext, rng: random.Random) -> str | None:
+    """A persona-dependent opening phrase (or None): the visible personal touch."""
+    options: list[str] = []
+    if ctx.affinity == "high":
+        options.append("affinity")
+    if ctx.engagement == "lapsed":
+        options.append("lapsed")
+    elif ctx.user == "new":
+        options.append("new")
+    elif ctx.user == "returning":
+        options.append("returning")
+    if ctx.price_sensitivity == "high":
+        options.append("price_high")
+    if ctx.eco_minded and ctx.eco:
+        options.append("eco")
+    if not options or rng.random() < 0.3:
+        return None
+    key = rng.choice(options)
+    return rng.choice(_OPENERS[key]).format(leaf=ctx.leaf_category)
+
+
+def _join(opener: str | None, core: str) -> str:
+    if not opener:
+        return core
+    if opener.endswith(":") and ":" in core:
+        opener = opener[:-1] + "."  # no "Picked for you: Limited stock: ..."
+    if opener.endswith(":"):
+        # "Picked for you: the X ..." keeps the core's capital only for proper nouns
+        first = core.split(" ", 1)[0]
+        if first in ("The", "A", "An", "Your", "Our"):
+            core = core[:1].lower() + core[1:]
+    return f"{opener} {core}"
+
+
+def template_copy(ctx: CopyContext, style: str, rng: random.Random, *, personal: bool = True) -> str:
+    """One template copy of ``style`` for ``ctx`` (persona opener, style core, optional CTA);
+    ``personal=False`` never adds a persona opener."""
+    slots = template_slots(ctx, rng)
+    core = rng.choice(_CORES[_core_key(style, ctx, rng)]).format(**slots)
+    core = core[:1].upper() + core[1:]
+    short = ctx.slot in ("feed", "cart")
+    opener = persona_opener(ctx, rng) if personal and (not short or rng.random() < 0.5) else None
+    text = _join(opener, core)
+    cta_p = 0.15 if short else 0.6
+    if rng.random() < cta_p:
+        text = f"{text} {rng.choice(_CTAS[style])}"
+    return text
+
+
+# --------------------------------------------------------------------------- teacher copies
+
+
+def teacher_copies_path() -> Path:
+    return Path(__file__).resolve().parent / "data" / TEACHER_COPIES_FILE
+
+
+def load_teacher_copies(path: str | Path | None = None) -> dict[tuple[str, str], list[str]]:
+    """``(product_id, style) -> [copy, ...]`` from the teacher-written JSONL (empty if absent)."""
+    p = Path(path) if path is not None else teacher_copies_path()
+    out: dict[tuple[str, str], list[str]] = {}
+    if not p.exists():
+        return out
+    for line in p.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        row = orjson.loads(line)
+        if row.get("ok", True):
+            out.setdefault((row["product_id"], row["style"]), []).append(row["text"])
+    return out
+
+
+# --------------------------------------------------------------------------- corpus rows
+
+
+@dataclass(frozen=True)
+class Example:
+    """One corpus row."""
+
+    product_id: str
+    split: str
+    features: dict[str, Any]
+    prompt: str
+    style: str
+    copy: str
+    source: str  # template | teacher | mismatch
+    lm: bool  # False: CTR-only row (its copy is about another product)
+    click_p: float
+    clicked: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "product_id": self.product_id, "split": self.split, "features": self.features,
+            "prompt": self.prompt, "style": self.style, "copy": self.copy, "source": self.source,
+            "lm": self.lm, "click_p": self.click_p, "clicked": self.clicked,
+        }
+
+
+@dataclass
+class CorpusConfig:
+    catalog_size: int = DEFAULT_CATALOG_SIZE
+    catalog_seed: int = DEFAULT_CATALOG_SEED
+    per_product: int = 30
+    seed: int = 1234
+    teacher_share: float = 0.3  # share of rows using a teacher copy when one exists
+    mismatch_share: float = 0.05  # CTR-only rows with another product's copy
+    teacher_copies: str | None = None  # path; None: the packaged file
+    max_products: int | None = None  # smoke runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Corpus:
+    config: CorpusConfig
+    train: list[Example] = field(default_factory=list)
+    heldout: list[Example] = field(default_factory=list)
+    teacher_file_sha256: str | None = None
+
+    def data_hash(self) -> str:
+        """sha256 over the corpus version, config and every row (train and held-out)."""
+        h = hashlib.sha256()
+        h.update(f"corpus-v{CORPUS_VERSION}".encode())
+        h.update(orjson.dumps(self.config.to_dict(), option=orjson.OPT_SORT_KEYS))
+        h.update((self.teacher_file_sha256 or "-").encode())
+        for ex in (*self.train, *self.heldout):
+            h.update(orjson.dumps(ex.to_dict(), option=orjson.OPT_SORT_KEYS))
+        return h.hexdigest()
+
+    def stats(self) -> dict[str, Any]:
+        def count(rows: Iterable[Example]) -> dict[str, Any]:
+            rows = list(rows)
+            by_style: dict[str, int] = {}
+            by_source: dict[str, int] = {}
+            for r in rows:
+                by_style[r.style] = by_style.get(r.style, 0) + 1
+                by_source[r.source] = by_source.get(r.source, 0) + 1
+            return {
+                "rows": len(rows), "products": len({r.product_id for r in rows}),
+                "styles": by_style, "sources": by_source,
+                "ctr": sum(r.click_p for r in rows) / max(len(rows), 1),
+            }
+
+        return {"train": count(self.train), "heldout": count(self.heldout)}
+
+
+def _file_sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def build_corpus(config: CorpusConfig | None = None, catalog: Catalog | None = None) -> Corpus:
+    """Build the whole corpus deterministically (a few seconds for 60k rows)."""
+    cfg = config or CorpusConfig()
+    cat = catalog or Catalog.generate(cfg.catalog_size, cfg.catalog_seed)
+    tpath = Path(cfg.teacher_copies) if cfg.teacher_copies else teacher_copies_path()
+    teacher = load_teacher_copies(tpath)
+    leaves = sorted({p.category.split("/")[-1] for p in cat})
+    products = sorted(cat.products, key=lambda p: p.product_id)
+    if cfg.max_products is not None:
+        products = products[: cfg.max_products]
+    corpus = Corpus(cfg, teacher_file_sha256=_file_sha256(tpath))
+    for product in products:
+        split = split_of(product.product_id)
+        rng = random.Random(f"{cfg.seed}|{product.product_id}")
+        for i in range(cfg.per_product):
+            persona = sample_persona(rng, product, leaves)
+            ctx = product_context(product).with_persona(**persona)
+            prior = style_prior(ctx)
+            style = rng.choices(list(prior), weights=list(prior.values()))[0]
+            source = "template"
+            text = ""
+            pool = teacher.get((product.product_id, style))
+            if pool and rng.random() < cfg.teacher_share:
+                cand = rng.choice(pool)
+                opener = persona_opener(ctx, rng) if rng.random() < 0.4 else None
+                joined = _join(opener, cand)
+                if check_copy(joined, product).ok and classify_style(joined) == style:
+                    cand = joined
+                text, source = cand, "teacher"
+            if not text:
+                text = template_copy(ctx, style, rng)
+            lm = True
+            on_product = True
+            if i > 0 and rng.random() < cfg.mismatch_share:
+                other = products[rng.randrange(len(products))]
+                if other.category != product.category:
+                    octx = product_context(other).with_persona(**persona)
+                    text = template_copy(octx, style if (style != "eco" or other.eco) else "practical", rng)
+                    source, lm, on_product = "mismatch", False, False
+            p = sigmoid(prior_click_logit(ctx, style, text, on_product))
+            ex = Example(
+                product_id=product.product_id, split=split, features=ctx.features(), prompt=build_prompt(ctx),
+                style=style, copy=text, source=source, lm=lm, click_p=round(p, 6),
+                clicked=rng.random() < p,
+            )
+            (corpus.heldout if split == "heldout" else corpus.train).append(ex)
+    return corpus
+
+
+def iter_jsonl(rows: Iterable[Mapping[str, Any]]) -> Iterator[bytes]:
+    for r in rows:
+        yield orjson.dumps(r) + b"\n"

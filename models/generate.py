@@ -1,0 +1,401 @@
+"""Batched, KV-cached sampling of candidate copies, and batched CTR scoring.
+
+``generate_candidates`` prefills each prompt once, repeats the cache ``k`` times, and decodes
+all ``len(prompts) * k`` rows together with a hand-written loop (no ``generate()`` overhead):
+left padding with per-row position ids, top-k then top-p on the k survivors (never a sort of
+the whole vocabulary), finished rows dropped from the batch as they accumulate. The first
+generated token is constrained to the style tokens, so every candidate carries its style and
+``logprob`` includes log p(style | prompt). When the model has a CTR head, EOS is fed through the
+trunk once more per row and the CTR probability and features at EOS come back with each
+candidate (no second pass needed for scoring).
+
+Works for the student and for any HF causal LM whose tokenizer has the livecopy special tokens
+(the fine-tuned teacher). fp32 on CPU; bf16 autocast on CUDA. Deterministic under ``seed`` on a
+given device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.data import (
+    SpecialIds,
+    encode_pairs,
+    encode_text,
+    left_pad,
+    positions_from_mask,
+    special_ids,
+)
+from models.styles import STYLES, classify_style
+
+
+@dataclass
+class Candidate:
+    """One sampled copy.
+
+    ``logprob``: model log-likelihood of the generated tokens (style token, copy, EOS) under
+    the constrained model distribution at temperature 1. ``sample_logprob``: log-probability of
+    having sampled exactly this sequence with the sampling settings used (the propensity of the
+    proposal). ``ctr`` / ``ctr_features``: the CTR head at EOS (None for models without one).
+    """
+
+    text: str
+    style: str | None
+    logprob: float
+    token_ids: list[int]
+    sample_logprob: float = 0.0
+    finished: bool = True
+    ctr: float | None = None
+    ctr_features: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class DecodeOutput:
+    tokens: list[list[int]]  # generated ids per row, EOS/stop excluded
+    logprob: list[float]
+    sample_logprob: list[float]
+    finished: list[bool]
+    eos_hidden: torch.Tensor | None  # (N, d) final hidden state at EOS, when requested
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _has_ctr(model: torch.nn.Module) -> bool:
+    return hasattr(model, "ctr_from_hidden")
+
+
+def _forward(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, want_hidden: bool
+) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """Logits of the last position, the cache, and (student only) the last hidden state."""
+    if _has_ctr(model):
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+            logits_to_keep=1, return_hidden=want_hidden,
+        )
+        hidden = out.hidden_states[:, -1] if want_hidden else None
+        return out.logits[:, -1], out.past_key_values, hidden
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1], out.past_key_values, None
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, model logprob at T=1, sampling logprob) per row from masked logits (N, V)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logp.gather(1, tok[:, None]).squeeze(1), torch.zeros_like(tok, dtype=logp.dtype)
+    scaled = logits / temperature
+    k = top_k if 0 < top_k < scaled.shape[-1] else scaled.shape[-1]
+    vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
+    probs = torch.softmax(vals, dim=-1)
+    if top_p < 1.0:
+        cum = probs.cumsum(-1)
+        probs = probs * ((cum - probs) < top_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    tok = idx.gather(1, choice).squeeze(1)
+    slp = probs.gather(1, choice).squeeze(1).clamp_min(1e-30).log()
+    return tok, logp.gather(1, tok[:, None]).squeeze(1), slp
+
+
+@torch.no_grad()
+def decode(
+    model: Any,
+    prompt_rows: Sequence[Sequence[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    k: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int = 0,
+    first_allowed: Sequence[int] | None = None,
+    banned: Sequence[int] | None = None,
+    stop_mask: torch.Tensor | None = None,
+    want_hidden: bool = False,
+    compact_fraction: float = 0.25,
+) -> DecodeOutput:
+    """The decode loop. Rows ``i*k .. i*k+k-1`` of the result belong to prompt ``i``.
+
+    ``first_allowed``: ids the first token must come from (the style tokens); ``banned``: ids
+    never sampled after the first token; ``stop_mask``: bool (V,) of ids that end a row like EOS
+    (e.g. newline tokens for a chat teacher); ``want_hidden``: feed EOS once more per row and
+    return the final hidden state there.
+    """
+    device = _model_device(model)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    n_prompts = len(prompt_rows)
+    n = n_prompts * k
+    ids, mask = left_pad(prompt_rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = positions_from_mask(mask)
+    with autocast_for(device):
+        logits, cache, _ = _forward(model, ids, mask, pos, None, False)
+    last_pos = pos[:, -1]
+    if k > 1:
+        logits = logits.repeat_interleave(k, 0)
+        cache.batch_repeat_interleave(k)
+        mask = mask.repeat_interleave(k, 0)
+        last_pos = last_pos.repeat_interleave(k, 0)
+    vocab = logits.shape[-1]
+    first_bias = None
+    if first_allowed is not None:
+        first_bias = torch.full((vocab,), float("-inf"), device=device)
+        first_bias[torch.tensor(list(first_allowed), device=device)] = 0.0
+    ban_bias = None
+    if banned:
+        ban_bias = torch.zeros((vocab,), device=device)
+        ban_bias[torch.tensor([b for b in banned if b < vocab], device=device)] = float("-inf")
+    stop = stop_mask.to(device) if stop_mask is not None else None
+
+    tokens = torch.full((n, max_new_tokens), -1, dtype=torch.long, device=device)
+    lp = torch.zeros(n, dtype=torch.float64, device=device)
+    slp = torch.zeros(n, dtype=torch.float64, device=device)
+    finished_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    hidden_out: torch.Tensor | None = None
+    active = torch.arange(n, device=device)  # original row of each current row
+    done = torch.zeros(n, dtype=torch.bool, device=device)  # per current row
+
+    for step in range(max_new_tokens):
+        x = logits.float()
+        if step == 0 and first_bias is not None:
+            x = x + first_bias
+        elif ban_bias is not None:
+            x = x + ban_bias
+        tok, tok_lp, tok_slp = _sample(x, temperature, top_k, top_p, gen)
+        live = ~done
+        ends = tok == eos_id
+        if stop is not None:
+            ends = ends | stop[tok]
+        ends = ends & live
+        lp[active] += torch.where(live, tok_lp.double(), 0.0)
+        slp[active] += torch.where(live, tok_slp.double(), 0.0)
+        keep_tok = live & ~ends
+        rows = active[keep_tok]
+        tokens[rows, step] = tok[keep_tok]
+        finished_eos[active[ends]] = True
+        newly = ends.clone()
+        if step == max_new_tokens - 1:
+            newly = newly | (live & ~ends)  # truncated rows: EOS is forced for the CTR read
+        done = done | newly
+        if bool(done.all()) and not (want_hidden and bool(newly.any())):
+            break
+        feed = torch.where(done, torch.full_like(tok, eos_id), tok)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
+        last_pos = last_pos + 1
+        with autocast_for(device):
+            logits, cache, hidden = _forward(model, feed[:, None], mask, last_pos[:, None], cache, want_hidden)
+        if want_hidden and hidden is not None:
+            if hidden_out is None:
+                hidden_out = torch.zeros((n, hidden.shape[-1]), dtype=torch.float32, device=device)
+            hidden_out[active[newly]] = hidden[newly].float()
+        if bool(done.all()):
+            break
+        n_done = int(done.sum())
+        if n_done and n_done >= compact_fraction * done.shape[0]:
+            keep = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            mask, last_pos, logits = mask[keep], last_pos[keep], logits[keep]
+            active, done = active[keep], done[keep]
+
+    out_tokens = [[int(t) for t in row if t >= 0] for row in tokens.tolist()]
+    return DecodeOutput(
+        tokens=out_tokens, logprob=lp.tolist(), sample_logprob=slp.tolist(),
+        finished=finished_eos.tolist(), eos_hidden=hidden_out,
+    )
+
+
+def _banned_after_first(tokenizer: Any, sid: SpecialIds) -> list[int]:
+    ids = set(sid.styles.values())
+    for t in getattr(tokenizer, "all_special_ids", []) or []:
+        if t != sid.eos:
+            ids.add(int(t))
+    return sorted(ids)
+
+
+def split_style(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str | None, str]:
+    """``(style, copy text)`` of a generated id sequence whose first token is a style token
+    (style None when it is not); the text has no special tokens."""
+    sid = special_ids(tokenizer)
+    style = sid.style_of_id(int(token_ids[0])) if token_ids else None
+    body = list(token_ids[1:]) if style is not None else list(token_ids)
+    body = [t for t in body if t != sid.eos]
+    return style, tokenizer.decode(body, skip_special_tokens=True).strip()
+
+
+def generate_candidates(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    k: int = 4,
+    max_new_tokens: int = 48,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int = 0,
+    *,
+    styles: Sequence[str] | None = None,
+    with_ctr: bool = True,
+) -> list[list[Candidate]]:
+    """``k`` sampled candidates per prompt (``temperature=0``: greedy, identical candidates).
+
+    ``styles`` restricts the first token to these styles (default: all). ``with_ctr`` reads the
+    CTR head at EOS when the model has one.
+    """
+    if not prompts:
+        return []
+    sid = special_ids(tokenizer)
+    allowed = [sid.styles[s] for s in (styles or STYLES)]
+    rows = encode_text(tokenizer, prompts)
+    want_hidden = with_ctr and _has_ctr(model)
+    out = decode(
+        model, rows, eos_id=sid.eos, pad_id=sid.pad, k=k, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, first_allowed=allowed,
+        banned=_banned_after_first(tokenizer, sid), want_hidden=want_hidden,
+    )
+    ctr_p: list[float] | None = None
+    feats: np.ndarray | None = None
+    if want_hidden and out.eos_hidden is not None:
+        with torch.no_grad(), autocast_for(_model_device(model)):
+            logit, f = model.ctr_from_hidden(out.eos_hidden)
+        ctr_p = torch.sigmoid(logit.float()).tolist()
+        feats = f.float().cpu().numpy()
+    result: list[list[Candidate]] = []
+    texts = tokenizer.batch_decode([t[1:] for t in out.tokens], skip_special_tokens=True)
+    for i in range(len(prompts)):
+        group = []
+        for j in range(k):
+            r = i * k + j
+            ids = out.tokens[r]
+            style = sid.style_of_id(ids[0]) if ids else None
+            group.append(
+                Candidate(
+                    text=texts[r].strip(), style=style, logprob=out.logprob[r], token_ids=ids,
+                    sample_logprob=out.sample_logprob[r], finished=out.finished[r],
+                    ctr=None if ctr_p is None else ctr_p[r],
+                    ctr_features=None if feats is None else feats[r],
+                )
+            )
+        result.append(group)
+    return result
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+@torch.no_grad()
+def score_ctr_with_features(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    copies: Sequence[str],
+    styles: Sequence[str | None] | None = None,
+    batch_size: int = 128,
+) -> tuple[list[float], np.ndarray]:
+    """CTR probabilities and CTR features of ``prompt + <s:style> + copy + EOS`` per pair.
+    ``styles`` (or a None entry) default to :func:`classify_style` of the copy."""
+    if len(prompts) != len(copies):
+        raise ValueError("prompts and copies differ in length")
+    device = _model_device(model)
+    probs: list[float] = []
+    feats: list[np.ndarray] = []
+    for sl in _chunks(len(prompts), batch_size):
+        st = [
+            (styles[i] if styles is not None and styles[i] is not None else classify_style(copies[i]))
+            for i in range(sl.start, sl.stop)
+        ]
+        b = encode_pairs(tokenizer, prompts[sl], copies[sl], styles=st)
+        ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        with autocast_for(device):
+            out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, return_hidden=True)
+            h = out.hidden_states[torch.arange(ids.shape[0], device=device), b["eos_index"].to(device)]
+            logit, f = model.ctr_from_hidden(h)
+        probs.extend(torch.sigmoid(logit.float()).tolist())
+        feats.append(f.float().cpu().numpy())
+    return probs, (np.concatenate(feats) if feats else np.zeros((0, 0), dtype=np.float32))
+
+
+def score_ctr(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    copies: Sequence[str],
+    styles: Sequence[str | None] | None = None,
+    batch_size: int = 128,
+) -> list[float]:
+    """Predicted click probability of each (prompt, copy) pair, batched."""
+    return score_ctr_with_features(model, tokenizer, prompts, copies, styles, batch_size)[0]
+
+
+@torch.no_grad()
+def style_distribution(model: Any, tokenizer: Any, prompts: Sequence[str]) -> list[dict[str, float]]:
+    """p(style | prompt) per prompt: the model's first-token distribution over style tokens."""
+    if not prompts:
+        return []
+    sid = special_ids(tokenizer)
+    device = _model_device(model)
+    ids, mask = left_pad(encode_text(tokenizer, prompts), sid.pad)
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast_for(device):
+        logits, _, _ = _forward(model, ids, mask, positions_from_mask(mask), None, False)
+    style_ids = torch.tensor(sid.style_id_list, device=device)
+    p = torch.softmax(logits.float()[:, style_ids], dim=-1).tolist()
+    return [dict(zip(STYLES, row, strict=True)) for row in p]
+
+
+def sequence_nll(
+    model: Any, batch: dict[str, torch.Tensor], *, exclude_style: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL (nats) and token count over labelled positions of an
+    :func:`models.data.encode_pairs` batch (the style token excluded by default)."""
+    device = _model_device(model)
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device).clone()
+    if exclude_style:
+        rows = torch.arange(ids.shape[0], device=device)
+        labels[rows, batch["style_index"].to(device) + 1] = -100
+    with autocast_for(device):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = logits[:, :-1].float()
+    tgt = labels[:, 1:]
+    valid = tgt != -100
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.clamp_min(0).reshape(-1), reduction="none")
+    nll = (nll.view(tgt.shape) * valid).sum(-1)
+    return nll, valid.sum(-1)
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    return math.exp(nll_sum / max(n_tokens, 1))

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.corpus import Corpus
+from models.data import special_ids
+from models.generate import (
+    generate_candidates,
+    score_ctr,
+    score_ctr_with_features,
+    split_style,
+    style_distribution,
+)
+from models.student import StudentModel
+from models.styles import STYLES
+
+
+@pytest.fixture(scope="module")
+def prompts(small_corpus: Corpus) -> list[str]:
+    return [r.prompt for r in small_corpus.heldout[:5]]
+
+
+def _texts(groups):
+    return [[(c.text, c.style, tuple(c.token_ids)) for c in g] for g in groups]
+
+
+def test_same_seed_same_candidates(tiny_student: StudentModel, toy_tokenizer, prompts: list[str]) -> None:
+    a = generate_candidates(tiny_student, toy_tokenizer, prompts, k=3, max_new_tokens=12, seed=7)
+    b = generate_candidates(tiny_student, toy_tokenizer, prompts, k=3, max_new_tokens=12, seed=7)
+    c = generate_candidates(tiny_student, toy_tokenizer, prompts, k=3, max_new_tokens=12, seed=8)
+    assert _texts(a) == _texts(b)
+    assert _texts(a) != _texts(c)
+    assert [len(g) for g in a] == [3] * len(prompts)
+
+
+def test_candidates_start_with_a_style_and_carry_ctr(tiny_student: StudentModel, toy_tokenizer, prompts) -> None:
+    sid = special_ids(toy_tokenizer)
+    groups = generate_candidates(tiny_student, toy_tokenizer, prompts, k=4, max_new_tokens=10, seed=1)
+    for g in groups:
+        for c in g:
+            assert c.style in STYLES and c.token_ids[0] == sid.styles[c.style]
+            assert not any(t in sid.styles.values() for t in c.token_ids[1:])
+            assert c.logprob <= 0 and c.sample_logprob <= 0
+            assert c.ctr is not None and 0 < c.ctr < 1
+            assert c.ctr_features is not None and c.ctr_features.shape == (tiny_student.config.ctr_hidden,)
+            style, text = split_style(toy_tokenizer, c.token_ids)
+            assert (style, text) == (c.style, c.text)
+    only = generate_candidates(tiny_student, toy_tokenizer, prompts, k=4, max_new_tokens=4, seed=1,
+                               styles=["eco", "urgency"])
+    assert {c.style for g in only for c in g} <= {"eco", "urgency"}
+
+
+def test_greedy_rows_do_not_depend_on_batch_neighbours(tiny_student: StudentModel, toy_tokenizer, prompts) -> None:
+    alone = [generate_candidates(tiny_student, toy_tokenizer, [p], k=1, max_new_tokens=10, temperature=0)[0][0]
+             for p in prompts]
+    batched = generate_candidates(tiny_student, toy_tokenizer, prompts, k=1, max_new_tokens=10, temperature=0)
+    for a, b in zip(alone, batched, strict=True):
+        assert a.token_ids == b[0].token_ids
+        assert a.logprob == pytest.approx(b[0].logprob, abs=1e-4)
+        assert a.ctr == pytest.approx(b[0].ctr, abs=1e-5)
+
+
+def test_ctr_at_generation_equals_score_ctr(tiny_student: StudentModel, toy_tokenizer, prompts) -> None:
+    groups = generate_candidates(tiny_student, toy_tokenizer, prompts, k=2, max_new_tokens=8, temperature=0)
+    cands = [c for g in groups for c in g]
+    rows = [p for p in prompts for _ in range(2)]
+    # score the exact generated ids: decode then re-encode can differ for a random model, so compare
+    # the read at EOS from generation with a forward over prompt ids + generated ids + EOS
+    sid = special_ids(toy_tokenizer)
+    for p, c in zip(rows, cands, strict=True):
+        if not c.finished:
+            continue
+        ids = toy_tokenizer(p, add_special_tokens=False).input_ids + c.token_ids + [sid.eos]
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            logit = tiny_student.ctr_logits(t, torch.ones_like(t))
+        assert torch.sigmoid(logit).item() == pytest.approx(c.ctr, abs=1e-5)
+
+
+def test_score_ctr_batches_consistently(tiny_student: StudentModel, toy_tokenizer, prompts) -> None:
+    copies = [f"A copy number {i} about a lamp." for i in range(len(prompts))]
+    together = score_ctr(tiny_student, toy_tokenizer, prompts, copies)
+    alone = [score_ctr(tiny_student, toy_tokenizer, [p], [c])[0] for p, c in zip(prompts, copies, strict=True)]
+    assert together == pytest.approx(alone, abs=1e-5)
+    small_batches = score_ctr(tiny_student, toy_tokenizer, prompts, copies, batch_size=2)
+    assert small_batches == pytest.approx(together, abs=1e-5)
+    probs, feats = score_ctr_with_features(tiny_student, toy_tokenizer, prompts, copies, styles=["eco"] * 5)
+    assert feats.shape == (5, tiny_student.config.ctr_hidden)
+    assert probs != pytest.approx(together, abs=1e-7)  # the style token is part of the scored sequence
+    assert score_ctr(tiny_student, toy_tokenizer, [], []) == []
+
+
+def test_style_distribution(tiny_student: StudentModel, toy_tokenizer, prompts) -> None:
+    dists = style_distribution(tiny_student, toy_tokenizer, prompts)
+    assert len(dists) == len(prompts)
+    for d in dists:
+        assert set(d) == set(STYLES) and sum(d.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hf_causal_lm_teacher_decodes_too(toy_teacher_dir, prompts) -> None:
+    from models.teacher import load_teacher
+
+    t = load_teacher(toy_teacher_dir)
+    a = generate_candidates(t.model, t.tokenizer, prompts[:2], k=2, max_new_tokens=6, seed=3)
+    b = generate_candidates(t.model, t.tokenizer, prompts[:2], k=2, max_new_tokens=6, seed=3)
+    assert _texts(a) == _texts(b)
+    assert all(c.style in STYLES and c.ctr is None for g in a for c in g)

@@ -1,0 +1,100 @@
+"""Smoke-size training runs (seconds): the whole pipeline on a tiny corpus with a toy teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from models.corpus import CorpusConfig
+from models.student import load_student
+from models.train import StudentTrainConfig, TeacherTrainConfig, auc, train_student, train_teacher
+
+TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "ctr_hidden": 8, "batch_size": 8, "eval_rows": 32}
+
+
+def _cfg(tmp: Path, teacher: Path, **kw: object) -> StudentTrainConfig:
+    base: dict[str, object] = {
+        "teacher": str(teacher), "out": str(tmp / "student"), "steps": 40, "eval_every": 20, "kd_rows": 24,
+        "kd_topk": 8, "lr": 3e-3, "warmup": 5,
+        "corpus": CorpusConfig(max_products=30, per_product=4), **TINY,
+    }
+    base.update(kw)
+    return StudentTrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_student_distillation_smoke(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(tmp_path, toy_teacher_dir, kd="both")
+    path, meta = train_student(cfg)
+    ls = load_student(path)
+    assert ls.meta.name == "livecopy-student" and ls.meta.data_hash == meta["data_hash"]
+    assert meta["training"]["kd"] == "both" and meta["training"]["kd_rows"] == 24
+    m = meta["metrics"]
+    assert m["heldout_copy_ppl"] > 1 and 0 <= m["ctr_auc_heldout"] <= 1
+    hist = json.loads((tmp_path / "student-history.json").read_text())
+    assert hist["train_kl"] and hist["train_ce"][-1][1] < hist["train_ce"][0][1]
+    assert (tmp_path / "student-loss.png").stat().st_size > 1000
+    assert len(list((tmp_path / "kd_cache").glob("*.safetensors"))) == 1
+    assert len(ls.tokenizer) < 1300  # trimmed from the toy teacher's vocabulary
+
+    # a second run with the same data reuses the cached teacher logits: the teacher is not loaded
+    def no_teacher(*a: object, **k: object) -> None:
+        raise AssertionError("teacher loaded despite a cache hit")
+
+    monkeypatch.setattr("models.teacher.load_teacher", no_teacher)
+    train_student(_cfg(tmp_path, toy_teacher_dir, kd="both", out=str(tmp_path / "student2"), steps=2))
+
+
+def test_sequence_kd_needs_no_teacher_model(tmp_path: Path, toy_teacher_dir: Path) -> None:
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    (tok_only / "tokenizer.json").write_bytes((toy_teacher_dir / "tokenizer.json").read_bytes())
+    (tok_only / "tokenizer_config.json").write_bytes((toy_teacher_dir / "tokenizer_config.json").read_bytes())
+    path, meta = train_student(_cfg(tmp_path, tok_only, kd="seq", steps=5))
+    assert meta["training"]["kd_rows"] == 0 and (path / "model.safetensors").exists()
+    with pytest.raises(FileNotFoundError):
+        train_student(_cfg(tmp_path, tmp_path / "nowhere", kd="both", steps=1))
+
+
+def test_teacher_finetune_smoke(tmp_path: Path, toy_teacher_dir: Path) -> None:
+    cfg = TeacherTrainConfig(
+        base=str(toy_teacher_dir), out=str(tmp_path / "teacher"), steps=4, batch_size=4, eval_every=2,
+        eval_rows=16, bf16=False, corpus=CorpusConfig(max_products=20, per_product=3),
+    )
+    meta = train_teacher(cfg)
+    out = tmp_path / "teacher"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "livecopy.json", "loss.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert meta["metrics"]["params"] > 0 and meta["data_hash"]
+
+
+def test_auc() -> None:
+    assert auc([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == 1.0
+    assert auc([0.4, 0.3, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert auc([0.1, 0.3, 0.2, 0.4], [0, 1, 0, 1]) == 1.0
+
+
+def test_cli_train_and_eval(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from livecopy.cli import cli
+    from livecopy.commands import register
+
+    register(cli)
+    monkeypatch.setenv("LIVECOPY_MODELS__TEACHER_DIR", str(toy_teacher_dir))
+    monkeypatch.setenv("LIVECOPY_MODELS__DEVICE", "cpu")
+    out = tmp_path / "cli-student"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train", "student", "--kd", "both", "--steps", "3", "--max-products", "20",
+                              "--layers", "1", "--d-model", "32", "--heads", "2", "--kd-rows", "8",
+                              "--out", str(out), "--version", "0.0.1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output[res.output.index("{"):])["version"] == "0.0.1"
+    res = runner.invoke(cli, ["eval", str(out), "--rows", "16", "--samples", "2", "--no-speed",
+                              "--json-out", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["kind"] == "student" and len(report["samples"]) == 2
+    assert {"heldout_ppl", "heldout_bits_per_byte", "params", "disk_mb", "ctr_auc_heldout"} <= set(report["metrics"])
