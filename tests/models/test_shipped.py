@@ -60,8 +60,15 @@ def test_persona_moves_the_style_distribution(shipped: LoadedStudent, heldout_co
 
 
 def test_ctr_head_prefers_on_product_copy(shipped: LoadedStudent, heldout_contexts: list[CopyContext]) -> None:
-    a, b = heldout_contexts[0], next(c for c in heldout_contexts if c.category != heldout_contexts[0].category)
-    own = f"Meet the {a.title}, yours for ${a.price:,.2f}."
-    other = f"Meet the {b.title}, yours for ${b.price:,.2f}."
-    p_own, p_other = score_ctr(shipped.model, shipped.tokenizer, [build_prompt(a)] * 2, [own, other])
-    assert 0.0 < p_other < p_own < 1.0
+    """Copy about another product (the corpus's mismatch rows) scores below copy about this one, over
+    held-out products on average."""
+    ctxs = heldout_contexts[:40]
+    prompts, copies = [], []
+    for i, a in enumerate(ctxs):
+        b = next(c for c in ctxs[i + 1 :] + ctxs[:i] if c.category != a.category)
+        prompts += [build_prompt(a)] * 2
+        copies += [f"Meet the {a.title}, yours for ${a.price:,.2f}.", f"Meet the {b.title}, yours for ${b.price:,.2f}."]
+    p = score_ctr(shipped.model, shipped.tokenizer, prompts, copies)
+    own, other = p[0::2], p[1::2]
+    assert all(0.0 < x < 1.0 for x in p)
+    assert sum(own) > sum(other)
