@@ -110,6 +110,87 @@ class ModelSettings(BaseModel):
     torch_threads: int = 0  # 0: torch's default
 
 
+class FeedbackSettings(BaseModel):
+    """The feedback joiner (``LIVECOPY_FEEDBACK__...``), see docs/feedback.md."""
+
+    window_s: float = 1800.0  # attribution window: a click counts if its time <= impression time + window
+    lateness_s: float = 60.0  # extra wait after the window closes (or after arrival) for late clicks
+    copy_wait_s: float = 600.0  # how long a decided impression waits for its copy record
+    orphan_wait_s: float = 3600.0  # how long a click waits for its impression
+    state_ttl_s: int = 2 * 24 * 3600  # open state (impressions, clicks, copy records) expires after this
+    done_ttl_s: int = 24 * 3600  # tombstone of an emitted impression (re-deliveries are ignored)
+    reclaim_s: float = 30.0  # an emission not acknowledged within this is claimed again
+    shards: int = 16  # state is split into this many Redis hash slots ({fb:N})
+    sweep_interval_s: float = 0.2  # how often an idle joiner looks for closed windows
+    sweep_limit: int = 1000  # impressions decided per shard per sweep
+
+
+class TrainerSettings(BaseModel):
+    """The online trainer and the model registry (``LIVECOPY_TRAINER__...``), see docs/feedback.md."""
+
+    registry_dir: Path = Path("registry")
+    model_name: str = "livecopy-student"
+    base_dir: Path | None = None  # first version when the registry is empty (None: models.student_dir/shipped)
+    batch_size: int = 32
+    lr: float = 5e-5
+    ctr_weight: float = 1.0
+    lm_weight: float = 1.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    ips_clip: float = 10.0
+    eval_every: int = 20  # updates between evaluations (and possible publications)
+    heldout_fraction: float = 0.1
+    heldout_size: int = 2000
+    min_heldout: int = 20
+    logloss_tolerance: float = 0.0  # publish when heldout CTR logloss <= serving's + this
+    max_kl: float = 0.5  # ... and mean KL(anchor || candidate) per copy token <= this
+    min_snips_ratio: float = 0.0  # ... and SNIPS CTR >= this x logged CTR (0: report only)
+    dedupe_size: int = 200_000  # impression ids remembered against duplicate feedback
+    device: str = "cpu"
+
+
+class CopySettings(BaseModel):
+    """Copy generation and serving (``LIVECOPY_GENERATION__...``): candidates, policy, micro-batching,
+    cache, hot reload. ``model_dir`` None: ``models.student_dir``, else the shipped student."""
+
+    model_dir: Path | None = None
+    model_name: str = "livecopy-student"
+    # Relative ModelVersion.path values are resolved against this directory (then the working dir).
+    registry_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (bf16 autocast on CUDA)
+    candidates: int = 4  # K sampled per request
+    max_new_tokens: int = 40
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 0.95
+    policy: str = "thompson"  # thompson | greedy | epsilon_greedy | random
+    epsilon: float = 0.1
+    mc_draws: int = 200  # Thompson draws used to estimate the propensity
+    seed: int = 0
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    timeout_ms: float = 2000.0
+    cache_ttl_s: int = 3600
+    catalog_key: str = "catalog"  # Redis hash (under redis.key_prefix): product_id -> product JSON
+    load_catalog_if_empty: bool = True  # serve: load the synthetic catalog when Redis has none
+    hot_reload: bool = True  # follow livecopy.model-updates
+    reload_poll_s: float = 0.5
+    smoke_min_pass_rate: float = 0.0  # share of smoke copies that must pass the filter (0: none)
+
+
+class GeneratorSettings(BaseModel):
+    """``livecopy worker generator``: pre-generation on product views (``LIVECOPY_GENERATOR__...``)."""
+
+    related: int = 3  # same-category products pre-generated besides the viewed one
+    slot: str | None = None  # slot of the pre-generated copies (None: no slot, as GET /v1/copy without one)
+    max_inflight: int = 128  # copies submitted and not yet written; above it partitions pause
+    resume_below: int = 64
+    profile_wait_ms: float = 300.0  # wait this long for the profile worker to apply the viewed event
+    commit_interval_s: float = 0.5
+    max_event_age_s: float = 300.0  # older product views are skipped (their pages are gone)
+
+
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -128,6 +209,10 @@ class Settings(BaseSettings):
     dev: DevStackSettings = Field(default_factory=DevStackSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    generation: CopySettings = Field(default_factory=CopySettings)
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     log_level: str = "INFO"
 
     def with_endpoints(self, bootstrap_servers: str, redis_url: str) -> Settings:
