@@ -1,0 +1,49 @@
+"""Helpers for the copy-generation tests: a tiny random student saved like a real checkpoint
+(toy BPE tokenizer trained on catalog prompts), and engine/settings builders. No network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from livecopy.catalog import Catalog
+from livecopy.settings import CopySettings
+from models.context import build_prompt, product_context
+from models.filter import fallback_copy
+from models.student import ModelMeta, save_student
+
+MODEL_NAME = "livecopy-student"
+_TOKENIZER: list[object] = []
+
+
+def toy_tokenizer() -> object:
+    if not _TOKENIZER:
+        from models.tokenizer import wrap_fast
+        from tests.models.conftest import train_toy_bpe
+
+        cat = Catalog.generate(120, seed=3)
+        texts = [build_prompt(product_context(p)) for p in cat] + [fallback_copy(product_context(p)) for p in cat]
+        _TOKENIZER.append(wrap_fast(train_toy_bpe(texts, vocab_size=600)))
+    return _TOKENIZER[0]
+
+
+def save_tiny_student(out: Path, version: str, *, seed: int = 0, name: str = MODEL_NAME,
+                      break_weights: bool = False) -> Path:
+    """A 2-layer x 32 random student with a CTR head, saved with livecopy.json (name, version)."""
+    from models.data import EOS_TOKEN
+    from tests.models.conftest import make_student
+
+    tok = toy_tokenizer()
+    model = make_student(len(tok), tok.convert_tokens_to_ids(EOS_TOKEN), seed=seed)  # type: ignore[attr-defined]
+    if break_weights:
+        with torch.no_grad():
+            model.ctr_head.out.weight.fill_(float("nan"))
+    return save_student(model, tok, out, ModelMeta(name=name, version=version), storage_dtype=None)
+
+
+def copy_settings(**over: object) -> CopySettings:
+    base: dict[str, object] = {"device": "cpu", "candidates": 3, "max_new_tokens": 12, "max_wait_ms": 2.0,
+                               "timeout_ms": 30_000.0, "mc_draws": 50}
+    base.update(over)
+    return CopySettings(**base)  # type: ignore[arg-type]

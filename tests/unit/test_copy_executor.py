@@ -1,0 +1,129 @@
+"""The copy executor (filter, policy, fallback, propensity) and the engine on a real tiny student (CPU)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from livecopy.catalog import Catalog
+from models.context import context_from_features, product_context
+from models.executor import CopyRequest, StudentExecutor, load_executor, smoke_check
+from models.generate import Candidate
+from models.serving import CopyEngine
+from stream.contracts import GeneratedCopy
+from tests.copygen import copy_settings, save_tiny_student
+
+CAT = Catalog.generate(60, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("m") / "v1", "v1")
+
+
+def requests(n: int, slot: str | None = "pdp") -> list[CopyRequest]:
+    return [CopyRequest(f"u{i}", product_context(CAT.products[i % len(CAT)], slot), profile_version=i)
+            for i in range(n)]
+
+
+class ScriptedGenerate:
+    """Stands in for models.generate.generate_candidates: K fixed candidates per prompt (one good
+    copy about the product, the rest failing the filter unless `all_good`)."""
+
+    def __init__(self, reqs: list[CopyRequest], all_good: bool = False, none_good: bool = False) -> None:
+        self.reqs = reqs
+        self.all_good = all_good
+        self.none_good = none_good
+
+    def __call__(self, model: Any, tok: Any, prompts: list[str], k: int, **kw: Any) -> list[list[Candidate]]:
+        out = []
+        for r in self.reqs[: len(prompts)]:
+            p = r.ctx
+            good = f"The {p.title} is a {p.noun} built to last, rated {p.rating:.1f}/5."
+            group = []
+            for j in range(k):
+                ok = not self.none_good and (self.all_good or j == 1)
+                text = good if ok else "buy buy buy now"
+                group.append(Candidate(text=text, style="quality", logprob=-1.0, token_ids=[1],
+                                       ctr=0.1 + 0.1 * j, ctr_features=np.full(8, 0.1 * j, np.float32)))
+            out.append(group)
+        return out
+
+
+@pytest.mark.parametrize("policy", ["thompson", "greedy", "epsilon_greedy", "random"])
+def test_only_filtered_candidates_are_chosen_with_a_propensity(model_dir: Path, policy: str) -> None:
+    reqs = requests(4)
+    ex = load_executor(model_dir, copy_settings(policy=policy, candidates=3))
+    ex.generate = ScriptedGenerate(reqs)
+    results = ex.run(reqs)
+    assert len(results) == 4
+    for req, res in zip(reqs, results, strict=True):
+        assert res.product_id == req.product_id and res.user_id == req.user_id
+        assert res.text.startswith("The ") and res.policy == policy
+        assert res.propensity == pytest.approx(1.0)  # one eligible candidate: any policy must pick it
+        assert res.score == pytest.approx(0.2) and res.passed == 1 and res.candidates == 3
+        assert res.model_version == "v1" and res.model == "livecopy-student" and res.slot == "pdp"
+        assert context_from_features(res.features) == req.ctx
+        assert res.features["profile_version"] == req.profile_version
+    assert ex.filter_stats.checked == 12 and ex.filter_stats.passed == 4 and ex.filter_stats.fallbacks == 0
+
+
+def test_thompson_propensity_is_a_probability_and_greedy_takes_the_best(model_dir: Path) -> None:
+    reqs = requests(20)
+    ex = load_executor(model_dir, copy_settings(policy="thompson", candidates=3, mc_draws=400))
+    ex.generate = ScriptedGenerate(reqs, all_good=True)
+    res = ex.run(reqs)
+    assert all(0.0 < r.propensity <= 1.0 for r in res)
+    assert len({r.copy_id for r in res}) == 20
+    gx = load_executor(model_dir, copy_settings(policy="greedy", candidates=3))
+    gx.generate = ScriptedGenerate(reqs, all_good=True)
+    assert all(r.score == pytest.approx(0.3) and r.propensity == 1.0 for r in gx.run(reqs))
+
+
+def test_no_safe_candidate_gives_the_fallback_copy_counted(model_dir: Path) -> None:
+    reqs = requests(3)
+    ex = load_executor(model_dir, copy_settings(candidates=2))
+    ex.generate = ScriptedGenerate(reqs, none_good=True)
+    res = ex.run(reqs)
+    assert [r.policy for r in res] == ["fallback"] * 3
+    assert all(r.propensity == 1.0 and 0.0 <= r.score <= 1.0 and r.style == "practical" for r in res)
+    assert ex.filter_stats.fallbacks == 3 and ex.filter_stats.reasons["repetition"] == 6
+
+
+def test_real_student_results_are_contract_copies(model_dir: Path) -> None:
+    ex = load_executor(model_dir, copy_settings())
+    reqs = requests(5, slot=None)
+    res = ex.run(reqs)
+    assert [r.product_id for r in res] == [r.product_id for r in reqs]
+    for r in res:
+        GeneratedCopy.model_validate(r.to_copy().model_dump())
+        assert r.text and r.model_version == "v1"
+    assert smoke_check(ex)["copies"]
+
+
+def test_smoke_check_refuses_broken_weights(tmp_path: Path) -> None:
+    from models.executor import SmokeCheckFailed
+
+    ex = load_executor(save_tiny_student(tmp_path / "bad", "bad", break_weights=True), copy_settings())
+    with pytest.raises(SmokeCheckFailed, match="non-finite"):
+        smoke_check(ex)
+
+
+def test_engine_batches_real_model_and_answers_one_to_one(model_dir: Path) -> None:
+    cfg = copy_settings(max_batch_size=8, max_wait_ms=20.0)
+    sizes: list[int] = []
+    engine = CopyEngine.from_dir(model_dir, cfg, on_batch=lambda n, s, v: sizes.append(n)).start()
+    try:
+        reqs = requests(24)
+        futs: list[Future[Any]] = [engine.submit(r) for r in reqs]
+        results = [f.result(60) for f in futs]
+    finally:
+        engine.stop()
+    assert [r.product_id for r in results] == [r.product_id for r in reqs]
+    assert [r.user_id for r in results] == [r.user_id for r in reqs]
+    assert sum(sizes) == 24 and max(sizes) > 1 and max(sizes) <= 8
+    assert isinstance(engine.executor, StudentExecutor) and engine.version == "v1"
