@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,10 +15,10 @@ from models.filter import fallback_copy
 from models.student import ModelMeta, save_student
 
 MODEL_NAME = "livecopy-student"
-_TOKENIZER: list[object] = []
+_TOKENIZER: list[Any] = []
 
 
-def toy_tokenizer() -> object:
+def toy_tokenizer() -> Any:
     if not _TOKENIZER:
         from models.tokenizer import wrap_fast
         from tests.models.conftest import train_toy_bpe
@@ -35,7 +36,7 @@ def save_tiny_student(out: Path, version: str, *, seed: int = 0, name: str = MOD
     from tests.models.conftest import make_student
 
     tok = toy_tokenizer()
-    model = make_student(len(tok), tok.convert_tokens_to_ids(EOS_TOKEN), seed=seed)  # type: ignore[attr-defined]
+    model = make_student(len(tok), tok.convert_tokens_to_ids(EOS_TOKEN), seed=seed)
     if break_weights:
         with torch.no_grad():
             model.ctr_head.out.weight.fill_(float("nan"))
@@ -46,4 +47,36 @@ def copy_settings(**over: object) -> CopySettings:
     base: dict[str, object] = {"device": "cpu", "candidates": 3, "max_new_tokens": 12, "max_wait_ms": 2.0,
                                "timeout_ms": 30_000.0, "mc_draws": 50}
     base.update(over)
-    return CopySettings(**base)  # type: ignore[arg-type]
+    return CopySettings.model_validate(base)
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free loopback port in a thread (real HTTP, real
+    concurrency, lifespan run): ``with ServerThread(app) as base_url: ...``."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        from livecopy.devstack import free_port
+
+        self.port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

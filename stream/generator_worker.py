@@ -1,0 +1,384 @@
+"""The generator worker (``livecopy worker generator``): pre-generates copy on product views.
+
+For every ``product_view`` on ``livecopy.events`` it generates, with the same
+:class:`models.serving.CopyEngine` and the same cache keys as ``GET /v1/copy``, the copies of the
+user's likely next impressions -- the viewed product and ``generator.related`` same-category
+products (``plan_products``) -- for the profile version that includes the view, writes them
+to the Redis copy cache and publishes each once to ``livecopy.copy``. A later ``GET /v1/copy``
+for one of them is then a cache hit.
+
+The poll loop never waits for the model: it decodes records and hands product views to a thread
+pool; tasks queue requests on the engine (which micro-batches them) and report back through a
+queue. Offsets are committed per partition only up to the first record whose effects (cache
+write + broker ack of the copies) are not done yet (``OffsetTracker``), so a crash re-generates
+at most what was in flight (cache keys that exist are skipped). When more than
+``generator.max_inflight`` copies are in flight the loop pauses its partitions (still polling, so
+it keeps its group membership) and resumes below ``generator.resume_below``.
+
+Invalid events are skipped and counted (the profile worker already sends them to the DLQ; a
+second DLQ copy would double-count them); so are views older than ``generator.max_event_age_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import redis
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+from livecopy.catalog import Catalog, Product
+from livecopy.metrics import WorkerMetrics
+from livecopy.settings import GeneratorSettings, Settings
+from models.batching import Overloaded
+from models.context import context_from_profile
+from models.executor import CopyRequest, CopyResult
+from models.serving import CopyEngine
+from stream.contracts import Event, EventType
+from stream.copy_store import CopyKeys, CopyPublisher, encode_copy, ensure_catalog, read_catalog
+from stream.kafka_io import consumer_config, producer_config
+from stream.model_updates import ModelUpdateFollower
+from stream.profile import render
+from stream.profile_store import TRANSIENT_REDIS_ERRORS, ProfileKeys, RedisProfileStore
+from stream.wire import Rejection, Topics, decode_event
+
+log = logging.getLogger(__name__)
+
+GROUP = "generator"
+TP = tuple[str, int]
+
+
+class OffsetTracker:
+    """Which offsets may be committed while records finish out of order (pure).
+
+    ``add`` each consumed record, ``done`` when its effects are acknowledged; ``committable``
+    gives, per partition, the offset after the longest finished prefix."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[TP, set[int]] = {}
+        self._next: dict[TP, int] = {}
+
+    def add(self, tp: TP, offset: int) -> None:
+        self._inflight.setdefault(tp, set()).add(offset)
+        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def done(self, tp: TP, offset: int) -> None:
+        s = self._inflight.get(tp)
+        if s is not None:
+            s.discard(offset)
+
+    def drop(self, tps: Sequence[TP]) -> None:
+        for tp in tps:
+            self._inflight.pop(tp, None)
+            self._next.pop(tp, None)
+
+    def committable(self) -> dict[TP, int]:
+        return {tp: (min(self._inflight[tp]) if self._inflight.get(tp) else nxt) for tp, nxt in self._next.items()}
+
+    def pending(self) -> int:
+        return sum(len(s) for s in self._inflight.values())
+
+
+def plan_products(viewed: Product, catalog: Catalog, recent: Sequence[str], related: int) -> list[Product]:
+    """The viewed product, then up to ``related`` same-category products the user has not seen
+    recently, best reviewed first (what a PDP's "you may also like" would show next)."""
+    skip = {viewed.product_id, *recent}
+    same = [p for p in catalog.in_category(viewed.category) if p.product_id not in skip]
+    same.sort(key=lambda p: (-(p.reviews * p.rating), p.product_id))
+    return [viewed, *same[:max(0, related)]]
+
+
+class Stopping(Exception):
+    pass
+
+
+class Pregenerator:
+    """One product view -> cached and published copies (runs on a pool thread; blocking is fine)."""
+
+    def __init__(self, settings: Settings, engine: CopyEngine, client: redis.Redis, publisher: CopyPublisher,
+                 catalog: Callable[[], Catalog], stop: threading.Event, metrics: WorkerMetrics | None = None) -> None:
+        self.settings = settings
+        self.cfg: GeneratorSettings = settings.generator
+        self.engine = engine
+        self.client = client
+        self.publisher = publisher
+        self.catalog = catalog
+        self.stop = stop
+        self.metrics = metrics
+        self.keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
+        self.pkeys = ProfileKeys(settings.redis.key_prefix)
+        self.profiles = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
+
+    def _count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics:
+            self.metrics.count(outcome, n)
+
+    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except TRANSIENT_REDIS_ERRORS as exc:
+                if self.stop.is_set():
+                    raise Stopping from exc
+                log.warning("%s failed (%s); retrying in %.2f s", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _wait_profile(self, ev: Event) -> None:
+        seen_key = self.pkeys.of(ev.user_id)[2]
+        deadline = time.monotonic() + self.cfg.profile_wait_ms / 1000.0
+        while self._retry("profile check", lambda: self.client.zscore(seen_key, ev.event_id)) is None:
+            if time.monotonic() >= deadline or self.stop.is_set():
+                return
+            time.sleep(0.02)
+
+    def _submit(self, req: CopyRequest) -> Future[CopyResult]:
+        delay = 0.02
+        while True:
+            try:
+                return self.engine.submit(req, timeout_ms=120_000.0)
+            except Overloaded:  # the API has priority over pre-generation: wait for room
+                if self.stop.is_set():
+                    raise Stopping from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def handle(self, ev: Event) -> int:
+        """Pre-generate for one product view; returns the number of copies made."""
+        cat = self.catalog()
+        viewed = cat.get(ev.product_id or "")
+        if viewed is None:
+            self._count("unknown_product")
+            return 0
+        self._wait_profile(ev)
+        state = self._retry("profile load", lambda: self.profiles.load(ev.user_id))
+        pv = state.version if state is not None else 0
+        profile = render(ev.user_id, state, self.settings.profile) if state is not None else None
+        products = plan_products(viewed, cat, profile.recent_products if profile else [], self.cfg.related)
+        version = self.engine.version
+        slot = self.cfg.slot
+        keys = [self.keys.copy(ev.user_id, p.product_id, slot, pv, version) for p in products]
+
+        def exists() -> list[Any]:
+            with self.client.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.exists(k)
+                return pipe.execute()
+
+        have = self._retry("cache check", exists)
+        todo = [p for p, e in zip(products, have, strict=True) if not e]
+        self._count("already_cached", len(products) - len(todo))
+        if not todo:
+            return 0
+        futs = [self._submit(CopyRequest(ev.user_id, context_from_profile(p, profile, slot, lookup=cat.get), pv))
+                for p in todo]
+        results = [f.result() for f in futs]
+        copies = [r.to_copy() for r in results]
+        bodies = [encode_copy(c) for c in copies]
+
+        def write() -> None:
+            with self.client.pipeline(transaction=False) as pipe:
+                for r, body in zip(results, bodies, strict=True):
+                    pipe.set(self.keys.copy(r.user_id, r.product_id, slot, pv, r.model_version), body,
+                             ex=self.settings.generation.cache_ttl_s)
+                pipe.execute()
+
+        self._retry("cache write", write)
+        pending = list(zip(copies, bodies, strict=True))
+        while pending:  # every copy acknowledged by the broker before the record counts as done
+            acks = [(c, b, self.publisher.publish(c, b)) for c, b in pending]
+            pending = []
+            for c, b, f in acks:
+                try:
+                    f.result(60)
+                except Exception:
+                    if self.stop.is_set():
+                        raise Stopping from None
+                    pending.append((c, b))
+            if pending:
+                time.sleep(0.5)
+        self._count("pregenerated", len(copies))
+        return len(copies)
+
+
+class GeneratorWorker:
+    def __init__(self, settings: Settings, engine: CopyEngine, *, consumer: Consumer | None = None,
+                 producer: Producer | None = None, client: redis.Redis | None = None,
+                 metrics: WorkerMetrics | None = None, threads: int = 16,
+                 wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+        self.settings = settings
+        self.cfg = settings.generator
+        self.engine = engine
+        self.topics = Topics.from_settings(settings.topics)
+        self.consumer = consumer or Consumer(consumer_config(
+            settings.kafka, settings.worker.group_prefix + GROUP))
+        self.client = client or redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
+                                                     socket_connect_timeout=settings.redis.socket_timeout_s)
+        self.publisher = CopyPublisher(producer or Producer(producer_config(settings.kafka)), self.topics.copy)
+        self.metrics = metrics
+        self.wall_ms = wall_ms
+        self.keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
+        self._catalog: Catalog | None = None
+        self._catalog_at = 0.0
+        self._catalog_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.pregen = Pregenerator(settings, engine, self.client, self.publisher, self.catalog, self._stop, metrics)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pregen")
+        self.tracker = OffsetTracker()
+        self._completed: queue.Queue[tuple[TP, int, int]] = queue.Queue()
+        self.inflight = 0  # copies (estimated) in flight
+        self.paused = False
+        self.records = 0
+        self.copies = 0
+        self._last_commit = 0.0
+
+    # -- catalog ---------------------------------------------------------------------------------
+    def catalog(self) -> Catalog:
+        with self._catalog_lock:
+            if self._catalog is None or time.monotonic() - self._catalog_at > 60.0:
+                if self.settings.generation.load_catalog_if_empty:
+                    ensure_catalog(self.client, self.keys)
+                self._catalog = read_catalog(self.client, self.keys)
+                self._catalog_at = time.monotonic()
+            return self._catalog
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.topics.events], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self._stop.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        msgs = self.consumer.consume(self.settings.worker.max_batch, timeout=self.settings.worker.poll_timeout_s)
+        for m in msgs:
+            if m.error() is None:
+                self._dispatch(m)
+        self._drain()
+        self._flow_control()
+        if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
+            self._commit(sync=False)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._drain()
+        self._commit(sync=True)
+        left = self.publisher.close()
+        if left:
+            log.error("%d copies not acknowledged at shutdown", left)
+        self.consumer.close()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _dispatch(self, m: Message) -> None:
+        tp, off = (m.topic() or "", m.partition() or 0), m.offset() or 0
+        self.tracker.add(tp, off)
+        self.records += 1
+        try:
+            ev = decode_event(m.key(), m.value())
+        except Rejection:
+            self._skip(tp, off, "invalid")
+            return
+        if ev.type != EventType.PRODUCT_VIEW:
+            self._skip(tp, off, "not_a_view")
+            return
+        if self.wall_ms() - ev.ts > self.cfg.max_event_age_s * 1000:
+            self._skip(tp, off, "stale")
+            return
+        weight = 1 + max(0, self.cfg.related)
+        self.inflight += weight
+        self.pool.submit(self._task, ev, tp, off, weight)
+
+    def _skip(self, tp: TP, off: int, outcome: str) -> None:
+        self.tracker.done(tp, off)
+        if self.metrics:
+            self.metrics.count(outcome)
+
+    def _task(self, ev: Event, tp: TP, off: int, weight: int) -> None:
+        made = 0
+        try:
+            made = self.pregen.handle(ev)
+        except Stopping:
+            return  # not done: not committed, re-read after restart
+        except Exception:
+            log.exception("pre-generation for %s failed; skipped", ev.event_id)
+            if self.metrics:
+                self.metrics.count("failed")
+        self._completed.put((tp, off, weight))
+        self.copies += made
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                tp, off, weight = self._completed.get_nowait()
+            except queue.Empty:
+                return
+            self.tracker.done(tp, off)
+            self.inflight -= weight
+
+    def _flow_control(self) -> None:
+        if not self.paused and self.inflight >= self.cfg.max_inflight:
+            self.consumer.pause(self.consumer.assignment())
+            self.paused = True
+        elif self.paused and self.inflight <= self.cfg.resume_below:
+            self.consumer.resume(self.consumer.assignment())
+            self.paused = False
+
+    def _commit(self, sync: bool) -> None:
+        self._last_commit = time.monotonic()
+        offs = [TopicPartition(t, p, o) for (t, p), o in self.tracker.committable().items()]
+        if not offs:
+            return
+        try:
+            if sync:
+                self.consumer.commit(offsets=offs, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offs, asynchronous=True)
+        except Exception as exc:  # not fatal: at worst records are re-read (cached keys are skipped)
+            log.warning("offset commit failed: %s", exc)
+
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        if self.paused:
+            consumer.pause(parts)
+        log.info("assigned %s", [(p.topic, p.partition) for p in parts])
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._drain()
+        self._commit(sync=True)
+        self.tracker.drop([(p.topic, p.partition) for p in parts])
+        log.info("revoked %s", [(p.topic, p.partition) for p in parts])
+
+
+def run_generator_worker(settings: Settings, *, metrics_port: int | None = None,
+                         engine: CopyEngine | None = None) -> None:
+    from livecopy.runtime import tune_gc_for_latency
+    from stream.profile_worker import install_stop_signals
+
+    metrics = WorkerMetrics("generator")
+    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    own = engine is None
+    engine = (engine or CopyEngine.from_settings(settings)).start()
+    follower = ModelUpdateFollower(settings, engine.model, engine.apply_update).start() \
+        if settings.generation.hot_reload else None
+    worker = GeneratorWorker(settings, engine, metrics=metrics)
+    install_stop_signals(worker.stop)
+    tune_gc_for_latency()
+    log.info("generator worker consuming %s, model %s %s", worker.topics.events, engine.model, engine.version)
+    try:
+        worker.run()
+    finally:
+        if follower is not None:
+            follower.stop()
+        if own:
+            engine.stop()
+    log.info("generator worker stopped after %d records, %d copies", worker.records, worker.copies)

@@ -1,0 +1,99 @@
+"""Following ``livecopy.model-updates``: every generator process (API or worker) applies the
+newest promote/rollback record of its model to its :class:`models.serving.CopyEngine`.
+
+Each process must see every record, so the follower reads all partitions by assignment (no
+consumer group, nothing committed) from the beginning: at start-up it catches up with the log
+and applies only the newest record for its model (``models.serving.pick_update``), then applies
+records as they come. Loading and smoke-checking happen on the follower's thread; the engine
+swaps between batches. A record that is not a valid ``ModelVersion`` is logged and counted,
+never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from pydantic import ValidationError
+
+from livecopy.settings import Settings
+from models.serving import pick_update
+from stream.contracts import ModelVersion
+from stream.kafka_io import consumer_config
+from stream.wire import Topics
+
+log = logging.getLogger(__name__)
+
+
+class ModelUpdateFollower:
+    """A daemon thread: ``start()``, ``caught_up.wait()``, ``stop()``.
+
+    ``apply`` is called (on the follower thread) with the record to apply, e.g.
+    ``CopyEngine.apply_update``.
+    """
+
+    def __init__(self, settings: Settings, name: str, apply: Callable[[ModelVersion], object]) -> None:
+        self.settings = settings
+        self.name = name
+        self.apply = apply
+        self.topic = Topics.from_settings(settings.topics).model_updates
+        self.poll_s = settings.generation.reload_poll_s
+        self.caught_up = threading.Event()
+        self.invalid = 0
+        self.applied = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-updates", daemon=True)
+
+    def start(self) -> ModelUpdateFollower:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _consumer(self) -> Consumer:
+        group = f"{self.settings.worker.group_prefix}reload-{uuid.uuid4().hex[:8]}"  # never joins: assign only
+        c = Consumer(consumer_config(self.settings.kafka, group))
+        md = c.list_topics(self.topic, timeout=10)
+        parts = sorted(md.topics[self.topic].partitions) if self.topic in md.topics else []
+        c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+        return c
+
+    def _run(self) -> None:
+        consumer: Consumer | None = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = self._consumer()
+                msgs = consumer.consume(500, timeout=self.poll_s)
+            except Exception:
+                log.exception("model-updates consumer failed; retrying")
+                consumer = None
+                self._stop.wait(1.0)
+                continue
+            if not msgs:
+                self.caught_up.set()  # an empty poll: nothing older is pending
+                continue
+            updates: list[ModelVersion] = []
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                try:
+                    updates.append(ModelVersion.model_validate_json(m.value() or b""))
+                except ValidationError as exc:
+                    self.invalid += 1
+                    log.warning("invalid model-updates record at %s[%s]@%s: %s", m.topic(), m.partition(),
+                                m.offset(), str(exc).splitlines()[0])
+            chosen = pick_update(updates, self.name)
+            if chosen is not None:
+                try:
+                    self.apply(chosen)
+                    self.applied += 1
+                except Exception:
+                    log.exception("applying model version %s failed", chosen.version)
+        if consumer is not None:
+            consumer.close()
