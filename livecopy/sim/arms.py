@@ -1,0 +1,367 @@
+"""In-process copy policies for the closed loop: random, static, online and oracle on one impression stream.
+
+Every impression is answered by all four policies at once, on the same candidates:
+
+* a :class:`CandidatePool` holds ``pool_size`` copies sampled by the student for each
+  (product, persona bucket, slot) key, with the trunk's hidden state at EOS cached per copy, so a
+  CTR head (static or updated) can re-score them without running the trunk; each impression draws
+  ``k`` of them (as the copy service samples K candidates per request);
+* ``random`` picks one uniformly, ``static`` picks with the shipped CTR head and its Thompson
+  posterior (:class:`models.policy.Chooser`), ``online`` picks with a CTR head that keeps learning
+  from the clicks on what it showed (:class:`HeadLearner`), ``oracle`` picks the best candidate
+  under the hidden click model (only the simulator knows it).
+
+Only the online policy's copy is *shown*: the shopper clicks (or not) on it, its events flow on,
+and the learner trains on it. The other policies are scored counterfactually with the expected
+hidden CTR of what they would have shown (no sampling noise, same impressions). The learner never
+sees the hidden model: only (features of the shown copy, clicked, propensity).
+
+Pooling is the speed trade-off that makes 100,000+ impressions feasible on two CPU cores: the
+student writes copy for a representative shopper of each bucket (the first one seen), not for
+every impression; buckets are what the prompt says about the shopper (price sensitivity, new or
+returning, eco-minded) and the slot.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from livecopy.catalog import Catalog
+from livecopy.settings import ProfileSettings
+from livecopy.sim.population import PopulationConfig, click_probability
+from livecopy.sim.shoppers import CopyAsk, ShownCopy
+from models.context import CopyContext, build_prompt, context_from_profile
+from models.data import encode_text, special_ids
+from models.filter import check_copy
+from models.generate import _banned_after_first, decode, style_distribution
+from models.policy import Chooser, Posterior
+from models.student import LoadedStudent
+from models.styles import STYLES, classify_style
+from stream.contracts import Event
+from stream.profile import ProfileState, apply_event, render
+
+ARMS = ("random", "static", "online", "oracle")
+EXTRA_ARMS = ("rerank_only",)
+
+
+class ProfileBook:
+    """Profiles of the simulated shoppers, kept in memory with the very merge the profile worker
+    runs (:mod:`stream.profile`), from the events the simulator emits."""
+
+    def __init__(self, catalog: Catalog, cfg: ProfileSettings | None = None) -> None:
+        # a short dedupe window: simulated ids never repeat, and the seen-set stays small
+        self.cfg = cfg or ProfileSettings(dedupe_window_s=1)
+        self.catalog = catalog
+        self.states: dict[str, ProfileState] = {}
+
+    def apply(self, event: dict[str, Any]) -> None:
+        ev = Event.model_validate(event)
+        st = self.states.get(ev.user_id) or ProfileState()
+        self.states[ev.user_id], _ = apply_event(st, ev, ev.ts, self.cfg)
+
+    def context(self, ask: CopyAsk) -> CopyContext:
+        st = self.states.get(ask.shopper.user_id)
+        prof = render(ask.shopper.user_id, st, self.cfg) if st is not None and st.first_ms is not None else None
+        now = datetime.fromtimestamp(ask.ts_ms / 1000.0, UTC)
+        return context_from_profile(ask.product, prof, ask.slot, now=now, lookup=self.catalog.get)
+
+
+def bucket_key(ctx: CopyContext) -> tuple[str, ...]:
+    return (ctx.product_id, ctx.price_sensitivity, "eco" if ctx.eco_minded else "-")
+
+
+@dataclass
+class Pooled:
+    """The copies sampled for one bucket, ``per_style`` per style the student would write there:
+    texts, styles, hidden states at EOS (n, d), filter verdicts, and the student's p(style | prompt)."""
+
+    texts: list[str]
+    styles: list[str]  # the style token each copy was written under
+    seen: list[str]  # the style a reader sees in the text (models.styles.classify_style)
+    hidden: np.ndarray
+    ok: np.ndarray  # passed the safety filter
+    style_p: dict[str, float]
+    version: str
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # style -> indices of eligible copies
+
+    def __post_init__(self) -> None:
+        out: dict[str, list[int]] = {}
+        for i, (st, ok) in enumerate(zip(self.styles, self.ok, strict=True)):
+            if ok:
+                out.setdefault(st, []).append(i)
+        if not out:  # nothing passed the filter: keep everything rather than show nothing
+            for i, st in enumerate(self.styles):
+                out.setdefault(st, []).append(i)
+        self.groups = {k: np.array(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_style: int, *, seed: int,
+                  min_style_p: float = 0.03, max_new_tokens: int = 40, temperature: float = 0.9, top_k: int = 50,
+                  top_p: float = 0.95, version: str = "") -> list[Pooled]:
+    """For each context: the student's p(style | prompt), then ``per_style`` sampled copies for
+    every style with p >= ``min_style_p`` (the style token is put after the prompt, exactly
+    where the student would have sampled it), each with the trunk's hidden state at EOS."""
+    tok, model = student.tokenizer, student.model
+    sid = special_ids(tok)
+    prompts = [build_prompt(c) for c in contexts]
+    dists = style_distribution(model, tok, prompts)
+    base = encode_text(tok, prompts)
+    rows: list[list[int]] = []
+    owner: list[tuple[int, str]] = []
+    for i, d in enumerate(dists):
+        for st in STYLES:
+            if d[st] >= min_style_p:
+                rows.append([*base[i], sid.styles[st]])
+                owner.append((i, st))
+    out = decode(model, rows, eos_id=sid.eos, pad_id=sid.pad, k=per_style, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, first_allowed=None,
+                 banned=_banned_after_first(tok, sid), want_hidden=True)
+    assert out.eos_hidden is not None
+    hidden = out.eos_hidden.float().cpu().numpy()
+    texts = [t.strip() for t in tok.batch_decode(out.tokens, skip_special_tokens=True)]
+    parts: dict[int, list[int]] = {}
+    for r, (i, _st) in enumerate(owner):
+        parts.setdefault(i, []).extend(range(r * per_style, (r + 1) * per_style))
+    pools = []
+    for i, ctx in enumerate(contexts):
+        idx = parts.get(i, [])
+        product = ctx.to_product()
+        tx = [texts[j] for j in idx]
+        st = [owner[j // per_style][1] for j in idx]
+        ok = np.array([bool(t) and len(t) <= 280 and check_copy(t, product).ok for t in tx], dtype=bool)
+        d = {k: v for k, v in dists[i].items() if v >= min_style_p}
+        z = sum(d.values())
+        pools.append(Pooled(tx, st, [classify_style(t) for t in tx], hidden[idx], ok,
+                            {k: v / z for k, v in d.items()}, version))
+    return pools
+
+
+class CtrHeadScorer:
+    """A CTR head (a copy of the student's) applied to cached hidden states, with its posterior."""
+
+    def __init__(self, head: torch.nn.Module, posterior: Posterior | None = None, prior_std: float = 0.1) -> None:
+        self.head = head
+        self.head.eval()
+        self.prior_std = prior_std
+        self.posterior = posterior or self._prior()
+
+    def _prior(self) -> Posterior:
+        w = self.head.out.weight.detach().double().numpy()
+        b = float(self.head.out.bias.detach().double().item())
+        return Posterior.prior(w, b, self.prior_std)
+
+    @torch.no_grad()
+    def score(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean CTR (n,), features (n, h))."""
+        logit, f = self.head(torch.from_numpy(hidden).float())
+        return torch.sigmoid(logit).double().numpy(), f.double().numpy()
+
+
+class HeadLearner:
+    """The minimal online learner: re-fits the CTR head on the feedback of what it showed
+    (hidden state at EOS, clicked), every ``update_every`` impressions, on a sliding window;
+    the Thompson posterior's precision is the Laplace one of the window. The trunk and the
+    language model stay frozen, so the candidates do not change (only which one is chosen)."""
+
+    def __init__(self, head: torch.nn.Module, *, update_every: int = 2000, window: int = 40_000, epochs: int = 3,
+                 lr: float = 3e-3, batch: int = 256, seed: int = 0, prior_std: float = 0.1) -> None:
+        self.scorer = CtrHeadScorer(copy.deepcopy(head), prior_std=prior_std)
+        self.update_every = update_every
+        self.window = window
+        self.epochs = epochs
+        self.lr = lr
+        self.batch = batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.hidden: list[np.ndarray] = []
+        self.clicked: list[float] = []
+        self.pending = 0
+        self.updates = 0
+
+    @property
+    def version(self) -> str:
+        return f"online-{self.updates}"
+
+    def observe(self, hidden: np.ndarray, clicked: bool) -> bool:
+        """Log one feedback record; returns True when this triggered an update (a new version)."""
+        self.hidden.append(hidden.astype(np.float32))
+        self.clicked.append(1.0 if clicked else 0.0)
+        if len(self.hidden) > self.window:
+            del self.hidden[: len(self.hidden) - self.window]
+            del self.clicked[: len(self.clicked) - self.window]
+        self.pending += 1
+        if self.pending >= self.update_every:
+            self.fit()
+            return True
+        return False
+
+    def fit(self) -> None:
+        self.pending = 0
+        x = torch.from_numpy(np.stack(self.hidden))
+        y = torch.tensor(self.clicked)
+        head = self.scorer.head
+        head.train()
+        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=1e-4)
+        n = len(y)
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=self.gen)
+            for i in range(0, n, self.batch):
+                idx = perm[i : i + self.batch]
+                logit, _ = head(x[idx])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        head.eval()
+        post = self.scorer._prior()
+        probs, feats = self.scorer.score(x.numpy())
+        post.observe(feats, probs)
+        self.scorer.posterior = post
+        self.updates += 1
+
+
+@dataclass
+class ArmStats:
+    """Expected (hidden) CTR per policy, and the online policy's realised clicks, over time."""
+
+    arms: tuple[str, ...] = ARMS + EXTRA_ARMS
+    p_sum: dict[str, list[float]] = field(default_factory=dict)
+    clicks: list[int] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    styles: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.p_sum = {a: [] for a in self.arms}
+        self.styles = {a: dict.fromkeys(STYLES, 0) for a in self.arms}
+
+    def add(self, arm_p: dict[str, float], clicked: bool, version: str, arm_style: dict[str, str]) -> None:
+        for a in self.arms:
+            self.p_sum[a].append(arm_p[a])
+            self.styles[a][arm_style[a]] += 1
+        self.clicks.append(int(clicked))
+        self.versions.append(version)
+
+    def __len__(self) -> int:
+        return len(self.clicks)
+
+    def ctr(self, arm: str, start: int = 0, end: int | None = None) -> float:
+        xs = self.p_sum[arm][start:end]
+        return float(np.mean(xs)) if xs else math.nan
+
+    def realised(self, start: int = 0, end: int | None = None) -> float:
+        xs = self.clicks[start:end]
+        return float(np.mean(xs)) if xs else math.nan
+
+
+class ClosedLoopArms:
+    """The copy source of the closed-loop benchmark: answers asks with the online policy's copy
+    and records what every policy would have earned.
+
+    Candidates: ``k`` per impression, drawn the way the student samples them -- a style from
+    p(style | prompt), then a copy written under it. ``static`` and ``random`` draw with the
+    shipped student's p(style | prompt); ``online`` draws with the online style policy
+    p0(style | prompt) * exp(Q(style) / style_temperature) (normalised), where Q is the mean
+    log-CTR its current CTR head predicts for that style's copies -- the closed form of a
+    KL-anchored policy improvement of the style token, i.e. what the trainer's click-weighted
+    likelihood moves the language model towards. ``oracle`` picks the best eligible copy of the
+    whole pool under the hidden model (the ceiling for anything choosing among these copies);
+    ``rerank_only`` (diagnostic) is the online CTR head choosing among the static candidates.
+    """
+
+    def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, *, k: int = 4,
+                 per_style: int = 2, seed: int = 0, learner: HeadLearner | None = None, gen_batch: int = 32,
+                 max_new_tokens: int = 40, style_temperature: float = 0.3) -> None:
+        self.student = student
+        self.book = book
+        self.pop_cfg = pop_cfg
+        self.k = k
+        self.per_style = per_style
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.gen_batch = gen_batch
+        self.max_new_tokens = max_new_tokens
+        self.style_temperature = style_temperature
+        self.static = CtrHeadScorer(copy.deepcopy(student.model.ctr_head))
+        self.learner = learner or HeadLearner(student.model.ctr_head, seed=seed)
+        self.thompson = Chooser("thompson", mc_draws=20)
+        self.pools: dict[tuple[str, ...], Pooled] = {}
+        self.stats = ArmStats()
+        self.generated = 0
+        self._shown_hidden: dict[int, np.ndarray] = {}
+
+    def _ensure_pools(self, ctxs: Sequence[CopyContext]) -> None:
+        missing: dict[tuple[str, ...], CopyContext] = {}
+        for c in ctxs:
+            key = bucket_key(c)
+            if key not in self.pools and key not in missing:
+                missing[key] = c
+        items = list(missing.items())
+        for i in range(0, len(items), self.gen_batch):
+            chunk = items[i : i + self.gen_batch]
+            self.seed += 1
+            pools = sample_pooled(self.student, [c for _, c in chunk], self.per_style, seed=self.seed,
+                                  max_new_tokens=self.max_new_tokens, version=self.student.meta.version)
+            for (key, _), pool in zip(chunk, pools, strict=True):
+                self.pools[key] = pool
+                self.generated += len(pool.texts)
+
+    def _draw(self, pool: Pooled, style_p: dict[str, float]) -> np.ndarray:
+        """``k`` candidate indices: a style from ``style_p`` (over the styles present), then one of its copies."""
+        names = [st for st in pool.groups if style_p.get(st, 0.0) > 0] or list(pool.groups)
+        w = np.array([style_p.get(st, 1.0) for st in names], dtype=np.float64)
+        w = w / w.sum()
+        picks = self.rng.choice(len(names), size=self.k, p=w)
+        return np.array([int(self.rng.choice(pool.groups[names[j]])) for j in picks])
+
+    def online_style_p(self, pool: Pooled, scores: np.ndarray) -> dict[str, float]:
+        q = {st: float(np.mean(np.log(np.clip(scores[ix], 1e-6, 1.0)))) for st, ix in pool.groups.items()}
+        top = max(q.values())
+        w = {st: pool.style_p.get(st, 0.0) * math.exp((q[st] - top) / self.style_temperature) for st in q}
+        z = sum(w.values()) or 1.0
+        return {st: v / z for st, v in w.items()}
+
+    def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
+        ctxs = [self.book.context(a) for a in asks]
+        self._ensure_pools(ctxs)
+        out: list[ShownCopy | None] = []
+        for ask, ctx in zip(asks, ctxs, strict=True):
+            pool = self.pools[bucket_key(ctx)]
+            p_true = np.array([click_probability(self.pop_cfg, ask.shopper, ask.product, t, ask.slot, st)
+                               for t, st in zip(pool.texts, pool.seen, strict=True)])
+            s_scores, s_feats = self.static.score(pool.hidden)
+            o_scores, o_feats = self.learner.scorer.score(pool.hidden)
+            s_idx = self._draw(pool, pool.style_p)
+            o_idx = self._draw(pool, self.online_style_p(pool, o_scores))
+            eligible = np.concatenate(list(pool.groups.values()))
+            post_s, post_o = self.static.posterior, self.learner.scorer.posterior
+            picks = {
+                "random": int(s_idx[self.rng.integers(len(s_idx))]),
+                "static": int(s_idx[self.thompson.choose(s_feats[s_idx], s_scores[s_idx], post_s, self.rng).index]),
+                "online": int(o_idx[self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng).index]),
+                "oracle": int(eligible[np.argmax(p_true[eligible])]),
+                "rerank_only": int(s_idx[self.thompson.choose(o_feats[s_idx], o_scores[s_idx], post_o,
+                                                              self.rng).index]),
+            }
+            j = picks["online"]
+            out.append(ShownCopy(
+                copy_id=f"c-sim-{ask.seq}", text=pool.texts[j], model_version=self.learner.version,
+                policy="thompson", style=pool.seen[j], arm_p={a: float(p_true[i]) for a, i in picks.items()},
+                arm_style={a: pool.seen[i] for a, i in picks.items()},
+            ))
+            self._shown_hidden[ask.seq] = pool.hidden[j]
+        return out
+
+    def feedback(self, ask: CopyAsk, shown: ShownCopy) -> None:
+        """The outcome of one impression: statistics, and the learner's feedback record."""
+        assert shown.arm_p is not None and shown.arm_style is not None
+        self.stats.add(shown.arm_p, shown.clicked, shown.model_version, shown.arm_style)
+        hidden = self._shown_hidden.pop(ask.seq)
+        self.learner.observe(hidden, shown.clicked)
