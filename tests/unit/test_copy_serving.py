@@ -1,0 +1,129 @@
+"""Pure parts of copy serving (cache keys, offset tracking, pre-generation plan, update choice)
+and the engine's hot reload on a real tiny student (CPU)."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livecopy.catalog import Catalog
+from livecopy.settings import CopySettings, Settings
+from models.context import product_context
+from models.executor import CopyRequest, StudentExecutor, load_executor
+from models.serving import CopyEngine, model_dir_for, pick_update, resolve_model_path
+from stream.contracts import ModelVersion
+from stream.copy_store import CopyKeys
+from stream.generator_worker import OffsetTracker, plan_products
+from tests.copygen import MODEL_NAME, copy_settings, save_tiny_student
+
+CAT = Catalog.generate(200, seed=5)
+
+
+def mv(version: str, path: str = "x", name: str = MODEL_NAME, action: str = "promote") -> ModelVersion:
+    return ModelVersion(name=name, version=version, path=path, created_at="2026-11-23T00:00:00Z", action=action)
+
+
+def test_cache_keys_are_cluster_safe_and_unambiguous() -> None:
+    k = CopyKeys("lc:")
+    key = k.copy("u@1", "sku:1", "pdp hero", 7, "1.0:rc")
+    assert key.startswith("lc:{u@1}:copy:")  # hash tag = user: same slot as the profile
+    assert key == "lc:{u@1}:copy:1.0%3Arc:7:sku:1:pdp%20hero"
+    variants = {k.copy("u", "a:b", "c", 1, "v"), k.copy("u", "a", "b:c", 1, "v"), k.copy("u", "a:b", None, 1, "v"),
+                k.copy("u", "a", None, 1, "v"), k.copy("u", "a", None, 2, "v"), k.copy("u", "a", None, 1, "w")}
+    assert len(variants) == 6
+    assert k.catalog == "lc:catalog"
+
+
+def test_offset_tracker_commits_only_finished_prefixes() -> None:
+    t = OffsetTracker()
+    a, b = ("t", 0), ("t", 1)
+    for off in (10, 11, 12):
+        t.add(a, off)
+    t.add(b, 5)
+    assert t.committable() == {a: 10, b: 5}
+    t.done(a, 11)
+    t.done(a, 12)
+    assert t.committable()[a] == 10 and t.pending() == 2
+    t.done(a, 10)
+    t.done(b, 5)
+    assert t.committable() == {a: 13, b: 6} and t.pending() == 0
+    t.drop([b])
+    t.done(b, 6)  # a late completion of a revoked partition is ignored
+    assert t.committable() == {a: 13}
+
+
+def test_plan_is_viewed_product_then_best_same_category_unseen() -> None:
+    viewed = CAT.products[0]
+    same = [p for p in CAT.in_category(viewed.category) if p.product_id != viewed.product_id]
+    best = max(same, key=lambda p: p.reviews * p.rating)
+    plan = plan_products(viewed, CAT, [], 3)
+    assert plan[0] == viewed and plan[1] == best and len(plan) == min(4, len(same) + 1)
+    assert all(p.category == viewed.category for p in plan)
+    assert best not in plan_products(viewed, CAT, [best.product_id], 3)
+    assert plan_products(viewed, CAT, [], 0) == [viewed]
+
+
+def test_pick_update_takes_the_last_record_of_our_model() -> None:
+    ups = [mv("2"), mv("9", name="other"), mv("3"), mv("2", action="rollback"), mv("4", action="weird")]
+    chosen = pick_update(ups, MODEL_NAME)
+    assert chosen is not None and (chosen.version, chosen.action) == ("2", "rollback")
+    assert pick_update([mv("9", name="other")], MODEL_NAME) is None
+
+
+def test_model_paths(tmp_path: Path) -> None:
+    (tmp_path / "m" / "v2").mkdir(parents=True)
+    assert resolve_model_path("m/v2", tmp_path) == tmp_path / "m" / "v2"
+    assert resolve_model_path("/abs/v2", tmp_path) == Path("/abs/v2")
+    assert resolve_model_path("elsewhere/v2", tmp_path) == Path("elsewhere/v2")
+    s = Settings()
+    assert model_dir_for(s).name == "livecopy-student"
+    s2 = s.model_copy(update={"generation": CopySettings(model_dir=tmp_path)})
+    assert model_dir_for(s2) == tmp_path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reload")
+    return {"v1": save_tiny_student(root / "v1", "v1", seed=1), "v2": save_tiny_student(root / "v2", "v2", seed=2),
+            "bad": save_tiny_student(root / "bad", "bad", seed=3, break_weights=True),
+            "alien": save_tiny_student(root / "alien", "a1", name="someone-else")}
+
+
+def reqs(n: int) -> list[CopyRequest]:
+    return [CopyRequest(f"u{i}", product_context(CAT.products[i % 50])) for i in range(n)]
+
+
+def test_hot_reload_swaps_between_batches_refuses_bad_versions_and_drops_nothing(dirs: dict[str, Path]) -> None:
+    cfg = copy_settings(max_batch_size=4, max_wait_ms=1.0, candidates=2, max_new_tokens=6, mc_draws=20)
+    seen: list[str] = []
+    engine = CopyEngine(load_executor(dirs["v1"], cfg), cfg, on_batch=lambda n, s, v: seen.append(v)).start()
+    try:
+        first: list[Future[Any]] = [engine.submit(r) for r in reqs(12)]
+        ev = engine.apply_update(mv("v2", str(dirs["v2"])))
+        assert ev.outcome == "swapped" and engine.version == "v2"
+        second = [engine.submit(r) for r in reqs(12)]
+        results = [f.result(60) for f in first + second]
+        assert len(results) == 24 and all(r.text for r in results)
+        assert all(r.model_version == "v2" for r in results[12:])  # accepted after the swap: new model
+        assert {r.model_version for r in results[:12]} <= {"v1", "v2"}
+        assert seen == sorted(seen, key=lambda v: v != "v1")  # never back to v1 once v2 served
+        bad = engine.apply_update(mv("bad", str(dirs["bad"])))
+        assert bad.outcome == "refused" and "non-finite" in bad.reason
+        missing = engine.apply_update(mv("v9", str(dirs["v1"].parent / "nope")))
+        assert missing.outcome == "refused" and "load failed" in missing.reason
+        alien = engine.apply_update(mv("a1", str(dirs["alien"]), name="someone-else"))
+        assert alien.outcome == "refused"
+        renamed = engine.apply_update(mv("a1", str(dirs["alien"])))  # our name on the record, not in the checkpoint
+        assert renamed.outcome == "refused" and "is not" in renamed.reason
+        assert engine.apply_update(mv("v2", str(dirs["v2"]))).outcome == "unchanged"
+        assert engine.version == "v2" and all(r.model_version == "v2" for r in engine.generate(reqs(3)))
+        back = engine.apply_update(mv("v1", str(dirs["v1"]), action="rollback"))
+        assert back.outcome == "swapped" and engine.generate(reqs(2))[0].model_version == "v1"
+        assert [e.outcome for e in engine.reloads.events] == [
+            "swapped", "refused", "refused", "refused", "refused", "unchanged", "swapped"]
+        assert isinstance(engine.executor, StudentExecutor)
+    finally:
+        engine.stop()
