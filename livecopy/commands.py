@@ -6,10 +6,11 @@ import click
 
 
 def register(root: click.Group) -> None:
-    from livecopy import cli_copy, cli_stream
+    from livecopy import cli_copy, cli_sim, cli_stream
     from models import cli as models_cli
 
-    for module in (cli_stream, models_cli, cli_copy):  # cli_copy's `serve` (profiles + copy) replaces cli_stream's
+    # cli_copy's `serve` (profiles + copy) replaces cli_stream's
+    for module in (cli_stream, models_cli, cli_copy, cli_sim):
         for cmd in module.commands():
             root.add_command(cmd)
     cli_copy.extend(cli_stream.worker)

@@ -261,3 +261,61 @@ def run_sessions(
 def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def run_sessions_threaded(
+    sim: ShopperSim,
+    answer: Callable[[CopyAsk], ShownCopy | None],
+    sink: EventSink,
+    *,
+    until: Callable[[], bool],
+    threads: int = 16,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> int:
+    """Live mode: ``threads`` shoppers at a time, each waiting only for its own copy (no lock-step
+    rounds), so a slow answer holds back one session, not all. Sessions advance under one lock
+    (the simulator's random state is shared); ``answer`` runs outside it. Not reproducible
+    event-for-event (thread timing decides the order), unlike :func:`run_sessions`."""
+    import threading
+
+    lock = threading.Lock()
+    shown_n = [0]
+    errors: list[BaseException] = []
+
+    def step_to_ask(sess: Session, value: ShownCopy | None, first: bool) -> CopyAsk | None:
+        try:
+            step = next(sess) if first else sess.send(value)
+            while not isinstance(step, CopyAsk):
+                sink(step)
+                step = next(sess)
+            return step
+        except StopIteration:
+            return None
+
+    def worker() -> None:
+        try:
+            while not until():
+                with lock:
+                    sess = sim.session(sim.pick_shopper())
+                    ask = step_to_ask(sess, None, True)
+                while ask is not None and not until():
+                    shown = answer(ask)
+                    with lock:
+                        nxt = step_to_ask(sess, shown, False)
+                        if shown is not None:
+                            shown_n[0] += 1
+                            if on_outcome is not None:
+                                on_outcome(Outcome(ask, shown))
+                    ask = nxt
+                sess.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    ths = [threading.Thread(target=worker, name=f"shopper-{i}", daemon=True) for i in range(threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    if errors:
+        raise errors[0]
+    return shown_n[0]
