@@ -194,6 +194,7 @@ class GeneratorSettings(BaseModel):
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
+    dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/dashboard.py
 
 
 class Settings(BaseSettings):

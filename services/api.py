@@ -1,4 +1,5 @@
-"""The site-facing HTTP API (FastAPI): profiles, health, metrics (and copy, see services.copy_api)."""
+"""The site-facing HTTP API (FastAPI): profiles, health, metrics (and copy, see services.copy; the live
+dashboard, see services.dashboard)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,10 @@ def create_app(
 
     for ext in extensions or []:
         ext(app)
+    if settings.api.dashboard:
+        from services.dashboard import dashboard_extension
+
+        dashboard_extension(settings)(app)
     return app
 
 

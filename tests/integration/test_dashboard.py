@@ -1,0 +1,89 @@
+"""The dashboard page in a real headless Chromium: it loads, polls /dashboard/data and draws."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from livecopy.devstack import free_port
+from livecopy.settings import Settings
+from services.api import create_app
+from services.dashboard import dashboard_extension, quantile
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "Debian `chromium` is needed for the dashboard test (scripts/setup.sh installs it with apt)"
+    return path
+
+
+def _fake_copy_route(app: FastAPI) -> None:
+    @app.get("/v1/copy")
+    async def copy() -> dict[str, str]:
+        return {"text": "ok"}
+
+
+@pytest.fixture
+def served(settings: Settings) -> Iterator[str]:
+    ctr = {"v-base": (400, 48), "v-online-1": (150, 27)}
+    s = settings.model_copy(update={"api": settings.api.model_copy(update={"dashboard": False})})
+    app = create_app(s, extensions=[_fake_copy_route, dashboard_extension(s, ctr_source=lambda: ctr,
+                                                                           interval_s=0.2)])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/dashboard/data", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        th.join(10)
+
+
+def test_quantile_of_buckets() -> None:
+    bounds = [0.01, 0.02, 0.05, float("inf")]
+    assert quantile(bounds, [0, 0, 0, 0], 0.5) is None
+    assert quantile(bounds, [50, 100, 100, 100], 0.5) == pytest.approx(0.01)
+    assert quantile(bounds, [0, 100, 100, 100], 0.99) == pytest.approx(0.0199)
+
+
+def test_dashboard_renders_in_headless_chromium(served: str) -> None:
+    for _ in range(30):
+        urllib.request.urlopen(f"{served}/v1/copy", timeout=5).read()
+    time.sleep(0.6)  # a few samples
+    import json
+
+    data = json.loads(urllib.request.urlopen(f"{served}/dashboard/data", timeout=5).read())
+    assert data["points"] and any(p["copies_per_s"] > 0 for p in data["points"])
+    assert data["ctr"][-1]["versions"]["v-online-1"]["ctr"] == pytest.approx(27 / 150)
+
+    out = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, "--virtual-time-budget=8000", "--dump-dom", f"{served}/dashboard"],
+        capture_output=True, text=True, timeout=90,
+    )
+    dom = out.stdout
+    assert 'data-ready="1"' in dom, out.stderr[-2000:]
+    assert 'data-version="v-online-1"' in dom and 'data-version="v-base"' in dom
+    assert "0.1800" in dom  # CTR of v-online-1 in the versions table
+    assert dom.count("<canvas") == 3
