@@ -129,18 +129,18 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
     hidden = out.eos_hidden.float().cpu().numpy()
     texts = [t.strip() for t in tok.batch_decode(out.tokens, skip_special_tokens=True)]
     parts: dict[int, list[int]] = {}
-    for r, (i, _st) in enumerate(owner):
+    for r, (i, _) in enumerate(owner):
         parts.setdefault(i, []).extend(range(r * per_style, (r + 1) * per_style))
     pools = []
     for i, ctx in enumerate(contexts):
         idx = parts.get(i, [])
         product = ctx.to_product()
         tx = [texts[j] for j in idx]
-        st = [owner[j // per_style][1] for j in idx]
+        written = [owner[j // per_style][1] for j in idx]
         ok = np.array([bool(t) and len(t) <= 280 and check_copy(t, product).ok for t in tx], dtype=bool)
         d = {k: v for k, v in dists[i].items() if v >= min_style_p}
         z = sum(d.values())
-        pools.append(Pooled(tx, st, [classify_style(t) for t in tx], hidden[idx], ok,
+        pools.append(Pooled(tx, written, [classify_style(t) for t in tx], hidden[idx], ok,
                             {k: v / z for k, v in d.items()}, version))
     return pools
 
@@ -155,8 +155,9 @@ class CtrHeadScorer:
         self.posterior = posterior or self._prior()
 
     def _prior(self) -> Posterior:
-        w = self.head.out.weight.detach().double().numpy()
-        b = float(self.head.out.bias.detach().double().item())
+        out: Any = self.head.out
+        w = out.weight.detach().double().numpy()
+        b = float(out.bias.detach().double().item())
         return Posterior.prior(w, b, self.prior_std)
 
     @torch.no_grad()

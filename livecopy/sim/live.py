@@ -167,7 +167,8 @@ class StaticShadow:
             p_true = np.array([click_probability(self.pop_cfg, ask.shopper, ask.product, t, ask.slot, s)
                                for t, s in zip(texts, seen, strict=True)])
             scores = np.array([group[i].ctr if group[i].ctr is not None else 0.5 for i in idx])
-            feats = np.stack([group[i].ctr_features for i in idx]) if group[0].ctr_features is not None else None
+            fl = [group[i].ctr_features for i in idx]
+            feats = np.stack([f for f in fl if f is not None]) if all(f is not None for f in fl) else None
             if feats is not None and ex.posterior is not None and feats.shape[1] + 1 == ex.posterior.dim:
                 j = ex.chooser.choose(feats, scores, ex.posterior, self.rng).index
             else:
