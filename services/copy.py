@@ -23,14 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
 from confluent_kafka import Producer
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from livecopy.metrics import LATENCY_BUCKETS
 from livecopy.settings import Settings
@@ -70,10 +71,23 @@ class CopyMetrics:
         self.batch_seconds = Histogram("livecopy_copy_batch_seconds", "Engine time per batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.reloads = Counter("livecopy_model_reloads", "Model updates handled, by outcome", ["outcome"], registry=r)
-        self.model = Gauge("livecopy_model_info", "1 for the model version serving", ["model", "version"], registry=r)
-        self.queue = Gauge("livecopy_copy_queue_depth", "Requests waiting for a batch", registry=r)
-        self.publish_failed = Gauge("livecopy_copy_publish_failed", "Copies the broker did not acknowledge",
-                                    registry=r)
+        self.service: CopyService | None = None
+        r.register(self)  # model info, queue depth and publish failures, read at scrape time
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        if svc is None:
+            return
+        info = GaugeMetricFamily("livecopy_model_info", "1 for the model version serving", labels=["model", "version"])
+        info.add_metric([svc.engine.model, svc.engine.version], 1.0)
+        yield info
+        yield GaugeMetricFamily("livecopy_copy_queue_depth", "Requests waiting for a batch",
+                                value=svc.engine.queue_depth())
+        yield CounterMetricFamily("livecopy_copy_publish_failed", "Copies the broker did not acknowledge",
+                                  value=svc.publisher.failed)
 
     def on_batch(self, n: int, seconds: float, version: str) -> None:
         self.batch_size.observe(n)
@@ -96,15 +110,7 @@ class CopyService:
         self.catalog = AsyncCatalog(redis_client, self.keys)
         self.publisher = publisher
         self.metrics = metrics
-        self._shown_version: tuple[str, str] | None = None
-
-    def _track_version(self) -> None:
-        cur = (self.engine.model, self.engine.version)
-        if cur != self._shown_version:
-            if self._shown_version is not None:
-                self.metrics.model.remove(*self._shown_version)
-            self.metrics.model.labels(*cur).set(1)
-            self._shown_version = cur
+        metrics.service = self
 
     async def get_copy(self, request: Request, user_id: str, product_id: str, slot: str | None) -> Response:
         if not _USER_RE.match(user_id):
@@ -163,9 +169,6 @@ class CopyService:
         return Response(body, media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
 
     def health(self) -> dict[str, Any]:
-        self._track_version()
-        self.metrics.queue.set(self.engine.queue_depth())
-        self.metrics.publish_failed.set(self.publisher.failed)
         return {"model": self.engine.model, "model_version": self.engine.version,
                 "queue_depth": self.engine.queue_depth()}
 
@@ -218,7 +221,6 @@ def copy_extension(
                 follower = ModelUpdateFollower(settings, eng.model, eng.apply_update).start()
             app.state.copy_follower = follower
             app.state.copy_owns_engine = own
-            svc.health()
 
         async def shutdown(app: FastAPI) -> None:
             svc: CopyService | None = getattr(app.state, "copy", None)

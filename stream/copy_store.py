@@ -174,4 +174,8 @@ class CopyPublisher:
         """Flush (waiting up to ``timeout_s``) and stop; returns records still unacknowledged."""
         self._stop.set()
         self._thread.join(2.0)
-        return int(self.producer.flush(timeout_s))
+        left = int(self.producer.flush(timeout_s))
+        close = getattr(self.producer, "close", None)  # confluent-kafka >= 2.x: stop its threads now
+        if close is not None:
+            close()
+        return left
