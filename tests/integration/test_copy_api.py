@@ -216,3 +216,35 @@ def test_hot_reload_under_concurrent_requests_drops_none(settings: Settings, mod
     assert all(topic_versions[r.json()["copy_id"]] == (r.json()["model_version"], r.json()["propensity"])
                for r in results)
 
+
+
+def test_livecopy_serve_cli_serves_copy(settings: Settings, models: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    from livecopy.devstack import free_port
+    from tests.integration.helpers import ROOT, settings_env
+
+    port = free_port()
+    env = settings_env(settings)
+    env.update({"LIVECOPY_GENERATION__MODEL_DIR": str(models["v1"]), "LIVECOPY_GENERATION__DEVICE": "cpu",
+                "LIVECOPY_GENERATION__MAX_NEW_TOKENS": "8", "LIVECOPY_MODELS__TORCH_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "livecopy", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 90, "livecopy serve up")
+        r = httpx.get(url + "/v1/copy", params={"user_id": "cli-user", "product_id": P[2].product_id}, timeout=60)
+        assert r.status_code == 200 and r.json()["model_version"] == "v1"
+        assert httpx.get(url + "/v1/profile/cli-user").status_code == 404  # the profile routes are still there
+    finally:
+        proc.terminate()
+        assert proc.wait(30) in (0, -15)  # uvicorn shuts down gracefully, then re-raises SIGTERM
+    assert [c.copy_id for c in copies_on_topic(settings, 1)] == [r.json()["copy_id"]]
