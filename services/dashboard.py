@@ -91,7 +91,8 @@ class Sampler:
         self.ctr_points: deque[dict[str, Any]] = deque(maxlen=history)
         self.ctr_every_s = ctr_every_s
         self.started = time.time()
-        self._prev: tuple[float, list[float], float] | None = None
+        # (time, cumulative buckets, count) of the previous sample; [] = no histogram yet (nothing served)
+        self._prev: tuple[float, list[float], float] | None = (self.started, [], 0.0)
         self._last_ctr = 0.0
 
     def sample(self) -> None:
@@ -104,12 +105,17 @@ class Sampler:
             if self._prev is not None:
                 pt, pcum, pcount = self._prev
                 dt = max(1e-6, now - pt)
+                pcum = pcum or [0.0] * len(cum)  # no histogram at the previous sample: nothing served yet
                 delta = [c - p for c, p in zip(cum, pcum, strict=True)]
                 point["copies_per_s"] = round((count - pcount) / dt, 3)
                 q50, q99 = quantile(bounds, delta, 0.5), quantile(bounds, delta, 0.99)
                 point["p50_ms"] = None if q50 is None else round(q50 * 1000, 2)
                 point["p99_ms"] = None if q99 is None else round(q99 * 1000, 2)
             self._prev = (now, cum, count)
+        else:
+            # The route's histogram appears with its first request: remember that until now none was served,
+            # so that the requests before the next sample are counted.
+            self._prev = (now, [], 0.0)
         self.points.append(point)
         if self.ctr is not None and now - self._last_ctr >= self.ctr_every_s:
             self._last_ctr = now
