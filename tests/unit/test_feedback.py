@@ -1,0 +1,221 @@
+"""The feedback joiner's pure logic and its processor on the in-memory store and the in-memory Kafka:
+any order, duplicates, click before impression, window, orphans, produce failures (at-least-once)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import orjson
+
+from livecopy.settings import FeedbackSettings, TopicSettings
+from stream.contracts import Event, FeedbackRecord
+from stream.feedback import (
+    DONE,
+    CtrStats,
+    ImpressionState,
+    InMemoryFeedbackStore,
+    apply_item,
+    decide,
+    event_item,
+)
+from stream.feedback_worker import FeedbackProcessor
+from stream.wire import Record, Topics
+from tests.fakes import FakeCluster, FakeProducer
+from tests.feedback_data import click_event, copy_record, impression_event
+
+CFG = FeedbackSettings(window_s=60, lateness_s=5, copy_wait_s=30, orphan_wait_s=120, reclaim_s=10, sweep_limit=1000)
+T0 = 1_795_000_000_000
+
+
+class Clock:
+    def __init__(self, t: int = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> int:
+        return self.t
+
+
+class Rig:
+    def __init__(self, cfg: FeedbackSettings = CFG) -> None:
+        self.topics = Topics.from_settings(TopicSettings())
+        self.cluster = FakeCluster()
+        for t, n in self.topics.partition_counts().items():
+            self.cluster.create(t, n)
+        self.producer = FakeProducer(self.cluster)
+        self.store = InMemoryFeedbackStore(cfg)
+        self.clock = Clock()
+        self.proc = FeedbackProcessor(self.store, self.producer, self.topics, cfg, now_ms=self.clock)
+        self.offset = 0
+
+    def feed(self, *values: tuple[str, bytes]) -> None:
+        recs = []
+        for topic, v in values:
+            self.offset += 1
+            recs.append(Record(topic, 0, self.offset, None, v))
+        out = self.proc.process(recs)
+        assert out.rejected == []
+
+    def event(self, ev: dict[str, object]) -> tuple[str, bytes]:
+        return self.topics.events, orjson.dumps(ev)
+
+    def copy(self, copy_id: str, **kw: object) -> tuple[str, bytes]:
+        return self.topics.copy, copy_record(copy_id, **kw)
+
+    def feedback(self) -> list[FeedbackRecord]:
+        msgs = self.cluster.records(self.topics.feedback)
+        recs = [FeedbackRecord.model_validate_json(m.value() or b"") for m in msgs]
+        return sorted(recs, key=lambda r: r.impression_id)
+
+    def dlq(self) -> list[dict[str, bytes]]:
+        return [dict(m.headers() or []) for m in self.cluster.records(self.topics.dlq)]
+
+    def advance(self, seconds: float) -> None:
+        self.clock.t += int(seconds * 1000)
+        self.proc.sweep()
+
+
+def test_every_order_with_duplicates_gives_one_record_with_the_right_label() -> None:
+    for clicked in (True, False):
+        parts = ["imp", "copy"] + (["click"] if clicked else [])
+        for order in itertools.permutations(parts + parts):  # each input twice, in every order
+            rig = Rig()
+            inputs = {
+                "imp": rig.event(impression_event("i1", "c1", ts=T0)),
+                "click": rig.event(click_event("i1", "c1", ts=T0 + 20_000)),
+                "copy": rig.copy("c1"),
+            }
+            for name in order:
+                rig.feed(inputs[name])
+                rig.advance(1)
+            rig.advance(CFG.window_s + CFG.lateness_s + 1)
+            rig.advance(CFG.reclaim_s + 1)
+            got = rig.feedback()
+            assert len(got) == 1, order
+            assert got[0].clicked is clicked and got[0].impression_id == "i1" and got[0].copy_id == "c1"
+            assert (got[0].click_ts is not None) is clicked
+            assert rig.dlq() == []
+
+
+def test_a_clicked_impression_is_emitted_at_once_an_unclicked_one_when_the_window_closes() -> None:
+    rig = Rig()
+    rig.feed(rig.copy("c1"), rig.copy("c2"), rig.event(impression_event("i1", "c1", ts=T0)),
+             rig.event(impression_event("i2", "c2", ts=T0)))
+    rig.feed(rig.event(click_event("i1", "c1", ts=T0 + 3000)))
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True)]
+    rig.advance(CFG.window_s - 1)
+    assert len(rig.feedback()) == 1
+    rig.advance(1 + CFG.lateness_s)
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True), ("i2", False)]
+    # a late click after emission changes nothing
+    rig.feed(rig.event(click_event("i2", "c2", ts=T0 + 10_000)))
+    rig.advance(CFG.reclaim_s + 1)
+    assert len(rig.feedback()) == 2
+
+
+def test_click_before_its_impression_and_click_outside_the_window() -> None:
+    rig = Rig()
+    rig.feed(rig.copy("c1"), rig.copy("c2"))
+    rig.feed(rig.event(click_event("i1", "c1", ts=T0 + 1000)))  # impression not there yet
+    rig.feed(rig.event(click_event("i2", "c2", ts=T0 + (CFG.window_s + 10) * 1000)))  # too late
+    rig.advance(5)
+    assert rig.feedback() == []
+    rig.feed(rig.event(impression_event("i1", "c1", ts=T0)), rig.event(impression_event("i2", "c2", ts=T0)))
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True)]
+    rig.advance(CFG.window_s + CFG.lateness_s + 1)
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True), ("i2", False)]
+
+
+def test_feedback_record_carries_the_copy_fields_and_features() -> None:
+    rig = Rig()
+    rig.feed(rig.copy("c1", style="urgency", propensity=0.25, model_version="v7"),
+             rig.event(impression_event("i1", "c1", ts=T0, slot="pdp")),
+             rig.event(click_event("i1", "c1", ts=T0 + 1000)))
+    (r,) = rig.feedback()
+    assert (r.model_version, r.style, r.propensity, r.policy, r.slot) == ("v7", "urgency", 0.25, "thompson", "pdp")
+    assert r.features["product"]["category"] == "home/kitchen"
+    assert r.text and r.user_id == "u1" and r.product_id == "p1"
+    stats = rig.store.stats()
+    assert stats.by["mv"]["livecopy-student@v7"] == (1, 1)
+    assert stats.by["cat"]["home"] == (1, 1) and stats.by["pol"]["thompson"] == (1, 1)
+
+
+def test_orphans_go_to_the_dlq_with_the_reason() -> None:
+    rig = Rig()
+    rig.feed(rig.event(click_event("i9", "c9", ts=T0)))  # its impression never comes
+    rig.feed(rig.event(impression_event("i8", "c8", ts=T0)))  # its copy record never comes
+    rig.advance(CFG.window_s + CFG.lateness_s + CFG.copy_wait_s + 1)
+    assert [h["error"] for h in rig.dlq()] == [b"copy_not_found"]
+    rig.advance(CFG.orphan_wait_s)
+    reasons = sorted(h["error"] for h in rig.dlq())
+    assert reasons == [b"copy_not_found", b"impression_not_found"]
+    assert rig.feedback() == []
+    assert rig.proc.orphans == 2
+
+
+def test_unacknowledged_produce_is_emitted_again_and_counted_once() -> None:
+    rig = Rig()
+    rig.producer.fail_deliveries = True
+    try:
+        rig.feed(rig.copy("c1"), rig.event(impression_event("i1", "c1", ts=T0)),
+                 rig.event(click_event("i1", "c1", ts=T0 + 1)))
+    except Exception as exc:  # the batch is retried by the loop
+        assert "not acknowledged" in str(exc)
+    rig.producer.fail_deliveries = False
+    rig.advance(1)
+    assert rig.feedback() == []  # claimed, waits for reclaim_s
+    rig.advance(CFG.reclaim_s)
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True)]
+    assert rig.store.stats().by["all"]["all"] == (1, 1)
+
+
+def test_random_interleavings_against_a_reference() -> None:
+    rng = random.Random(5)
+    rig = Rig()
+    truth: dict[str, bool] = {}
+    inputs: list[tuple[str, bytes]] = []
+    for n in range(200):
+        imp, cp = f"i{n}", f"c{n // 2}"  # two impressions per copy
+        clicked = rng.random() < 0.3
+        truth[imp] = clicked
+        inputs.append(rig.event(impression_event(imp, cp, ts=T0 + n)))
+        if clicked:
+            inputs.append(rig.event(click_event(imp, cp, ts=T0 + n + rng.randint(-500, 50_000))))
+        if n % 2 == 0:
+            inputs.append(rig.copy(cp))
+    inputs += rng.sample(inputs, 80)  # re-deliveries
+    rng.shuffle(inputs)
+    for i in range(0, len(inputs), 17):
+        rig.feed(*inputs[i:i + 17])
+        rig.advance(rng.random())
+    rig.advance(CFG.window_s + CFG.lateness_s + CFG.reclaim_s + 1)
+    got = {r.impression_id: r.clicked for r in rig.feedback()}
+    assert len(rig.feedback()) == 200 and got == truth
+    assert rig.store.stats().by["all"]["all"] == (200, sum(truth.values()))
+
+
+def test_apply_item_is_idempotent_and_keeps_the_earliest_click() -> None:
+    imp = event_item(_ev(impression_event("i1", "c1", ts=T0)))
+    c1 = event_item(_ev(click_event("i1", "c1", ts=T0 + 900)))
+    c2 = event_item(_ev(click_event("i1", "c1", ts=T0 + 500)))
+    assert imp and c1 and c2
+    s, ch = apply_item(None, c1, T0)
+    assert ch and s.imp_ts is None
+    s, ch = apply_item(s, imp, T0 + 1)
+    assert ch and s.imp_ts == T0
+    s, ch = apply_item(s, imp, T0 + 2)
+    assert not ch
+    s, ch = apply_item(s, c2, T0 + 3)
+    assert ch and s.click_ts == T0 + 500
+    assert decide(s, True, T0 + 3, CFG).kind == "emit"
+    assert decide(ImpressionState("x", status=DONE), True, T0, CFG).kind == "drop"
+
+
+def test_ctr_stats_sum_fields() -> None:
+    st = CtrStats.from_fields({"n|mv|a@1": 4, "k|mv|a@1": 1, "n|all|all": 4, "k|all|all": 1})
+    assert st.ctr("mv", "a@1") == 0.25 and st.by["all"]["all"] == (4, 1)
+    assert st.to_json_dict()["mv"]["a@1"]["ctr"] == 0.25
+
+
+def _ev(d: dict[str, object]) -> Event:
+    return Event.model_validate(d)
