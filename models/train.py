@@ -65,7 +65,8 @@ def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 
 
 def auc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
-    """ROC AUC by the rank statistic (ties averaged)."""
+    """ROC AUC by the rank statistic (ties averaged); NaN when the labels hold a single class
+    (AUC is undefined there: use :func:`auc_or_none` for metrics that end up in JSON)."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
@@ -82,6 +83,12 @@ def auc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
         ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
         i = j + 1
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_or_none(scores: Sequence[float], labels: Sequence[bool | int]) -> float | None:
+    """:func:`auc`, or None when it is undefined (no positive or no negative label)."""
+    v = auc(scores, labels)
+    return None if math.isnan(v) else v
 
 
 def plot_losses(history: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
@@ -696,10 +703,11 @@ def train_student(cfg: StudentTrainConfig, progress: Progress | None = None,
 def ctr_metrics(
     model: StudentModel, rows: EncodedRows, sid: SpecialIds, device: torch.device, max_len: int = 160,
     batch_size: int = 128,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """CTR head on every row (incl. CTR-only rows): AUC against the sampled synthetic clicks,
     the AUC the prior's own probabilities reach on the same clicks (the ceiling), log loss and
-    calibration."""
+    calibration. Both AUCs are None (JSON null, with a warning) when the rows' clicks are all one
+    class -- AUC is undefined there; ``ctr_clicks`` says how many clicks the rows hold."""
     model.eval()
     preds: list[float] = []
     for s in range(0, len(rows), batch_size):
@@ -713,9 +721,13 @@ def ctr_metrics(
     y = np.asarray(rows.clicked, dtype=bool)
     p = np.clip(np.asarray(preds), 1e-6, 1 - 1e-6)
     prior = np.asarray(rows.click_p)
+    n_clicks = int(y.sum())
+    if n_clicks in (0, len(y)):
+        log.warning("CTR AUC undefined: %d of %d held-out rows clicked (one class only)", n_clicks, len(y))
     return {
-        "ctr_auc_heldout": auc(p.tolist(), y.tolist()),
-        "ctr_auc_prior_ceiling": auc(prior.tolist(), y.tolist()),
+        "ctr_auc_heldout": auc_or_none(p.tolist(), y.tolist()),
+        "ctr_auc_prior_ceiling": auc_or_none(prior.tolist(), y.tolist()),
         "ctr_logloss_heldout": float(-(y * np.log(p) + (~y) * np.log(1 - p)).mean()),
         "ctr_mean_pred": float(p.mean()), "ctr_mean_clicked": float(y.mean()), "ctr_rows": float(len(y)),
+        "ctr_clicks": float(n_clicks),
     }

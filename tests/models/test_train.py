@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from models.corpus import CorpusConfig
-from models.student import load_student
-from models.train import StudentTrainConfig, TeacherTrainConfig, auc, train_student, train_teacher
+from models.corpus import CorpusConfig, build_corpus
+from models.data import special_ids
+from models.student import StudentModel, load_student
+from models.train import (
+    EncodedRows,
+    StudentTrainConfig,
+    TeacherTrainConfig,
+    auc,
+    auc_or_none,
+    ctr_metrics,
+    train_student,
+    train_teacher,
+)
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "ctr_hidden": 8, "batch_size": 8, "eval_rows": 32}
+# 40 products x 6 rows: the held-out split (3 products, 18 rows) holds clicked and unclicked rows,
+# so the held-out CTR AUC is defined (30 x 4 gave 8 held-out rows without a single click)
+SMOKE_CORPUS = CorpusConfig(max_products=40, per_product=6)
 
 
 def _cfg(tmp: Path, teacher: Path, **kw: object) -> StudentTrainConfig:
     base: dict[str, object] = {
         "teacher": str(teacher), "out": str(tmp / "student"), "steps": 40, "eval_every": 20, "kd_rows": 24,
         "kd_topk": 8, "lr": 3e-3, "warmup": 5,
-        "corpus": CorpusConfig(max_products=30, per_product=4), **TINY,
+        "corpus": dataclasses.replace(SMOKE_CORPUS), **TINY,
     }
     base.update(kw)
     return StudentTrainConfig(**base)  # type: ignore[arg-type]
@@ -27,12 +43,16 @@ def _cfg(tmp: Path, teacher: Path, **kw: object) -> StudentTrainConfig:
 
 def test_student_distillation_smoke(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(tmp_path, toy_teacher_dir, kd="both")
+    assert cfg.mismatch_share is not None
+    held = build_corpus(dataclasses.replace(SMOKE_CORPUS, mismatch_share=cfg.mismatch_share)).heldout
+    assert 0 < sum(r.clicked for r in held) < len(held)  # both classes: the AUC below is defined
     path, meta = train_student(cfg)
     ls = load_student(path)
     assert ls.meta.name == "livecopy-student" and ls.meta.data_hash == meta["data_hash"]
     assert meta["training"]["kd"] == "both" and meta["training"]["kd_rows"] == 24
     m = meta["metrics"]
-    assert m["heldout_copy_ppl"] > 1 and 0 <= m["ctr_auc_heldout"] <= 1
+    assert m["heldout_copy_ppl"] > 1 and 0 <= m["ctr_auc_heldout"] <= 1 and 0 <= m["ctr_auc_prior_ceiling"] <= 1
+    assert 0 < m["ctr_clicks"] < m["ctr_rows"] == len(held)
     hist = json.loads((tmp_path / "student-history.json").read_text())
     assert hist["train_kl"] and hist["train_ce"][-1][1] < hist["train_ce"][0][1]
     assert (tmp_path / "student-loss.png").stat().st_size > 1000
@@ -76,6 +96,17 @@ def test_auc() -> None:
     assert auc([0.4, 0.3, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
     assert auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
     assert auc([0.1, 0.3, 0.2, 0.4], [0, 1, 0, 1]) == 1.0
+    assert math.isnan(auc([0.1, 0.2], [0, 0])) and math.isnan(auc([0.1, 0.2], [1, 1]))
+    assert auc_or_none([0.1, 0.2], [0, 0]) is None and auc_or_none([0.1, 0.2], [0, 1]) == 1.0
+
+
+def test_ctr_metrics_single_class_is_undefined_not_nan(small_corpus, toy_tokenizer, tiny_student: StudentModel) -> None:
+    rows = [dataclasses.replace(r, clicked=False) for r in small_corpus.heldout[:12]]
+    m = ctr_metrics(tiny_student, EncodedRows.build(toy_tokenizer, rows), special_ids(toy_tokenizer),
+                    torch.device("cpu"))
+    assert m["ctr_auc_heldout"] is None and m["ctr_auc_prior_ceiling"] is None
+    assert m["ctr_clicks"] == 0 and m["ctr_rows"] == 12
+    json.dumps(m, allow_nan=False)  # valid JSON in livecopy.json
 
 
 def test_cli_train_and_eval(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
