@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 import orjson
 
@@ -59,7 +60,7 @@ class Rig:
     def event(self, ev: dict[str, object]) -> tuple[str, bytes]:
         return self.topics.events, orjson.dumps(ev)
 
-    def copy(self, copy_id: str, **kw: object) -> tuple[str, bytes]:
+    def copy(self, copy_id: str, **kw: Any) -> tuple[str, bytes]:
         return self.topics.copy, copy_record(copy_id, **kw)
 
     def feedback(self) -> list[FeedbackRecord]:
@@ -117,7 +118,7 @@ def test_click_before_its_impression_and_click_outside_the_window() -> None:
     rig = Rig()
     rig.feed(rig.copy("c1"), rig.copy("c2"))
     rig.feed(rig.event(click_event("i1", "c1", ts=T0 + 1000)))  # impression not there yet
-    rig.feed(rig.event(click_event("i2", "c2", ts=T0 + (CFG.window_s + 10) * 1000)))  # too late
+    rig.feed(rig.event(click_event("i2", "c2", ts=T0 + int(CFG.window_s + 10) * 1000)))  # too late
     rig.advance(5)
     assert rig.feedback() == []
     rig.feed(rig.event(impression_event("i1", "c1", ts=T0)), rig.event(impression_event("i2", "c2", ts=T0)))

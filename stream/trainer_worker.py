@@ -1,0 +1,145 @@
+"""The online trainer worker: `livecopy.feedback` -> fine-tuned student versions ->
+`livecopy.model-updates`.
+
+`TrainerProcessor` hands each consumed batch of feedback records to a
+:class:`models.online.OnlineTrainer` (one optimizer step per full mini-batch), then asks it to
+evaluate and maybe publish. A published version is already saved and current in the registry;
+its ``ModelVersion`` record is then produced to ``livecopy.model-updates`` (key: the model
+name) and the batch counts as done only once the broker acknowledged it. A record that does
+not parse as feedback goes to the DLQ.
+
+Offsets are committed after the records were trained on (in memory): a trainer killed between
+two publications resumes from the registry's current version and loses the progress made since
+(the same at-least-once bargain as everywhere else: nothing half-published is ever served).
+The loop reads at most ``max_batch_size_factor x batch_size`` records per poll, so one poll's
+work stays a few optimizer steps and the consumer keeps polling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+from confluent_kafka import Consumer, Producer
+from pydantic import ValidationError
+
+from livecopy.metrics import WorkerMetrics
+from livecopy.settings import Settings
+from models.online import OnlineTrainer
+from stream.contracts import FeedbackRecord, ModelVersion
+from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, TransientError, consumer_config, producer_config
+from stream.profile_worker import install_stop_signals
+from stream.wire import Record, Rejection, Topics, rejection_from
+
+log = logging.getLogger(__name__)
+
+GROUP = "trainer"
+POLL_BATCHES = 4  # mini-batches of records read per poll
+
+
+def announce(producer: Any, topic: str, mv: ModelVersion, delivery: DeliveryTracker | None = None) -> None:
+    """Produce a ModelVersion record (key: model name) and wait for the broker's acknowledgement."""
+    tracker = delivery or DeliveryTracker()
+    producer.produce(topic, key=mv.name.encode(), value=mv.model_dump_json().encode(), on_delivery=tracker)
+    left = producer.flush(30)
+    errors = tracker.take()
+    if left or errors:
+        raise TransientError(f"model-updates produce not acknowledged: {left} pending, errors {errors[:3]}")
+
+
+class TrainerProcessor:
+    def __init__(self, trainer: OnlineTrainer, producer: Any, topics: Topics,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.trainer = trainer
+        self.producer = producer
+        self.topics = topics
+        self.metrics = metrics
+        self.unannounced: list[ModelVersion] = []
+        self.announced: list[ModelVersion] = []
+        self._delivery = DeliveryTracker()
+
+    def _count(self, outcome: str, n: int) -> None:
+        if self.metrics and n:
+            self.metrics.count(outcome, n)
+
+    def _announce_pending(self) -> None:
+        while self.unannounced:
+            mv = self.unannounced[0]
+            announce(self.producer, self.topics.model_updates, mv, self._delivery)
+            self.announced.append(self.unannounced.pop(0))
+            log.info("announced %s %s on %s", mv.name, mv.version, self.topics.model_updates)
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        self._announce_pending()  # a version published before a failed announcement goes out first
+        recs: list[FeedbackRecord] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        for r in records:
+            if r.value is None:
+                rejected.append((r, Rejection("empty", "record has no value")))
+                continue
+            try:
+                recs.append(FeedbackRecord.model_validate_json(r.value))
+            except ValidationError as exc:
+                rejected.append((r, rejection_from(exc)))
+        if recs:
+            rep = self.trainer.update(recs)
+            self._count("trained", rep.records - rep.duplicates - rep.skipped - rep.heldout)
+            self._count("heldout", rep.heldout)
+            self._count("duplicate", rep.duplicates)
+            self._count("skipped", rep.skipped)
+            self._count("steps", rep.steps)
+            if rep.steps:
+                log.debug("%d steps, loss %.4f (ctr %.4f, lm %.4f, kl %.4f)", rep.steps, rep.loss, rep.ctr_loss,
+                          rep.lm_loss, rep.kl)
+        self.tick()
+        return Outcome(rejected)
+
+    def tick(self) -> ModelVersion | None:
+        """Evaluate / publish when due, then announce. Returns the version published, if any."""
+        mv = self.trainer.maybe_publish()
+        if mv is not None:
+            self._count("published", 1)
+            self.unannounced.append(mv)
+        self._announce_pending()
+        return mv
+
+    def healthy(self) -> bool:
+        return True
+
+
+def build_trainer_loop(settings: Settings, *, group_suffix: str = "", metrics: WorkerMetrics | None = None,
+                       trainer: OnlineTrainer | None = None, **consumer_overrides: Any) -> BatchLoop:
+    topics = Topics.from_settings(settings.topics)
+    cfg = settings.trainer
+    if trainer is None:
+        trainer = OnlineTrainer(cfg.base_dir or settings.models.student_dir, cfg)
+    producer = Producer(producer_config(settings.kafka))
+    processor = TrainerProcessor(trainer, producer, topics, metrics)
+    w = settings.worker
+    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
+    return BatchLoop(
+        consumer, producer, processor,
+        topics=[topics.feedback], dlq_topic=topics.dlq,
+        max_batch=max(1, min(w.max_batch, POLL_BATCHES * cfg.batch_size)), poll_timeout_s=w.poll_timeout_s,
+        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
+        commit_interval_s=w.commit_interval_s, metrics=metrics,
+    )
+
+
+def trainer_of(loop: BatchLoop) -> TrainerProcessor:
+    return cast(TrainerProcessor, loop.processor)
+
+
+def run_trainer_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    metrics = WorkerMetrics("trainer")
+    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    loop = build_trainer_loop(settings, metrics=metrics)
+    proc = trainer_of(loop)
+    install_stop_signals(loop.stop)
+    log.info("online trainer consuming %s from %s (registry %s)", loop.topics, proc.trainer.serving_version,
+             settings.trainer.registry_dir)
+    loop.run()
+    t = proc.trainer
+    log.info("online trainer stopped: %d steps, %d records trained, %d versions published", t.steps,
+             t.records_trained, len(t.published))

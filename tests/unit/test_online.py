@@ -1,0 +1,160 @@
+"""Online trainer (tiny real student), its worker processor on the in-memory Kafka, the model
+registry (lineage, promote, rollback) and the off-policy estimators."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from livecopy.settings import TopicSettings, TrainerSettings
+from models.offpolicy import estimate
+from models.online import OnlineTrainer, is_heldout
+from models.registry import Registry, RegistryError
+from models.student import ModelMeta
+from models.styles import STYLES
+from stream.contracts import ModelVersion
+from stream.trainer_worker import TrainerProcessor
+from stream.wire import Record, Topics
+from tests.copygen import save_tiny_student
+from tests.fakes import FakeCluster, FakeProducer
+from tests.feedback_data import feedback_records, probe_prompts, style_ctr
+
+FAV = STYLES[2]
+
+
+def trainer_settings(tmp: Path, **over: object) -> TrainerSettings:
+    base: dict[str, object] = {"registry_dir": tmp / "registry", "batch_size": 32, "lr": 1e-2, "eval_every": 6,
+                               "min_heldout": 20, "heldout_fraction": 0.15}
+    base.update(over)
+    return TrainerSettings.model_validate(base)
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    torch.set_num_threads(1)
+    return save_tiny_student(tmp_path / "base", "0.9.0", seed=1)
+
+
+def favoured_share(t: OnlineTrainer, prompts: list[str]) -> float:
+    return sum(p[FAV] for p in t.style_probs(prompts)) / len(prompts)
+
+
+def favoured_score_gap(t: OnlineTrainer) -> float:
+    """Mean CTR score of favoured-style copies minus that of the others, on fresh records."""
+    recs = feedback_records(120, style_ctr(FAV), seed=77)
+    from models.context import build_prompt, context_from_features
+
+    prompts = [build_prompt(context_from_features(r.features)) for r in recs]
+    scores = t.score(prompts, [r.text for r in recs], [r.style for r in recs])
+    fav = [s for s, r in zip(scores, recs, strict=True) if r.style == FAV]
+    other = [s for s, r in zip(scores, recs, strict=True) if r.style != FAV]
+    return sum(fav) / len(fav) - sum(other) / len(other)
+
+
+def test_clicked_style_gets_likelier_and_scores_higher_and_a_version_is_published(
+        tmp_path: Path, base_dir: Path) -> None:
+    t = OnlineTrainer(base_dir, trainer_settings(tmp_path))
+    assert t.serving_version == "0.9.0"
+    prompts = probe_prompts(16)
+    share0, gap0 = favoured_share(t, prompts), favoured_score_gap(t)
+    recs = feedback_records(900, style_ctr(FAV), seed=1)
+    published = []
+    for i in range(0, len(recs), 100):
+        rep = t.update(recs[i:i + 100] + recs[max(0, i - 10):i])  # with re-deliveries
+        assert rep.duplicates == min(i, 10)
+        mv = t.maybe_publish()
+        if mv is not None:
+            published.append(mv)
+    share1, gap1 = favoured_share(t, prompts), favoured_score_gap(t)
+    assert share1 > share0 + 0.1, (share0, share1)
+    assert gap1 > gap0 + 0.005, (gap0, gap1)
+    assert published, t.last_eval
+    last = published[-1]
+    reg = Registry(tmp_path / "registry", last.name)
+    assert reg.current() == last.version
+    assert reg.lineage(last.version)[-1] == "0.9.0"
+    assert ModelMeta.read(Path(last.path)).parent_version == last.parent_version
+    assert {"heldout_ctr_logloss", "kl_to_parent", "ope_snips", "ope_ips"} <= set(last.metrics)
+    assert last.metrics["heldout_ctr_logloss"] <= last.metrics["parent_heldout_ctr_logloss"]
+    # A restarted trainer resumes from what serves.
+    assert OnlineTrainer(base_dir, trainer_settings(tmp_path)).serving_version == last.version
+
+
+def test_gate_refuses_and_says_why(tmp_path: Path, base_dir: Path) -> None:
+    t = OnlineTrainer(base_dir, trainer_settings(tmp_path, min_heldout=10_000))
+    t.update(feedback_records(300, style_ctr(FAV), seed=2))
+    assert t.maybe_publish(force_eval=True) is None
+    assert t.last_eval is not None and not t.last_eval.publish
+    assert "min_heldout" in t.last_eval.reasons[0]
+    t2 = OnlineTrainer(base_dir, trainer_settings(tmp_path / "b", max_kl=0.0, lr=0.05))
+    t2.update(feedback_records(300, style_ctr(FAV), seed=2))
+    assert t2.maybe_publish(force_eval=True) is None
+    assert t2.last_eval is not None and any("max_kl" in r for r in t2.last_eval.reasons)
+    assert Registry(tmp_path / "b" / "registry", "livecopy-student").current() == "0.9.0"
+
+
+def test_processor_trains_publishes_announces_and_rejects_bad_records(tmp_path: Path, base_dir: Path) -> None:
+    topics = Topics.from_settings(TopicSettings())
+    cluster = FakeCluster()
+    for name, n in topics.partition_counts().items():
+        cluster.create(name, n)
+    producer = FakeProducer(cluster)
+    trainer = OnlineTrainer(base_dir, trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0))
+    proc = TrainerProcessor(trainer, producer, topics)
+    recs = [Record(topics.feedback, 0, i, r.copy_id.encode(), r.model_dump_json().encode())
+            for i, r in enumerate(feedback_records(400, style_ctr(FAV), seed=3))]
+    recs.append(Record(topics.feedback, 0, 999, b"x", b"not json"))
+    producer.fail_deliveries = True
+    from stream.kafka_io import TransientError
+
+    with pytest.raises(TransientError):
+        proc.process(recs)
+    assert trainer.published and proc.unannounced  # published, announcement pending
+    producer.fail_deliveries = False
+    out = proc.process(recs)  # the retried batch: duplicates for the trainer, the announcement goes out
+    assert [r.offset for r, _ in out.rejected] == [999]
+    ups = [ModelVersion.model_validate_json(m.value() or b"") for m in cluster.records(topics.model_updates)]
+    assert [u.version for u in ups] == [mv.version for mv in trainer.published]
+    assert all(Path(u.path).is_dir() and u.parent_version for u in ups)
+
+
+def test_registry_promote_rollback_and_lineage(tmp_path: Path, base_dir: Path) -> None:
+    reg = Registry(tmp_path / "reg", "livecopy-student")
+    reg.import_base(base_dir, "0.9.0")
+    for v, parent in (("v2", "0.9.0"), ("v3", "v2")):
+        save_tiny_student(reg.path_of(v), v, seed=2)
+        reg.add(v, parent, {"m": 1.0}, promote=True)
+    assert reg.current() == "v3" and reg.lineage("v3") == ["v3", "v2", "0.9.0"]
+    assert reg.rollback().version == "v2" and reg.current() == "v2"
+    assert reg.promote("v3").version == "v3"
+    assert reg.rollback(to="0.9.0").action == "rollback" and reg.current() == "0.9.0"
+    with pytest.raises(RegistryError):
+        reg.rollback()  # the base has no parent
+    with pytest.raises(RegistryError):
+        reg.promote("nope")
+    status = {v.version: v.status for v in reg.versions()}
+    assert status == {"0.9.0": "serving", "v2": "retired", "v3": "retired"}
+    assert [h["action"] for h in reg.history()] == ["import", "promote", "promote", "rollback", "promote", "rollback"]
+
+
+def test_offpolicy_estimates() -> None:
+    # logging uniform over 2 actions (p=0.5); new policy always picks action A (ratio 2 on A, 0 on B)
+    rewards = [1, 0, 1, 1, 0, 0]  # A, A, A, B, B, B (A clicked 2/3, B 1/3)
+    ratios = [2.0, 2.0, 2.0, 0.0, 0.0, 0.0]
+    e = estimate(rewards, ratios)
+    assert e.logged_ctr == 0.5
+    assert math.isclose(e.ips, 4 / 6) and math.isclose(e.snips, 2 / 3) and math.isclose(e.ess, 3.0)
+    c = estimate([1, 0], [50.0, 1.0], clip=10)
+    assert c.clipped == 1 and c.max_ratio == 50.0 and math.isclose(c.snips, 10 / 11)
+    assert estimate([], []).n == 0
+    with pytest.raises(ValueError):
+        estimate([1], [-1.0])
+
+
+def test_heldout_split_is_stable() -> None:
+    ids = [f"imp-{i}" for i in range(5000)]
+    share = sum(is_heldout(i, 0.1) for i in ids) / len(ids)
+    assert 0.08 < share < 0.12 and [is_heldout(i, 0.1) for i in ids[:50]] == [is_heldout(i, 0.1) for i in ids[:50]]
