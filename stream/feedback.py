@@ -302,7 +302,14 @@ class InMemoryFeedbackStore:
         self._check()
         out: list[Claimed] = []
         limit = limit or self.cfg.sweep_limit
-        for imp in sorted((i for i, at in self.due.items() if at <= now_ms), key=lambda i: (self.due[i], i))[:limit]:
+        per_shard: dict[int, int] = {}
+        picked = []
+        for imp in sorted((i for i, at in self.due.items() if at <= now_ms), key=lambda i: (self.due[i], i)):
+            shard = shard_of(self.states[imp].copy_id, self.cfg.shards)  # the Redis store's limit is per shard
+            if per_shard.get(shard, 0) < limit:
+                per_shard[shard] = per_shard.get(shard, 0) + 1
+                picked.append(imp)
+        for imp in picked:
             st = self.states[imp]
             copy = self.copies.get(st.copy_id)
             d = decide(replace(st, status=OPEN) if st.status == EMITTING else st, copy is not None, now_ms, self.cfg)

@@ -1,0 +1,239 @@
+"""The feedback loop on the real broker + Redis: the joiner (any order, duplicates, click before
+impression, across a kill -9 and restart), the Lua store against the in-memory reference, and the
+online trainer publishing a version that a running CopyEngine picks up."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+import torch
+from confluent_kafka import Producer
+
+from livecopy.settings import FeedbackSettings, Settings
+from models.generate import score_ctr, style_distribution
+from models.online import OnlineTrainer
+from models.serving import CopyEngine
+from models.student import load_student
+from models.styles import STYLES
+from stream.contracts import Event, FeedbackRecord, GeneratedCopy, ModelVersion
+from stream.feedback import InMemoryFeedbackStore, Item, copy_item, event_item
+from stream.feedback_store import RedisFeedbackStore
+from stream.feedback_worker import build_feedback_loop
+from stream.kafka_io import producer_config
+from stream.model_updates import ModelUpdateFollower
+from stream.trainer_worker import build_trainer_loop, trainer_of
+from stream.wire import Topics
+from tests.copygen import save_tiny_student
+from tests.feedback_data import click_event, copy_record, feedback_records, impression_event, probe_prompts, style_ctr
+from tests.integration.helpers import ROOT, ThreadWorker, read_topic, settings_env, wait_until
+from tests.integration.test_copy_api import with_generation
+
+pytestmark = pytest.mark.integration
+
+
+def produce_raw(settings: Settings, records: list[tuple[str, bytes, bytes]]) -> None:
+    p = Producer(producer_config(settings.kafka))
+    for topic, key, value in records:
+        p.produce(topic, key=key, value=value)
+    assert p.flush(30) == 0
+
+
+def feedback_on_topic(settings: Settings, expect: int) -> list[FeedbackRecord]:
+    msgs = read_topic(settings, Topics.from_settings(settings.topics).feedback, expect, timeout=60)
+    return [FeedbackRecord.model_validate_json(m.value() or b"") for m in msgs]
+
+
+def test_joiner_any_order_duplicates_and_restart_after_kill(settings: Settings, tmp_path: Path) -> None:
+    topics = Topics.from_settings(settings.topics)
+    rng = random.Random(3)
+    now = int(time.time() * 1000)
+    truth: dict[str, bool] = {}
+    a: list[tuple[str, bytes, bytes]] = []  # before the kill
+    b: list[tuple[str, bytes, bytes]] = []  # after the restart
+    for n in range(40):
+        imp, cp, user = f"imp-{n}", f"cp-{n // 2}", f"u{n % 7}"
+        kind = n % 4  # 0: clicked, all in A; 1: clicked, click in A, impression in B; 2: not clicked, in B;
+        #               3: click too late for the window in A, impression in B
+        ev_imp = impression_event(imp, cp, ts=now, user=user, product=f"p{n}")
+        recs = {"imp": (topics.events, user.encode(), orjson.dumps(ev_imp))}
+        if n % 2 == 0:
+            recs["copy"] = (topics.copy, user.encode(), copy_record(cp, user=user, product=f"p{n}"))
+        if kind in (0, 1):
+            recs["click"] = (topics.events, user.encode(), orjson.dumps(click_event(imp, cp, ts=now + 900, user=user,
+                                                                                    product=f"p{n}")))
+        elif kind == 3:
+            recs["click"] = (topics.events, user.encode(), orjson.dumps(click_event(imp, cp, ts=now + 600_000,
+                                                                                    user=user, product=f"p{n}")))
+        truth[imp] = kind in (0, 1)
+        copy_rec = recs.pop("copy", None)
+        if copy_rec is not None:
+            a.append(copy_rec)
+            b.append(copy_rec)  # a re-delivered copy record
+        if kind == 0:
+            a += [*recs.values(), recs["imp"]]  # with a duplicate impression
+        elif kind == 1:
+            a.append(recs["click"])
+            b += [recs["imp"], recs["click"]]
+        elif kind == 2:
+            b.append(recs["imp"])
+        else:
+            a.append(recs["click"])
+            b += [recs["imp"], recs["click"]]
+    # odd n share the copy record of n - 1 (same copy id): kind 0 impressions have theirs in A
+    expect_before_kill = sum(1 for n in range(40) if n % 4 == 0)
+    rng.shuffle(a)
+    rng.shuffle(b)
+
+    # Phase 1: the CLI joiner; only the clicked impressions of A are due: kill -9 once they are out (the
+    # rest of A -- clicks without impressions, copy records -- waits in Redis).
+    fb = FeedbackSettings(window_s=2, lateness_s=0.5, copy_wait_s=60, orphan_wait_s=120, sweep_interval_s=0.1)
+    s1 = settings.model_copy(update={"feedback": fb})
+    produce_raw(s1, a)
+    env = {**settings_env(s1), "LIVECOPY_FEEDBACK__WINDOW_S": "2", "LIVECOPY_FEEDBACK__LATENESS_S": "0.5",
+           "LIVECOPY_FEEDBACK__SWEEP_INTERVAL_S": "0.1"}
+    with open(tmp_path / "joiner.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "livecopy", "worker", "feedback"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(read_topic(s1, topics.feedback, expect_before_kill, timeout=2)) >= expect_before_kill,
+                   90, "clicked impressions emitted by the first joiner", every=0.5)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    first = feedback_on_topic(s1, expect_before_kill)
+    assert len(first) == expect_before_kill and all(r.clicked for r in first), (tmp_path / "joiner.log").read_text()
+
+    # Phase 2: a fresh joiner on the same Redis state gets the rest. It reads
+    # the topics from the start under a new group name -- everything phase 1 saw is re-delivered (as
+    # after a crash before any commit), and the tansu group would hold the killed member's partitions
+    # for about a minute.
+    produce_raw(s1, b)
+    s2 = s1
+    loop = build_feedback_loop(s2, group_suffix="-restarted")
+    with ThreadWorker(loop):
+        wait_until(lambda: loop.feedback.emitted + len(first) >= len(truth), 90, "every impression emitted")
+        time.sleep(1.5)  # anything extra would show up now
+    got = feedback_on_topic(s2, len(truth))
+    ids = [r.impression_id for r in got]
+    assert sorted(ids) == sorted(truth), "exactly one record per impression"
+    assert {r.impression_id: r.clicked for r in got} == truth
+    assert all((r.click_ts is not None) == r.clicked and r.model_version == "v1" and r.features for r in got)
+    stats = RedisFeedbackStore(redis.Redis.from_url(s2.redis.url), s2.feedback, s2.redis.key_prefix).stats()
+    assert stats.by["all"]["all"] == (len(truth), sum(truth.values()))
+    assert stats.by["mv"]["livecopy-student@v1"] == (len(truth), sum(truth.values()))
+    assert read_topic(s2, topics.dlq, 0, timeout=1) == []
+
+
+def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> None:
+    cfg = FeedbackSettings(window_s=10, lateness_s=1, copy_wait_s=5, orphan_wait_s=20, reclaim_s=3, shards=4,
+                           sweep_limit=7)
+    client = redis.Redis.from_url(settings.redis.url)
+    red = RedisFeedbackStore(client, cfg, settings.redis.key_prefix)
+    mem = InMemoryFeedbackStore(cfg)
+    rng = random.Random(11)
+    t0 = 1_795_000_000_000
+    def item(ev: dict[str, object]) -> Item:
+        it = event_item(Event.model_validate(ev))
+        assert it is not None
+        return it
+
+    items: list[Item] = []
+    for n in range(150):
+        imp, cp = f"i{n}", f"c{n % 60}"
+        ts = t0 + rng.randint(0, 20_000)
+        if rng.random() < 0.95:
+            items.append(item(impression_event(imp, cp, ts=ts)))
+        if rng.random() < 0.4:
+            items.append(item(click_event(imp, cp, ts=ts + rng.randint(-1000, 15_000))))
+    for c in range(55):  # five copy records never come
+        items.append(copy_item(GeneratedCopy.model_validate_json(copy_record(f"c{c}"))))
+    items += rng.sample(items, 40)
+    rng.shuffle(items)
+    now = t0
+    log_r: list[tuple[str, str, bool, str]] = []
+    log_m: list[tuple[str, str, bool, str]] = []
+    for i in range(0, len(items), 13):
+        chunk = items[i:i + 13]
+        ra, ma = red.apply(chunk, now), mem.apply(chunk, now)
+        assert ra == ma, [(it, x, y) for it, x, y in zip(chunk, ra, ma, strict=True) if x != y]
+        now += rng.randint(0, 1500)
+        for store, log in ((red, log_r), (mem, log_m)):
+            claimed = store.claim(now, f"tok{i}")
+            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason)
+                          for c in claimed)
+            if i % 3:  # ack only some: the others are claimed again after reclaim_s
+                store.ack([(c, ["all|all"]) for c in claimed], now)
+    for _ in range(40):
+        now += 1000
+        for store, log in ((red, log_r), (mem, log_m)):
+            claimed = store.claim(now, f"end{now}")
+            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason)
+                          for c in claimed)
+            store.ack([(c, ["all|all"]) for c in claimed], now)
+    assert log_r == log_m
+    assert red.stats().by == mem.stats().by
+    assert {k for _, k, _, _ in log_r} == {"emit", "orphan"}
+
+
+def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_version_up(
+        settings: Settings, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    fav = STYLES[2]
+    base = save_tiny_student(tmp_path / "base", "0.9.0", seed=1)
+    s = with_generation(settings, base, hot_reload=True, registry_dir=tmp_path / "registry")
+    s = s.model_copy(update={"trainer": s.trainer.model_copy(update={
+        "registry_dir": tmp_path / "registry", "base_dir": base, "batch_size": 32, "lr": 1e-2, "eval_every": 6,
+        "min_heldout": 20, "heldout_fraction": 0.15})})
+    topics = Topics.from_settings(s.topics)
+    recs = feedback_records(900, style_ctr(fav), seed=1)
+    produce_raw(s, [(topics.feedback, r.copy_id.encode(), r.model_dump_json().encode()) for r in recs])
+    engine = CopyEngine.from_settings(s).start()
+    follower = ModelUpdateFollower(s, engine.model, engine.apply_update).start()  # as in the API / generator
+    try:
+        assert engine.version == "0.9.0"
+        loop = build_trainer_loop(s, trainer=OnlineTrainer(None, s.trainer))
+        proc = trainer_of(loop)
+        with ThreadWorker(loop):
+            wait_until(lambda: loop.records >= len(recs) and bool(proc.announced), 240, "feedback consumed")
+            try:
+                wait_until(lambda: not proc.unannounced and engine.version == proc.announced[-1].version, 60,
+                           "the generator swapped to the newest version")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {engine.reloads.events}, {proc.announced}") from None
+        served = engine.version
+    finally:
+        follower.stop()
+        engine.stop()
+    mv = next(m for m in proc.announced if m.version == served)
+    assert mv.parent_version is not None and Path(mv.path).is_dir()
+    ups = [ModelVersion.model_validate_json(m.value() or b"")
+           for m in read_topic(s, topics.model_updates, len(proc.announced), timeout=10)]
+    assert [u.version for u in ups] == [m.version for m in proc.announced]
+
+    old, new = load_student(base), load_student(mv.path)
+    prompts = probe_prompts(16)
+    probe = feedback_records(120, style_ctr(fav), seed=77)
+    from models.context import build_prompt, context_from_features
+
+    pp = [build_prompt(context_from_features(r.features)) for r in probe]
+
+    def share(m: object) -> float:
+        return sum(p[fav] for p in style_distribution(m, old.tokenizer, prompts)) / len(prompts)
+
+    def gap(m: object) -> float:
+        sc = score_ctr(m, old.tokenizer, pp, [r.text for r in probe], [r.style for r in probe])
+        f = [x for x, r in zip(sc, probe, strict=True) if r.style == fav]
+        o = [x for x, r in zip(sc, probe, strict=True) if r.style != fav]
+        return sum(f) / len(f) - sum(o) / len(o)
+
+    assert share(new.model) > share(old.model) + 0.1
+    assert gap(new.model) > gap(old.model) + 0.003
