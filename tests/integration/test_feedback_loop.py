@@ -237,3 +237,32 @@ def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_vers
 
     assert share(new.model) > share(old.model) + 0.1
     assert gap(new.model) > gap(old.model) + 0.003
+
+
+def test_models_cli_lists_promotes_and_rolls_back_with_announcements(settings: Settings, tmp_path: Path) -> None:
+    from models.registry import Registry
+
+    reg = Registry(tmp_path / "registry", "livecopy-student")
+    reg.import_base(save_tiny_student(tmp_path / "base", "0.9.0", seed=1), "0.9.0")
+    save_tiny_student(reg.path_of("v2"), "v2", seed=2)
+    reg.add("v2", "0.9.0", {"heldout_ctr_logloss": 0.5}, promote=False)
+    env = {**settings_env(settings), "LIVECOPY_TRAINER__REGISTRY_DIR": str(tmp_path / "registry")}
+
+    def cli(*args: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "livecopy", "models", *args], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    assert "* 0.9.0" in cli("list")
+    cli("promote", "v2", "--reason", "test")
+    assert reg.current() == "v2"
+    cli("rollback")
+    assert reg.current() == "0.9.0"
+    ups = [ModelVersion.model_validate_json(m.value() or b"")
+           for m in read_topic(settings, Topics.from_settings(settings.topics).model_updates, 2, timeout=20)]
+    assert [(u.version, u.action) for u in ups] == [("v2", "promote"), ("0.9.0", "rollback")]
+    assert Path(ups[0].path) == reg.path_of("v2")
+    listed = orjson.loads(cli("list", "--json"))
+    assert listed["current"] == "0.9.0" and [h["action"] for h in listed["history"]] == ["import", "promote",
+                                                                                         "rollback"]
