@@ -147,6 +147,7 @@ class TrainerSettings(BaseModel):
     min_snips_ratio: float = 0.0  # ... and SNIPS CTR >= this x logged CTR (0: report only)
     dedupe_size: int = 200_000  # impression ids remembered against duplicate feedback
     device: str = "cpu"
+    nice: int = 10  # `worker trainer` lowers its CPU priority by this (serving first on shared cores; 0: not)
 
 
 class CopySettings(BaseModel):

@@ -18,6 +18,7 @@ work stays a few optimizer steps and the consumer keeps polling.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -132,6 +133,8 @@ def trainer_of(loop: BatchLoop) -> TrainerProcessor:
 
 
 def run_trainer_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    if settings.trainer.nice > 0:
+        os.nice(settings.trainer.nice)  # background work: the copy service on the same cores comes first
     metrics = WorkerMetrics("trainer")
     metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
     loop = build_trainer_loop(settings, metrics=metrics)
