@@ -192,7 +192,7 @@ class OnlineTrainer:
         self.model.train()
         self.anchor = self._frozen_copy()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-        self._serving_cache: dict[str, tuple[float, float]] = {}  # impression_id -> (ctr prob, seq logprob)
+        self._serving_cache: dict[str, float] = {}  # impression_id -> the serving version's CTR probability
         self.steps_since_eval = 0
 
     def _frozen_copy(self) -> StudentModel:
@@ -298,63 +298,73 @@ class OnlineTrainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _score_rows(self, model: StudentModel, rows: Sequence[TrainRow]) -> tuple[list[float], list[float]]:
-        """(CTR probability, log-likelihood of style + copy + EOS) per row."""
+    def _ctr_probs(self, model: StudentModel, rows: Sequence[TrainRow]) -> list[float]:
+        """CTR probability per row (no LM logits computed)."""
         probs: list[float] = []
-        lps: list[float] = []
         for i in range(0, len(rows), EVAL_BATCH):
-            chunk = rows[i:i + EVAL_BATCH]
-            b = self._batch(chunk)
+            b = self._batch(rows[i:i + EVAL_BATCH])
             rix = torch.arange(b["input_ids"].shape[0], device=self.device)
             with self._autocast():
-                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
-                assert out.logits is not None and out.hidden_states is not None
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1,
+                            return_hidden=True)
+                assert out.hidden_states is not None
                 logit, _ = model.ctr_from_hidden(out.hidden_states[rix, b["eos_index"]])
-            logits, t = out.logits.float()[:, :-1], b["labels"][:, 1:]
-            valid = t != -100
-            lp = torch.log_softmax(logits, -1).gather(-1, t.clamp_min(0)[..., None]).squeeze(-1)
-            lps.extend(((lp * valid).sum(-1)).tolist())
             probs.extend(torch.sigmoid(logit.float()).tolist())
-        return probs, lps
+        return probs
 
     @torch.no_grad()
-    def _kl(self, rows: Sequence[TrainRow]) -> float:
+    def _joint_pass(self, rows: Sequence[TrainRow]) -> tuple[list[float], list[float], float]:
+        """One forward of the candidate and of the serving version per chunk: their CTR
+        probabilities and the mean KL(serving || candidate) per copy token."""
+        cand: list[float] = []
+        serv: list[float] = []
         tot, n = 0.0, 0
         for i in range(0, len(rows), EVAL_BATCH):
             b = self._batch(rows[i:i + EVAL_BATCH])
+            rix = torch.arange(b["input_ids"].shape[0], device=self.device)
             with self._autocast():
-                c = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                a = self.anchor(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            assert c is not None and a is not None
+                oc = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+                oa = self.anchor(input_ids=b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+                assert oc.hidden_states is not None and oa.hidden_states is not None
+                lc, _ = self.model.ctr_from_hidden(oc.hidden_states[rix, b["eos_index"]])
+                la, _ = self.anchor.ctr_from_hidden(oa.hidden_states[rix, b["eos_index"]])
+            assert oc.logits is not None and oa.logits is not None
+            cand.extend(torch.sigmoid(lc.float()).tolist())
+            serv.extend(torch.sigmoid(la.float()).tolist())
             k = int((b["labels"][:, 1:] != -100).sum())
-            tot += float(kd_loss(c.float(), a.float(), b["labels"], temperature=1.0, lam=1.0).kl) * k
+            tot += float(kd_loss(oc.logits.float(), oa.logits.float(), b["labels"], temperature=1.0, lam=1.0).kl) * k
             n += k
-        return tot / n if n else float("nan")
+        return cand, serv, (tot / n if n else float("nan"))
 
     def evaluate(self) -> EvalReport:
-        """Candidate (the model being trained) vs serving version on the held-out slice, and the gate."""
+        """Candidate (the model being trained) vs serving version on the held-out slice, and the gate.
+        The newest ``KL_ROWS`` rows get one forward of each model (CTR + KL); older rows the
+        candidate's CTR only, the serving version's CTR being cached per row."""
         t0 = time.perf_counter()
         cfg = self.cfg
         rows = list(self.heldout)
+        recent = rows[-KL_ROWS:]
+        older = rows[:len(rows) - len(recent)]
         self.model.eval()
         try:
-            cand_p, _ = self._score_rows(self.model, rows)
-            todo = [r for r in rows if r.impression_id not in self._serving_cache]
-            if todo:
-                sp, slp = self._score_rows(self.anchor, todo)
-                for r, p, lp in zip(todo, sp, slp, strict=True):
-                    self._serving_cache[r.impression_id] = (p, lp)
+            cand_recent, serv_recent, kl = self._joint_pass(recent)
+            cand_older = self._ctr_probs(self.model, older)
+            todo = [r for r in older if r.impression_id not in self._serving_cache]
+            for r, p in zip(todo, self._ctr_probs(self.anchor, todo), strict=True):
+                self._serving_cache[r.impression_id] = p
+            for r, p in zip(recent, serv_recent, strict=True):
+                self._serving_cache[r.impression_id] = p
             keep = {r.impression_id for r in rows}
             self._serving_cache = {k: v for k, v in self._serving_cache.items() if k in keep}
-            serv = [self._serving_cache[r.impression_id] for r in rows]
-            kl = self._kl(rows[-KL_ROWS:])
+            serv_p = [self._serving_cache[r.impression_id] for r in rows]
+            cand_p = cand_older + cand_recent
         finally:
             self.model.train()
         y = [r.clicked for r in rows]
         ope, ope_serving = self._offpolicy(rows)
         rep = EvalReport(
-            n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss([s[0] for s in serv], y),
-            candidate_auc=_auc(cand_p, y), serving_auc=_auc([s[0] for s in serv], y), kl=kl, offpolicy=ope,
+            n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
+            candidate_auc=_auc(cand_p, y), serving_auc=_auc(serv_p, y), kl=kl, offpolicy=ope,
             offpolicy_serving=ope_serving, publish=False,
         )
         if rep.n < cfg.min_heldout:
