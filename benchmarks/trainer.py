@@ -190,8 +190,9 @@ def bench_e2e(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict[s
            "serving_s": round(t_swap - t0, 3), "steps_per_version": args.eval_every}
     print(f"end to end [{args.device}]: {n} feedback records ({args.eval_every} steps of {args.batch_size} + "
           f"held-out) produced in {t_sent - t0:.2f} s; consumed + trained after {t_consumed - t0:.2f} s "
-          f"({n / (t_consumed - t0):,.1f} records/s); version published + announced after {t_pub - t0:.2f} s; "
-          f"serving in the CopyEngine after {t_swap - t0:.2f} s (update latency)", flush=True)
+          f"({n / (t_consumed - t0):,.1f} records/s; the last poll's batch includes the evaluation); version "
+          f"published + announced after {t_pub - t0:.2f} s; serving in the CopyEngine after {t_swap - t0:.2f} s "
+          f"(update latency)", flush=True)
     return out
 
 

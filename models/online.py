@@ -1,6 +1,6 @@
 """Online fine-tuning of the student from CTR feedback (in-process core, no Kafka).
 
-API (stable; used by ``livecopy worker trainer`` and benchmarks/closed_loop.py)::
+API (used by ``livecopy worker trainer``, the tests and benchmarks/trainer.py)::
 
     trainer = OnlineTrainer(student_dir, TrainerSettings(registry_dir=...))
     report = trainer.update(records)       # list[FeedbackRecord] -> UpdateReport (0..n optimizer steps)
