@@ -263,6 +263,4 @@ def test_models_cli_lists_promotes_and_rolls_back_with_announcements(settings: S
            for m in read_topic(settings, Topics.from_settings(settings.topics).model_updates, 2, timeout=20)]
     assert [(u.version, u.action) for u in ups] == [("v2", "promote"), ("0.9.0", "rollback")]
     assert Path(ups[0].path) == reg.path_of("v2")
-    listed = orjson.loads(cli("list", "--json"))
-    assert listed["current"] == "0.9.0" and [h["action"] for h in listed["history"]] == ["import", "promote",
-                                                                                         "rollback"]
+    assert [h["action"] for h in reg.history()] == ["import", "promote", "rollback"]
