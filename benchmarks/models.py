@@ -129,8 +129,17 @@ def main() -> int:
         print(f"  [{'PASS' if ok else 'FAIL'}] {k}")
     meta = student.meta.metrics
     if meta.get("ctr_auc_heldout") is not None:
-        print(f"\nCTR head, held-out (synthetic prior labels): AUC {meta['ctr_auc_heldout']:.3f} "
-              f"(the prior's own probabilities reach {meta['ctr_auc_prior_ceiling']:.3f} on the same clicks)")
+        share = student.meta.training.get("config", {}).get("mismatch_share")
+        print("\nCTR head on the held-out split, synthetic labels (clicks sampled from the corpus's prior click "
+              "model), from the student's livecopy.json:")
+        as_trained = f"{share:.0%}" if isinstance(share, int | float) else "the corpus's"
+        print(f"  {as_trained} off-product rows (as trained): AUC {meta['ctr_auc_heldout']:.3f}, "
+              f"the prior's own probabilities reach {meta['ctr_auc_prior_ceiling']:.3f} on the same clicks")
+        mix = [k for k in meta if k.startswith("ctr_auc_heldout_mix")]
+        for k in mix:
+            ceil = meta.get(k.replace("ctr_auc_heldout", "ctr_auc_prior_ceiling"))
+            print(f"  {float(k.rsplit('mix', 1)[1]):.0%} off-product rows (default corpus): AUC {meta[k]:.3f}, "
+                  f"prior ceiling {ceil:.3f}")
 
     samples: list[dict[str, object]] = []
     if args.samples:
