@@ -37,7 +37,7 @@ from stream.kafka_io import (
 )
 from stream.profile_store import TransientStoreError
 from stream.profile_worker import install_stop_signals, wall_ms
-from stream.wire import Record, Rejection, Topics, decode_event, encode, rejection_from
+from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, rejection_from
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ GROUP = "feedback"
 
 
 def _source_headers(reason: str, detail: str, source: str) -> list[tuple[str, bytes]]:
+    """DLQ headers of an orphan, from the ``topic|partition|offset`` its event was read at."""
     topic, _, rest = source.partition("|")
     part, _, off = rest.partition("|")
-    return [("error", reason.encode()), ("error.detail", detail.encode()), ("source.topic", topic.encode()),
-            ("source.partition", part.encode()), ("source.offset", off.encode())]
+    return dlq_headers(Rejection(reason, detail), topic, part, off)
 
 
 class FeedbackProcessor:

@@ -135,7 +135,7 @@ def encode_event(event: Event) -> bytes:
     return orjson.dumps(event.to_json_dict())
 
 
-def dlq_headers(rej: Rejection, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+def dlq_headers(rej: Rejection, topic: str, partition: int | str, offset: int | str) -> list[tuple[str, bytes]]:
     return [
         ("error", rej.reason.encode()),
         ("error.detail", rej.detail.encode()),
