@@ -9,6 +9,7 @@ generator swaps to it; a running trainer continues from it at its next evaluatio
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -73,6 +74,19 @@ def _announce(ctx: Ctx, mv: Any) -> None:
     click.echo(f"announced {mv.name} {mv.version} ({mv.action}) on {topic}")
 
 
+def _switch(ctx: Ctx, change: Callable[[Any], Any], done: str, no_announce: bool) -> None:
+    """Change the serving version in the registry (promote / rollback), report it, announce it."""
+    from models.registry import RegistryError
+
+    try:
+        mv = change(_registry(ctx))
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{mv.name} {done} {mv.version}")
+    if not no_announce:
+        _announce(ctx, mv)
+
+
 _KEY_METRICS = ("heldout_n", "heldout_ctr_logloss", "parent_heldout_ctr_logloss", "kl_to_parent", "ope_snips",
                 "ope_ips", "ope_logged_ctr")
 
@@ -107,15 +121,7 @@ def models_list(ctx: Ctx, as_json: bool) -> None:
 @pass_ctx
 def models_promote(ctx: Ctx, version: str, reason: str, no_announce: bool) -> None:
     """Serve VERSION: make it current and announce it on livecopy.model-updates."""
-    from models.registry import RegistryError
-
-    try:
-        mv = _registry(ctx).promote(version, reason)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"{mv.name} now serves {mv.version}")
-    if not no_announce:
-        _announce(ctx, mv)
+    _switch(ctx, lambda reg: reg.promote(version, reason), "now serves", no_announce)
 
 
 @models_group.command("rollback")
@@ -125,15 +131,7 @@ def models_promote(ctx: Ctx, version: str, reason: str, no_announce: bool) -> No
 @pass_ctx
 def models_rollback(ctx: Ctx, to: str | None, reason: str, no_announce: bool) -> None:
     """Serve the parent of the current version (or --to VERSION) again, and announce it."""
-    from models.registry import RegistryError
-
-    try:
-        mv = _registry(ctx).rollback(to, reason)
-    except RegistryError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"{mv.name} rolled back to {mv.version}")
-    if not no_announce:
-        _announce(ctx, mv)
+    _switch(ctx, lambda reg: reg.rollback(to, reason), "rolled back to", no_announce)
 
 
 def commands() -> list[click.Command]:
