@@ -169,7 +169,11 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
 
         @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
         async def page() -> HTMLResponse:
-            return HTMLResponse(resources.files("services").joinpath("dashboard.html").read_text())
+            html = holder.get("html")
+            if html is None:  # read once, off the event loop (the page is static)
+                html = holder["html"] = await asyncio.to_thread(
+                    resources.files("services").joinpath("dashboard.html").read_text)
+            return HTMLResponse(html)
 
         @app.get("/dashboard/data")
         async def data(request: Request) -> Any:
