@@ -203,7 +203,8 @@ class SplitSource:
 
     def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
         hold = [i for i, a in enumerate(asks) if self.is_holdout(a.shopper.user_id)]
-        live = [i for i, a in enumerate(asks) if i not in set(hold)]
+        held = set(hold)
+        live = [i for i in range(len(asks)) if i not in held]
         out: list[ShownCopy | None] = [None] * len(asks)
         results: dict[str, Sequence[ShownCopy | None]] = {}
 
