@@ -172,17 +172,18 @@ class StudentExecutor:
                 results.append(self._result(req, cand.text, cand.style, choice.score, choice.propensity,
                                             chooser.policy, len(group), int(ok.sum())))
             if fallbacks:
-                self._fill_fallbacks(requests, fallbacks, results, len(groups[0]) if groups else 0)
+                self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
             self.copies += len(requests)
         return [r for r in results if r is not None]
 
     def _fill_fallbacks(
-        self, requests: Sequence[CopyRequest], idx: list[int], results: list[CopyResult | None], k: int
+        self, requests: Sequence[CopyRequest], prompts: Sequence[str], idx: list[int],
+        results: list[CopyResult | None], k: int,
     ) -> None:
         texts = [fallback_copy(requests[i].ctx)[:MAX_COPY_CHARS] for i in idx]
         try:
             probs, _ = score_ctr_with_features(
-                self.student.model, self.student.tokenizer, [build_prompt(requests[i].ctx) for i in idx], texts,
+                self.student.model, self.student.tokenizer, [prompts[i] for i in idx], texts,
                 styles=["practical"] * len(idx),
             )
         except Exception:  # a model without a CTR head: neutral score
