@@ -23,11 +23,10 @@ def _settings(ctx: click.Context) -> Any:
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    """``models.student.resolve_device``, imported when first used (torch stays out of CLI start-up)."""
+    from models.student import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return resolve(name)
 
 
 def _threads(n: int) -> None:

@@ -33,7 +33,7 @@ from models.context import CopyContext, build_prompt, product_context
 from models.filter import FilterStats, check_copy, fallback_copy
 from models.generate import Candidate, generate_candidates, score_ctr_with_features
 from models.policy import Chooser, Posterior
-from models.student import LoadedStudent, load_student
+from models.student import LoadedStudent, load_student, resolve_device
 from stream.contracts import MAX_COPY_CHARS, GeneratedCopy, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,6 @@ def _posterior_for(student: LoadedStudent) -> Posterior | None:
     w = head.out.weight.detach().float().cpu().numpy()
     b = float(head.out.bias.detach().float().cpu().item())
     return Posterior.prior(w, b)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def load_executor(path: str | Path, cfg: CopySettings, *, version: str | None = None) -> StudentExecutor:

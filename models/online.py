@@ -57,7 +57,7 @@ from models.losses import ctr_loss, kd_loss
 from models.offpolicy import OffPolicyEstimate, estimate
 from models.paths import shipped_student_dir
 from models.registry import Registry
-from models.student import ModelMeta, StudentModel, load_student, new_version, save_student
+from models.student import ModelMeta, StudentModel, load_student, new_version, resolve_device, save_student
 from models.styles import STYLES, classify_style
 from stream.contracts import FeedbackRecord, ModelVersion
 
@@ -140,12 +140,6 @@ class EvalReport:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _logloss(p: Sequence[float], y: Sequence[bool]) -> float:
     if not p:
         return float("nan")
@@ -163,7 +157,7 @@ def _auc(p: Sequence[float], y: Sequence[bool]) -> float:
 class OnlineTrainer:
     def __init__(self, student_dir: str | Path | None, cfg: TrainerSettings, *, seed: int = 0) -> None:
         self.cfg = cfg
-        self.device = _device(cfg.device)
+        self.device = torch.device(resolve_device(cfg.device))
         torch.manual_seed(seed)
         self.registry = Registry(cfg.registry_dir, cfg.model_name)
         cur = self.registry.current()

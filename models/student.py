@@ -238,6 +238,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(name: str) -> str:
+    """A device setting (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` ...) as a torch device string:
+    ``auto`` is CUDA when available, else CPU."""
+    return default_device() if name == "auto" else name
+
+
 def load_student(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedStudent:
