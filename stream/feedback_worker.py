@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis
 from confluent_kafka import Consumer, Producer
@@ -133,22 +133,13 @@ class FeedbackProcessor:
             if len(claimed) < self.cfg.sweep_limit:
                 return total
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]] | None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, headers=cast(Any, headers),
-                                      on_delivery=self._delivery)
-                return
-            except BufferError:
-                self.producer.poll(0.1)
-
     def _emit(self, claimed: list[Claimed]) -> None:
         done: list[tuple[Claimed, list[str]]] = []
         clicks = orphans = 0
         for c in claimed:
             if c.decision.kind == "emit":
                 rec = feedback_record(c)
-                self._produce(self.topics.feedback, rec.copy_id.encode(), encode(rec), None)
+                self._delivery.produce(self.producer, self.topics.feedback, encode(rec), rec.copy_id.encode())
                 done.append((c, aggregate_fields(rec)))
                 clicks += rec.clicked
             else:
@@ -156,15 +147,13 @@ class FeedbackProcessor:
                 detail = (f"no copy record for copy_id {c.state.copy_id!r} within copy_wait_s"
                           if reason == "copy_not_found" else
                           f"no impression {c.state.impression_id!r} for a click within orphan_wait_s")
-                self._produce(self.topics.dlq, c.state.user_id.encode() or None, orphan_event(c),
-                              _source_headers(reason, detail, c.state.source))
+                self._delivery.produce(self.producer, self.topics.dlq, orphan_event(c),
+                                       c.state.user_id.encode() or None,
+                                       _source_headers(reason, detail, c.state.source))
                 done.append((c, [f"orphan|{reason}"]))
                 orphans += 1
-        left = self.producer.flush(30)
-        errors = self._delivery.take()
-        if left or errors:
-            # Not marked done: claimed again after reclaim_s (at-least-once).
-            raise TransientError(f"feedback produce not acknowledged: {left} pending, errors {errors[:3]}")
+        # Not acknowledged -> TransientError, not marked done: claimed again after reclaim_s (at-least-once).
+        self._delivery.wait(self.producer, "feedback produce")
         try:
             self.store.ack(done, self.now_ms())
         except TransientStoreError as exc:

@@ -147,6 +147,23 @@ class DeliveryTracker:
         errs, self.errors = self.errors, []
         return errs
 
+    def produce(self, producer: Any, topic: str, value: bytes | None, key: bytes | None,
+                headers: list[tuple[str, bytes]] | None = None) -> None:
+        """``producer.produce`` reporting to this tracker; a full local queue is drained, then retried."""
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=cast(Any, headers), on_delivery=self)
+                return
+            except BufferError:
+                producer.poll(0.1)
+
+    def wait(self, producer: Any, what: str, timeout_s: float = 30.0) -> None:
+        """Flush; raise TransientError unless every record produced so far was acknowledged."""
+        left = producer.flush(timeout_s)
+        errors = self.take()
+        if left or errors:
+            raise TransientError(f"{what} not acknowledged: {left} pending, errors {errors[:3]}")
+
 
 class BatchLoop:
     def __init__(
@@ -303,22 +320,9 @@ class BatchLoop:
         if not rejected:
             return
         for rec, rej in rejected:
-            while True:
-                try:
-                    self.producer.produce(
-                        self.dlq_topic,
-                        value=rec.value,
-                        key=rec.key,
-                        headers=cast(Any, dlq_headers(rej, rec.topic, rec.partition, rec.offset)),
-                        on_delivery=self._delivery,
-                    )
-                    break
-                except BufferError:
-                    self.producer.poll(0.1)
-        left = self.producer.flush(30)
-        errors = self._delivery.take()
-        if left or errors:
-            raise TransientError(f"DLQ produce not acknowledged: {left} pending, errors {errors[:3]}")
+            self._delivery.produce(self.producer, self.dlq_topic, rec.value, rec.key,
+                                   dlq_headers(rej, rec.topic, rec.partition, rec.offset))
+        self._delivery.wait(self.producer, "DLQ produce")
 
     def _commit(self, sync: bool) -> None:
         self._dirty = False
