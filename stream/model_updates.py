@@ -28,6 +28,13 @@ from stream.wire import Topics
 log = logging.getLogger(__name__)
 
 
+def _close_quietly(c: Consumer) -> None:
+    try:
+        c.close()
+    except Exception as exc:
+        log.debug("closing the model-updates consumer failed: %s", exc)
+
+
 class ModelUpdateFollower:
     """A daemon thread: ``start()``, ``caught_up.wait()``, ``stop()``.
 
@@ -58,9 +65,13 @@ class ModelUpdateFollower:
     def _consumer(self) -> Consumer:
         group = f"{self.settings.worker.group_prefix}reload-{uuid.uuid4().hex[:8]}"  # never joins: assign only
         c = Consumer(consumer_config(self.settings.kafka, group))
-        md = c.list_topics(self.topic, timeout=10)
-        parts = sorted(md.topics[self.topic].partitions) if self.topic in md.topics else []
-        c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+        try:
+            md = c.list_topics(self.topic, timeout=10)
+            parts = sorted(md.topics[self.topic].partitions) if self.topic in md.topics else []
+            c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
+        except Exception:
+            _close_quietly(c)  # not leaked: the retry builds a new one
+            raise
         return c
 
     def _run(self) -> None:
@@ -72,6 +83,8 @@ class ModelUpdateFollower:
                 msgs = consumer.consume(500, timeout=self.poll_s)
             except Exception:
                 log.exception("model-updates consumer failed; retrying")
+                if consumer is not None:
+                    _close_quietly(consumer)  # its threads and sockets would otherwise leak on every retry
                 consumer = None
                 self._stop.wait(1.0)
                 continue
