@@ -231,7 +231,7 @@ class GeneratorWorker:
         self.pregen = Pregenerator(settings, engine, self.client, self.publisher, self.catalog, self._stop, metrics)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pregen")
         self.tracker = OffsetTracker()
-        self._completed: queue.Queue[tuple[TP, int, int]] = queue.Queue()
+        self._completed: queue.Queue[tuple[TP, int, int, int]] = queue.Queue()  # (tp, offset, weight, copies)
         self.inflight = 0  # copies (estimated) in flight
         self.paused = False
         self.records = 0
@@ -314,17 +314,17 @@ class GeneratorWorker:
             log.exception("pre-generation for %s failed; skipped", ev.event_id)
             if self.metrics:
                 self.metrics.count("failed")
-        self._completed.put((tp, off, weight))
-        self.copies += made
+        self._completed.put((tp, off, weight, made))  # counted by the loop thread (pool threads would race)
 
     def _drain(self) -> None:
         while True:
             try:
-                tp, off, weight = self._completed.get_nowait()
+                tp, off, weight, made = self._completed.get_nowait()
             except queue.Empty:
                 return
             self.tracker.done(tp, off)
             self.inflight -= weight
+            self.copies += made
 
     def _flow_control(self) -> None:
         if not self.paused and self.inflight >= self.cfg.max_inflight:
