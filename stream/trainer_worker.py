@@ -29,7 +29,7 @@ from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
 from models.online import OnlineTrainer
 from stream.contracts import FeedbackRecord, ModelVersion
-from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, TransientError, consumer_config, producer_config
+from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, consumer_config, producer_config
 from stream.profile_worker import install_stop_signals
 from stream.wire import Record, Rejection, Topics, rejection_from
 
@@ -42,11 +42,8 @@ POLL_BATCHES = 4  # mini-batches of records read per poll
 def announce(producer: Any, topic: str, mv: ModelVersion, delivery: DeliveryTracker | None = None) -> None:
     """Produce a ModelVersion record (key: model name) and wait for the broker's acknowledgement."""
     tracker = delivery or DeliveryTracker()
-    producer.produce(topic, key=mv.name.encode(), value=mv.model_dump_json().encode(), on_delivery=tracker)
-    left = producer.flush(30)
-    errors = tracker.take()
-    if left or errors:
-        raise TransientError(f"model-updates produce not acknowledged: {left} pending, errors {errors[:3]}")
+    tracker.produce(producer, topic, value=mv.model_dump_json().encode(), key=mv.name.encode())
+    tracker.wait(producer, "model-updates produce", 30)
 
 
 class TrainerProcessor:
