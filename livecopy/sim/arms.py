@@ -297,6 +297,11 @@ class ClosedLoopArms:
         self.stats = ArmStats()
         self.generated = 0
         self._shown_hidden: dict[int, np.ndarray] = {}
+        # CTR-head scores of each pool: the static head never changes, the online one only when the
+        # learner updates (scores are cached per learner version)
+        self._static_scores: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._online_scores: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._online_scored_at = self.learner.updates
 
     def _ensure_pools(self, ctxs: Sequence[CopyContext]) -> None:
         missing: dict[tuple[str, ...], CopyContext] = {}
@@ -329,16 +334,30 @@ class ClosedLoopArms:
         z = sum(w.values()) or 1.0
         return {st: v / z for st, v in w.items()}
 
+    def _scores(self, key: tuple[str, ...], pool: Pooled) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                                     tuple[np.ndarray, np.ndarray]]:
+        """(static, online) CTR-head (scores, features) of ``pool``, each computed once per head version."""
+        if self._online_scored_at != self.learner.updates:
+            self._online_scores.clear()
+            self._online_scored_at = self.learner.updates
+        s = self._static_scores.get(key)
+        if s is None:
+            s = self._static_scores[key] = self.static.score(pool.hidden)
+        o = self._online_scores.get(key)
+        if o is None:
+            o = self._online_scores[key] = self.learner.scorer.score(pool.hidden)
+        return s, o
+
     def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
         ctxs = [self.book.context(a) for a in asks]
         self._ensure_pools(ctxs)
         out: list[ShownCopy | None] = []
         for ask, ctx in zip(asks, ctxs, strict=True):
-            pool = self.pools[bucket_key(ctx)]
+            key = bucket_key(ctx)
+            pool = self.pools[key]
             p_true = np.array([click_probability(self.pop_cfg, ask.shopper, ask.product, t, ask.slot, st)
                                for t, st in zip(pool.texts, pool.seen, strict=True)])
-            s_scores, s_feats = self.static.score(pool.hidden)
-            o_scores, o_feats = self.learner.scorer.score(pool.hidden)
+            (s_scores, s_feats), (o_scores, o_feats) = self._scores(key, pool)
             s_idx = self._draw(pool, pool.style_p)
             o_idx = self._draw(pool, self.online_style_p(pool, o_scores))
             eligible = np.concatenate(list(pool.groups.values()))
