@@ -45,7 +45,7 @@ from models.generate import _banned_after_first, decode, style_distribution
 from models.policy import Chooser, Posterior
 from models.student import LoadedStudent
 from models.styles import STYLES, classify_style
-from stream.contracts import Event
+from stream.contracts import MAX_COPY_CHARS, Event
 from stream.profile import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
@@ -137,7 +137,7 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
         product = ctx.to_product()
         tx = [texts[j] for j in idx]
         written = [owner[j // per_style][1] for j in idx]
-        ok = np.array([bool(t) and len(t) <= 280 and check_copy(t, product).ok for t in tx], dtype=bool)
+        ok = np.array([bool(t) and len(t) <= MAX_COPY_CHARS and check_copy(t, product).ok for t in tx], dtype=bool)
         d = {k: v for k, v in dists[i].items() if v >= min_style_p}
         z = sum(d.values())
         pools.append(Pooled(tx, written, [classify_style(t) for t in tx], hidden[idx], ok,
