@@ -19,6 +19,18 @@ class Ctx:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    def apply_torch_threads(self) -> None:
+        """Size torch's thread pools by ``models.torch_threads`` (0: torch's default), for model commands."""
+        n = self.settings.models.torch_threads
+        if n:
+            import torch
+
+            torch.set_num_threads(n)
+            try:
+                torch.set_num_interop_threads(n)
+            except RuntimeError:  # already set (parallel work has started)
+                pass
+
 
 pass_ctx = click.make_pass_decorator(Ctx)
 

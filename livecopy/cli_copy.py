@@ -13,14 +13,6 @@ import click
 from livecopy.cli import Ctx, pass_ctx
 
 
-def _torch_threads(ctx: Ctx) -> None:
-    n = ctx.settings.models.torch_threads
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 @click.command()
 @click.option("--host", default=None, help="Listen address (default api.host).")
 @click.option("--port", type=int, default=None, help="Port (default api.port, 8080).")
@@ -38,7 +30,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, no_copy: bool) -> None:
     if not no_copy:
         from services.copy import copy_extension
 
-        _torch_threads(ctx)
+        ctx.apply_torch_threads()
         extensions.append(copy_extension(s))
     app = create_app(s, extensions=extensions)
     tune_gc_for_latency()
@@ -52,7 +44,7 @@ def worker_generator(ctx: Ctx, metrics_port: int | None) -> None:
     """Pre-generate copy into the cache on product views (same engine and cache as the API)."""
     from stream.generator_worker import run_generator_worker
 
-    _torch_threads(ctx)
+    ctx.apply_torch_threads()
     run_generator_worker(ctx.settings, metrics_port=metrics_port)
 
 

@@ -17,18 +17,6 @@ import click
 from livecopy.cli import Ctx, pass_ctx
 
 
-def _torch_threads(ctx: Ctx) -> None:
-    n = ctx.settings.models.torch_threads
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-        try:
-            torch.set_num_interop_threads(n)
-        except RuntimeError:  # already set (parallel work has started)
-            pass
-
-
 @click.command("feedback")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
 @pass_ctx
@@ -44,7 +32,7 @@ def worker_feedback(ctx: Ctx, metrics_port: int | None) -> None:
 @pass_ctx
 def worker_trainer(ctx: Ctx, metrics_port: int | None) -> None:
     """Fine-tune the student on livecopy.feedback; publish gated versions to livecopy.model-updates."""
-    _torch_threads(ctx)
+    ctx.apply_torch_threads()
     from stream.trainer_worker import run_trainer_worker
 
     run_trainer_worker(ctx.settings, metrics_port=metrics_port)
