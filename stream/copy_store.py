@@ -50,10 +50,6 @@ def encode_copy(copy: GeneratedCopy) -> bytes:
     return orjson.dumps(copy.model_dump(mode="json", exclude_none=True))
 
 
-def decode_copy(raw: bytes | str) -> GeneratedCopy:
-    return GeneratedCopy.model_validate_json(raw)
-
-
 # -- catalog ------------------------------------------------------------------------------------
 def product_from_json(raw: bytes | str) -> Product:
     return Product.from_dict(orjson.loads(raw))
