@@ -58,13 +58,14 @@ def table(s: Mapping[str, Any], title: str = "closed loop") -> str:
 
 def plot(path: str | Path, series: Mapping[str, Sequence[float]], window: int, *, title: str,
          versions: Sequence[tuple[int, str]] = (), ylabel: str = "CTR (expected under the hidden model)") -> Path:
-    """PNG of CTR over time per policy; vertical ticks where the online model version changed."""
-    import matplotlib
+    """PNG of CTR over time per policy; vertical ticks where the online model version changed
+    (matplotlib's object API, as ``models.train.plot_losses``: no global backend switch, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    fig = Figure(figsize=(9, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for arm, xs in series.items():
         x, y = windowed(xs, window)
         ax.plot(x, y, label=arm, color=ARM_COLOURS.get(arm), linewidth=2.2 if arm == "online" else 1.5)
@@ -79,7 +80,6 @@ def plot(path: str | Path, series: Mapping[str, Sequence[float]], window: int, *
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
