@@ -216,9 +216,7 @@ def _posterior_for(student: LoadedStudent) -> Posterior | None:
     head = getattr(student.model, "ctr_head", None)
     if head is None:
         return None
-    w = head.out.weight.detach().float().cpu().numpy()
-    b = float(head.out.bias.detach().float().cpu().item())
-    return Posterior.prior(w, b)
+    return Posterior.of_head(head)
 
 
 def load_executor(path: str | Path, cfg: CopySettings, *, version: str | None = None) -> StudentExecutor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -34,6 +35,14 @@ class Posterior:
     def prior(cls, weight: np.ndarray, bias: float, prior_std: float = 0.1) -> Posterior:
         mean = np.concatenate([weight.reshape(-1), [bias]]).astype(np.float64)
         return cls(mean, np.full(mean.shape, 1.0 / prior_std**2))
+
+    @classmethod
+    def of_head(cls, head: Any, prior_std: float = 0.1) -> Posterior:
+        """:meth:`prior` around a CTR head's output layer (``head.out``, a torch ``nn.Linear`` to one logit)."""
+        out = head.out
+        w = out.weight.detach().double().cpu().numpy()
+        b = float(out.bias.detach().double().cpu().item())
+        return cls.prior(w, b, prior_std)
 
     @property
     def dim(self) -> int:

@@ -155,10 +155,7 @@ class CtrHeadScorer:
         self.posterior = posterior or self._prior()
 
     def _prior(self) -> Posterior:
-        out: Any = self.head.out
-        w = out.weight.detach().double().numpy()
-        b = float(out.bias.detach().double().item())
-        return Posterior.prior(w, b, self.prior_std)
+        return Posterior.of_head(self.head, self.prior_std)
 
     @torch.no_grad()
     def score(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
