@@ -59,6 +59,7 @@ from models.paths import shipped_student_dir
 from models.registry import Registry
 from models.student import ModelMeta, StudentModel, load_student, new_version, resolve_device, save_student
 from models.styles import STYLES, classify_style
+from models.train import auc
 from stream.contracts import FeedbackRecord, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,6 @@ def _logloss(p: Sequence[float], y: Sequence[bool]) -> float:
     eps = 1e-7
     return -sum(math.log(min(max(pi, eps), 1 - eps)) if yi else math.log(min(max(1 - pi, eps), 1 - eps))
                 for pi, yi in zip(p, y, strict=True)) / len(p)
-
-
-def _auc(p: Sequence[float], y: Sequence[bool]) -> float:
-    from models.train import auc
-
-    return auc(p, y)
 
 
 class OnlineTrainer:
@@ -358,7 +353,7 @@ class OnlineTrainer:
         ope, ope_serving = self._offpolicy(rows)
         rep = EvalReport(
             n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
-            candidate_auc=_auc(cand_p, y), serving_auc=_auc(serv_p, y), kl=kl, offpolicy=ope,
+            candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
             offpolicy_serving=ope_serving, publish=False,
         )
         if rep.n < cfg.min_heldout:
