@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -179,8 +180,8 @@ class HeadLearner:
         self.lr = lr
         self.batch = batch
         self.gen = torch.Generator().manual_seed(seed)
-        self.hidden: list[np.ndarray] = []
-        self.clicked: list[float] = []
+        self.hidden: deque[np.ndarray] = deque(maxlen=window)  # the sliding window of feedback
+        self.clicked: deque[float] = deque(maxlen=window)
         self.pending = 0
         self.updates = 0
 
@@ -192,9 +193,6 @@ class HeadLearner:
         """Log one feedback record; returns True when this triggered an update (a new version)."""
         self.hidden.append(hidden.astype(np.float32))
         self.clicked.append(1.0 if clicked else 0.0)
-        if len(self.hidden) > self.window:
-            del self.hidden[: len(self.hidden) - self.window]
-            del self.clicked[: len(self.clicked) - self.window]
         self.pending += 1
         if self.pending >= self.update_every:
             self.fit()
