@@ -106,3 +106,36 @@ def test_hf_causal_lm_teacher_decodes_too(toy_teacher_dir, prompts) -> None:
     b = generate_candidates(t.model, t.tokenizer, prompts[:2], k=2, max_new_tokens=6, seed=3)
     assert _texts(a) == _texts(b)
     assert all(c.style in STYLES and c.ctr is None for g in a for c in g)
+
+
+def test_preallocated_cache_layer_returns_what_the_concatenating_one_does() -> None:
+    """Prefill, in-place steps past the reserve (it grows), K-fold repeat and row selection."""
+    from transformers.cache_utils import DynamicLayer
+
+    from models.generate import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+
+    def kv(b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, 2, n, 4, generator=g), torch.randn(b, 2, n, 4, generator=g)
+
+    ref, pre = DynamicLayer(), PreallocatedLayer(extra=3)
+    k, v = kv(2, 5)
+    for layer in (ref, pre):
+        out = layer.update(k, v)
+    assert torch.equal(out[0], ref.keys) and torch.equal(out[1], ref.values)
+    for layer in (ref, pre):
+        layer.batch_repeat_interleave(3)
+    for step in range(6):  # 6 steps > 3 reserved: the buffer has to grow once
+        k, v = kv(6, 1)
+        rk, rv = ref.update(k, v)
+        pk, pv = pre.update(k, v)
+        assert torch.equal(rk, pk) and torch.equal(rv, pv), step
+        assert pre.get_seq_length() == ref.get_seq_length() == 6 + step
+    keep = torch.tensor([0, 2, 5])
+    for layer in (ref, pre):
+        layer.batch_select_indices(keep)
+    k, v = kv(3, 1)
+    rk, rv = ref.update(k, v)
+    pk, pv = pre.update(k, v)
+    assert torch.equal(rk, pk) and torch.equal(rv, pv) and pk.shape == (3, 2, 12, 4)
