@@ -32,8 +32,9 @@ from livecopy.settings import CopySettings
 from models.context import CopyContext, build_prompt, product_context
 from models.filter import FilterStats, check_copy, fallback_copy
 from models.generate import Candidate, generate_candidates, score_ctr_with_features
-from models.policy import Chooser, Posterior
+from models.policy import Chooser, Posterior, StyleResponse
 from models.student import LoadedStudent, load_student, resolve_device
+from models.styles import STYLES
 from stream.contracts import MAX_COPY_CHARS, GeneratedCopy, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class CopyRequest:
     user_id: str
     ctx: CopyContext  # product + persona + slot (models.context.context_from_profile / product_context)
     profile_version: int = 0  # 0: cold start (no profile)
+    style_response: StyleResponse | None = None  # the shopper's response to copy styles (stream/responses.py)
 
     @property
     def product_id(self) -> str:
@@ -98,6 +100,9 @@ def new_copy_id() -> str:
     return "c-" + uuid.uuid4().hex
 
 
+_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
+
+
 class StudentExecutor:
     """Generates copies with one loaded student; implements ``models.batching.Executor``."""
 
@@ -135,10 +140,17 @@ class StudentExecutor:
             self._seed += 1
             seed = self._seed
             prompts = [build_prompt(r.ctx) for r in requests]
+            factors = [self._style_factors(r) for r in requests]
+            extra: dict[str, Any] = {}
+            if any(f is not None for f in factors):
+                t = self.cfg.style_response_temperature
+                extra["style_bias"] = [None if f is None else {st: float(v) / t for st, v in zip(STYLES, f[0],
+                                                                                             strict=True)}
+                                       for f in factors]
             groups = self.generate(
                 self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed,
+                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed, **extra,
             )
             results: list[CopyResult | None] = []
             fallbacks: list[int] = []
@@ -167,7 +179,10 @@ class StudentExecutor:
                 chooser = self.chooser
                 if chooser.policy == "thompson" and posterior is None:
                     chooser = Chooser("greedy")
-                choice = chooser.choose(feats, scores, posterior, self.rng, ok)
+                f = factors[i]
+                offsets = None if f is None else np.stack(
+                    [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
+                choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
                 cand = group[choice.index]
                 results.append(self._result(req, cand.text, cand.style, choice.score, choice.propensity,
                                             chooser.policy, len(group), int(ok.sum())))
@@ -175,6 +190,15 @@ class StudentExecutor:
                 self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
             self.copies += len(requests)
         return [r for r in results if r is not None]
+
+    def _style_factors(self, req: CopyRequest) -> np.ndarray | None:
+        """(mc_draws + 1, len(STYLES)) log multipliers of the shopper's style response: Thompson
+        samples (row 0 also tilts the style tokens), posterior means for the greedy policies."""
+        strength = self.cfg.style_response_strength
+        if req.style_response is None or strength <= 0 or self.chooser.policy == "random":
+            return None
+        rng = self.rng if self.chooser.policy == "thompson" else None
+        return req.style_response.log_factors(list(STYLES), strength, rng, self.chooser.mc_draws + 1)
 
     def _fill_fallbacks(
         self, requests: Sequence[CopyRequest], prompts: Sequence[str], idx: list[int],

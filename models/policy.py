@@ -98,7 +98,11 @@ class Chooser:
         posterior: Posterior | None,
         rng: np.random.Generator,
         eligible: np.ndarray | None = None,  # (K,) bool: passed the copy filter
+        offsets: np.ndarray | None = None,  # (mc_draws + 1, K) logit offsets (StyleResponse.log_factors)
     ) -> Choice:
+        """Pick one candidate. ``offsets`` add a per-candidate logit term drawn from a second
+        posterior (the shopper's style response): Thompson draw ``i`` of the head is paired with
+        row ``i``; the greedy policies use the rows' mean."""
         k = len(scores)
         ok = np.ones(k, bool) if eligible is None else eligible.astype(bool)
         if not ok.any():
@@ -107,20 +111,66 @@ class Chooser:
         if self.policy == "random":
             i = int(rng.choice(idx))
             return Choice(i, 1.0 / len(idx), float(scores[i]))
-        best = int(idx[np.argmax(scores[idx])])
+        if offsets is None:
+            best = int(idx[np.argmax(scores[idx])])
+        else:
+            p = np.clip(scores, 1e-9, 1.0 - 1e-9)
+            best = int(idx[np.argmax((np.log(p) - np.log1p(-p) + offsets.mean(axis=0))[idx])])
         if self.policy == "greedy":
             return Choice(best, 1.0, float(scores[best]))
         if self.policy == "epsilon_greedy":
             explore = rng.random() < self.epsilon
             i = int(rng.choice(idx)) if explore else best
-            p = self.epsilon / len(idx) + (1.0 - self.epsilon if i == best else 0.0)
-            return Choice(i, p, float(scores[i]))
+            p_i = self.epsilon / len(idx) + (1.0 - self.epsilon if i == best else 0.0)
+            return Choice(i, p_i, float(scores[i]))
         if posterior is None:  # no posterior shipped: fall back to the prior around the head
             raise ValueError("thompson sampling needs a posterior")
         x = np.concatenate([features[idx], np.ones((len(idx), 1))], axis=1)  # (m, d+1)
         thetas = posterior.sample(rng, self.mc_draws + 1)  # draw 0 decides, the rest estimate
-        winners = np.argmax(thetas @ x.T, axis=1)  # sigmoid is monotonic: compare logits
+        logits = thetas @ x.T  # sigmoid is monotonic: compare logits
+        if offsets is not None:
+            logits = logits + offsets[: self.mc_draws + 1, idx]
+        winners = np.argmax(logits, axis=1)
         j = int(winners[0])
         freq = float(np.mean(winners[1:] == j))
         propensity = max(freq, 1.0 / (self.mc_draws + 1))
         return Choice(int(idx[j]), propensity, float(scores[idx[j]]))
+
+
+@dataclass
+class StyleResponse:
+    """How one shopper responds to each copy style, beyond what the CTR head predicts.
+
+    Per style: ``clicks`` observed and ``expected`` clicks (the sum of the CTR head's predicted
+    CTR of the copies shown). The shopper's multiplier on the head's CTR for a style, r, has a
+    Gamma(strength, strength) prior (mean 1) and, as clicks are Poisson given the expected count,
+    the conjugate posterior Gamma(strength + clicks, strength + expected): observed over expected,
+    shrunk towards 1. Its log is a logit offset (CTRs are small), drawn per Thompson draw.
+    """
+
+    clicks: dict[str, float]
+    expected: dict[str, float]
+
+    @classmethod
+    def empty(cls) -> StyleResponse:
+        return cls({}, {})
+
+    def observe(self, style: str, predicted: float, clicked: bool) -> None:
+        self.expected[style] = self.expected.get(style, 0.0) + float(predicted)
+        if clicked:
+            self.clicks[style] = self.clicks.get(style, 0.0) + 1.0
+
+    def posterior(self, style: str, strength: float) -> tuple[float, float]:
+        """(shape, rate) of the multiplier's Gamma posterior."""
+        return strength + self.clicks.get(style, 0.0), strength + self.expected.get(style, 0.0)
+
+    def log_factors(self, styles: list[str], strength: float, rng: np.random.Generator | None = None,
+                    draws: int = 1) -> np.ndarray:
+        """(draws, len(styles)) log multipliers: posterior samples, or the posterior mean of log r
+        (digamma(shape) - log(rate)) in every row when ``rng`` is None."""
+        shape = np.array([self.posterior(s, strength)[0] for s in styles])
+        rate = np.array([self.posterior(s, strength)[1] for s in styles])
+        if rng is None:  # E[log r] = digamma(shape) - log(rate); asymptotic digamma, shape >= strength
+            digamma = np.log(shape) - 1.0 / (2.0 * shape) - 1.0 / (12.0 * shape**2)
+            return np.tile(digamma - np.log(rate), (draws, 1))
+        return np.log(rng.gamma(shape, 1.0 / rate, size=(draws, len(styles))))

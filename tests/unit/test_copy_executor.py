@@ -127,3 +127,62 @@ def test_engine_batches_real_model_and_answers_one_to_one(model_dir: Path) -> No
     assert [r.user_id for r in results] == [r.user_id for r in reqs]
     assert sum(sizes) == 24 and max(sizes) > 1 and max(sizes) <= 8
     assert isinstance(engine.executor, StudentExecutor) and engine.version == "v1"
+
+
+def _eco_lover() -> Any:
+    from models.policy import StyleResponse
+
+    resp = StyleResponse.empty()
+    for st in ("urgency", "discount", "quality", "eco", "social_proof", "practical"):
+        for i in range(200):
+            resp.observe(st, 0.05, clicked=(st == "eco" and i < 40))  # eco: 40 clicks where 10 expected
+    return resp
+
+
+def test_a_shoppers_style_response_tilts_the_styles_the_real_student_samples(model_dir: Path) -> None:
+    """A shopper who clicked 'eco' copy 4x more than predicted and never the other styles gets
+    eco candidates: the style tokens' first-token logits are tilted by log(multiplier) / 0.3."""
+    resp = _eco_lover()
+    reqs = [CopyRequest(f"u{i}", product_context(CAT.products[i], "pdp"), style_response=resp) for i in range(6)]
+    ex = load_executor(model_dir, copy_settings(policy="thompson", candidates=4, mc_draws=50))
+    calls: list[tuple[dict[str, Any], list[list[Candidate]]]] = []
+    real = ex.generate
+
+    def spy(*a: Any, **kw: Any) -> list[list[Candidate]]:
+        out = real(*a, **kw)
+        calls.append((kw, out))
+        return out
+
+    ex.generate = spy
+    ex.run(reqs)
+    ex.run([CopyRequest(r.user_id, r.ctx) for r in reqs])
+    (kw_t, tilted), (kw_p, plain) = calls
+    bias = kw_t["style_bias"][0]  # about log(43/13)/0.3 = 4.0 for eco, log(3/13)/0.3 = -4.9 the rest (sampled)
+    assert bias["eco"] - max(v for st, v in bias.items() if st != "eco") > 5.0
+    assert "style_bias" not in kw_p  # no response: the model's own style distribution
+    share_t = np.mean([c.style == "eco" for g in tilted for c in g])
+    share_p = np.mean([c.style == "eco" for g in plain for c in g])
+    assert share_t >= 0.9 and share_t > share_p + 0.3
+
+
+def test_a_shoppers_style_response_steers_the_choice_but_not_the_logged_score(model_dir: Path) -> None:
+    reqs = [CopyRequest(f"u{i}", product_context(CAT.products[i], "pdp"), style_response=_eco_lover())
+            for i in range(8)]
+    ex = load_executor(model_dir, copy_settings(policy="thompson", candidates=4, mc_draws=50))
+
+    def scripted(model: Any, tok: Any, prompts: list[str], k: int, **kw: Any) -> list[list[Candidate]]:
+        out = []
+        for r in reqs[: len(prompts)]:
+            text = f"The {r.ctx.title} is a {r.ctx.noun} built to last, rated {r.ctx.rating:.1f}/5."
+            out.append([Candidate(text=text, style=st, logprob=-1.0, token_ids=[1], ctr=ctr,
+                                  ctr_features=np.zeros(8, np.float32))
+                        for st, ctr in (("quality", 0.2), ("eco", 0.1), ("urgency", 0.2), ("social_proof", 0.2))])
+        return out
+
+    ex.generate = scripted
+    res = ex.run(reqs)
+    assert all(r.style == "eco" for r in res)  # the head prefers the others 2:1, the shopper eco ~14:1
+    assert all(r.score == pytest.approx(0.1) for r in res)  # logged: the head's CTR, as the worker expects
+    ex_plain = load_executor(model_dir, copy_settings(policy="greedy", candidates=4))
+    ex_plain.generate = scripted
+    assert not any(r.style == "eco" for r in ex_plain.run([CopyRequest(r.user_id, r.ctx) for r in reqs]))

@@ -88,3 +88,42 @@ def test_posterior_round_trips_through_safetensors(tmp_path: Path) -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError):
         Chooser("psychic")
+
+
+# -- the shopper's style response (a second posterior, per user and style)
+
+
+def test_style_response_posterior_is_observed_over_expected_shrunk_to_one() -> None:
+    from models.policy import StyleResponse
+
+    r = StyleResponse.empty()
+    for i in range(100):  # 100 impressions of social proof at predicted CTR 0.1: 30 clicks, 3x expected
+        r.observe("social_proof", 0.1, i < 30)
+    shape, rate = r.posterior("social_proof", strength=3.0)
+    assert (shape, rate) == pytest.approx((33.0, 13.0))
+    mean_log = r.log_factors(["social_proof", "urgency"], 3.0)[0]
+    assert mean_log[0] == pytest.approx(np.log(33.0 / 13.0), abs=0.03)  # ~ log(observed / expected), shrunk
+    assert mean_log[1] == pytest.approx(np.log(1.0) - 1 / 6 - 1 / 108, abs=1e-9)  # prior: E[log r], r ~ Gamma(3, 3)
+    draws = r.log_factors(["social_proof", "urgency"], 3.0, np.random.default_rng(0), draws=4000)
+    assert draws.shape == (4000, 2)
+    assert draws[:, 0].mean() == pytest.approx(mean_log[0], abs=0.02)
+    assert draws[:, 0].std() < draws[:, 1].std()  # more evidence, narrower
+
+
+def test_style_offsets_steer_the_choice_and_zero_offsets_change_nothing() -> None:
+    feats, scores, post = setup(seed=5)
+    chooser = Chooser("thompson", mc_draws=50)
+    zero = np.zeros((51, 4))
+    for s in range(30):  # zero offsets: the same choice as without, same propensity
+        a = chooser.choose(feats, scores, post, np.random.default_rng(s))
+        b = chooser.choose(feats, scores, post, np.random.default_rng(s), offsets=zero)
+        assert (a.index, a.propensity) == (b.index, b.propensity)
+    worst = int(np.argmin(scores))
+    boost = np.zeros((51, 4))
+    boost[:, worst] = 20.0  # this shopper responds to that candidate's style far above the head's guess
+    for s in range(30):
+        c = chooser.choose(feats, scores, post, np.random.default_rng(s), offsets=boost)
+        assert c.index == worst and c.propensity == pytest.approx(1.0)
+        assert c.score == pytest.approx(scores[worst])  # the logged score stays the head's
+    g = Chooser("greedy").choose(feats, scores, post, np.random.default_rng(0), offsets=boost)
+    assert g.index == worst
