@@ -1,5 +1,6 @@
 """Commands of the feedback loop: ``livecopy worker feedback`` (the joiner), ``livecopy worker
-trainer`` (online fine-tuning) and ``livecopy models list|promote|rollback`` (the registry).
+responses`` (each shopper's style response), ``livecopy worker trainer`` (online
+fine-tuning) and ``livecopy models list|promote|rollback`` (the registry).
 
 ``promote`` and ``rollback`` change the registry's serving pointer and announce the version on
 ``livecopy.model-updates`` (``--no-announce`` to only change the registry), so every running
@@ -25,6 +26,16 @@ def worker_feedback(ctx: Ctx, metrics_port: int | None) -> None:
     from stream.feedback_worker import run_feedback_worker
 
     run_feedback_worker(ctx.settings, metrics_port=metrics_port)
+
+
+@click.command("responses")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@pass_ctx
+def worker_responses(ctx: Ctx, metrics_port: int | None) -> None:
+    """Keep each shopper's response to copy styles (clicks vs predicted, from livecopy.feedback) in Redis."""
+    from stream.responses import run_responses_worker
+
+    run_responses_worker(ctx.settings, metrics_port=metrics_port)
 
 
 @click.command("trainer")
@@ -127,6 +138,7 @@ def commands() -> list[click.Command]:
 
 
 def extend(worker_group: click.Group) -> None:
-    """Add ``feedback`` and ``trainer`` to the ``livecopy worker`` group."""
+    """Add ``feedback``, ``responses`` and ``trainer`` to the ``livecopy worker`` group."""
     worker_group.add_command(worker_feedback)
+    worker_group.add_command(worker_responses)
     worker_group.add_command(worker_trainer)

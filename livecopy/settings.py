@@ -125,6 +125,15 @@ class FeedbackSettings(BaseModel):
     sweep_limit: int = 1000  # impressions decided per shard per sweep
 
 
+class ResponseSettings(BaseModel):
+    """``livecopy worker responses`` (``LIVECOPY_RESPONSES__...``): each shopper's response to copy
+    styles, from the feedback topic (stream/responses.py). How the copy service uses it:
+    ``generation.style_response_strength`` / ``style_response_temperature``."""
+
+    dedupe_window_s: int = 7 * 24 * 3600  # impression ids remembered per shopper against re-deliveries
+    ttl_s: int = 90 * 24 * 3600  # a shopper's response expires after this without feedback (0: never)
+
+
 class TrainerSettings(BaseModel):
     """The online trainer and the model registry (``LIVECOPY_TRAINER__...``), see docs/feedback.md."""
 
@@ -178,6 +187,11 @@ class CopySettings(BaseModel):
     hot_reload: bool = True  # follow livecopy.model-updates
     reload_poll_s: float = 0.5
     smoke_min_pass_rate: float = 0.0  # share of smoke copies that must pass the filter (0: none)
+    # The shopper's style response (models.policy.StyleResponse, kept by `livecopy worker responses`):
+    # Gamma(strength, strength) prior of each style's CTR multiplier (0: not used); the style tokens'
+    # first-token logits get + log(multiplier) / temperature, and Thompson adds log(multiplier).
+    style_response_strength: float = 3.0
+    style_response_temperature: float = 0.3
 
 
 class GeneratorSettings(BaseModel):
@@ -214,6 +228,7 @@ class Settings(BaseSettings):
     generation: CopySettings = Field(default_factory=CopySettings)
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    responses: ResponseSettings = Field(default_factory=ResponseSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     log_level: str = "INFO"
 

@@ -46,6 +46,7 @@ from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
 from stream.profile_store import TRANSIENT_REDIS_ERRORS
+from stream.responses import AsyncResponseReader
 from stream.wire import Topics
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class CopyService:
         self.redis = redis_client
         self.keys = CopyKeys(settings.redis.key_prefix, self.cfg.catalog_key)
         self.catalog = AsyncCatalog(redis_client, self.keys)
+        self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix)
         self.publisher = publisher
         self.metrics = metrics
         metrics.service = self
@@ -132,6 +134,7 @@ class CopyService:
                 return Response(cached, media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
             profile = render(user_id, state, self.settings.profile) if state is not None else None
             recent = await self.catalog.get_many(profile.recent_products) if profile is not None else {}
+            response = await self.responses.load(user_id) if self.cfg.style_response_strength > 0 else None
         except TRANSIENT_REDIS_ERRORS as exc:
             self.metrics.refused.labels("redis").inc()
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
@@ -139,7 +142,7 @@ class CopyService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            fut = self.engine.submit(CopyRequest(user_id, ctx, pv))
+            fut = self.engine.submit(CopyRequest(user_id, ctx, pv, style_response=response))
         except Overloaded as exc:
             self.metrics.refused.labels("overloaded").inc()
             return _unavailable("overloaded", str(exc))

@@ -45,6 +45,7 @@ from stream.kafka_io import consumer_config, producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
 from stream.profile_store import TRANSIENT_REDIS_ERRORS, ProfileKeys, RedisProfileStore
+from stream.responses import RedisResponseStore
 from stream.wire import Rejection, Topics, decode_event
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Pregenerator:
         self.keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
         self.pkeys = ProfileKeys(settings.redis.key_prefix)
         self.profiles = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
+        self.responses = RedisResponseStore(client, settings.responses, settings.redis.key_prefix)
 
     def _count(self, outcome: str, n: int = 1) -> None:
         if self.metrics:
@@ -176,7 +178,10 @@ class Pregenerator:
         self._count("already_cached", len(products) - len(todo))
         if not todo:
             return 0
-        futs = [self._submit(CopyRequest(ev.user_id, context_from_profile(p, profile, slot, lookup=cat.get), pv))
+        response = (self._retry("style response load", lambda: self.responses.load(ev.user_id))
+                    if self.settings.generation.style_response_strength > 0 else None)
+        futs = [self._submit(CopyRequest(ev.user_id, context_from_profile(p, profile, slot, lookup=cat.get), pv,
+                                         style_response=response))
                 for p in todo]
         results = [f.result() for f in futs]
         copies = [r.to_copy() for r in results]

@@ -269,7 +269,7 @@ def run_demo(settings: Settings, *, duration_s: float, out_dir: Path, short: boo
         procs: dict[str, list[str]] = {}
         # --short (CI) leaves the generator worker out: on two cores its pre-generation competes
         # with the copy service for the same CPU, and GET /v1/copy generates on a miss anyway.
-        for w in ("profile", "feedback", "trainer", *(() if short else ("generator",))):
+        for w in ("profile", "feedback", "responses", "trainer", *(() if short else ("generator",))):
             if w in have:
                 procs[f"worker-{w}"] = [*py, "worker", w]
             else:

@@ -1,0 +1,283 @@
+"""Each shopper's response to copy styles: `livecopy.feedback` -> per-user counters in Redis.
+
+For every labelled impression the feedback topic carries the style the copy was written in and
+the CTR its model predicted (``score``). Per shopper and style this worker adds the clicks
+observed and the clicks expected (the sum of the predicted CTRs); the copy service reads them back
+as a :class:`models.policy.StyleResponse` -- observed over expected, shrunk towards 1 by a Gamma
+prior -- to tilt the styles it samples and to choose among the candidates (Thompson). So a
+shopper who clicks social-proof copy far more often than the CTR head expects gets more of it,
+and one who never clicks urgency gets less, without waiting for the next model version.
+
+Idempotent like the profile worker: one Lua call per shopper per batch adds that shopper's
+records atomically and remembers their impression ids (re-deliveries count once), offsets are
+committed only after Redis acknowledged. Keys carry the user id as a hash tag (Cluster safe).
+`ResponseProcessor` is transport-free and unit-tested with the in-memory store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol
+
+import orjson
+import redis
+import redis.asyncio as aredis
+from confluent_kafka import Consumer, Producer
+from pydantic import ValidationError
+from redis.exceptions import NoScriptError
+
+from livecopy.metrics import WorkerMetrics
+from livecopy.settings import ResponseSettings, Settings
+from models.policy import StyleResponse
+from models.styles import STYLES
+from stream.contracts import FeedbackRecord
+from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
+from stream.profile_store import TRANSIENT_REDIS_ERRORS, TransientStoreError
+from stream.profile_worker import install_stop_signals, wall_ms
+from stream.wire import Record, Rejection, Topics, rejection_from
+
+log = logging.getLogger(__name__)
+
+GROUP = "responses"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseUpdate:
+    impression_id: str
+    user_id: str
+    style: str
+    predicted: float  # the CTR the serving model predicted for the copy shown
+    clicked: bool
+
+
+def response_update(rec: FeedbackRecord) -> ResponseUpdate | None:
+    """The update a feedback record makes, or None when it carries no style or no prediction
+    (a valid record, just not evidence about styles: e.g. from a model without a CTR head)."""
+    if rec.style not in STYLES or rec.score is None or not 0.0 <= rec.score <= 1.0:
+        return None
+    return ResponseUpdate(rec.impression_id, rec.user_id, str(rec.style), float(rec.score), rec.clicked)
+
+
+def apply_updates(resp: StyleResponse, seen: dict[str, int], updates: Sequence[ResponseUpdate], now_ms: int,
+                  window_ms: int) -> list[bool]:
+    """The pure merge (what responses.lua does for one shopper): forget ids older than the window,
+    count each impression id once."""
+    for imp in [i for i, t in seen.items() if t < now_ms - window_ms]:
+        del seen[imp]
+    out = []
+    for u in updates:
+        fresh = u.impression_id not in seen
+        if fresh:
+            seen[u.impression_id] = now_ms
+            resp.observe(u.style, u.predicted, u.clicked)
+        out.append(fresh)
+    return out
+
+
+def response_from_hash(h: Mapping[bytes | str, bytes | str]) -> StyleResponse | None:
+    """Parse the Redis hash (c:<style>, e:<style>) back into a StyleResponse (pure)."""
+    if not h:
+        return None
+    resp = StyleResponse.empty()
+    for k, v in h.items():
+        key = k.decode() if isinstance(k, bytes) else k
+        kind, _, style = key.partition(":")
+        if style in STYLES and kind in ("c", "e"):
+            (resp.clicks if kind == "c" else resp.expected)[style] = float(v)
+    return resp
+
+
+class ResponseStore(Protocol):
+    def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
+        """Add updates in order; True where one counted, False for a duplicate impression id."""
+        ...
+
+    def load(self, user_id: str) -> StyleResponse | None: ...
+
+    def ping(self) -> bool: ...
+
+
+class InMemoryResponseStore:
+    """A real (not mocked) store for unit tests: the pure merge over dicts."""
+
+    def __init__(self, cfg: ResponseSettings) -> None:
+        self.cfg = cfg
+        self.responses: dict[str, StyleResponse] = {}
+        self.seen: dict[str, dict[str, int]] = {}
+        self.down = False  # tests flip this to simulate an outage
+
+    def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
+        if self.down:
+            raise TransientStoreError("in-memory store is down")
+        flags: dict[int, bool] = {}
+        for user, idx in _by_user(updates).items():
+            resp = self.responses.setdefault(user, StyleResponse.empty())
+            got = apply_updates(resp, self.seen.setdefault(user, {}), [updates[i] for i in idx], now_ms,
+                                self.cfg.dedupe_window_s * 1000)
+            flags.update(zip(idx, got, strict=True))
+        return [flags[i] for i in range(len(updates))]
+
+    def load(self, user_id: str) -> StyleResponse | None:
+        r = self.responses.get(user_id)
+        return r if r is not None and r.expected else None
+
+    def ping(self) -> bool:
+        return not self.down
+
+
+def _by_user(updates: Sequence[ResponseUpdate]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, u in enumerate(updates):
+        out.setdefault(u.user_id, []).append(i)
+    return out
+
+
+class ResponseKeys:
+    def __init__(self, prefix: str = "lc:") -> None:
+        self.prefix = prefix
+
+    def of(self, user_id: str) -> tuple[str, str]:
+        tag = f"{self.prefix}{{{user_id}}}"
+        return f"{tag}:sr", f"{tag}:srd"
+
+
+def _encode(u: ResponseUpdate) -> bytes:
+    return orjson.dumps({"i": u.impression_id, "s": u.style, "e": u.predicted, "c": 1 if u.clicked else 0})
+
+
+class RedisResponseStore:
+    def __init__(self, client: redis.Redis, cfg: ResponseSettings, key_prefix: str = "lc:") -> None:
+        self.client = client
+        self.cfg = cfg
+        self.keys = ResponseKeys(key_prefix)
+        self.source = resources.files("stream").joinpath("responses.lua").read_text()
+        self.sha: str | None = None
+
+    def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
+        if not updates:
+            return []
+        by_user = _by_user(updates)
+        head = [now_ms, self.cfg.dedupe_window_s * 1000, self.cfg.ttl_s * 1000]
+        try:
+            if self.sha is None:
+                self.sha = self.client.script_load(self.source)
+            for _attempt in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                for user, idxs in by_user.items():
+                    pipe.evalsha(self.sha, 2, *self.keys.of(user), *head, *(_encode(updates[i]) for i in idxs))
+                results = pipe.execute(raise_on_error=False)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    self.sha = self.client.script_load(self.source)  # Redis lost its scripts: redo
+                    continue
+                break
+            else:  # pragma: no cover - the script vanished twice in a row
+                raise TransientStoreError("responses script keeps disappearing")
+        except TRANSIENT_REDIS_ERRORS as exc:
+            raise TransientStoreError(f"redis unavailable: {exc}") from exc
+        out = [False] * len(updates)
+        for idxs, res in zip(by_user.values(), results, strict=True):
+            if isinstance(res, TRANSIENT_REDIS_ERRORS):
+                raise TransientStoreError(f"redis unavailable: {res}")
+            if isinstance(res, Exception):
+                raise res
+            for i, flag in zip(idxs, res, strict=True):
+                out[i] = bool(flag)
+        return out
+
+    def load(self, user_id: str) -> StyleResponse | None:
+        return response_from_hash(self.client.hgetall(self.keys.of(user_id)[0]))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except TRANSIENT_REDIS_ERRORS:
+            return False
+
+
+class AsyncResponseReader:
+    """Read side for the copy service (redis.asyncio)."""
+
+    def __init__(self, client: aredis.Redis, key_prefix: str = "lc:") -> None:
+        self.client = client
+        self.keys = ResponseKeys(key_prefix)
+
+    async def load(self, user_id: str) -> StyleResponse | None:
+        return response_from_hash(await self.client.hgetall(self.keys.of(user_id)[0]))
+
+
+class ResponseProcessor:
+    """Feedback records in, style-response counters out (``BatchLoop`` processor)."""
+
+    def __init__(self, store: ResponseStore, *, now_ms: Callable[[], int] = wall_ms,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.store = store
+        self.now_ms = now_ms
+        self.metrics = metrics
+        self.applied = self.duplicates = self.skipped = 0
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        updates: list[ResponseUpdate] = []
+        rejected: list[tuple[Record, Rejection]] = []
+        skipped = 0
+        for r in records:
+            if r.value is None:
+                rejected.append((r, Rejection("empty", "record has no value")))
+                continue
+            try:
+                u = response_update(FeedbackRecord.model_validate_json(r.value))
+            except ValidationError as exc:
+                rejected.append((r, rejection_from(exc)))
+                continue
+            if u is None:
+                skipped += 1
+            else:
+                updates.append(u)
+        try:
+            flags = self.store.apply(updates, self.now_ms())
+        except TransientStoreError as exc:
+            raise TransientError(str(exc)) from exc
+        applied = sum(flags)
+        self.applied += applied
+        self.duplicates += len(flags) - applied
+        self.skipped += skipped
+        if self.metrics:
+            self.metrics.count("applied", applied)
+            self.metrics.count("duplicate", len(flags) - applied)
+            self.metrics.count("skipped", skipped)
+        return Outcome(rejected)
+
+    def healthy(self) -> bool:
+        return self.store.ping()
+
+
+def build_responses_loop(settings: Settings, *, group_suffix: str = "", metrics: WorkerMetrics | None = None,
+                         **consumer_overrides: Any) -> BatchLoop:
+    topics = Topics.from_settings(settings.topics)
+    client = redis.Redis.from_url(
+        settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
+        socket_connect_timeout=settings.redis.socket_timeout_s,
+    )
+    processor = ResponseProcessor(RedisResponseStore(client, settings.responses, settings.redis.key_prefix),
+                                  metrics=metrics)
+    w = settings.worker
+    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
+    return BatchLoop(
+        consumer, Producer(producer_config(settings.kafka)), processor,
+        topics=[topics.feedback], dlq_topic=topics.dlq,
+        max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s,
+        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
+        commit_interval_s=w.commit_interval_s, metrics=metrics,
+    )
+
+
+def run_responses_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    metrics = WorkerMetrics("responses")
+    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    loop = build_responses_loop(settings, metrics=metrics)
+    install_stop_signals(loop.stop)
+    log.info("responses worker consuming %s", loop.topics)
+    loop.run()
+    log.info("responses worker stopped after %d records in %d batches", loop.records, loop.batches)
