@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--per-style", type=int, default=2, help="Copies sampled per style and pool key.")
     ap.add_argument("--style-temperature", type=float, default=0.3,
                     help="Online style policy: p0(style) * exp(Q / this); smaller moves further from the prior.")
+    ap.add_argument("--user-styles", type=float, default=3.0,
+                    help="Prior strength of each shopper's style response learnt by the online policy "
+                         "(models.policy.StyleResponse); 0: off (the CTR head alone).")
     ap.add_argument("--update-every", type=int, default=2000, help="Feedback records between online updates.")
     ap.add_argument("--window", type=int, default=0, help="Plot window (default: impressions / 50).")
     ap.add_argument("--student", default=None, help="Student checkpoint (default: the shipped one).")
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     book = ProfileBook(pop.catalog)
     learner = HeadLearner(student.model.ctr_head, update_every=args.update_every, seed=args.seed)
     arms = ClosedLoopArms(student, book, cfg, k=args.k, per_style=args.per_style, seed=args.seed,
-                          learner=learner, style_temperature=args.style_temperature)
+                          learner=learner, style_temperature=args.style_temperature,
+                          user_style_strength=args.user_styles)
     sim = ShopperSim(pop, seed=args.seed)
 
     t0 = time.monotonic()
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "seed": args.seed, "population": cfg.name, "users": cfg.users, "catalog": cfg.catalog_size, "k": args.k,
         "per_style": args.per_style,
         "style_temperature": args.style_temperature, "update_every": args.update_every,
+        "user_style_strength": args.user_styles,
         "online_versions": learner.updates,
         "pool_keys": len(arms.pools), "copies_generated": arms.generated, "seconds": round(elapsed, 1),
         "student_version": student.meta.version,

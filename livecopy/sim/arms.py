@@ -43,13 +43,14 @@ from models.context import CopyContext, build_prompt, context_from_profile
 from models.data import encode_text, special_ids
 from models.filter import check_copy
 from models.generate import _banned_after_first, decode, style_distribution
-from models.policy import Chooser, Posterior
+from models.policy import Chooser, Posterior, StyleResponse
 from models.student import LoadedStudent
 from models.styles import STYLES, classify_style
 from stream.contracts import MAX_COPY_CHARS, Event
 from stream.profile import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
+_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 EXTRA_ARMS = ("rerank_only",)
 
 
@@ -274,7 +275,8 @@ class ClosedLoopArms:
 
     def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, *, k: int = 4,
                  per_style: int = 2, seed: int = 0, learner: HeadLearner | None = None, gen_batch: int = 32,
-                 max_new_tokens: int = 40, style_temperature: float = 0.3) -> None:
+                 max_new_tokens: int = 40, style_temperature: float = 0.3,
+                 user_style_strength: float = 0.0) -> None:
         self.student = student
         self.book = book
         self.pop_cfg = pop_cfg
@@ -285,13 +287,16 @@ class ClosedLoopArms:
         self.gen_batch = gen_batch
         self.max_new_tokens = max_new_tokens
         self.style_temperature = style_temperature
+        # > 0: the online policy also learns each shopper's response to copy styles (StyleResponse)
+        self.user_style_strength = user_style_strength
+        self.responses: dict[str, StyleResponse] = {}
         self.static = CtrHeadScorer(copy.deepcopy(student.model.ctr_head))
         self.learner = learner or HeadLearner(student.model.ctr_head, seed=seed)
         self.thompson = Chooser("thompson", mc_draws=20)
         self.pools: dict[tuple[str, ...], Pooled] = {}
         self.stats = ArmStats()
         self.generated = 0
-        self._shown_hidden: dict[int, np.ndarray] = {}
+        self._shown: dict[int, tuple[np.ndarray, str, str, float]] = {}  # hidden, user, style, score
         # CTR-head scores of each pool: the static head never changes, the online one only when the
         # learner updates (scores are cached per learner version)
         self._static_scores: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
@@ -322,8 +327,11 @@ class ClosedLoopArms:
         picks = self.rng.choice(len(names), size=self.k, p=w)
         return np.array([int(self.rng.choice(pool.groups[names[j]])) for j in picks])
 
-    def online_style_p(self, pool: Pooled, scores: np.ndarray) -> dict[str, float]:
-        q = {st: float(np.mean(np.log(np.clip(scores[ix], 1e-6, 1.0)))) for st, ix in pool.groups.items()}
+    def online_style_p(self, pool: Pooled, scores: np.ndarray, offsets: np.ndarray | None = None) -> dict[str, float]:
+        logs = np.log(np.clip(scores, 1e-6, 1.0))
+        if offsets is not None:  # the shopper's own style response (log multipliers per copy)
+            logs = logs + offsets
+        q = {st: float(np.mean(logs[ix])) for st, ix in pool.groups.items()}
         top = max(q.values())
         w = {st: pool.style_p.get(st, 0.0) * math.exp((q[st] - top) / self.style_temperature) for st in q}
         z = sum(w.values()) or 1.0
@@ -354,13 +362,16 @@ class ClosedLoopArms:
                                for t, st in zip(pool.texts, pool.seen, strict=True)])
             (s_scores, s_feats), (o_scores, o_feats) = self._scores(key, pool)
             s_idx = self._draw(pool, pool.style_p)
-            o_idx = self._draw(pool, self.online_style_p(pool, o_scores))
+            offsets = self._user_offsets(ask.shopper.user_id, pool)
+            o_idx = self._draw(pool, self.online_style_p(pool, o_scores, None if offsets is None else offsets[0]))
+            o_off = None if offsets is None else offsets[:, o_idx]
             eligible = np.concatenate(list(pool.groups.values()))
             post_s, post_o = self.static.posterior, self.learner.scorer.posterior
             picks = {
                 "random": int(s_idx[self.rng.integers(len(s_idx))]),
                 "static": int(s_idx[self.thompson.choose(s_feats[s_idx], s_scores[s_idx], post_s, self.rng).index]),
-                "online": int(o_idx[self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng).index]),
+                "online": int(o_idx[self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng,
+                                                         offsets=o_off).index]),
                 "oracle": int(eligible[np.argmax(p_true[eligible])]),
                 "rerank_only": int(s_idx[self.thompson.choose(o_feats[s_idx], o_scores[s_idx], post_o,
                                                               self.rng).index]),
@@ -371,12 +382,26 @@ class ClosedLoopArms:
                 policy="thompson", style=pool.seen[j], arm_p={a: float(p_true[i]) for a, i in picks.items()},
                 arm_style={a: pool.seen[i] for a, i in picks.items()},
             ))
-            self._shown_hidden[ask.seq] = pool.hidden[j]
+            # the style response is kept per style *token* (what the copy service knows of a copy)
+            self._shown[ask.seq] = (pool.hidden[j], ask.shopper.user_id, pool.styles[j], float(o_scores[j]))
         return out
+
+    def _user_offsets(self, user_id: str, pool: Pooled) -> np.ndarray | None:
+        """(draws, pool size) logit offsets from the shopper's style response, one Thompson
+        sample per draw (row 0 also tilts the style draw); None when not learning them."""
+        if self.user_style_strength <= 0:
+            return None
+        resp = self.responses.get(user_id)
+        if resp is None:
+            return None
+        lf = resp.log_factors(list(STYLES), self.user_style_strength, self.rng, self.thompson.mc_draws + 1)
+        return lf[:, [_STYLE_INDEX[st] for st in pool.styles]]
 
     def feedback(self, ask: CopyAsk, shown: ShownCopy) -> None:
         """The outcome of one impression: statistics, and the learner's feedback record."""
         assert shown.arm_p is not None and shown.arm_style is not None
         self.stats.add(shown.arm_p, shown.clicked, shown.model_version, shown.arm_style)
-        hidden = self._shown_hidden.pop(ask.seq)
+        hidden, user, style, score = self._shown.pop(ask.seq)
+        if self.user_style_strength > 0:
+            self.responses.setdefault(user, StyleResponse.empty()).observe(style, score, shown.clicked)
         self.learner.observe(hidden, shown.clicked)
