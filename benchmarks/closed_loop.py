@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--per-style", type=int, default=2, help="Copies sampled per style and pool key.")
     ap.add_argument("--style-temperature", type=float, default=0.3,
                     help="Online style policy: p0(style) * exp(Q / this); smaller moves further from the prior.")
-    ap.add_argument("--user-styles", type=float, default=3.0,
+    ap.add_argument("--user-styles", type=float, default=None,
                     help="Prior strength of each shopper's style response learnt by the online policy "
-                         "(models.policy.StyleResponse); 0: off (the CTR head alone).")
+                         "(models.policy.StyleResponse); default: the copy service's "
+                         "generation.style_response_strength (3); 0: off (the CTR head alone).")
     ap.add_argument("--update-every", type=int, default=2000, help="Feedback records between online updates.")
     ap.add_argument("--window", type=int, default=0, help="Plot window (default: impressions / 50).")
     ap.add_argument("--student", default=None, help="Student checkpoint (default: the shipped one).")
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from models.paths import shipped_student_dir
     from models.student import load_student
 
+    if args.user_styles is None:
+        from livecopy.settings import CopySettings
+
+        args.user_styles = CopySettings().style_response_strength
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

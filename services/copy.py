@@ -5,8 +5,9 @@
 Per request: validate ids (422) -> product from the Redis catalog (404 when unknown) -> the
 user's profile (none: cold-start, non-personalized copy, still 200) -> the Redis copy cache,
 keyed by user, product, slot, profile version and model version (``stream.copy_store.CopyKeys``)
--> on a miss, the micro-batching :class:`models.serving.CopyEngine` (K candidates, CTR head,
-Thompson/greedy/epsilon policy with propensity) -> cache the copy, publish it once to
+-> on a miss, the shopper's style response (``stream.responses``) and the micro-batching
+:class:`models.serving.CopyEngine` (K candidates, CTR head, Thompson/greedy/epsilon policy with
+propensity) -> cache the copy, publish it once to
 ``livecopy.copy`` -> 200 with the contract JSON. A full engine queue or a request whose deadline
 passed answers 503 at once (``Retry-After: 1``); Redis unreachable answers 503.
 
