@@ -142,6 +142,44 @@ class GatedExecutor(StudentExecutor):
         return super().run(requests)
 
 
+class RecordingExecutor(StudentExecutor):
+    """A real executor that keeps the requests it was given."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.seen: list[CopyRequest] = []
+
+    def run(self, requests: Sequence[CopyRequest]) -> list[CopyResult]:
+        self.seen.extend(requests)
+        return super().run(requests)
+
+
+def test_the_shoppers_style_response_in_redis_reaches_the_executor(settings: Settings,
+                                                                    models: dict[str, Path]) -> None:
+    from stream.responses import RedisResponseStore, ResponseUpdate
+
+    s = with_generation(settings, models["v1"], hot_reload=False)
+    store = RedisResponseStore(redis.Redis.from_url(s.redis.url), s.responses, s.redis.key_prefix)
+    store.apply([ResponseUpdate(f"i{i}", "fan", "eco", 0.1, i < 5) for i in range(10)], int(time.time() * 1000))
+    ex = RecordingExecutor(load_student(models["v1"], device="cpu"), s.generation)
+    engine = CopyEngine(ex, s.generation).start()
+    try:
+        with ServerThread(create_app(s, extensions=[copy_extension(s, engine=engine)])) as url, \
+                httpx.Client(base_url=url, timeout=60) as http:
+            for user in ("fan", "stranger"):
+                assert http.get("/v1/copy", params={"user_id": user, "product_id": P[2].product_id}).status_code == 200
+        off = with_generation(settings, models["v1"], hot_reload=False, style_response_strength=0.0)
+        with ServerThread(create_app(off, extensions=[copy_extension(off, engine=engine)])) as url, \
+                httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/v1/copy", params={"user_id": "fan", "product_id": P[3].product_id}).status_code == 200
+    finally:
+        engine.stop()
+    fan, stranger, fan_off = ex.seen
+    assert fan.style_response is not None
+    assert fan.style_response.clicks == {"eco": 5.0} and fan.style_response.expected == pytest.approx({"eco": 1.0})
+    assert stranger.style_response is None and fan_off.style_response is None  # none kept / turned off
+
+
 def test_overload_answers_503_at_once_and_the_service_recovers(settings: Settings, models: dict[str, Path]) -> None:
     s = with_generation(settings, models["v1"], hot_reload=False, max_batch_size=1, max_queue=2, timeout_ms=60_000.0)
     ex = GatedExecutor(load_student(models["v1"], device="cpu"), s.generation)
