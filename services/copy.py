@@ -46,7 +46,7 @@ from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, encode_copy
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
-from stream.profile_store import TRANSIENT_REDIS_ERRORS
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS
 from stream.responses import AsyncResponseReader
 from stream.wire import Topics
 

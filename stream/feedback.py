@@ -268,7 +268,7 @@ class InMemoryFeedbackStore:
 
     def _check(self) -> None:
         if self.down:
-            from stream.profile_store import TransientStoreError
+            from stream.redis_lua import TransientStoreError
 
             raise TransientStoreError("in-memory store is down")
 

@@ -10,16 +10,14 @@ in one pipeline as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, Protocol
 
 import orjson
 import redis
-from redis.exceptions import NoScriptError
 
 from livecopy.settings import FeedbackSettings
 from stream.feedback import Claimed, CtrStats, Decision, ImpressionState, Item, shard_of
-from stream.profile_store import TRANSIENT_REDIS_ERRORS, TransientStoreError
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
 
 
 class FeedbackStore(Protocol):
@@ -38,10 +36,6 @@ class FeedbackStore(Protocol):
     def stats(self) -> CtrStats: ...
 
     def ping(self) -> bool: ...
-
-
-def _lua_source() -> str:
-    return resources.files("stream").joinpath("feedback.lua").read_text()
 
 
 def _s(x: bytes | str) -> str:
@@ -63,8 +57,7 @@ class RedisFeedbackStore:
         self.client = client
         self.cfg = cfg
         self.key_prefix = key_prefix
-        self.source = _lua_source()
-        self.sha: str | None = None
+        self.script = LuaScript(client, "feedback.lua")
 
     def shard_prefix(self, shard: int) -> str:
         return f"{self.key_prefix}fb:{{{shard}}}:"
@@ -79,32 +72,9 @@ class RedisFeedbackStore:
                 int(c.orphan_wait_s * 1000)]
 
     def _run(self, calls: list[tuple[int, list[Any]]]) -> list[Any]:
-        """One pipeline of EVALSHA calls (shard, args after the prefix); reloads the script once."""
-        if not calls:
-            return []
-        try:
-            if self.sha is None:
-                self.sha = self.client.script_load(self.source)
-            for _attempt in range(2):
-                pipe = self.client.pipeline(transaction=False)
-                for shard, args in calls:
-                    pipe.evalsha(self.sha, 2, *self._keys(shard), args[0], self.shard_prefix(shard), *args[1:])
-                results = pipe.execute(raise_on_error=False)
-                if any(isinstance(r, NoScriptError) for r in results):
-                    # Redis restarted or flushed its scripts: load again and redo (every op is idempotent).
-                    self.sha = self.client.script_load(self.source)
-                    continue
-                break
-            else:  # pragma: no cover
-                raise TransientStoreError("feedback script keeps disappearing")
-        except TRANSIENT_REDIS_ERRORS as exc:
-            raise TransientStoreError(f"redis unavailable: {exc}") from exc
-        for r in results:
-            if isinstance(r, TRANSIENT_REDIS_ERRORS):
-                raise TransientStoreError(f"redis unavailable: {r}")
-            if isinstance(r, Exception):
-                raise r
-        return list(results)
+        """One pipeline of EVALSHA calls (shard, args after the prefix)."""
+        return self.script.run([(self._keys(shard), [args[0], self.shard_prefix(shard), *args[1:]])
+                                for shard, args in calls])
 
     def apply(self, items: Sequence[Item], now_ms: int) -> list[bool]:
         if not items:

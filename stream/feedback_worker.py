@@ -35,8 +35,8 @@ from stream.kafka_io import (
     consumer_config,
     producer_config,
 )
-from stream.profile_store import TransientStoreError
 from stream.profile_worker import install_stop_signals, wall_ms
+from stream.redis_lua import TransientStoreError
 from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, rejection_from
 
 log = logging.getLogger(__name__)

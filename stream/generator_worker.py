@@ -44,7 +44,8 @@ from stream.copy_store import CopyKeys, CopyPublisher, encode_copy, ensure_catal
 from stream.kafka_io import consumer_config, producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
-from stream.profile_store import TRANSIENT_REDIS_ERRORS, ProfileKeys, RedisProfileStore
+from stream.profile_store import ProfileKeys, RedisProfileStore
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS
 from stream.responses import RedisResponseStore
 from stream.wire import Rejection, Topics, decode_event
 

@@ -8,30 +8,15 @@ thanks to Lua. Keys carry the user id as a hash tag, so they are Redis Cluster s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any, Protocol
 
 import orjson
 import redis
 import redis.asyncio as aredis
-from redis.exceptions import NoScriptError
 
 from livecopy.settings import ProfileSettings
 from stream.profile import ProfileState, ProfileUpdate, apply_update
-
-TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-    OSError,
-)
-
-
-class TransientStoreError(Exception):
-    """The store cannot be reached right now; retry the batch later (nothing was lost)."""
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
 
 
 class ProfileStore(Protocol):
@@ -122,17 +107,12 @@ def state_from_redis(
     return st
 
 
-def _lua_source() -> str:
-    return resources.files("stream").joinpath("profile.lua").read_text()
-
-
 class RedisProfileStore:
     def __init__(self, client: redis.Redis, cfg: ProfileSettings, key_prefix: str = "lc:") -> None:
         self.client = client
         self.cfg = cfg
         self.keys = ProfileKeys(key_prefix)
-        self.source = _lua_source()
-        self.sha: str | None = None
+        self.script = LuaScript(client, "profile.lua")
 
     def _args(self, now_ms: int) -> list[Any]:
         return [
@@ -150,30 +130,10 @@ class RedisProfileStore:
         for i, u in enumerate(updates):
             by_user.setdefault(u.user_id, []).append(i)
         head = self._args(now_ms)
-        try:
-            if self.sha is None:
-                self.sha = self.client.script_load(self.source)
-            for _attempt in range(2):
-                pipe = self.client.pipeline(transaction=False)
-                for user, idxs in by_user.items():
-                    pipe.evalsha(self.sha, 3, *self.keys.of(user), *head, *(encode_update(updates[i]) for i in idxs))
-                results = pipe.execute(raise_on_error=False)
-                if any(isinstance(r, NoScriptError) for r in results):
-                    # Redis restarted or flushed its script cache: load again and redo the batch
-                    # (updates that did apply are duplicates now and take no second effect).
-                    self.sha = self.client.script_load(self.source)
-                    continue
-                break
-            else:  # pragma: no cover - the script vanished twice in a row
-                raise TransientStoreError("profile script keeps disappearing")
-        except TRANSIENT_REDIS_ERRORS as exc:
-            raise TransientStoreError(f"redis unavailable: {exc}") from exc
+        results = self.script.run([(self.keys.of(user), [*head, *(encode_update(updates[i]) for i in idxs)])
+                                   for user, idxs in by_user.items()])
         out = [False] * len(updates)
-        for (_user, idxs), res in zip(by_user.items(), results, strict=True):
-            if isinstance(res, TRANSIENT_REDIS_ERRORS):
-                raise TransientStoreError(f"redis unavailable: {res}")
-            if isinstance(res, Exception):
-                raise res
+        for idxs, res in zip(by_user.values(), results, strict=True):
             for i, flag in zip(idxs, res, strict=True):
                 out[i] = bool(flag)
         return out

@@ -20,7 +20,8 @@ from livecopy.runtime import tune_gc_for_latency
 from livecopy.settings import ProfileSettings, Settings
 from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
 from stream.profile import ProfileUpdate, event_update
-from stream.profile_store import ProfileStore, RedisProfileStore, TransientStoreError
+from stream.profile_store import ProfileStore, RedisProfileStore
+from stream.redis_lua import TransientStoreError
 from stream.wire import Record, Rejection, Topics, decode_event
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Protocol
 
 import orjson
@@ -27,7 +26,6 @@ import redis
 import redis.asyncio as aredis
 from confluent_kafka import Consumer, Producer
 from pydantic import ValidationError
-from redis.exceptions import NoScriptError
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import ResponseSettings, Settings
@@ -35,8 +33,8 @@ from models.policy import StyleResponse
 from models.styles import STYLES
 from stream.contracts import FeedbackRecord
 from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
-from stream.profile_store import TRANSIENT_REDIS_ERRORS, TransientStoreError
 from stream.profile_worker import install_stop_signals, wall_ms
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
 from stream.wire import Record, Rejection, Topics, rejection_from
 
 log = logging.getLogger(__name__)
@@ -153,36 +151,17 @@ class RedisResponseStore:
         self.client = client
         self.cfg = cfg
         self.keys = ResponseKeys(key_prefix)
-        self.source = resources.files("stream").joinpath("responses.lua").read_text()
-        self.sha: str | None = None
+        self.script = LuaScript(client, "responses.lua")
 
     def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
         if not updates:
             return []
         by_user = _by_user(updates)
         head = [now_ms, self.cfg.dedupe_window_s * 1000, self.cfg.ttl_s * 1000]
-        try:
-            if self.sha is None:
-                self.sha = self.client.script_load(self.source)
-            for _attempt in range(2):
-                pipe = self.client.pipeline(transaction=False)
-                for user, idxs in by_user.items():
-                    pipe.evalsha(self.sha, 2, *self.keys.of(user), *head, *(_encode(updates[i]) for i in idxs))
-                results = pipe.execute(raise_on_error=False)
-                if any(isinstance(r, NoScriptError) for r in results):
-                    self.sha = self.client.script_load(self.source)  # Redis lost its scripts: redo
-                    continue
-                break
-            else:  # pragma: no cover - the script vanished twice in a row
-                raise TransientStoreError("responses script keeps disappearing")
-        except TRANSIENT_REDIS_ERRORS as exc:
-            raise TransientStoreError(f"redis unavailable: {exc}") from exc
+        results = self.script.run([(self.keys.of(user), [*head, *(_encode(updates[i]) for i in idxs)])
+                                   for user, idxs in by_user.items()])
         out = [False] * len(updates)
         for idxs, res in zip(by_user.values(), results, strict=True):
-            if isinstance(res, TRANSIENT_REDIS_ERRORS):
-                raise TransientStoreError(f"redis unavailable: {res}")
-            if isinstance(res, Exception):
-                raise res
             for i, flag in zip(idxs, res, strict=True):
                 out[i] = bool(flag)
         return out

@@ -10,7 +10,8 @@ import redis
 from livecopy.settings import ProfileSettings, Settings
 from stream.contracts import Event
 from stream.profile import event_update
-from stream.profile_store import InMemoryProfileStore, RedisProfileStore, TransientStoreError
+from stream.profile_store import InMemoryProfileStore, RedisProfileStore
+from stream.redis_lua import TransientStoreError
 
 pytestmark = pytest.mark.integration
 
