@@ -8,8 +8,9 @@ Every impression is answered by all four policies at once, on the same candidate
   ``k`` of them (as the copy service samples K candidates per request);
 * ``random`` picks one uniformly, ``static`` picks with the shipped CTR head and its Thompson
   posterior (:class:`models.policy.Chooser`), ``online`` picks with a CTR head that keeps learning
-  from the clicks on what it showed (:class:`HeadLearner`), ``oracle`` picks the best candidate
-  under the hidden click model (only the simulator knows it).
+  from the clicks on what it showed (:class:`HeadLearner`) and with each shopper's style response
+  (:class:`models.policy.StyleResponse`, as the copy service does), ``oracle`` picks the best
+  candidate under the hidden click model (only the simulator knows it).
 
 Only the online policy's copy is *shown*: the shopper clicks (or not) on it, its events flow on,
 and the learner trains on it. The other policies are scored counterfactually with the expected
@@ -50,8 +51,8 @@ from stream.contracts import MAX_COPY_CHARS, Event
 from stream.profile import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
-_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 EXTRA_ARMS = ("rerank_only",)
+_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 
 
 class ProfileBook:
