@@ -25,7 +25,6 @@ import orjson
 import redis
 import redis.asyncio as aredis
 from confluent_kafka import Consumer, Producer
-from pydantic import ValidationError
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import ResponseSettings, Settings
@@ -35,7 +34,7 @@ from stream.contracts import FeedbackRecord
 from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
 from stream.profile_worker import install_stop_signals, wall_ms
 from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
-from stream.wire import Record, Rejection, Topics, rejection_from
+from stream.wire import Record, Rejection, Topics, decode_feedback
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +201,10 @@ class ResponseProcessor:
         rejected: list[tuple[Record, Rejection]] = []
         skipped = 0
         for r in records:
-            if r.value is None:
-                rejected.append((r, Rejection("empty", "record has no value")))
-                continue
             try:
-                u = response_update(FeedbackRecord.model_validate_json(r.value))
-            except ValidationError as exc:
-                rejected.append((r, rejection_from(exc)))
+                u = response_update(decode_feedback(r.value))
+            except Rejection as rej:
+                rejected.append((r, rej))
                 continue
             if u is None:
                 skipped += 1

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from confluent_kafka import Consumer, Producer
-from pydantic import ValidationError
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
@@ -31,7 +30,7 @@ from models.online import OnlineTrainer
 from stream.contracts import FeedbackRecord, ModelVersion
 from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, consumer_config, producer_config
 from stream.profile_worker import install_stop_signals
-from stream.wire import Record, Rejection, Topics, rejection_from
+from stream.wire import Record, Rejection, Topics, decode_feedback
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,10 @@ class TrainerProcessor:
         recs: list[FeedbackRecord] = []
         rejected: list[tuple[Record, Rejection]] = []
         for r in records:
-            if r.value is None:
-                rejected.append((r, Rejection("empty", "record has no value")))
-                continue
             try:
-                recs.append(FeedbackRecord.model_validate_json(r.value))
-            except ValidationError as exc:
-                rejected.append((r, rejection_from(exc)))
+                recs.append(decode_feedback(r.value))
+            except Rejection as rej:
+                rejected.append((r, rej))
         if recs:
             rep = self.trainer.update(recs)
             self._count("trained", rep.records - rep.duplicates - rep.skipped - rep.heldout)

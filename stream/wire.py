@@ -13,7 +13,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from livecopy.settings import TopicSettings
-from stream.contracts import MAX_EVENT_BYTES, Event
+from stream.contracts import MAX_EVENT_BYTES, Event, FeedbackRecord
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -129,6 +129,16 @@ def decode_event(key: bytes | None, value: bytes | None) -> Event:
             "key_mismatch", _one_line(f"record key {key[:80]!r} differs from user_id {event.user_id!r}")
         )
     return event
+
+
+def decode_feedback(value: bytes | None) -> FeedbackRecord:
+    """Validate one `livecopy.feedback` record; raises `Rejection` with the contract's reason."""
+    if value is None:
+        raise Rejection("empty", "record has no value")
+    try:
+        return FeedbackRecord.model_validate_json(value)
+    except ValidationError as exc:
+        raise rejection_from(exc) from None
 
 
 def encode_event(event: Event) -> bytes:
