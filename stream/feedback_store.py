@@ -77,18 +77,11 @@ class RedisFeedbackStore:
                                 for shard, args in calls])
 
     def apply(self, items: Sequence[Item], now_ms: int) -> list[bool]:
-        if not items:
-            return []
-        by_shard: dict[int, list[int]] = {}
-        for i, it in enumerate(items):
-            by_shard.setdefault(shard_of(it.copy_id, self.cfg.shards), []).append(i)
         head = ["apply", now_ms, *self._timing(), int(self.cfg.state_ttl_s * 1000)]
-        calls = [(shard, head + [items[i].to_json() for i in idxs]) for shard, idxs in by_shard.items()]
-        out = [False] * len(items)
-        for (_shard, idxs), res in zip(by_shard.items(), self._run(calls), strict=True):
-            for i, flag in zip(idxs, res, strict=True):
-                out[i] = bool(flag)
-        return out
+        return self.script.run_grouped(
+            items, lambda it: shard_of(it.copy_id, self.cfg.shards),
+            lambda shard, its: (self._keys(shard), [head[0], self.shard_prefix(shard), *head[1:],
+                                                    *(it.to_json() for it in its)]))
 
     def claim(self, now_ms: int, token: str, limit: int | None = None) -> list[Claimed]:
         args = ["claim", now_ms, *self._timing(), token, limit or self.cfg.sweep_limit,

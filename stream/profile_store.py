@@ -124,19 +124,9 @@ class RedisProfileStore:
         ]
 
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
-        if not updates:
-            return []
-        by_user: dict[str, list[int]] = {}
-        for i, u in enumerate(updates):
-            by_user.setdefault(u.user_id, []).append(i)
         head = self._args(now_ms)
-        results = self.script.run([(self.keys.of(user), [*head, *(encode_update(updates[i]) for i in idxs)])
-                                   for user, idxs in by_user.items()])
-        out = [False] * len(updates)
-        for idxs, res in zip(by_user.values(), results, strict=True):
-            for i, flag in zip(idxs, res, strict=True):
-                out[i] = bool(flag)
-        return out
+        return self.script.run_grouped(updates, lambda u: u.user_id,
+                                       lambda user, us: (self.keys.of(user), [*head, *map(encode_update, us)]))
 
     def load(self, user_id: str) -> ProfileState | None:
         p, r, s = self.keys.of(user_id)

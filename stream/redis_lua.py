@@ -8,9 +8,9 @@ and the whole pipeline re-run; an unreachable Redis surfaces as :class:`Transien
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.exceptions import NoScriptError
@@ -28,6 +28,10 @@ TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
 
 class TransientStoreError(Exception):
     """The store cannot be reached right now; retry the batch later (nothing was lost)."""
+
+
+T = TypeVar("T")
+G = TypeVar("G", bound=Hashable)
 
 
 class LuaScript:
@@ -67,3 +71,17 @@ class LuaScript:
             if isinstance(r, Exception):
                 raise r
         return list(results)
+
+    def run_grouped(self, items: Sequence[T], group_of: Callable[[T], G],
+                    call_of: Callable[[G, list[T]], tuple[Sequence[str], Sequence[Any]]]) -> list[bool]:
+        """One call per group of ``items`` (a user, a shard: one Cluster slot), the groups'
+        items in order; the script answers one flag per item, handed back in the items' order."""
+        groups: dict[G, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(group_of(it), []).append(i)
+        results = self.run([call_of(g, [items[i] for i in idxs]) for g, idxs in groups.items()])
+        out = [False] * len(items)
+        for idxs, res in zip(groups.values(), results, strict=True):
+            for i, flag in zip(idxs, res, strict=True):
+                out[i] = bool(flag)
+        return out

@@ -109,13 +109,11 @@ class InMemoryResponseStore:
     def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
         if self.down:
             raise TransientStoreError("in-memory store is down")
-        flags: dict[int, bool] = {}
-        for user, idx in _by_user(updates).items():
-            resp = self.responses.setdefault(user, StyleResponse.empty())
-            got = apply_updates(resp, self.seen.setdefault(user, {}), [updates[i] for i in idx], now_ms,
-                                self.cfg.dedupe_window_s * 1000)
-            flags.update(zip(idx, got, strict=True))
-        return [flags[i] for i in range(len(updates))]
+        out: list[bool] = []
+        for u in updates:
+            out += apply_updates(self.responses.setdefault(u.user_id, StyleResponse.empty()),
+                                 self.seen.setdefault(u.user_id, {}), [u], now_ms, self.cfg.dedupe_window_s * 1000)
+        return out
 
     def load(self, user_id: str) -> StyleResponse | None:
         r = self.responses.get(user_id)
@@ -123,13 +121,6 @@ class InMemoryResponseStore:
 
     def ping(self) -> bool:
         return not self.down
-
-
-def _by_user(updates: Sequence[ResponseUpdate]) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for i, u in enumerate(updates):
-        out.setdefault(u.user_id, []).append(i)
-    return out
 
 
 class ResponseKeys:
@@ -153,17 +144,9 @@ class RedisResponseStore:
         self.script = LuaScript(client, "responses.lua")
 
     def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
-        if not updates:
-            return []
-        by_user = _by_user(updates)
         head = [now_ms, self.cfg.dedupe_window_s * 1000, self.cfg.ttl_s * 1000]
-        results = self.script.run([(self.keys.of(user), [*head, *(_encode(updates[i]) for i in idxs)])
-                                   for user, idxs in by_user.items()])
-        out = [False] * len(updates)
-        for idxs, res in zip(by_user.values(), results, strict=True):
-            for i, flag in zip(idxs, res, strict=True):
-                out[i] = bool(flag)
-        return out
+        return self.script.run_grouped(updates, lambda u: u.user_id,
+                                       lambda user, us: (self.keys.of(user), [*head, *map(_encode, us)]))
 
     def load(self, user_id: str) -> StyleResponse | None:
         return response_from_hash(self.client.hgetall(self.keys.of(user_id)[0]))
