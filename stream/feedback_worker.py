@@ -18,8 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from pydantic import ValidationError
 
 from livecopy.metrics import WorkerMetrics
@@ -32,11 +31,12 @@ from stream.kafka_io import (
     DeliveryTracker,
     Outcome,
     TransientError,
-    consumer_config,
+    group_consumer,
+    loop_options,
     producer_config,
 )
 from stream.profile_worker import install_stop_signals, wall_ms
-from stream.redis_lua import TransientStoreError
+from stream.redis_lua import TransientStoreError, redis_client
 from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, rejection_from
 
 log = logging.getLogger(__name__)
@@ -195,22 +195,14 @@ class FeedbackLoop(BatchLoop):
 def build_feedback_loop(settings: Settings, *, group_suffix: str = "", metrics: WorkerMetrics | None = None,
                         now_ms: Callable[[], int] = wall_ms, **consumer_overrides: Any) -> FeedbackLoop:
     topics = Topics.from_settings(settings.topics)
-    client = redis.Redis.from_url(
-        settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-    )
-    store = RedisFeedbackStore(client, settings.feedback, settings.redis.key_prefix)
+    store = RedisFeedbackStore(redis_client(settings.redis), settings.feedback, settings.redis.key_prefix)
     producer = Producer(producer_config(settings.kafka))
     processor = FeedbackProcessor(store, producer, topics, settings.feedback, now_ms=now_ms, metrics=metrics)
-    w = settings.worker
-    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
     return FeedbackLoop(
-        consumer, producer,
+        group_consumer(settings, GROUP, group_suffix, **consumer_overrides), producer,
         processor=processor, sweep_interval_s=settings.feedback.sweep_interval_s,
         topics=[topics.events, topics.copy], dlq_topic=topics.dlq,
-        max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s,
-        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
-        commit_interval_s=w.commit_interval_s, metrics=metrics,
+        max_batch=settings.worker.max_batch, metrics=metrics, **loop_options(settings.worker),
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol, cast
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from livecopy.settings import KafkaSettings
+from livecopy.settings import KafkaSettings, Settings, WorkerSettings
 from stream.wire import Record, Rejection, Topics, dlq_headers
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,18 @@ def consumer_config(k: KafkaSettings, group_id: str, **overrides: Any) -> dict[s
         "enable.partition.eof": False,
         **overrides,
     }
+
+
+def group_consumer(settings: Settings, group: str, group_suffix: str = "", **overrides: Any) -> Consumer:
+    """A worker's consumer in group ``worker.group_prefix + group + group_suffix``."""
+    w = settings.worker
+    return Consumer(consumer_config(settings.kafka, w.group_prefix + group + group_suffix, **overrides))
+
+
+def loop_options(w: WorkerSettings) -> dict[str, Any]:
+    """The ``BatchLoop`` timings every worker takes from ``worker.*``."""
+    return {"poll_timeout_s": w.poll_timeout_s, "backoff_initial_s": w.retry_backoff_initial_s,
+            "backoff_max_s": w.retry_backoff_max_s, "commit_interval_s": w.commit_interval_s}
 
 
 def ensure_topics(k: KafkaSettings, topics: Topics, timeout_s: float = 30.0) -> list[str]:

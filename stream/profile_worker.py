@@ -12,16 +12,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.runtime import tune_gc_for_latency
 from livecopy.settings import ProfileSettings, Settings
-from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
+from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
 from stream.profile import ProfileUpdate, event_update
 from stream.profile_store import ProfileStore, RedisProfileStore
-from stream.redis_lua import TransientStoreError
+from stream.redis_lua import TransientStoreError, redis_client
 from stream.wire import Record, Rejection, Topics, decode_event
 
 log = logging.getLogger(__name__)
@@ -76,22 +75,12 @@ class ProfileProcessor:
 def build_profile_loop(settings: Settings, *, max_batch: int | None = None, group_suffix: str = "",
                        metrics: WorkerMetrics | None = None, **consumer_overrides: Any) -> BatchLoop:
     topics = Topics.from_settings(settings.topics)
-    client = redis.Redis.from_url(
-        settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-    )
-    store = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
+    store = RedisProfileStore(redis_client(settings.redis), settings.profile, settings.redis.key_prefix)
     processor = ProfileProcessor(store, settings.profile, metrics=metrics)
-    w = settings.worker
-    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
-    dlq = Producer(producer_config(settings.kafka))
     return BatchLoop(
-        consumer, dlq, processor,
-        topics=[topics.events], dlq_topic=topics.dlq,
-        max_batch=max_batch or w.max_batch, poll_timeout_s=w.poll_timeout_s,
-        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
-        commit_interval_s=w.commit_interval_s,
-        metrics=metrics,
+        group_consumer(settings, GROUP, group_suffix, **consumer_overrides), Producer(producer_config(settings.kafka)),
+        processor, topics=[topics.events], dlq_topic=topics.dlq, max_batch=max_batch or settings.worker.max_batch,
+        metrics=metrics, **loop_options(settings.worker),
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import redis
 from redis.exceptions import NoScriptError
 
+from livecopy.settings import RedisSettings
+
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
@@ -24,6 +26,11 @@ TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ClusterDownError,
     OSError,
 )
+
+
+def redis_client(r: RedisSettings) -> redis.Redis:
+    """A worker's Redis client: bounded connect and socket timeouts, so an outage is noticed."""
+    return redis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s)
 
 
 class TransientStoreError(Exception):

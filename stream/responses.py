@@ -24,16 +24,16 @@ from typing import Any, Protocol
 import orjson
 import redis
 import redis.asyncio as aredis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import ResponseSettings, Settings
 from models.policy import StyleResponse
 from models.styles import STYLES
 from stream.contracts import FeedbackRecord
-from stream.kafka_io import BatchLoop, Outcome, TransientError, consumer_config, producer_config
+from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
 from stream.profile_worker import install_stop_signals, wall_ms
-from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError, redis_client
 from stream.wire import Record, Rejection, Topics, decode_feedback
 
 log = logging.getLogger(__name__)
@@ -214,20 +214,11 @@ class ResponseProcessor:
 def build_responses_loop(settings: Settings, *, group_suffix: str = "", metrics: WorkerMetrics | None = None,
                          **consumer_overrides: Any) -> BatchLoop:
     topics = Topics.from_settings(settings.topics)
-    client = redis.Redis.from_url(
-        settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.socket_timeout_s,
-    )
-    processor = ResponseProcessor(RedisResponseStore(client, settings.responses, settings.redis.key_prefix),
-                                  metrics=metrics)
-    w = settings.worker
-    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
+    store = RedisResponseStore(redis_client(settings.redis), settings.responses, settings.redis.key_prefix)
     return BatchLoop(
-        consumer, Producer(producer_config(settings.kafka)), processor,
-        topics=[topics.feedback], dlq_topic=topics.dlq,
-        max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s,
-        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
-        commit_interval_s=w.commit_interval_s, metrics=metrics,
+        group_consumer(settings, GROUP, group_suffix, **consumer_overrides), Producer(producer_config(settings.kafka)),
+        ResponseProcessor(store, metrics=metrics), topics=[topics.feedback], dlq_topic=topics.dlq,
+        max_batch=settings.worker.max_batch, metrics=metrics, **loop_options(settings.worker),
     )
 
 

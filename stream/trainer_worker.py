@@ -22,13 +22,13 @@ import os
 from collections.abc import Sequence
 from typing import Any, cast
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
 from models.online import OnlineTrainer
 from stream.contracts import FeedbackRecord, ModelVersion
-from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, consumer_config, producer_config
+from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, group_consumer, loop_options, producer_config
 from stream.profile_worker import install_stop_signals
 from stream.wire import Record, Rejection, Topics, decode_feedback
 
@@ -110,14 +110,11 @@ def build_trainer_loop(settings: Settings, *, group_suffix: str = "", metrics: W
         trainer = OnlineTrainer(cfg.base_dir or settings.models.student_dir, cfg)
     producer = Producer(producer_config(settings.kafka))
     processor = TrainerProcessor(trainer, producer, topics, metrics)
-    w = settings.worker
-    consumer = Consumer(consumer_config(settings.kafka, w.group_prefix + GROUP + group_suffix, **consumer_overrides))
     return BatchLoop(
-        consumer, producer, processor,
+        group_consumer(settings, GROUP, group_suffix, **consumer_overrides), producer, processor,
         topics=[topics.feedback], dlq_topic=topics.dlq,
-        max_batch=max(1, min(w.max_batch, POLL_BATCHES * cfg.batch_size)), poll_timeout_s=w.poll_timeout_s,
-        backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
-        commit_interval_s=w.commit_interval_s, metrics=metrics,
+        max_batch=max(1, min(settings.worker.max_batch, POLL_BATCHES * cfg.batch_size)), metrics=metrics,
+        **loop_options(settings.worker),
     )
 
 
