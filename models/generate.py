@@ -1,9 +1,12 @@
 """Batched, KV-cached sampling of candidate copies, and batched CTR scoring.
 
-``generate_candidates`` prefills each prompt once, repeats the cache ``k`` times, and decodes
-all ``len(prompts) * k`` rows together with a hand-written loop (no ``generate()`` overhead):
-left padding with per-row position ids, top-k then top-p on the k survivors (never a sort of
-the whole vocabulary), finished rows dropped from the batch as they accumulate. The first
+``generate_candidates`` prefills each prompt once and decodes all ``len(prompts) * k`` rows
+together with a hand-written loop (no ``generate()`` overhead): left padding with per-row
+position ids, top-k then top-p on the k survivors (never a sort of the whole vocabulary),
+finished rows dropped from the batch as they accumulate. The step itself is
+:class:`models.cascade.CascadeStepper` for GPT-2 trunks (the student): the prompt's keys/values
+are kept once per prompt and its ``k`` candidates attend to them together; any other causal LM
+takes :class:`_CachedStepper` (the model's forward over a KV cache repeated ``k`` times). The first
 generated token is constrained to the style tokens, so every candidate carries its style and
 ``logprob`` includes log p(style | prompt). When the model has a CTR head, EOS is fed through the
 trunk once more per row and the CTR probability and features at EOS come back with each
@@ -28,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from models import cascade
+from models.cascade import CascadeStepper
 from models.data import (
     SpecialIds,
     encode_pairs,
@@ -158,6 +163,35 @@ def preallocated_cache(extra: int) -> DynamicCache:
     return cache
 
 
+class _CachedStepper:
+    """The generic decode step: the model's own forward over a :func:`preallocated_cache`, the
+    prompt's cache repeated ``k`` times (any HF causal LM). Same interface as
+    :class:`models.cascade.CascadeStepper`."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, k: int,
+                 max_new: int) -> None:
+        self.model = model
+        logits, self.cache, _ = _forward(model, ids, mask, pos, preallocated_cache(max_new), False)
+        self.mask, self.pos = mask, pos[:, -1]
+        if k > 1:
+            logits = logits.repeat_interleave(k, 0)
+            self.cache.batch_repeat_interleave(k)
+            self.mask, self.pos = mask.repeat_interleave(k, 0), self.pos.repeat_interleave(k, 0)
+        self.logits: torch.Tensor = logits
+        self.hidden: torch.Tensor | None = None
+
+    def step(self, tokens: torch.Tensor, want_hidden: bool) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        self.pos = self.pos + 1
+        self.logits, self.cache, self.hidden = _forward(
+            self.model, tokens[:, None], self.mask, self.pos[:, None], self.cache, want_hidden)
+        return self.logits
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.mask, self.pos, self.logits = self.mask[keep], self.pos[keep], self.logits[keep]
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: float,
@@ -222,13 +256,12 @@ def decode(
     pos = positions_from_mask(mask)
     with autocast_for(device):
         # room for every new token plus the extra EOS pass of want_hidden
-        logits, cache, _ = _forward(model, ids, mask, pos, preallocated_cache(max_new_tokens + 1), False)
-    last_pos = pos[:, -1]
-    if k > 1:
-        logits = logits.repeat_interleave(k, 0)
-        cache.batch_repeat_interleave(k)
-        mask = mask.repeat_interleave(k, 0)
-        last_pos = last_pos.repeat_interleave(k, 0)
+        stepper: CascadeStepper | _CachedStepper
+        if cascade.supports(model):
+            stepper = CascadeStepper(model, ids, mask, pos, k, max_new_tokens + 1)
+        else:
+            stepper = _CachedStepper(model, ids, mask, pos, k, max_new_tokens + 1)
+    logits = stepper.logits
     vocab = logits.shape[-1]
     first_bias = None
     if first_allowed is not None:
@@ -276,10 +309,9 @@ def decode(
         if bool(done.all()) and not (want_hidden and bool(newly.any())):
             break
         feed = torch.where(done, torch.full_like(tok, eos_id), tok)
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
-        last_pos = last_pos + 1
         with autocast_for(device):
-            logits, cache, hidden = _forward(model, feed[:, None], mask, last_pos[:, None], cache, want_hidden)
+            logits = stepper.step(feed, want_hidden)
+        hidden = stepper.hidden
         if want_hidden and hidden is not None:
             if hidden_out is None:
                 hidden_out = torch.zeros((n, hidden.shape[-1]), dtype=torch.float32, device=device)
@@ -289,8 +321,8 @@ def decode(
         n_done = int(done.sum())
         if n_done and n_done >= compact_fraction * done.shape[0]:
             keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            mask, last_pos, logits = mask[keep], last_pos[keep], logits[keep]
+            stepper.select(keep)
+            logits = stepper.logits
             active, done = active[keep], done[keep]
 
     out_tokens = [[int(t) for t in row if t >= 0] for row in tokens.tolist()]
