@@ -1,6 +1,6 @@
 """Copy generation: unbatched vs micro-batched, in one run, on the shipped student.
 
-    python benchmarks/generation.py [--device cpu|cuda] [--loads 1,2,4,8] [--duration 10]
+    python benchmarks/generation.py [--device cpu|cuda] [--loads 1,3,6,12,24] [--duration 10]
                                     [--max-batch 32] [--max-wait-ms 10] [--json-out report.json]
 
 The engine under test is the serving one (``models.serving.CopyEngine``: bounded queue,
@@ -194,7 +194,7 @@ def main() -> None:
     threads = a.threads if a.threads is not None else (0 if cuda else 1)
     if threads:
         torch.set_num_threads(threads)
-    loads = [float(x) for x in (a.loads or ("25,50,100,200,400,800" if cuda else "1,3,6,12")).split(",")]
+    loads = [float(x) for x in (a.loads or ("25,50,100,200,400,800" if cuda else "1,3,6,12,24")).split(",")]
     # The unbatched burst runs one request at a time: 512 of them on a GPU took minutes, 128 keep a run short.
     n_burst = a.burst or (128 if cuda else 64)
     base = dict(device=a.device, candidates=a.candidates, max_new_tokens=a.max_new_tokens, policy="thompson",
