@@ -42,7 +42,7 @@ from models.executor import CopyRequest
 from models.serving import CopyEngine, ReloadEvent
 from services.api import error
 from stream.contracts import ID_PATTERN, USER_PATTERN
-from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, encode_copy, ensure_catalog
+from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
@@ -162,7 +162,11 @@ class CopyService:
         self.metrics.generate_seconds.observe(loop.time() - started)
         copy = res.to_copy()
         body = encode_copy(copy)
-        self.publisher.publish(copy, body)
+        try:  # not served unless queued for livecopy.copy: the feedback joiner needs every served copy
+            self.publisher.publish(copy, body)
+        except PublishBacklog as exc:
+            self.metrics.refused.labels("publish_backlog").inc()
+            return _unavailable("publish_backlog", str(exc))
         # keyed by the version that made it (a swap may have happened while it was queued)
         key = self.keys.copy(user_id, product_id, slot, pv, res.model_version)
         try:

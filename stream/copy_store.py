@@ -125,12 +125,19 @@ class AsyncCatalog:
 
 
 # -- publishing -----------------------------------------------------------------------------------
+class PublishBacklog(Exception):
+    """The producer's local queue is full: the broker is unreachable or slower than the copies.
+    Nothing was queued; the caller refuses (the API: 503) or retries later (the generator)."""
+
+
 class CopyPublisher:
     """Publishes copies to ``livecopy.copy`` (key ``user_id``) with an idempotent producer.
 
     ``publish`` never blocks: it returns a Future that resolves when the broker acknowledged the
-    record (the generator worker waits for it before committing; the API does not wait). A
-    background thread serves delivery reports; failures are logged and counted in ``failed``.
+    record (the generator worker waits for it before committing; the API does not wait), or
+    raises ``PublishBacklog`` when the producer's local queue (``queue.buffering.max.messages``)
+    is full. A background thread serves delivery reports; failures are logged and counted in
+    ``failed``, refusals in ``backlogged``.
     """
 
     def __init__(self, producer: Producer, topic: str) -> None:
@@ -138,6 +145,7 @@ class CopyPublisher:
         self.topic = topic
         self.published = 0
         self.failed = 0
+        self.backlogged = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="copy-publisher", daemon=True)
         self._thread.start()
@@ -159,12 +167,16 @@ class CopyPublisher:
                 fut.set_result(None)
 
         payload = value if value is not None else encode_copy(copy)
-        while True:
+        for attempt in range(2):
             try:
                 self.producer.produce(self.topic, key=copy.user_id.encode(), value=payload, on_delivery=done)
                 return fut
-            except BufferError:  # local queue full: wait for deliveries (rare; bounded by the engine queue)
-                time.sleep(0.01)
+            except BufferError as exc:  # local queue full: serve the delivery reports due, then try once more
+                if attempt:
+                    self.backlogged += 1
+                    raise PublishBacklog("the producer's local queue is full (broker unreachable or slow)") from exc
+                self.producer.poll(0)
+        raise AssertionError("unreachable")
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush (waiting up to ``timeout_s``) and stop; returns records still unacknowledged."""

@@ -39,8 +39,8 @@ from models.batching import Overloaded
 from models.context import context_from_profile
 from models.executor import CopyRequest, CopyResult
 from models.serving import CopyEngine
-from stream.contracts import Event, EventType
-from stream.copy_store import CopyKeys, CopyPublisher, encode_copy, ensure_catalog, read_catalog
+from stream.contracts import Event, EventType, GeneratedCopy
+from stream.copy_store import CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog, read_catalog
 from stream.kafka_io import consumer_config, producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile import render
@@ -133,6 +133,24 @@ class Pregenerator:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _publish(self, copy: GeneratedCopy, body: bytes) -> Future[None] | None:
+        """The ack's Future, or None when the producer's local queue is full (retried by the caller)."""
+        try:
+            return self.publisher.publish(copy, body)
+        except PublishBacklog:
+            return None
+
+    def _acked(self, fut: Future[None] | None) -> bool:
+        try:
+            if fut is not None:
+                fut.result(60)
+                return True
+        except Exception:  # not delivered (logged and counted by the publisher): published again
+            pass
+        if self.stop.is_set():
+            raise Stopping
+        return False
+
     def _wait_profile(self, ev: Event) -> None:
         seen_key = self.pkeys.of(ev.user_id)[2]
         deadline = time.monotonic() + self.cfg.profile_wait_ms / 1000.0
@@ -198,15 +216,8 @@ class Pregenerator:
         self._retry("cache write", write)
         pending = list(zip(copies, bodies, strict=True))
         while pending:  # every copy acknowledged by the broker before the record counts as done
-            acks = [(c, b, self.publisher.publish(c, b)) for c, b in pending]
-            pending = []
-            for c, b, f in acks:
-                try:
-                    f.result(60)
-                except Exception:
-                    if self.stop.is_set():
-                        raise Stopping from None
-                    pending.append((c, b))
+            acks = [(c, b, self._publish(c, b)) for c, b in pending]
+            pending = [(c, b) for c, b, f in acks if not self._acked(f)]
             if pending:
                 time.sleep(0.5)
         self._count("pregenerated", len(copies))

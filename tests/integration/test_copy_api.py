@@ -212,6 +212,32 @@ def test_overload_answers_503_at_once_and_the_service_recovers(settings: Setting
         engine.stop()
 
 
+def test_a_full_publish_queue_answers_503_serves_nothing_unpublished_and_recovers(settings: Settings,
+                                                                                   models: dict[str, Path]) -> None:
+    s = with_generation(settings, models["v1"], hot_reload=False)
+    # room for one record in the producer's local queue, held there for 3 s before it is sent
+    producer = Producer(producer_config(s.kafka, **{"queue.buffering.max.messages": 1, "linger.ms": 3000}))
+    app = create_app(s, extensions=[copy_extension(s, producer=producer)])
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def get(user: str) -> httpx.Response:
+            return http.get("/v1/copy", params={"user_id": user, "product_id": P[0].product_id})
+
+        first = get("q1")
+        assert first.status_code == 200, first.text
+        refused = get("q2")  # generated, but its record cannot be queued: not served, not cached
+        assert refused.status_code == 503 and refused.json()["error"] == "publish_backlog"
+        assert refused.headers["Retry-After"] == "1"
+        metrics = http.get("/metrics").text
+        assert 'livecopy_copy_refused_total{reason="publish_backlog"} 1.0' in metrics
+        # once the first record is delivered the queue has room again: served (a fresh copy, not a cached one)
+        wait_until(lambda: len(producer) == 0, 30, "the first copy delivered")
+        again = get("q2")
+        assert again.status_code == 200 and again.headers["X-Livecopy-Cache"] == "miss"
+        served = [first.json(), again.json()]
+    on_topic = copies_on_topic(s, len(served))
+    assert sorted(c.copy_id for c in on_topic) == sorted(b["copy_id"] for b in served)
+
+
 def test_hot_reload_under_concurrent_requests_drops_none(settings: Settings, models: dict[str, Path]) -> None:
     s = with_generation(settings, models["v1"], hot_reload=True, max_batch_size=8, max_wait_ms=5.0,
                         timeout_ms=60_000.0)

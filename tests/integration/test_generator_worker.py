@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confluent_kafka import Producer
 
 from livecopy.settings import Settings
 from models.serving import CopyEngine
@@ -16,7 +17,7 @@ from services.api import create_app
 from services.copy import copy_extension
 from stream.contracts import Event
 from stream.generator_worker import GROUP, GeneratorWorker, plan_products
-from stream.kafka_io import committed_offsets
+from stream.kafka_io import committed_offsets, producer_config
 from stream.profile_worker import build_profile_loop
 from stream.wire import Topics
 from tests.copygen import ServerThread, save_tiny_student
@@ -26,7 +27,8 @@ from tests.integration.test_copy_api import CATALOG, copies_on_topic, with_gener
 pytestmark = pytest.mark.integration
 
 
-def test_product_views_are_pregenerated_into_the_cache(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tight_queue", [False, True], ids=["producer-default", "producer-queue-of-one"])
+def test_product_views_are_pregenerated_into_the_cache(settings: Settings, tmp_path: Path, tight_queue: bool) -> None:
     s = with_generation(settings, save_tiny_student(tmp_path / "v1", "v1", seed=1), hot_reload=False)
     s = s.model_copy(update={"generator": s.generator.model_copy(update={"related": 2, "profile_wait_ms": 2000.0})})
     now = int(time.time() * 1000)
@@ -43,7 +45,10 @@ def test_product_views_are_pregenerated_into_the_cache(settings: Settings, tmp_p
         wait_until(profiles_match(s, expected_profiles(s, [Event.model_validate(e) for e in events])), 60,
                    "profiles applied")
     engine = CopyEngine.from_settings(s).start()
-    worker = GeneratorWorker(s, engine)
+    # queue of one: each view's 3 copies overflow the producer's local queue; refused records are published again
+    producer = (Producer(producer_config(s.kafka, **{"queue.buffering.max.messages": 1, "linger.ms": 100}))
+                if tight_queue else None)
+    worker = GeneratorWorker(s, engine, producer=producer)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -54,6 +59,7 @@ def test_product_views_are_pregenerated_into_the_cache(settings: Settings, tmp_p
         thread.join(60)
     assert not thread.is_alive()
     assert len(copies) == 6 and len({c.copy_id for c in copies}) == 6  # each published once
+    assert (worker.publisher.backlogged > 0) == tight_queue and worker.publisher.published == 6
     for u, p in viewed.items():
         planned = [q.product_id for q in plan_products(p, CATALOG, [p.product_id], 2)]
         assert sorted(c.product_id for c in copies if c.user_id == u) == sorted(planned)

@@ -3,19 +3,21 @@ and the engine's hot reload on a real tiny student (CPU)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 from livecopy.catalog import Catalog
 from livecopy.settings import CopySettings, Settings
 from models.context import product_context
 from models.executor import CopyRequest, StudentExecutor, load_executor
 from models.serving import CopyEngine, model_dir_for, pick_update, resolve_model_path
-from stream.contracts import ModelVersion
-from stream.copy_store import CopyKeys
+from stream.contracts import GeneratedCopy, ModelVersion
+from stream.copy_store import CopyKeys, CopyPublisher, PublishBacklog
 from stream.generator_worker import OffsetTracker, plan_products
 from tests.copygen import MODEL_NAME, copy_settings, save_tiny_student
 
@@ -82,6 +84,27 @@ def test_model_paths(tmp_path: Path) -> None:
     assert model_dir_for(s).name == "livecopy-student"
     s2 = s.model_copy(update={"generation": CopySettings(model_dir=tmp_path)})
     assert model_dir_for(s2) == tmp_path
+
+
+def test_publisher_refuses_at_once_when_its_local_queue_is_full_and_counts_failures() -> None:
+    # a real producer with no broker behind it: room for one record, which times out after 0.5 s
+    producer = Producer({"bootstrap.servers": "127.0.0.1:9", "queue.buffering.max.messages": 1,
+                         "message.timeout.ms": 500, "log_level": 0})
+    pub = CopyPublisher(producer, "t.copy")
+    copy = GeneratedCopy(copy_id="c1", user_id="u1", product_id="p1", text="hi", model="m", model_version="1",
+                         score=0.1, policy="greedy", created_at="2026-11-23T00:00:00Z")
+    try:
+        first = pub.publish(copy)
+        started = time.monotonic()
+        with pytest.raises(PublishBacklog):
+            pub.publish(copy)
+        assert time.monotonic() - started < 0.4 and pub.backlogged == 1  # refused, not waited for
+        with pytest.raises(RuntimeError):
+            first.result(10)  # never delivered: the Future says so
+        assert pub.failed == 1 and pub.published == 0
+        assert pub.publish(copy) is not None  # room again
+    finally:
+        assert pub.close(timeout_s=5) == 0
 
 
 @pytest.fixture(scope="module")
