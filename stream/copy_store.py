@@ -167,16 +167,17 @@ class CopyPublisher:
                 fut.set_result(None)
 
         payload = value if value is not None else encode_copy(copy)
-        for attempt in range(2):
+        key = copy.user_id.encode()
+        try:
+            self.producer.produce(self.topic, key=key, value=payload, on_delivery=done)
+        except BufferError:  # local queue full: serve the delivery reports due, then try once more
+            self.producer.poll(0)
             try:
-                self.producer.produce(self.topic, key=copy.user_id.encode(), value=payload, on_delivery=done)
-                return fut
-            except BufferError as exc:  # local queue full: serve the delivery reports due, then try once more
-                if attempt:
-                    self.backlogged += 1
-                    raise PublishBacklog("the producer's local queue is full (broker unreachable or slow)") from exc
-                self.producer.poll(0)
-        raise AssertionError("unreachable")
+                self.producer.produce(self.topic, key=key, value=payload, on_delivery=done)
+            except BufferError as exc:
+                self.backlogged += 1
+                raise PublishBacklog("the producer's local queue is full (broker unreachable or slow)") from exc
+        return fut
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush (waiting up to ``timeout_s``) and stop; returns records still unacknowledged."""
