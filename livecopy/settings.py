@@ -132,6 +132,11 @@ class ResponseSettings(BaseModel):
 
     dedupe_window_s: int = 7 * 24 * 3600  # impression ids remembered per shopper against re-deliveries
     ttl_s: int = 90 * 24 * 3600  # a shopper's response expires after this without feedback (0: never)
+    half_life_days: float = 30.0  # evidence halves every half-life (tastes drift; 0: never ages)
+
+    @property
+    def half_life_ms(self) -> int:
+        return int(self.half_life_days * 86_400_000)
 
 
 class TrainerSettings(BaseModel):

@@ -146,14 +146,31 @@ class StyleResponse:
     Gamma(strength, strength) prior (mean 1) and, as clicks are Poisson given the expected count,
     the conjugate posterior Gamma(strength + clicks, strength + expected): observed over expected,
     shrunk towards 1. Its log is a logit offset (CTRs are small), drawn per Thompson draw.
+
+    Tastes drift, so evidence ages: ``decay_to`` discounts both counts by half every
+    ``half_life`` (discounted Thompson sampling): the ratio stays, the certainty fades, and recent
+    clicks outweigh old ones. ``as_of_ms`` is when the counts were last discounted.
     """
 
     clicks: dict[str, float]
     expected: dict[str, float]
+    as_of_ms: int | None = None
 
     @classmethod
     def empty(cls) -> StyleResponse:
         return cls({}, {})
+
+    def decay_to(self, now_ms: int, half_life_ms: float) -> None:
+        """Discount the counts from ``as_of_ms`` to ``now_ms`` (x 0.5 ** (elapsed / half_life));
+        nothing when ``half_life_ms <= 0`` or time did not move forward."""
+        if self.as_of_ms is not None and now_ms <= self.as_of_ms:
+            return
+        if half_life_ms > 0 and self.as_of_ms is not None:
+            f = 0.5 ** ((now_ms - self.as_of_ms) / half_life_ms)
+            for counts in (self.clicks, self.expected):
+                for style in counts:
+                    counts[style] *= f
+        self.as_of_ms = now_ms
 
     def observe(self, style: str, predicted: float, clicked: bool) -> None:
         self.expected[style] = self.expected.get(style, 0.0) + float(predicted)

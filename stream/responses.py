@@ -59,9 +59,10 @@ def response_update(rec: FeedbackRecord) -> ResponseUpdate | None:
 
 
 def apply_updates(resp: StyleResponse, seen: dict[str, int], updates: Sequence[ResponseUpdate], now_ms: int,
-                  window_ms: int) -> list[bool]:
-    """The pure merge (what responses.lua does for one shopper): forget ids older than the window,
-    count each impression id once."""
+                  window_ms: int, half_life_ms: float = 0.0) -> list[bool]:
+    """The pure merge (what responses.lua does for one shopper): age the counts to ``now_ms``,
+    forget ids older than the window, count each impression id once."""
+    resp.decay_to(now_ms, half_life_ms)
     for imp in [i for i, t in seen.items() if t < now_ms - window_ms]:
         del seen[imp]
     out = []
@@ -75,16 +76,17 @@ def apply_updates(resp: StyleResponse, seen: dict[str, int], updates: Sequence[R
 
 
 def response_from_hash(h: Mapping[bytes | str, bytes | str]) -> StyleResponse | None:
-    """Parse the Redis hash (c:<style>, e:<style>) back into a StyleResponse (pure)."""
-    if not h:
-        return None
+    """Parse the Redis hash (c:<style>, e:<style>, t) back into a StyleResponse (pure); None
+    when it holds no evidence."""
     resp = StyleResponse.empty()
     for k, v in h.items():
         key = k.decode() if isinstance(k, bytes) else k
         kind, _, style = key.partition(":")
         if style in STYLES and kind in ("c", "e"):
             (resp.clicks if kind == "c" else resp.expected)[style] = float(v)
-    return resp
+        elif key == "t":
+            resp.as_of_ms = int(v)
+    return resp if resp.expected else None
 
 
 class ResponseStore(Protocol):
@@ -112,7 +114,8 @@ class InMemoryResponseStore:
         out: list[bool] = []
         for u in updates:
             out += apply_updates(self.responses.setdefault(u.user_id, StyleResponse.empty()),
-                                 self.seen.setdefault(u.user_id, {}), [u], now_ms, self.cfg.dedupe_window_s * 1000)
+                                 self.seen.setdefault(u.user_id, {}), [u], now_ms, self.cfg.dedupe_window_s * 1000,
+                                 self.cfg.half_life_ms)
         return out
 
     def load(self, user_id: str) -> StyleResponse | None:
@@ -144,7 +147,7 @@ class RedisResponseStore:
         self.script = LuaScript(client, "responses.lua")
 
     def apply(self, updates: Sequence[ResponseUpdate], now_ms: int) -> list[bool]:
-        head = [now_ms, self.cfg.dedupe_window_s * 1000, self.cfg.ttl_s * 1000]
+        head = [now_ms, self.cfg.dedupe_window_s * 1000, self.cfg.ttl_s * 1000, self.cfg.half_life_ms]
         return self.script.run_grouped(updates, lambda u: u.user_id,
                                        lambda user, us: (self.keys.of(user), [*head, *map(_encode, us)]))
 

@@ -277,7 +277,7 @@ class ClosedLoopArms:
     def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, *, k: int = 4,
                  per_style: int = 2, seed: int = 0, learner: HeadLearner | None = None, gen_batch: int = 32,
                  max_new_tokens: int = 40, style_temperature: float = 0.3,
-                 user_style_strength: float = 0.0) -> None:
+                 user_style_strength: float = 0.0, user_style_half_life_ms: float = 0.0) -> None:
         self.student = student
         self.book = book
         self.pop_cfg = pop_cfg
@@ -290,6 +290,7 @@ class ClosedLoopArms:
         self.style_temperature = style_temperature
         # > 0: the online policy also learns each shopper's response to copy styles (StyleResponse)
         self.user_style_strength = user_style_strength
+        self.user_style_half_life_ms = user_style_half_life_ms  # as `livecopy worker responses` ages them
         self.responses: dict[str, StyleResponse] = {}
         self.static = CtrHeadScorer(copy.deepcopy(student.model.ctr_head))
         self.learner = learner or HeadLearner(student.model.ctr_head, seed=seed)
@@ -404,5 +405,7 @@ class ClosedLoopArms:
         self.stats.add(shown.arm_p, shown.clicked, shown.model_version, shown.arm_style)
         hidden, user, style, score = self._shown.pop(ask.seq)
         if self.user_style_strength > 0:
-            self.responses.setdefault(user, StyleResponse.empty()).observe(style, score, shown.clicked)
+            resp = self.responses.setdefault(user, StyleResponse.empty())
+            resp.decay_to(ask.ts_ms, self.user_style_half_life_ms)
+            resp.observe(style, score, shown.clicked)
         self.learner.observe(hidden, shown.clicked)

@@ -38,7 +38,7 @@ def random_updates(n: int, seed: int) -> list[ResponseUpdate]:
 
 @pytest.mark.parametrize("batch", [1, 17, 400])
 def test_redis_lua_and_python_merge_agree(settings: Settings, batch: int) -> None:
-    cfg = ResponseSettings(dedupe_window_s=5, ttl_s=3600)
+    cfg = ResponseSettings(dedupe_window_s=5, ttl_s=3600, half_life_days=4 / 86_400)  # evidence halves every 4 s
     lua = RedisResponseStore(redis.Redis.from_url(settings.redis.url), cfg, settings.redis.key_prefix)
     py = InMemoryResponseStore(cfg)
     ups = random_updates(2000, seed=batch)
@@ -49,8 +49,9 @@ def test_redis_lua_and_python_merge_agree(settings: Settings, batch: int) -> Non
     for user in {u.user_id for u in ups}:
         a, b = lua.load(user), py.load(user)
         assert a is not None and b is not None
-        assert a.clicks == b.clicks
+        assert a.clicks == pytest.approx(b.clicks, rel=1e-12) and a.as_of_ms == b.as_of_ms
         assert a.expected == pytest.approx(b.expected, rel=1e-12)
+        assert a.clicks != {s: round(c) for s, c in a.clicks.items()}  # the counts did age
     h, seen = ResponseKeys(settings.redis.key_prefix).of("u1")
     client = redis.Redis.from_url(settings.redis.url)
     assert 0 < client.pttl(h) <= 3_600_000 and 0 < client.pttl(seen) <= 3_600_000
@@ -66,6 +67,8 @@ def feedback(i: int, user: str, style: str, clicked: bool) -> bytes:
 
 
 def test_worker_counts_each_impression_once_and_dead_letters_bad_records(settings: Settings) -> None:
+    # evidence that never ages, so the counts below are exact (ageing: test_redis_lua_and_python_merge_agree)
+    settings = settings.model_copy(update={"responses": ResponseSettings(half_life_days=0)})
     topics = Topics.from_settings(settings.topics)
     p = Producer(producer_config(settings.kafka))
     for i in range(40):  # u1: social proof clicked 12 of 24 times, urgency never (16 shown)

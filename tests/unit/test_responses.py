@@ -77,6 +77,28 @@ def test_the_dedupe_window_forgets_old_impression_ids() -> None:
     assert resp.clicks["eco"] == 2
 
 
+def test_evidence_halves_every_half_life_and_the_posterior_relaxes_towards_the_prior() -> None:
+    from models.policy import StyleResponse
+
+    day = 86_400_000
+    resp: StyleResponse = StyleResponse.empty()
+    seen: dict[str, int] = {}
+    clicks = [ResponseUpdate(f"i{i}", "u1", "social_proof", 0.1, True) for i in range(6)]
+    apply_updates(resp, seen, clicks, T0, day, 30 * day)  # 6 clicks where 0.6 were expected
+    assert (resp.clicks["social_proof"], resp.as_of_ms) == (6.0, T0)
+    mean_before = resp.posterior("social_proof", 3.0)
+    apply_updates(resp, seen, [ResponseUpdate("j1", "u1", "eco", 0.2, False)], T0 + 30 * day, day, 30 * day)
+    assert resp.clicks["social_proof"] == pytest.approx(3.0) and resp.expected["social_proof"] == pytest.approx(0.3)
+    assert resp.expected["eco"] == pytest.approx(0.2) and resp.as_of_ms == T0 + 30 * day  # the new one in full
+    shape, rate = resp.posterior("social_proof", 3.0)
+    assert 1.0 < shape / rate < mean_before[0] / mean_before[1]  # still above 1, less sure of it
+    apply_updates(resp, seen, [], T0, day, 30 * day)  # time going backwards ages nothing
+    assert resp.clicks["social_proof"] == pytest.approx(3.0) and resp.as_of_ms == T0 + 30 * day
+    frozen = StyleResponse({"eco": 2.0}, {"eco": 1.0}, as_of_ms=T0)
+    apply_updates(frozen, {}, [], T0 + 365 * day, day, 0)  # half-life 0: evidence never ages
+    assert frozen.clicks == {"eco": 2.0} and frozen.as_of_ms == T0 + 365 * day
+
+
 class RecoveringStore(InMemoryResponseStore):
     """Down until it has been probed ``outage_pings`` times."""
 
@@ -120,4 +142,7 @@ def test_a_store_outage_is_waited_out_and_nothing_is_lost_or_counted_twice() -> 
 def test_the_redis_hash_reads_back_as_a_style_response() -> None:
     r = response_from_hash({b"c:eco": b"3", b"e:eco": b"1.25", b"e:urgency": b"0.5", b"x:junk": b"1", b"c:shout": b"1"})
     assert r is not None and r.clicks == {"eco": 3.0} and r.expected == {"eco": 1.25, "urgency": 0.5}
-    assert response_from_hash({}) is None
+    assert r.as_of_ms is None  # written before the counts aged
+    aged = response_from_hash({b"e:eco": b"0.5", b"t": b"1795000000000"})
+    assert aged is not None and aged.as_of_ms == T0
+    assert response_from_hash({}) is None and response_from_hash({b"t": b"1"}) is None
