@@ -160,6 +160,13 @@ class StyleResponse:
     def empty(cls) -> StyleResponse:
         return cls({}, {})
 
+    def aged(self, now_ms: int, half_life_ms: float) -> StyleResponse:
+        """A copy discounted to ``now_ms``: what a reader at ``now_ms`` uses (the stored counts are
+        as of the last update)."""
+        out = StyleResponse(dict(self.clicks), dict(self.expected), self.as_of_ms)
+        out.decay_to(now_ms, half_life_ms)
+        return out
+
     def decay_to(self, now_ms: int, half_life_ms: float) -> None:
         """Discount the counts from ``as_of_ms`` to ``now_ms`` (x 0.5 ** (elapsed / half_life));
         nothing when ``half_life_ms <= 0`` or time did not move forward."""

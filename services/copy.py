@@ -110,7 +110,7 @@ class CopyService:
         self.redis = redis_client
         self.keys = CopyKeys(settings.redis.key_prefix, self.cfg.catalog_key)
         self.catalog = AsyncCatalog(redis_client, self.keys)
-        self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix)
+        self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix, settings.responses.half_life_ms)
         self.publisher = publisher
         self.metrics = metrics
         metrics.service = self

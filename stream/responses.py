@@ -102,8 +102,9 @@ class ResponseStore(Protocol):
 class InMemoryResponseStore:
     """A real (not mocked) store for unit tests: the pure merge over dicts."""
 
-    def __init__(self, cfg: ResponseSettings) -> None:
+    def __init__(self, cfg: ResponseSettings, *, now_ms: Callable[[], int] = wall_ms) -> None:
         self.cfg = cfg
+        self.now_ms = now_ms
         self.responses: dict[str, StyleResponse] = {}
         self.seen: dict[str, dict[str, int]] = {}
         self.down = False  # tests flip this to simulate an outage
@@ -120,7 +121,7 @@ class InMemoryResponseStore:
 
     def load(self, user_id: str) -> StyleResponse | None:
         r = self.responses.get(user_id)
-        return r if r is not None and r.expected else None
+        return r.aged(self.now_ms(), self.cfg.half_life_ms) if r is not None and r.expected else None
 
     def ping(self) -> bool:
         return not self.down
@@ -139,10 +140,19 @@ def _encode(u: ResponseUpdate) -> bytes:
     return orjson.dumps({"i": u.impression_id, "s": u.style, "e": u.predicted, "c": 1 if u.clicked else 0})
 
 
+def _aged(resp: StyleResponse | None, now_ms: int, half_life_ms: float) -> StyleResponse | None:
+    return resp.aged(now_ms, half_life_ms) if resp is not None else None
+
+
 class RedisResponseStore:
-    def __init__(self, client: redis.Redis, cfg: ResponseSettings, key_prefix: str = "lc:") -> None:
+    """Writes (the responses worker) and reads (the generator worker); ``load`` ages the counts to
+    ``now_ms()`` as the Lua merge would."""
+
+    def __init__(self, client: redis.Redis, cfg: ResponseSettings, key_prefix: str = "lc:", *,
+                 now_ms: Callable[[], int] = wall_ms) -> None:
         self.client = client
         self.cfg = cfg
+        self.now_ms = now_ms
         self.keys = ResponseKeys(key_prefix)
         self.script = LuaScript(client, "responses.lua")
 
@@ -152,7 +162,8 @@ class RedisResponseStore:
                                        lambda user, us: (self.keys.of(user), [*head, *map(_encode, us)]))
 
     def load(self, user_id: str) -> StyleResponse | None:
-        return response_from_hash(self.client.hgetall(self.keys.of(user_id)[0]))
+        return _aged(response_from_hash(self.client.hgetall(self.keys.of(user_id)[0])), self.now_ms(),
+                     self.cfg.half_life_ms)
 
     def ping(self) -> bool:
         try:
@@ -162,14 +173,18 @@ class RedisResponseStore:
 
 
 class AsyncResponseReader:
-    """Read side for the copy service (redis.asyncio)."""
+    """Read side for the copy service (redis.asyncio); ages the counts to ``now_ms()``."""
 
-    def __init__(self, client: aredis.Redis, key_prefix: str = "lc:") -> None:
+    def __init__(self, client: aredis.Redis, key_prefix: str = "lc:", half_life_ms: float = 0.0, *,
+                 now_ms: Callable[[], int] = wall_ms) -> None:
         self.client = client
         self.keys = ResponseKeys(key_prefix)
+        self.half_life_ms = half_life_ms
+        self.now_ms = now_ms
 
     async def load(self, user_id: str) -> StyleResponse | None:
-        return response_from_hash(await self.client.hgetall(self.keys.of(user_id)[0]))
+        return _aged(response_from_hash(await self.client.hgetall(self.keys.of(user_id)[0])), self.now_ms(),
+                     self.half_life_ms)
 
 
 class ResponseProcessor:

@@ -364,7 +364,7 @@ class ClosedLoopArms:
                                for t, st in zip(pool.texts, pool.seen, strict=True)])
             (s_scores, s_feats), (o_scores, o_feats) = self._scores(key, pool)
             s_idx = self._draw(pool, pool.style_p)
-            offsets = self._user_offsets(ask.shopper.user_id, pool)
+            offsets = self._user_offsets(ask.shopper.user_id, pool, ask.ts_ms)
             o_idx = self._draw(pool, self.online_style_p(pool, o_scores, None if offsets is None else offsets[0]))
             o_off = None if offsets is None else offsets[:, o_idx]
             eligible = np.concatenate(list(pool.groups.values()))
@@ -388,7 +388,7 @@ class ClosedLoopArms:
             self._shown[ask.seq] = (pool.hidden[j], ask.shopper.user_id, pool.styles[j], float(o_scores[j]))
         return out
 
-    def _user_offsets(self, user_id: str, pool: Pooled) -> np.ndarray | None:
+    def _user_offsets(self, user_id: str, pool: Pooled, now_ms: int) -> np.ndarray | None:
         """(draws, pool size) logit offsets from the shopper's style response, one Thompson
         sample per draw (row 0 also tilts the style draw); None when not learning them."""
         if self.user_style_strength <= 0:
@@ -396,6 +396,7 @@ class ClosedLoopArms:
         resp = self.responses.get(user_id)
         if resp is None:
             return None
+        resp = resp.aged(now_ms, self.user_style_half_life_ms)  # as the copy service reads it
         lf = resp.log_factors(list(STYLES), self.user_style_strength, self.rng, self.thompson.mc_draws + 1)
         return lf[:, [_STYLE_INDEX[st] for st in pool.styles]]
 

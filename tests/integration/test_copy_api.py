@@ -160,7 +160,8 @@ def test_the_shoppers_style_response_in_redis_reaches_the_executor(settings: Set
 
     s = with_generation(settings, models["v1"], hot_reload=False)
     store = RedisResponseStore(redis.Redis.from_url(s.redis.url), s.responses, s.redis.key_prefix)
-    store.apply([ResponseUpdate(f"i{i}", "fan", "eco", 0.1, i < 5) for i in range(10)], int(time.time() * 1000))
+    month_ago = int(time.time() * 1000) - 30 * 86_400_000  # one half-life (default 30 days) before the read
+    store.apply([ResponseUpdate(f"i{i}", "fan", "eco", 0.1, i < 5) for i in range(10)], month_ago)
     ex = RecordingExecutor(load_student(models["v1"], device="cpu"), s.generation)
     engine = CopyEngine(ex, s.generation).start()
     try:
@@ -176,7 +177,9 @@ def test_the_shoppers_style_response_in_redis_reaches_the_executor(settings: Set
         engine.stop()
     fan, stranger, fan_off = ex.seen
     assert fan.style_response is not None
-    assert fan.style_response.clicks == {"eco": 5.0} and fan.style_response.expected == pytest.approx({"eco": 1.0})
+    # 5 clicks where 1.0 was expected, a month ago: read aged by one half-life
+    assert fan.style_response.clicks == pytest.approx({"eco": 2.5}, rel=1e-4)
+    assert fan.style_response.expected == pytest.approx({"eco": 0.5}, rel=1e-4)
     assert stranger.style_response is None and fan_off.style_response is None  # none kept / turned off
 
 

@@ -38,7 +38,7 @@ def rec(value: dict[str, Any] | bytes | None, offset: int = 0) -> Record:
 
 
 def test_observed_and_expected_clicks_add_up_per_user_and_style_once_per_impression() -> None:
-    store = InMemoryResponseStore(CFG)
+    store = InMemoryResponseStore(CFG, now_ms=lambda: T0)
     proc = ResponseProcessor(store, now_ms=lambda: T0)
     records = [rec(fb(i, clicked=i % 4 == 0), i) for i in range(20)]  # 5 clicks, 20 x 0.1 expected
     records += [rec(fb(100 + i, style="urgency", score=0.2), 20 + i) for i in range(5)]
@@ -55,7 +55,7 @@ def test_observed_and_expected_clicks_add_up_per_user_and_style_once_per_impress
 
 
 def test_records_without_style_or_score_are_skipped_and_malformed_ones_rejected_with_a_reason() -> None:
-    store = InMemoryResponseStore(CFG)
+    store = InMemoryResponseStore(CFG, now_ms=lambda: T0)
     proc = ResponseProcessor(store, now_ms=lambda: T0)
     out = proc.process([
         rec(fb(1)), rec(fb(2, style=None)), rec(fb(3, score=None)), rec(fb(4, style="shouting")),
@@ -97,13 +97,21 @@ def test_evidence_halves_every_half_life_and_the_posterior_relaxes_towards_the_p
     frozen = StyleResponse({"eco": 2.0}, {"eco": 1.0}, as_of_ms=T0)
     apply_updates(frozen, {}, [], T0 + 365 * day, day, 0)  # half-life 0: evidence never ages
     assert frozen.clicks == {"eco": 2.0} and frozen.as_of_ms == T0 + 365 * day
+    # a reader ages what it reads to its own clock, without touching the stored counts
+    clock = [T0]
+    store = InMemoryResponseStore(ResponseSettings(half_life_days=30), now_ms=lambda: clock[0])
+    store.apply(clicks, T0)
+    clock[0] = T0 + 60 * day  # the shopper comes back after two half-lives without feedback
+    read = store.load("u1")
+    assert read is not None and read.clicks["social_proof"] == pytest.approx(1.5) and read.as_of_ms == clock[0]
+    assert store.responses["u1"].clicks["social_proof"] == 6.0
 
 
 class RecoveringStore(InMemoryResponseStore):
     """Down until it has been probed ``outage_pings`` times."""
 
     def __init__(self, outage_pings: int) -> None:
-        super().__init__(CFG)
+        super().__init__(CFG, now_ms=lambda: T0)
         self.down = True
         self.outage_pings = outage_pings
         self.pings = 0
