@@ -72,7 +72,7 @@ def run_simulation(settings: Settings, opt: SimOptions, stop: threading.Event | 
     def answer(ask: Any) -> Any:
         res = source.one(ask)
         if res is None:
-            stats.failed += 1
+            stats.fail()
         return res
 
     deadline = time.monotonic() + opt.duration_s

@@ -228,7 +228,8 @@ class SplitSource:
 
 @dataclass
 class LiveStats:
-    """What the live view and the final report show. Thread-safe enough: one writer (the sim loop)."""
+    """What the live view and the final report show. Written by the session threads (outcomes,
+    events, failures) and the HTTP threads (latencies), read by the live view: one lock."""
 
     started: float = field(default_factory=time.monotonic)
     arm_p: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in LIVE_ARMS})
@@ -239,14 +240,25 @@ class LiveStats:
     failed: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=120))  # (t, events, copies)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def latency(self, s: float) -> None:
-        self.latencies.append(s)
+        with self.lock:
+            self.latencies.append(s)
 
     def event(self) -> None:
-        self.events += 1
+        with self.lock:
+            self.events += 1
+
+    def fail(self) -> None:
+        with self.lock:
+            self.failed += 1
 
     def outcome(self, o: Outcome) -> None:
+        with self.lock:
+            self._outcome(o)
+
+    def _outcome(self, o: Outcome) -> None:
         shown = o.shown
         self.copies += 1
         if shown.arm_p is not None:  # holdout: static (shown), random and oracle
@@ -260,7 +272,8 @@ class LiveStats:
             self.version_log.append((len(self.online_clicks) - 1, v))
 
     def tick(self) -> None:
-        self.recent.append((time.monotonic(), self.events, self.copies))
+        with self.lock:
+            self.recent.append((time.monotonic(), self.events, self.copies))
 
     def rates(self) -> tuple[float, float]:
         """(events/s, copies/s) over the last ~10 s."""
@@ -293,6 +306,10 @@ class LiveStats:
         return float(np.mean(xs)) if xs else math.nan
 
     def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         ev, cp = self.rates()
         return {
             "elapsed_s": round(time.monotonic() - self.started, 1), "events": self.events, "copies": self.copies,

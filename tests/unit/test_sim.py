@@ -122,6 +122,10 @@ def test_live_stats_per_version_and_holdout_split() -> None:
     st.outcome(Outcome(ask, ShownCopy("h", "t", "v0", arm_p={"static": 0.2, "random": 0.1, "oracle": 0.3})))
     rows = {v: (n, c, e) for v, n, c, e in st.version_ctr()}
     assert rows["v1"] == (2, 0.5, pytest.approx(0.15)) and rows["v2"][0] == 3
-    assert st.snapshot()["impressions"] == {"random": 1, "static": 1, "online": 5, "oracle": 1}
+    st.fail()
+    st.latency(0.25)
+    snap = st.snapshot()
+    assert snap["impressions"] == {"random": 1, "static": 1, "online": 5, "oracle": 1}
+    assert (snap["failed"], snap["copies"], snap["p99_ms"]) == (1, 6, 250.0)
     share = sum(in_holdout(f"sim-{i:05d}", 0.25) for i in range(4000)) / 4000
     assert 0.2 < share < 0.3
