@@ -30,22 +30,23 @@ CtrSource = Callable[[], dict[str, tuple[int, int]]]  # model version -> (impres
 COPY_ROUTE = "/v1/copy"
 
 
-def feedback_ctr_source(settings: Settings) -> CtrSource | None:
-    """CTR per model version from the feedback joiner's Redis aggregates (None when this build has no joiner)."""
-    try:
+class FeedbackCtrSource:
+    """CTR per model version from the feedback joiner's Redis aggregates (a ``CtrSource``; close it)."""
+
+    def __init__(self, settings: Settings) -> None:
         import redis
 
         from stream.feedback_store import RedisFeedbackStore
-    except ImportError:
-        return None
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
-    store = RedisFeedbackStore(client, settings.feedback, settings.redis.key_prefix)
 
-    def read() -> dict[str, tuple[int, int]]:
-        by = store.stats().by.get("mv", {})
+        self.client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+        self.store = RedisFeedbackStore(self.client, settings.feedback, settings.redis.key_prefix)
+
+    def __call__(self) -> dict[str, tuple[int, int]]:
+        by = self.store.stats().by.get("mv", {})
         return {str(v).split("@", 1)[-1]: (int(n), int(k)) for v, (n, k) in by.items()}
 
-    return read
+    def close(self) -> None:
+        self.client.close()
 
 
 def _histogram(app: FastAPI, route: str) -> tuple[list[float], list[float], float] | None:
@@ -146,7 +147,9 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
         holder: dict[str, Any] = {}
 
         async def startup(app: FastAPI) -> None:
-            src = ctr_source if ctr_source is not None else feedback_ctr_source(settings)
+            src = ctr_source
+            if src is None:
+                src = holder["own_source"] = FeedbackCtrSource(settings)
             sampler = Sampler(app, src)
             app.state.dashboard = sampler
 
@@ -163,6 +166,9 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            own = holder.pop("own_source", None)
+            if own is not None:
+                own.close()
 
         app.state.startup.append(startup)
         app.state.shutdown.append(shutdown)

@@ -87,3 +87,32 @@ def test_dashboard_renders_in_headless_chromium(served: str) -> None:
     assert 'data-version="v-online-1"' in dom and 'data-version="v-base"' in dom
     assert "0.1800" in dom  # CTR of v-online-1 in the versions table
     assert dom.count("<canvas") == 3
+
+
+def test_the_default_ctr_source_reads_the_joiners_aggregates_in_redis(settings: Settings) -> None:
+    import redis
+
+    from services.dashboard import FeedbackCtrSource
+    from stream.contracts import Event, GeneratedCopy
+    from stream.feedback import aggregate_fields, copy_item, event_item, feedback_record
+    from stream.feedback_store import RedisFeedbackStore
+    from tests.feedback_data import click_event, copy_record, impression_event
+
+    store = RedisFeedbackStore(redis.Redis.from_url(settings.redis.url), settings.feedback, settings.redis.key_prefix)
+    t0 = 1_795_000_000_000
+    items = [copy_item(GeneratedCopy.model_validate_json(copy_record(f"c{i}", model_version=f"v{i % 2}")))
+             for i in range(6)]
+    for i in range(6):  # v0 shows c0, c2, c4 (c0 clicked); v1 shows c1, c3, c5 (c1 and c3 clicked)
+        items.append(event_item(Event.model_validate(impression_event(f"i{i}", f"c{i}", ts=t0))))
+        if i in (0, 1, 3):
+            items.append(event_item(Event.model_validate(click_event(f"i{i}", f"c{i}", ts=t0 + 1000))))
+    store.apply([it for it in items if it is not None], t0)
+    now = t0 + int((settings.feedback.window_s + settings.feedback.lateness_s) * 1000) + 1  # every window closed
+    claimed = store.claim(now, "tok")
+    assert len(claimed) == 6
+    store.ack([(c, aggregate_fields(feedback_record(c))) for c in claimed], now)
+    source = FeedbackCtrSource(settings)
+    try:
+        assert source() == {"v0": (3, 1), "v1": (3, 2)}  # impressions, clicks per model version
+    finally:
+        source.close()
