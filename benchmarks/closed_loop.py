@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     if args.user_styles is None:
         args.user_styles = CopySettings().style_response_strength
+    responses = ResponseSettings()  # how `livecopy worker responses` ages the evidence
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     arms = ClosedLoopArms(student, book, cfg, k=args.k, per_style=args.per_style, seed=args.seed,
                           learner=learner, style_temperature=args.style_temperature,
                           user_style_strength=args.user_styles,
-                          user_style_half_life_ms=ResponseSettings().half_life_ms)
+                          user_style_half_life_ms=responses.half_life_ms)
     sim = ShopperSim(pop, seed=args.seed)
 
     t0 = time.monotonic()
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "seed": args.seed, "population": cfg.name, "users": cfg.users, "catalog": cfg.catalog_size, "k": args.k,
         "per_style": args.per_style,
         "style_temperature": args.style_temperature, "update_every": args.update_every,
-        "user_style_strength": args.user_styles, "user_style_half_life_days": ResponseSettings().half_life_days,
+        "user_style_strength": args.user_styles, "user_style_half_life_days": responses.half_life_days,
         "online_versions": learner.updates,
         "pool_keys": len(arms.pools), "copies_generated": arms.generated, "seconds": round(elapsed, 1),
         "student_version": student.meta.version,

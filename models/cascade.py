@@ -8,9 +8,9 @@ layer per step; at 32 prompts x 4 candidates on a CPU that attention was a third
 :class:`CascadeStepper` keeps the prompt's keys/values once per prompt and the generated ones per
 row. Attention at a step is one softmax over both parts: the prompt part as a small matrix
 product of the prompt's ``k`` queries with its keys (read once), the generated part per row,
-and the two value sums added. It also runs the GPT-2 block without the per-call plumbing of the
-``transformers`` modules (the prefill still goes through the model itself), with the fused tanh
-GELU (``gelu_new`` is the same function).
+and the two value sums added. It runs the prefill (SDPA with a causal + left-padding mask) and
+the GPT-2 blocks straight on the weights, without the per-call plumbing of the ``transformers``
+modules, with the fused tanh GELU (``gelu_new`` is the same function).
 
 Numerically it is the same model up to float rounding (the tests compare logits and hidden
 states with the ``transformers`` forward). Only for trunks :func:`supports` accepts: GPT-2 blocks

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from livecopy.settings import Settings
+from stream.feedback_store import RedisFeedbackStore
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,6 @@ class FeedbackCtrSource:
     """CTR per model version from the feedback joiner's Redis aggregates (a ``CtrSource``; close it)."""
 
     def __init__(self, settings: Settings) -> None:
-        import redis
-
-        from stream.feedback_store import RedisFeedbackStore
-
         self.client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
         self.store = RedisFeedbackStore(self.client, settings.feedback, settings.redis.key_prefix)
 

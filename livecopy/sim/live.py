@@ -240,7 +240,7 @@ class LiveStats:
     failed: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     recent: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=120))  # (t, events, copies)
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def latency(self, s: float) -> None:
         with self.lock:
@@ -255,21 +255,18 @@ class LiveStats:
             self.failed += 1
 
     def outcome(self, o: Outcome) -> None:
-        with self.lock:
-            self._outcome(o)
-
-    def _outcome(self, o: Outcome) -> None:
         shown = o.shown
-        self.copies += 1
-        if shown.arm_p is not None:  # holdout: static (shown), random and oracle
-            for a, p in shown.arm_p.items():
-                self.arm_p[a].append(p)
-            return
-        self.arm_p["online"].append(shown.p_click)
-        self.online_clicks.append(int(shown.clicked))
-        v = shown.model_version
-        if not self.version_log or self.version_log[-1][1] != v:
-            self.version_log.append((len(self.online_clicks) - 1, v))
+        with self.lock:
+            self.copies += 1
+            if shown.arm_p is not None:  # holdout: static (shown), random and oracle
+                for a, p in shown.arm_p.items():
+                    self.arm_p[a].append(p)
+                return
+            self.arm_p["online"].append(shown.p_click)
+            self.online_clicks.append(int(shown.clicked))
+            v = shown.model_version
+            if not self.version_log or self.version_log[-1][1] != v:
+                self.version_log.append((len(self.online_clicks) - 1, v))
 
     def tick(self) -> None:
         with self.lock:
@@ -307,19 +304,17 @@ class LiveStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return self._snapshot()
-
-    def _snapshot(self) -> dict[str, Any]:
-        ev, cp = self.rates()
-        return {
-            "elapsed_s": round(time.monotonic() - self.started, 1), "events": self.events, "copies": self.copies,
-            "failed": self.failed, "events_per_s": ev, "copies_per_s": cp, "p99_ms": self.p99_ms(),
-            "ctr": {a: self.ctr(a) for a in LIVE_ARMS}, "ctr_recent": {a: self.ctr(a, 500) for a in LIVE_ARMS},
-            "impressions": {a: len(self.arm_p[a]) for a in LIVE_ARMS},
-            "online_realised_ctr": float(np.mean(self.online_clicks)) if self.online_clicks else math.nan,
-            "versions": [{"version": v, "impressions": n, "ctr": c, "expected_ctr": e}
-                         for v, n, c, e in self.version_ctr()],
-        }
+            ev, cp = self.rates()
+            return {
+                "elapsed_s": round(time.monotonic() - self.started, 1), "events": self.events,
+                "copies": self.copies, "failed": self.failed, "events_per_s": ev, "copies_per_s": cp,
+                "p99_ms": self.p99_ms(),
+                "ctr": {a: self.ctr(a) for a in LIVE_ARMS}, "ctr_recent": {a: self.ctr(a, 500) for a in LIVE_ARMS},
+                "impressions": {a: len(self.arm_p[a]) for a in LIVE_ARMS},
+                "online_realised_ctr": float(np.mean(self.online_clicks)) if self.online_clicks else math.nan,
+                "versions": [{"version": v, "impressions": n, "ctr": c, "expected_ctr": e}
+                             for v, n, c, e in self.version_ctr()],
+            }
 
 
 def render_live(stats: LiveStats, title: str = "livecopy demo") -> Any:
