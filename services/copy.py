@@ -139,6 +139,9 @@ class CopyService:
         except TRANSIENT_REDIS_ERRORS as exc:
             self.metrics.refused.labels("redis").inc()
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
+        if self.publisher.congested():  # its record could not be queued: refuse before generating it
+            self.metrics.refused.labels("publish_backlog").inc()
+            return _unavailable("publish_backlog", str(PublishBacklog()))
         ctx = context_from_profile(product, profile, slot, lookup=recent.get)
         loop = asyncio.get_running_loop()
         started = loop.time()

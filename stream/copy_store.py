@@ -129,6 +129,9 @@ class PublishBacklog(Exception):
     """The producer's local queue is full: the broker is unreachable or slower than the copies.
     Nothing was queued; the caller refuses (the API: 503) or retries later (the generator)."""
 
+    def __init__(self, message: str = "the producer's local queue is full (broker unreachable or slow)") -> None:
+        super().__init__(message)
+
 
 class CopyPublisher:
     """Publishes copies to ``livecopy.copy`` (key ``user_id``) with an idempotent producer.
@@ -136,8 +139,9 @@ class CopyPublisher:
     ``publish`` never blocks: it returns a Future that resolves when the broker acknowledged the
     record (the generator worker waits for it before committing; the API does not wait), or
     raises ``PublishBacklog`` when the producer's local queue (``queue.buffering.max.messages``)
-    is full. A background thread serves delivery reports; failures are logged and counted in
-    ``failed``, refusals in ``backlogged``.
+    is full; ``congested()`` says, without producing, whether it still is (the API checks it before
+    generating a copy it could not publish). A background thread serves delivery reports; failures
+    are logged and counted in ``failed``, refusals in ``backlogged``.
     """
 
     def __init__(self, producer: Producer, topic: str) -> None:
@@ -146,6 +150,7 @@ class CopyPublisher:
         self.published = 0
         self.failed = 0
         self.backlogged = 0
+        self._full_at: int | None = None  # records in the local queue at the last refusal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="copy-publisher", daemon=True)
         self._thread.start()
@@ -176,8 +181,19 @@ class CopyPublisher:
                 self.producer.produce(self.topic, key=key, value=payload, on_delivery=done)
             except BufferError as exc:
                 self.backlogged += 1
-                raise PublishBacklog("the producer's local queue is full (broker unreachable or slow)") from exc
+                self._full_at = len(self.producer)
+                raise PublishBacklog() from exc
         return fut
+
+    def congested(self) -> bool:
+        """True while the local queue holds as many records as when it last refused one."""
+        full = self._full_at
+        if full is None:
+            return False
+        if len(self.producer) < full:  # delivered or expired since: room again
+            self._full_at = None
+            return False
+        return True
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush (waiting up to ``timeout_s``) and stop; returns records still unacknowledged."""

@@ -218,8 +218,8 @@ def test_overload_answers_503_at_once_and_the_service_recovers(settings: Setting
 def test_a_full_publish_queue_answers_503_serves_nothing_unpublished_and_recovers(settings: Settings,
                                                                                    models: dict[str, Path]) -> None:
     s = with_generation(settings, models["v1"], hot_reload=False)
-    # room for one record in the producer's local queue, held there for 3 s before it is sent
-    producer = Producer(producer_config(s.kafka, **{"queue.buffering.max.messages": 1, "linger.ms": 3000}))
+    # room for one record in the producer's local queue, held there for 5 s before it is sent
+    producer = Producer(producer_config(s.kafka, **{"queue.buffering.max.messages": 1, "linger.ms": 5000}))
     app = create_app(s, extensions=[copy_extension(s, producer=producer)])
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
         def get(user: str) -> httpx.Response:
@@ -230,8 +230,14 @@ def test_a_full_publish_queue_answers_503_serves_nothing_unpublished_and_recover
         refused = get("q2")  # generated, but its record cannot be queued: not served, not cached
         assert refused.status_code == 503 and refused.json()["error"] == "publish_backlog"
         assert refused.headers["Retry-After"] == "1"
+        # while the queue is still full the next one is refused before it is generated
+        again_refused = get("q3")
+        assert again_refused.status_code == 503 and again_refused.json()["error"] == "publish_backlog"
         metrics = http.get("/metrics").text
-        assert 'livecopy_copy_refused_total{reason="publish_backlog"} 1.0' in metrics
+        assert 'livecopy_copy_refused_total{reason="publish_backlog"} 2.0' in metrics
+        assert "livecopy_copy_generate_seconds_count 2.0" in metrics  # q1 and q2 only
+        hit = get("q1")  # a cached copy needs no publishing: still served
+        assert hit.status_code == 200 and hit.headers["X-Livecopy-Cache"] == "hit"
         # once the first record is delivered the queue has room again: served (a fresh copy, not a cached one)
         wait_until(lambda: len(producer) == 0, 30, "the first copy delivered")
         again = get("q2")

@@ -95,10 +95,12 @@ def test_publisher_refuses_at_once_when_its_local_queue_is_full_and_counts_failu
                          score=0.1, policy="greedy", created_at="2026-11-23T00:00:00Z")
     try:
         first = pub.publish(copy)
+        assert not pub.congested()  # full, but it has not refused anything yet
         started = time.monotonic()
         with pytest.raises(PublishBacklog):
             pub.publish(copy)
         assert time.monotonic() - started < 0.4 and pub.backlogged == 1  # refused, not waited for
+        assert pub.congested() and pub.congested()  # still full: asking does not clear it
         with pytest.raises(RuntimeError):
             first.result(10)  # never delivered: the Future says so
         assert pub.failed == 1 and pub.published == 0
@@ -106,7 +108,9 @@ def test_publisher_refuses_at_once_when_its_local_queue_is_full_and_counts_failu
         deadline = time.monotonic() + 5
         while len(producer) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert not pub.congested()
         assert pub.publish(copy) is not None  # room again
+        assert not pub.congested()
     finally:
         assert pub.close(timeout_s=5) == 0
 
