@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
+import redis
 import uvicorn
 from fastapi import FastAPI
 
 from livecopy.devstack import free_port
 from livecopy.settings import Settings
 from services.api import create_app
-from services.dashboard import dashboard_extension, quantile
+from services.dashboard import FeedbackCtrSource, dashboard_extension, quantile
+from stream.contracts import Event, GeneratedCopy
+from stream.feedback import aggregate_fields, copy_item, event_item, feedback_record
+from stream.feedback_store import RedisFeedbackStore
+from tests.feedback_data import click_event, copy_record, impression_event
+from tests.integration.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +79,13 @@ def test_quantile_of_buckets() -> None:
 def test_dashboard_renders_in_headless_chromium(served: str) -> None:
     for _ in range(30):
         urllib.request.urlopen(f"{served}/v1/copy", timeout=5).read()
-    time.sleep(0.6)  # a few samples
-    import json
 
-    data = json.loads(urllib.request.urlopen(f"{served}/dashboard/data", timeout=5).read())
-    assert data["points"] and any(p["copies_per_s"] > 0 for p in data["points"])
-    assert data["ctr"][-1]["versions"]["v-online-1"]["ctr"] == pytest.approx(27 / 150)
+    def data() -> dict[str, Any]:
+        return cast(dict[str, Any], json.loads(urllib.request.urlopen(f"{served}/dashboard/data", timeout=5).read()))
+
+    # sampled every 0.2 s: the interval that saw the requests shows them
+    wait_until(lambda: any(p["copies_per_s"] > 0 for p in data()["points"]), 10, "a sample with copies/s > 0")
+    assert data()["ctr"][-1]["versions"]["v-online-1"]["ctr"] == pytest.approx(27 / 150)
 
     out = subprocess.run(
         [chromium(), *CHROMIUM_FLAGS, "--virtual-time-budget=8000", "--dump-dom", f"{served}/dashboard"],
@@ -90,14 +99,6 @@ def test_dashboard_renders_in_headless_chromium(served: str) -> None:
 
 
 def test_the_default_ctr_source_reads_the_joiners_aggregates_in_redis(settings: Settings) -> None:
-    import redis
-
-    from services.dashboard import FeedbackCtrSource
-    from stream.contracts import Event, GeneratedCopy
-    from stream.feedback import aggregate_fields, copy_item, event_item, feedback_record
-    from stream.feedback_store import RedisFeedbackStore
-    from tests.feedback_data import click_event, copy_record, impression_event
-
     store = RedisFeedbackStore(redis.Redis.from_url(settings.redis.url), settings.feedback, settings.redis.key_prefix)
     t0 = 1_795_000_000_000
     items = [copy_item(GeneratedCopy.model_validate_json(copy_record(f"c{i}", model_version=f"v{i % 2}")))
