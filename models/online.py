@@ -36,13 +36,14 @@ log-loss <= serving's + ``logloss_tolerance``; mean KL(serving || candidate) per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,10 @@ class OnlineTrainer:
     def __init__(self, student_dir: str | Path | None, cfg: TrainerSettings, *, seed: int = 0) -> None:
         self.cfg = cfg
         self.device = torch.device(resolve_device(cfg.device))
-        torch.manual_seed(seed)
+        # dropout draws from the trainer's own generator state, not the process's global one
+        self._rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        self._rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        self._rng_cuda = torch.Generator(self.device).manual_seed(seed).get_state() if self._rng_devices else None
         self.registry = Registry(cfg.registry_dir, cfg.model_name)
         cur = self.registry.current()
         if cur is None:
@@ -230,7 +234,9 @@ class OnlineTrainer:
         bs = self.cfg.batch_size
         while len(self._pending) >= bs:
             batch, self._pending = self._pending[:bs], self._pending[bs:]
-            for i, v in enumerate(self._step(batch)):
+            with self._own_rng():
+                losses = self._step(batch)
+            for i, v in enumerate(losses):
                 sums[i] += v
             rep.steps += 1
             rep.clicks += sum(r.clicked for r in batch)
@@ -239,6 +245,18 @@ class OnlineTrainer:
         rep.pending = len(self._pending)
         rep.seconds = time.perf_counter() - t0
         return rep
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with the trainer's RNG state as the global one; the global state is restored after."""
+        with torch.random.fork_rng(devices=self._rng_devices):
+            torch.set_rng_state(self._rng_cpu)
+            if self._rng_cuda is not None:
+                torch.cuda.set_rng_state(self._rng_cuda, self._rng_devices[0])
+            yield
+            self._rng_cpu = torch.get_rng_state()
+            if self._rng_cuda is not None:
+                self._rng_cuda = torch.cuda.get_rng_state(self._rng_devices[0])
 
     def _batch(self, rows: Sequence[TrainRow]) -> dict[str, torch.Tensor]:
         b = encode_pairs(self.tokenizer, [r.prompt for r in rows], [r.text for r in rows],

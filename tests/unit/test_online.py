@@ -158,3 +158,22 @@ def test_heldout_split_is_stable() -> None:
     ids = [f"imp-{i}" for i in range(5000)]
     share = sum(is_heldout(i, 0.1) for i in ids) / len(ids)
     assert 0.08 < share < 0.12 and [is_heldout(i, 0.1) for i in ids[:50]] == [is_heldout(i, 0.1) for i in ids[:50]]
+
+
+def test_training_draws_from_the_trainers_own_rng_not_the_global_one(tmp_path: Path, base_dir: Path) -> None:
+    recs = feedback_records(200, style_ctr(FAV), seed=3)
+
+    def trained(where: str, spend_global: bool) -> list[torch.Tensor]:
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        t = OnlineTrainer(base_dir, trainer_settings(tmp_path / where), seed=5)
+        assert torch.equal(torch.get_rng_state(), before)  # constructing it leaves the process's RNG alone
+        if spend_global:
+            torch.rand(1000)  # someone else in the process draws in between
+        after_spend = torch.get_rng_state()
+        assert t.update(recs).steps >= 4
+        assert torch.equal(torch.get_rng_state(), after_spend)  # and so does training (dropout)
+        return [p.detach().clone() for p in t.model.parameters()]
+
+    quiet, busy = trained("a", False), trained("b", True)
+    assert all(torch.equal(a, b) for a, b in zip(quiet, busy, strict=True))  # same seed, same dropout masks
