@@ -90,6 +90,10 @@ class CopyMetrics:
                                 value=svc.engine.queue_depth())
         yield CounterMetricFamily("livecopy_copy_publish_failed", "Copies the broker did not acknowledge",
                                   value=svc.publisher.failed)
+        yield GaugeMetricFamily("livecopy_copy_publish_queue", "Copies in the producer's local queue (not yet acked)",
+                                value=svc.publisher.queued())
+        yield GaugeMetricFamily("livecopy_copy_publish_congested", "1 while misses are refused: the queue is full",
+                                value=float(svc.publisher.congested()))
 
     def on_batch(self, n: int, seconds: float, version: str) -> None:
         self.batch_size.observe(n)
@@ -181,7 +185,7 @@ class CopyService:
 
     def health(self) -> dict[str, Any]:
         return {"model": self.engine.model, "model_version": self.engine.version,
-                "queue_depth": self.engine.queue_depth()}
+                "queue_depth": self.engine.queue_depth(), "publish_backlog": self.publisher.congested()}
 
 
 def _unavailable(code: str, message: str) -> Response:

@@ -185,6 +185,10 @@ class CopyPublisher:
                 raise PublishBacklog() from exc
         return fut
 
+    def queued(self) -> int:
+        """Records in the producer's local queue: not yet acknowledged by the broker."""
+        return len(self.producer)
+
     def congested(self) -> bool:
         """True while the local queue holds as many records as when it last refused one."""
         full = self._full_at

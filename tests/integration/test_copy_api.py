@@ -118,7 +118,7 @@ def test_copy_contract_cache_cold_start_errors_and_publication(settings: Setting
             r = http.get("/v1/copy", params=params)
             assert r.status_code == 422 and "error" in r.json(), params
         health = http.get("/healthz").json()
-        assert health["status"] == "ok" and health["model_version"] == "v1"
+        assert health["status"] == "ok" and health["model_version"] == "v1" and health["publish_backlog"] is False
         metrics = http.get("/metrics").text
         assert 'livecopy_copy_served_total{policy="cached",source="cache"} 1.0' in metrics
         assert 'livecopy_model_info{model="livecopy-student",version="v1"} 1.0' in metrics
@@ -236,12 +236,16 @@ def test_a_full_publish_queue_answers_503_serves_nothing_unpublished_and_recover
         metrics = http.get("/metrics").text
         assert 'livecopy_copy_refused_total{reason="publish_backlog"} 2.0' in metrics
         assert "livecopy_copy_generate_seconds_count 2.0" in metrics  # q1 and q2 only
+        assert "livecopy_copy_publish_congested 1.0" in metrics and "livecopy_copy_publish_queue 1.0" in metrics
+        assert http.get("/healthz").json()["publish_backlog"] is True
         hit = get("q1")  # a cached copy needs no publishing: still served
         assert hit.status_code == 200 and hit.headers["X-Livecopy-Cache"] == "hit"
         # once the first record is delivered the queue has room again: served (a fresh copy, not a cached one)
         wait_until(lambda: len(producer) == 0, 30, "the first copy delivered")
         again = get("q2")
         assert again.status_code == 200 and again.headers["X-Livecopy-Cache"] == "miss"
+        assert http.get("/healthz").json()["publish_backlog"] is False
+        assert "livecopy_copy_publish_congested 0.0" in http.get("/metrics").text
         served = [first.json(), again.json()]
     on_topic = copies_on_topic(s, len(served))
     assert sorted(c.copy_id for c in on_topic) == sorted(b["copy_id"] for b in served)
