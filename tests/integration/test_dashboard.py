@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
 
-from livecopy.devstack import free_port
 from livecopy.settings import Settings
 from services.api import create_app
 from services.dashboard import FeedbackCtrSource, dashboard_extension, quantile
 from stream.contracts import Event, GeneratedCopy
 from stream.feedback import aggregate_fields, copy_item, event_item, feedback_record
 from stream.feedback_store import RedisFeedbackStore
+from tests.copygen import ServerThread
 from tests.feedback_data import click_event, copy_record, impression_event
 from tests.integration.helpers import wait_until
 
@@ -50,23 +47,8 @@ def served(settings: Settings) -> Iterator[str]:
     s = settings.model_copy(update={"api": settings.api.model_copy(update={"dashboard": False})})
     app = create_app(s, extensions=[_fake_copy_route, dashboard_extension(s, ctr_source=lambda: ctr,
                                                                            interval_s=0.2)])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/dashboard/data", timeout=1).read()
-            break
-        except OSError:
-            time.sleep(0.1)
-    try:
+    with ServerThread(app) as base:
         yield base
-    finally:
-        server.should_exit = True
-        th.join(10)
 
 
 def test_quantile_of_buckets() -> None:

@@ -7,14 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 from livecopy.devstack import free_port
 from livecopy.settings import Settings
 from services.api import create_app
 from stream.contracts import Event, Profile
 from stream.profile_worker import build_profile_loop
+from tests.copygen import ServerThread
 from tests.integration.helpers import (
     ROOT,
     ThreadWorker,
@@ -45,7 +46,7 @@ def applied(settings: Settings) -> Profile:
 
 
 def test_http_profile_endpoint(settings: Settings, applied: Profile) -> None:
-    with TestClient(create_app(settings)) as client:
+    with ServerThread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
         r = client.get("/v1/profile/reader@shop")
         assert r.status_code == 200
         body = r.json()
