@@ -137,15 +137,15 @@ class CopyService:
             if cached is not None:
                 self.metrics.served.labels("cache", "cached").inc()
                 return Response(cached, media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+            if self.publisher.congested():  # its record could not be queued: refuse before reading or generating
+                self.metrics.refused.labels("publish_backlog").inc()
+                return _unavailable("publish_backlog", str(PublishBacklog()))
             profile = render(user_id, state, self.settings.profile) if state is not None else None
             recent = await self.catalog.get_many(profile.recent_products) if profile is not None else {}
             response = await self.responses.load(user_id) if self.cfg.style_response_strength > 0 else None
         except TRANSIENT_REDIS_ERRORS as exc:
             self.metrics.refused.labels("redis").inc()
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
-        if self.publisher.congested():  # its record could not be queued: refuse before generating it
-            self.metrics.refused.labels("publish_backlog").inc()
-            return _unavailable("publish_backlog", str(PublishBacklog()))
         ctx = context_from_profile(product, profile, slot, lookup=recent.get)
         loop = asyncio.get_running_loop()
         started = loop.time()

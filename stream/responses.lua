@@ -9,18 +9,19 @@ local h, seen = KEYS[1], KEYS[2]
 local now, window, ttl, half_life = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local as_of = tonumber(redis.call('HGET', h, 't') or '')
 if as_of == nil or now > as_of then
+  local aged = {}
   if half_life > 0 and as_of ~= nil then  -- age the evidence: x 0.5 ^ (elapsed / half-life)
     local f = 0.5 ^ ((now - as_of) / half_life)
     local fields = redis.call('HGETALL', h)
     for j = 1, #fields, 2 do
-      local name = fields[j]
-      local kind = string.sub(name, 1, 2)
+      local kind = string.sub(fields[j], 1, 2)
       if kind == 'c:' or kind == 'e:' then
-        redis.call('HSET', h, name, string.format('%.17g', tonumber(fields[j + 1]) * f))
+        aged[#aged + 1] = fields[j]
+        aged[#aged + 1] = string.format('%.17g', tonumber(fields[j + 1]) * f)
       end
     end
   end
-  redis.call('HSET', h, 't', ARGV[1])
+  redis.call('HSET', h, 't', ARGV[1], unpack(aged))  -- one write: the aged counts and their time
 end
 redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. string.format('%.17g', now - window))
 local out = {}
