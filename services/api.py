@@ -3,7 +3,7 @@ dashboard, see services.dashboard)."""
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,11 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from livecopy.metrics import LATENCY_BUCKETS
 from livecopy.settings import Settings
-from stream.contracts import USER_PATTERN
+from stream.contracts import is_user_id
 from stream.profile import render
 from stream.profile_store import AsyncProfileReader
-
-_USER_RE = re.compile(USER_PATTERN)
+from stream.redis_lua import TRANSIENT_REDIS_ERRORS
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -64,18 +63,22 @@ def create_app(
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
-        route = request.scope.get("route")
-        with metrics.latency.labels(request.url.path if route is None else route.path).time():
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        start = time.perf_counter()
+        response = await call_next(request)
+        # The route is known only once routing ran; unmatched paths share one label (no series per URL).
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
     @app.get("/v1/profile/{user_id}")
     async def get_profile(user_id: str, request: Request) -> Any:
-        if not _USER_RE.match(user_id):
+        if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
-        state = await request.app.state.profiles.load(user_id)
+        try:
+            state = await request.app.state.profiles.load(user_id)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            return error(503, "unavailable", f"redis: {str(exc)[:200]}")
         if state is None:
             return error(404, "not_found", f"no profile for user {user_id!r}")
         return render(user_id, state, settings.profile).model_dump()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,7 +40,7 @@ from models.context import context_from_profile
 from models.executor import CopyRequest
 from models.serving import CopyEngine, ReloadEvent
 from services.api import error
-from stream.contracts import ID_PATTERN, USER_PATTERN
+from stream.contracts import is_id, is_user_id
 from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
@@ -52,8 +51,6 @@ from stream.wire import Topics
 
 log = logging.getLogger(__name__)
 
-_USER_RE = re.compile(USER_PATTERN)
-_ID_RE = re.compile(ID_PATTERN)
 MAX_SLOT_CHARS = 64
 JSON = "application/json"
 
@@ -120,9 +117,9 @@ class CopyService:
         metrics.service = self
 
     async def get_copy(self, request: Request, user_id: str, product_id: str, slot: str | None) -> Response:
-        if not _USER_RE.match(user_id):
+        if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
-        if not _ID_RE.match(product_id):
+        if not is_id(product_id):
             return error(422, "invalid_product_id", "product_id must be 1-128 chars of [A-Za-z0-9_.:-]")
         if slot is not None and (len(slot) > MAX_SLOT_CHARS or not slot):
             return error(422, "invalid_slot", f"slot must be 1-{MAX_SLOT_CHARS} chars")

@@ -35,6 +35,18 @@ USER_PATTERN = r"^[A-Za-z0-9_.:@\-]{1,128}$"
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 UserId = Annotated[str, StringConstraints(pattern=USER_PATTERN)]
+_ID_RE = re.compile(ID_PATTERN)
+_USER_RE = re.compile(USER_PATTERN)
+
+
+def is_id(value: str) -> bool:
+    """True for a valid event/product/copy id (the whole string: Python's ``$`` also matches before a final newline)."""
+    return _ID_RE.fullmatch(value) is not None
+
+
+def is_user_id(value: str) -> bool:
+    """True for a valid user id (the whole string, as pydantic's pattern check)."""
+    return _USER_RE.fullmatch(value) is not None
 
 
 class EventType(StrEnum):
@@ -71,7 +83,7 @@ def parse_event_time(value: Any) -> int:
             raise PydanticCustomError("out_of_range", "ts epoch milliseconds out of range")
         return value
     if isinstance(value, str):
-        if not _RFC3339.match(value):
+        if not _RFC3339.fullmatch(value):
             raise PydanticCustomError("bad_format", "ts is not an RFC 3339 timestamp")
         text = value.replace(" ", "T").replace("t", "T").replace("z", "Z")
         frac = re.search(r"\.(\d+)", text)

@@ -114,7 +114,9 @@ def test_copy_contract_cache_cold_start_errors_and_publication(settings: Setting
         for params in ({"user_id": "bad id!", "product_id": P[0].product_id},
                        {"user_id": "u1", "product_id": "sku/../x"},
                        {"product_id": P[0].product_id},
-                       {"user_id": "u1", "product_id": P[0].product_id, "slot": "x" * 65}):
+                       {"user_id": "u1", "product_id": P[0].product_id, "slot": "x" * 65},
+                       {"user_id": "u1\n", "product_id": P[0].product_id},
+                       {"user_id": "u1", "product_id": P[0].product_id + "\n"}):
             r = http.get("/v1/copy", params=params)
             assert r.status_code == 422 and "error" in r.json(), params
         health = http.get("/healthz").json()

@@ -57,11 +57,28 @@ def test_http_profile_endpoint(settings: Settings, applied: Profile) -> None:
         assert body["last_seen"] == "2026-11-22T11:00:00.000Z"
         r = client.get("/v1/profile/nobody")
         assert r.status_code == 404 and r.json()["error"] == "not_found"
-        r = client.get("/v1/profile/bad%20id!")
-        assert r.status_code == 422 and r.json()["error"] == "invalid_user_id"
+        for bad in ("bad%20id!", "reader@shop%0A"):  # a trailing newline is not a valid id either
+            r = client.get(f"/v1/profile/{bad}")
+            assert r.status_code == 422 and r.json()["error"] == "invalid_user_id", bad
         assert client.get("/healthz").json()["status"] == "ok"
+        assert client.get("/no/such/path").status_code == 404
         metrics = client.get("/metrics")
-        assert metrics.status_code == 200 and "livecopy_http_requests_total" in metrics.text
+        assert metrics.status_code == 200
+        # one series per route, not per URL (a label per user id would grow without bound)
+        assert 'livecopy_http_requests_total{route="/v1/profile/{user_id}",status="200"} 1.0' in metrics.text
+        assert 'livecopy_http_requests_total{route="/v1/profile/{user_id}",status="422"} 2.0' in metrics.text
+        assert 'livecopy_http_seconds_count{route="/v1/profile/{user_id}"} 4.0' in metrics.text
+        assert 'livecopy_http_seconds_count{route="unmatched"} 1.0' in metrics.text
+        assert "reader@shop" not in metrics.text and "nobody" not in metrics.text
+
+
+def test_http_profile_answers_503_json_while_redis_is_down() -> None:
+    settings = Settings.model_validate({"redis": {"url": f"redis://127.0.0.1:{free_port()}/0",
+                                                  "socket_timeout_s": 1}})
+    with ServerThread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        r = client.get("/v1/profile/reader@shop")
+        assert r.status_code == 503 and r.json()["error"] == "unavailable"
+        assert client.get("/healthz").status_code == 503
 
 
 def test_cli_profile_show_json(settings: Settings, applied: Profile) -> None:
