@@ -4,7 +4,8 @@
         p.send({"event_id": "e-1", "type": "page_view", "user_id": "u-42", "ts": "2026-11-22T10:00:00Z"})
 
 Events are validated against the v1 contract before they leave (an invalid event raises
-`InvalidEvent` at `send`, not a DLQ record later), keyed by `user_id` so a user's events keep
+`InvalidEvent` at `send`, not a DLQ record later), sent as given (a dict or JSON text is not
+re-serialized: unknown fields survive), keyed by `user_id` so a user's events keep
 their order, and produced by an idempotent producer (acks=all, no duplicates from retries).
 Delivery failures are not swallowed: `flush()` and `close()` raise `DeliveryError` listing them,
 and `on_error` (if given) is called for each as it happens.
@@ -16,13 +17,13 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, Message, Producer
-from pydantic import ValidationError
 
 from livecopy.settings import KafkaSettings, Settings
 from stream.contracts import Event
 from stream.kafka_io import producer_config
-from stream.wire import Rejection, Topics, encode_event, rejection_from
+from stream.wire import Rejection, Topics, decode_event, encode_event
 
 
 class InvalidEvent(ValueError):
@@ -69,18 +70,30 @@ class EventProducer:
             self._on_error(*failure)
 
     @staticmethod
-    def validate(event: Event | Mapping[str, Any]) -> Event:
+    def validate(event: Event | Mapping[str, Any] | bytes | str) -> tuple[Event, bytes]:
+        """The event and the bytes to send: a mapping or JSON text as given (unknown fields and the
+        producer's own `ts` form kept), checked by the same decoder the workers use."""
         if isinstance(event, Event):
-            return event
+            return event, encode_event(event)
+        if isinstance(event, str):
+            event = event.encode()
+        if not isinstance(event, bytes):
+            try:
+                event = orjson.dumps(dict(event))
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise InvalidEvent(Rejection("not_json", f"event is not JSON-serializable: {exc}")) from None
         try:
-            return Event.model_validate(dict(event))
-        except ValidationError as exc:
-            raise InvalidEvent(rejection_from(exc)) from None
+            return decode_event(None, event), event
+        except Rejection as rej:
+            raise InvalidEvent(rej) from None
 
-    def send(self, event: Event | Mapping[str, Any], timestamp_ms: int | None = None) -> Event:
-        """Validate and enqueue one event (key = user_id). Blocks briefly when the queue is full."""
-        ev = self.validate(event)
-        self._produce(ev.user_id.encode(), encode_event(ev), timestamp_ms)
+    def send(self, event: Event | Mapping[str, Any] | bytes | str, timestamp_ms: int | None = None) -> Event:
+        """Validate and enqueue one event (key = user_id). Blocks briefly when the queue is full.
+
+        A mapping or JSON text is sent as given once it passes the v1 contract; an `Event` is
+        serialized. Raises `InvalidEvent` (with the DLQ reason a worker would give) otherwise."""
+        ev, value = self.validate(event)
+        self._produce(ev.user_id.encode(), value, timestamp_ms)
         return ev
 
     def send_raw(self, key: bytes | str | None, value: bytes, timestamp_ms: int | None = None) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 
 import orjson
 import pytest
 
-from livecopy import EventProducer
+from livecopy import EventProducer, InvalidEvent
 from livecopy.catalog import Catalog
 from livecopy.settings import Settings
 from stream.contracts import Event
@@ -17,11 +19,13 @@ from stream.loadgen import SessionGenerator
 from stream.profile_worker import build_profile_loop
 from stream.wire import Topics
 from tests.integration.helpers import (
+    ROOT,
     ThreadWorker,
     expected_profiles,
     mismatches,
     profiles_match,
     read_topic,
+    settings_env,
     wait_until,
 )
 
@@ -106,3 +110,37 @@ def test_every_malformed_class_lands_in_the_dlq_and_good_records_around_it_apply
         assert int(h["source.partition"]) in range(settings.topics.events_partitions)
         assert int(h["source.offset"]) >= 0
         assert h["error.detail"] and b"\n" not in h["error.detail"]
+
+
+def test_the_sdk_sends_an_event_as_given_and_refuses_what_a_worker_would_reject(settings: Settings) -> None:
+    topics = Topics.from_settings(settings.topics)
+    given = {"event_id": "sdk-1", "type": "product_view", "user_id": "u-7", "ts": "2026-11-22T10:00:00+01:00",
+             "product_id": "sku-1", "price": 39, "referrer": "newsletter"}  # a field from a later contract
+    text = '{"event_id":"sdk-2","type":"page_view","user_id":"u-7","ts":1795341600000}'
+    with EventProducer(settings=settings) as p:
+        assert p.send(given).ts == 1_795_338_000_000
+        assert p.send(text).event_id == "sdk-2"
+        for bad, reason in [({**given, "price": "39"}, "wrong_type"), ({**given, "extra": {1, 2}}, "not_json"),
+                            ("{not json", "not_json"), ({**given, "pad": "x" * 70_000}, "oversize"),
+                            ({**given, "user_id": "u-7\n"}, "bad_charset")]:
+            with pytest.raises(InvalidEvent) as err:
+                p.send(bad)
+            assert err.value.reason == reason, bad
+        assert p.sent == 2
+    on_topic = read_topic(settings, topics.events, expect=2)
+    # unchanged: the unknown field, the producer's own ts form and the integer price all kept
+    assert sorted(m.value() for m in on_topic) == sorted([orjson.dumps(given), text.encode()])
+    assert {m.key() for m in on_topic} == {b"u-7"}
+
+
+def test_livecopy_produce_sends_valid_lines_as_they_are_and_reports_the_others(settings: Settings) -> None:
+    good = b'{"event_id":"cli-1","type":"page_view","user_id":"u-9","ts":"2026-11-22T10:00:00Z","x":1}'
+    lines = b"\n".join([good, b"5", b"{not json", b'{"event_id":"cli-2","type":"page_view"}', b"", b"null"])
+    out = subprocess.run([sys.executable, "-m", "livecopy", "produce", "-"], input=lines + b"\n",
+                         env=settings_env(settings), cwd=ROOT, capture_output=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.decode()
+    assert all(f"line {n}: " in err for n in (2, 3, 4, 6)) and "line 1:" not in err
+    assert "sent 1 event(s), 4 invalid line(s) skipped" in out.stdout.decode()
+    on_topic = read_topic(settings, Topics.from_settings(settings.topics).events, expect=1)
+    assert [(m.key(), m.value()) for m in on_topic] == [(b"u-9", good)]
