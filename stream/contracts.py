@@ -144,7 +144,13 @@ class Event(BaseModel):
     @field_validator("props")
     @classmethod
     def _props_size(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and len(orjson.dumps(v)) > MAX_PROPS_BYTES:
+        if v is None:
+            return v
+        try:
+            size = len(orjson.dumps(v))
+        except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits: a record error, not a crash
+            raise PydanticCustomError("out_of_range", "{e}", {"e": str(exc)}) from None
+        if size > MAX_PROPS_BYTES:
             raise PydanticCustomError("too_long", "props is over 4 KiB serialized")
         return v
 

@@ -30,7 +30,7 @@ from livecopy.metrics import WorkerMetrics
 from livecopy.settings import ResponseSettings, Settings
 from models.policy import StyleResponse
 from models.styles import STYLES
-from stream.contracts import FeedbackRecord
+from stream.contracts import FeedbackRecord, is_user_id
 from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
 from stream.profile_worker import install_stop_signals, wall_ms
 from stream.redis_lua import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError, redis_client
@@ -52,7 +52,11 @@ class ResponseUpdate:
 
 def response_update(rec: FeedbackRecord) -> ResponseUpdate | None:
     """The update a feedback record makes, or None when it carries no style or no prediction
-    (a valid record, just not evidence about styles: e.g. from a model without a CTR head)."""
+    (a valid record, just not evidence about styles: e.g. from a model without a CTR head).
+    Raises `Rejection` for a user id outside the events' charset: it names the shopper's hash tag,
+    and one with braces or none would spread their keys over Cluster slots."""
+    if not is_user_id(rec.user_id):
+        raise Rejection("bad_charset", f"user_id {rec.user_id[:80]!r} is not 1-128 chars of [A-Za-z0-9_.:@-]")
     if rec.style not in STYLES or rec.score is None or not 0.0 <= rec.score <= 1.0:
         return None
     return ResponseUpdate(rec.impression_id, rec.user_id, str(rec.style), float(rec.score), rec.clicked)

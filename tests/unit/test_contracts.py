@@ -88,6 +88,10 @@ def test_unknown_fields_are_ignored() -> None:
         (raw(query="q" * 513, type="search"), "bad_length"),
         (raw(props={"blob": "x" * 5000}), "bad_length"),
         (raw(props={"blob": "x" * 70_000}), "oversize"),
+        # valid JSON, but no 64-bit integer: a reason, not a crash
+        (raw(props={"n": 0}).replace(b'"n":0', b'"n":1180591620717411303424'), "out_of_range"),
+        (raw(props={"a": {"b": [0]}}).replace(b"[0]", b"[18446744073709551616]"), "out_of_range"),
+        (raw(ts="2026-11-22T10:00:00Z\n"), "bad_format"),
     ],
 )
 def test_malformed_inputs_are_rejected_with_their_reason(value: bytes, expected: str) -> None:

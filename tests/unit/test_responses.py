@@ -60,9 +60,11 @@ def test_records_without_style_or_score_are_skipped_and_malformed_ones_rejected_
     out = proc.process([
         rec(fb(1)), rec(fb(2, style=None)), rec(fb(3, score=None)), rec(fb(4, style="shouting")),
         rec(b"{not json", 5), rec(None, 6), rec({"impression_id": "i7"}, 7), rec(fb(8, clicked="maybe"), 8),
+        rec(fb(9, user="}x{"), 9), rec(fb(10, user=""), 10),  # would name no hash tag / another one
     ])
     assert [(r.offset, j.reason) for r, j in out.rejected] == [
-        (5, "not_json"), (6, "empty"), (7, "missing_field"), (8, "wrong_type")]
+        (5, "not_json"), (6, "empty"), (7, "missing_field"), (8, "wrong_type"), (9, "bad_charset"),
+        (10, "bad_charset")]
     assert proc.applied == 1 and proc.skipped == 3
 
 
