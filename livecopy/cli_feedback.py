@@ -54,6 +54,10 @@ def models_group() -> None:
     """The model registry (settings trainer.registry_dir, trainer.model_name)."""
 
 
+NO_ANNOUNCE_HELP = ("Only change the registry; publish nothing now (the online trainer announces the serving version "
+                    "when it next starts).")
+
+
 def _registry(ctx: Ctx) -> Any:
     from models.registry import Registry
 
@@ -70,6 +74,7 @@ def _announce(ctx: Ctx, mv: Any) -> None:
 
     topic = Topics.from_settings(ctx.settings.topics).model_updates
     announce(Producer(producer_config(ctx.settings.kafka)), topic, mv)
+    _registry(ctx).mark_announced(mv.version)
     click.echo(f"announced {mv.name} {mv.version} ({mv.action}) on {topic}")
 
 
@@ -116,7 +121,7 @@ def models_list(ctx: Ctx, as_json: bool) -> None:
 @models_group.command("promote")
 @click.argument("version")
 @click.option("--reason", default="manual promote")
-@click.option("--no-announce", is_flag=True, help="Only change the registry; publish nothing.")
+@click.option("--no-announce", is_flag=True, help=NO_ANNOUNCE_HELP)
 @pass_ctx
 def models_promote(ctx: Ctx, version: str, reason: str, no_announce: bool) -> None:
     """Serve VERSION: make it current and announce it on livecopy.model-updates."""
@@ -126,7 +131,7 @@ def models_promote(ctx: Ctx, version: str, reason: str, no_announce: bool) -> No
 @models_group.command("rollback")
 @click.option("--to", "to", default=None, help="Version to serve (default: the current version's parent).")
 @click.option("--reason", default="manual rollback")
-@click.option("--no-announce", is_flag=True, help="Only change the registry; publish nothing.")
+@click.option("--no-announce", is_flag=True, help=NO_ANNOUNCE_HELP)
 @pass_ctx
 def models_rollback(ctx: Ctx, to: str | None, reason: str, no_announce: bool) -> None:
     """Serve the parent of the current version (or --to VERSION) again, and announce it."""

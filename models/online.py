@@ -83,7 +83,7 @@ def row_of(rec: FeedbackRecord) -> TrainRow | None:
     """The training row of a feedback record; None when its features cannot rebuild the prompt."""
     try:
         prompt = build_prompt(context_from_features(rec.features))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):  # e.g. int(inf) from a 1e400
         return None
     style = rec.style if rec.style in STYLES else classify_style(rec.text)
     p = rec.propensity
@@ -233,9 +233,10 @@ class OnlineTrainer:
         sums = [0.0, 0.0, 0.0, 0.0]
         bs = self.cfg.batch_size
         while len(self._pending) >= bs:
-            batch, self._pending = self._pending[:bs], self._pending[bs:]
+            batch = self._pending[:bs]
             with self._own_rng():
                 losses = self._step(batch)
+            del self._pending[:bs]  # only once trained on: a step that raised leaves its rows pending
             for i, v in enumerate(losses):
                 sums[i] += v
             rep.steps += 1

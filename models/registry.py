@@ -130,7 +130,27 @@ class Registry:
     def current_record(self) -> ModelVersion | None:
         index = self._read()
         cur = index.get("current")
-        return self._record(index, cur, "promote") if cur else None
+        return self._record(index, cur, self._last_action(index, cur)) if cur else None
+
+    @staticmethod
+    def _last_action(index: dict[str, Any], version: str) -> str:
+        for h in reversed(index["history"]):
+            if h.get("version") == version and h.get("action") in ("promote", "rollback"):
+                return str(h["action"])
+        return "promote"
+
+    def unannounced(self) -> ModelVersion | None:
+        """The serving version's record when it was never announced on ``livecopy.model-updates``
+        (a promotion whose announcement a crash cut off); None when it was, or nothing serves."""
+        index = self._read()
+        cur = index.get("current")
+        if cur is None or index.get("announced") == cur:
+            return None
+        return self._record(index, cur, self._last_action(index, cur))
+
+    def mark_announced(self, version: str) -> None:
+        with self._locked() as index:
+            index["announced"] = version
 
     # -- writes --------------------------------------------------------------------------------
     def import_base(self, src: str | Path, version: str, metrics: dict[str, Any] | None = None) -> ModelVersion:
@@ -147,6 +167,7 @@ class Registry:
                                               "metrics": metrics or {}, "status": "candidate", "source": str(src)}
             if index.get("current") is None:
                 self._set_current(index, version, "import", f"base {src}")
+                index["announced"] = version  # the base serves from the start: nothing to announce
             return self._record(index, version, "promote")
 
     def add(self, version: str, parent_version: str | None, metrics: dict[str, Any], *, promote: bool,

@@ -8,9 +8,12 @@ its ``ModelVersion`` record is then produced to ``livecopy.model-updates`` (key:
 name) and the batch counts as done only once the broker acknowledged it. A record that does
 not parse as feedback goes to the DLQ.
 
-Offsets are committed after the records were trained on (in memory): a trainer killed between
-two publications resumes from the registry's current version and loses the progress made since
-(the same at-least-once bargain as everywhere else: nothing half-published is ever served).
+Offsets are committed once the trainer took the records in (trained on, or kept in memory: the
+rows of a mini-batch not yet full and the held-out rows): a trainer killed between two
+publications resumes from the registry's current version and loses what it learned and held out
+since (a bounded loss of training signal; nothing half-published is ever served). A version it
+promoted but could not announce before stopping is announced when the next trainer starts
+(the registry records what was announced).
 The loop reads at most ``max_batch_size_factor x batch_size`` records per poll, so one poll's
 work stays a few optimizer steps and the consumer keeps polling.
 """
@@ -28,7 +31,15 @@ from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
 from models.online import OnlineTrainer
 from stream.contracts import FeedbackRecord, ModelVersion
-from stream.kafka_io import BatchLoop, DeliveryTracker, Outcome, group_consumer, loop_options, producer_config
+from stream.kafka_io import (
+    BatchLoop,
+    DeliveryTracker,
+    Outcome,
+    TransientError,
+    group_consumer,
+    loop_options,
+    producer_config,
+)
 from stream.profile_worker import install_stop_signals
 from stream.wire import Record, Rejection, Topics, decode_feedback
 
@@ -52,7 +63,9 @@ class TrainerProcessor:
         self.producer = producer
         self.topics = topics
         self.metrics = metrics
-        self.unannounced: list[ModelVersion] = []
+        # A version promoted but never announced (the trainer stopped in between) goes out first.
+        resumed = trainer.registry.unannounced()
+        self.unannounced: list[ModelVersion] = [resumed] if resumed is not None else []
         self.announced: list[ModelVersion] = []
         self._delivery = DeliveryTracker()
 
@@ -60,15 +73,18 @@ class TrainerProcessor:
         if self.metrics and n:
             self.metrics.count(outcome, n)
 
-    def _announce_pending(self) -> None:
+    def announce_pending(self) -> None:
+        """Announce what was published and not yet acknowledged, oldest first (TransientError if
+        the broker does not acknowledge: tried again with the next batch)."""
         while self.unannounced:
             mv = self.unannounced[0]
             announce(self.producer, self.topics.model_updates, mv, self._delivery)
+            self.trainer.registry.mark_announced(mv.version)
             self.announced.append(self.unannounced.pop(0))
             log.info("announced %s %s on %s", mv.name, mv.version, self.topics.model_updates)
 
     def process(self, records: Sequence[Record]) -> Outcome:
-        self._announce_pending()  # a version published before a failed announcement goes out first
+        self.announce_pending()  # a version published before a failed announcement goes out first
         recs: list[FeedbackRecord] = []
         rejected: list[tuple[Record, Rejection]] = []
         for r in records:
@@ -95,7 +111,7 @@ class TrainerProcessor:
         if mv is not None:
             self._count("published", 1)
             self.unannounced.append(mv)
-        self._announce_pending()
+        self.announce_pending()
         return mv
 
     def healthy(self) -> bool:
@@ -130,6 +146,10 @@ def run_trainer_worker(settings: Settings, *, metrics_port: int | None = None) -
     loop = build_trainer_loop(settings, metrics=metrics)
     proc = trainer_of(loop)
     install_stop_signals(loop.stop)
+    try:
+        proc.announce_pending()  # before any feedback arrives
+    except TransientError as exc:
+        log.warning("%s; announcing with the next batch", exc)
     log.info("online trainer consuming %s from %s (registry %s)", loop.topics, proc.trainer.serving_version,
              settings.trainer.registry_dir)
     loop.run()

@@ -11,7 +11,7 @@ import torch
 
 from livecopy.settings import TopicSettings, TrainerSettings
 from models.offpolicy import estimate
-from models.online import OnlineTrainer, is_heldout
+from models.online import OnlineTrainer, is_heldout, row_of
 from models.registry import Registry, RegistryError
 from models.student import ModelMeta
 from models.styles import STYLES
@@ -177,3 +177,63 @@ def test_training_draws_from_the_trainers_own_rng_not_the_global_one(tmp_path: P
 
     quiet, busy = trained("a", False), trained("b", True)
     assert all(torch.equal(a, b) for a, b in zip(quiet, busy, strict=True))  # same seed, same dropout masks
+
+
+@pytest.mark.parametrize("poison", [
+    {"product": {"reviews": float("inf")}},  # int(inf): what a 1e400 in the JSON becomes
+    {"raw": ["not", "a", "mapping"]},
+    {"product": "not a mapping"},
+    {"v": 99},
+])
+def test_a_record_whose_features_cannot_rebuild_the_prompt_is_skipped_not_raised(poison: dict[str, object]) -> None:
+    good = feedback_records(1, style_ctr(FAV), seed=3)[0]
+    features = {**good.features, **poison}
+    if isinstance(poison.get("product"), dict):
+        features["product"] = {**good.features["product"], **poison["product"]}  # type: ignore[dict-item]
+    assert row_of(good) is not None
+    assert row_of(good.model_copy(update={"features": features})) is None
+
+
+def test_a_promotion_whose_announcement_was_cut_off_is_announced_by_the_next_trainer(tmp_path: Path,
+                                                                                     base_dir: Path) -> None:
+    topics = Topics.from_settings(TopicSettings())
+    cluster = FakeCluster()
+    for name, n in topics.partition_counts().items():
+        cluster.create(name, n)
+    cfg = trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0)
+    producer = FakeProducer(cluster)
+    first = TrainerProcessor(OnlineTrainer(base_dir, cfg), producer, topics)
+    assert first.unannounced == []  # a fresh registry's base serves from the start: nothing to announce
+    recs = [Record(topics.feedback, 0, i, r.copy_id.encode(), r.model_dump_json().encode())
+            for i, r in enumerate(feedback_records(400, style_ctr(FAV), seed=3))]
+    producer.fail_deliveries = True
+    from stream.kafka_io import TransientError
+
+    with pytest.raises(TransientError):
+        first.process(recs)
+    promoted = first.trainer.published[-1]
+    assert Registry(cfg.registry_dir, cfg.model_name).current() == promoted.version
+    # the trainer stops here; generators never heard of `promoted`. The next one announces it first.
+    producer.fail_deliveries = False
+    second = TrainerProcessor(OnlineTrainer(base_dir, cfg), producer, topics)
+    assert [mv.version for mv in second.unannounced] == [promoted.version]
+    second.announce_pending()
+    ups = [ModelVersion.model_validate_json(m.value() or b"") for m in cluster.records(topics.model_updates)]
+    assert [(u.version, u.action) for u in ups] == [(promoted.version, "promote")]
+    assert TrainerProcessor(OnlineTrainer(base_dir, cfg), producer, topics).unannounced == []
+
+
+def test_the_registry_knows_whether_its_serving_version_was_announced(tmp_path: Path, base_dir: Path) -> None:
+    reg = Registry(tmp_path / "reg", "livecopy-student")
+    reg.import_base(base_dir, "0.9.0")
+    assert reg.unannounced() is None  # the imported base serves from the start
+    (reg.path_of("v2")).mkdir(parents=True)
+    (reg.path_of("v2") / "config.json").write_text("{}")
+    reg.add("v2", "0.9.0", {}, promote=True)
+    mv = reg.unannounced()
+    assert mv is not None and (mv.version, mv.action) == ("v2", "promote")
+    reg.mark_announced("v2")
+    assert reg.unannounced() is None
+    reg.rollback()
+    back = reg.unannounced()
+    assert back is not None and (back.version, back.action) == ("0.9.0", "rollback")
