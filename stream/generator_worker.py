@@ -9,11 +9,16 @@ for one of them is then a cache hit.
 
 The poll loop never waits for the model: it decodes records and hands product views to a thread
 pool; tasks queue requests on the engine (which micro-batches them) and report back through a
-queue. Offsets are committed per partition only up to the first record whose effects (cache
-write + broker ack of the copies) are not done yet (``OffsetTracker``), so a crash re-generates
-at most what was in flight (cache keys that exist are skipped). When more than
-``generator.max_inflight`` copies are in flight the loop pauses its partitions (still polling, so
-it keeps its group membership) and resumes below ``generator.resume_below``.
+queue. Offsets are committed per partition only up to the first record whose effects (broker
+ack of the copies, then their cache write) are not done yet (``OffsetTracker``), so a crash
+re-generates at most what was in flight (cache keys that exist are skipped). A copy is written to
+the cache only after the broker acknowledged its record, with ``SET NX``: a cached copy is always
+a published one (the feedback joiner needs every served copy on ``livecopy.copy``), so skipping an
+existing key on re-delivery is safe, and a copy the API cached for the same key meanwhile (served
+already) is kept. A crash between the ack and the cache write leaves a published copy nobody
+serves (harmless: the joiner only joins impressions) and the re-delivered record makes a new one.
+When more than ``generator.max_inflight`` copies are in flight the loop pauses its partitions
+(still polling, so it keeps its group membership) and resumes below ``generator.resume_below``.
 
 Invalid events are skipped and counted (the profile worker already sends them to the DLQ; a
 second DLQ copy would double-count them); so are views older than ``generator.max_event_age_s``.
@@ -27,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import redis
@@ -140,15 +146,14 @@ class Pregenerator:
         except PublishBacklog:
             return None
 
-    def _acked(self, fut: Future[None] | None) -> bool:
+    @staticmethod
+    def _acked(fut: Future[None] | None) -> bool:
         try:
             if fut is not None:
                 fut.result(60)
                 return True
         except Exception:  # not delivered (logged and counted by the publisher): published again
             pass
-        if self.stop.is_set():
-            raise Stopping
         return False
 
     def _wait_profile(self, ev: Event) -> None:
@@ -203,25 +208,32 @@ class Pregenerator:
                                          style_response=response))
                 for p in todo]
         results = [f.result() for f in futs]
-        copies = [r.to_copy() for r in results]
-        bodies = [encode_copy(c) for c in copies]
-
-        def write() -> None:
-            with self.client.pipeline(transaction=False) as pipe:
-                for r, body in zip(results, bodies, strict=True):
-                    pipe.set(self.keys.copy(r.user_id, r.product_id, slot, pv, r.model_version), body,
-                             ex=self.settings.generation.cache_ttl_s)
-                pipe.execute()
-
-        self._retry("cache write", write)
-        pending = list(zip(copies, bodies, strict=True))
-        while pending:  # every copy acknowledged by the broker before the record counts as done
-            acks = [(c, b, self._publish(c, b)) for c, b in pending]
-            pending = [(c, b) for c, b, f in acks if not self._acked(f)]
+        # keyed by the version that made it (a swap may have happened while it was queued)
+        pending = [(c, self.keys.copy(r.user_id, r.product_id, slot, pv, r.model_version), encode_copy(c))
+                   for r in results for c in (r.to_copy(),)]
+        made = len(pending)
+        while pending:  # every copy acknowledged by the broker, then cached, before the record counts as done
+            sent = [(item, self._publish(item[0], item[2])) for item in pending]  # all queued, then awaited
+            acked = [(item, self._acked(f)) for item, f in sent]
+            done = [(k, b) for (_c, k, b), ok in acked if ok]
+            if done:
+                self._retry("cache write", partial(self._cache, done))
+            pending = [item for item, ok in acked if not ok]
             if pending:
+                if self.stop.is_set():
+                    raise Stopping  # not done: re-read after restart; only acknowledged copies were cached
                 time.sleep(0.5)
-        self._count("pregenerated", len(copies))
-        return len(copies)
+        self._count("pregenerated", made)
+        return made
+
+    def _cache(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Cache acknowledged copies. ``NX``: a key written meanwhile (the API's copy for a miss, served
+        already; or an earlier delivery of this record) is kept, so a served ``copy_id`` stays cached."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, body in items:
+                pipe.set(key, body, ex=self.settings.generation.cache_ttl_s, nx=True)
+            written = pipe.execute()
+        self._count("cache_kept_other", sum(1 for w in written if not w))
 
 
 class GeneratorWorker:
