@@ -10,8 +10,11 @@ records were acknowledged. When the processor raises `TransientError` (Redis dow
 hiccup), the loop pauses its partitions, backs off while keeping its group membership alive,
 rewinds to the first offset it did not finish, and tries again: nothing is committed, nothing
 is lost. A record that makes the processor fail for any other reason is isolated and sent
-to the DLQ with reason `processing_error`: a worker never dies on bad input. SIGTERM (via
-`stop()`) finishes the batch in hand, commits and closes.
+to the DLQ with reason `processing_error`: a worker never dies on bad input. A DLQ record is the
+original key and bytes; one too large for the producer or the broker (a 1 MB+ event) goes
+instead as its first 64 KiB with headers ``error.truncated: true`` and ``source.size`` (the
+original stays at its ``source.*`` offset). SIGTERM (via `stop()`) finishes the batch in hand,
+commits and closes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from livecopy.settings import KafkaSettings, Settings, WorkerSettings
+from stream.contracts import MAX_EVENT_BYTES
 from stream.wire import Record, Rejection, Topics, dlq_headers
 
 log = logging.getLogger(__name__)
@@ -145,6 +149,28 @@ class NullMetrics:
         pass
 
 
+# produce errors that say "this record, as it is, will never fit" (raised by produce() for the
+# producer's message.max.bytes, or reported by the broker for its own limit)
+TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})
+DLQ_TRUNCATE_BYTES = MAX_EVENT_BYTES
+
+
+def dlq_record(rec: Record, rej: Rejection, shrink: int = 0) -> tuple[bytes | None, bytes | None,
+                                                                      list[tuple[str, bytes]]]:
+    """(key, value, headers) of the DLQ record for ``rec``: as it is (``shrink`` 0), else its value's
+    first 64 KiB (1; a key over 64 KiB cut too), else no key and an empty value (2), the cut said in headers."""
+    headers = dlq_headers(rej, rec.topic, rec.partition, rec.offset)
+    if shrink == 0:
+        return rec.key, rec.value, headers
+    key, value = (rec.key, rec.value) if shrink == 1 else (None, b"")
+    if key is not None and len(key) > DLQ_TRUNCATE_BYTES:
+        key = key[:DLQ_TRUNCATE_BYTES]
+    headers += [("error.truncated", b"true"), ("source.size", str(len(rec.value or b"")).encode())]
+    if key != rec.key:
+        headers.append(("source.key_size", str(len(rec.key or b"")).encode()))
+    return key, (value[:DLQ_TRUNCATE_BYTES] if value is not None else None), headers
+
+
 class DeliveryTracker:
     """Counts outstanding produce() calls and remembers failures, for flush-then-check."""
 
@@ -160,11 +186,14 @@ class DeliveryTracker:
         return errs
 
     def produce(self, producer: Any, topic: str, value: bytes | None, key: bytes | None,
-                headers: list[tuple[str, bytes]] | None = None) -> None:
-        """``producer.produce`` reporting to this tracker; a full local queue is drained, then retried."""
+                headers: list[tuple[str, bytes]] | None = None,
+                on_delivery: Callable[[KafkaError | None, Message], None] | None = None) -> None:
+        """``producer.produce`` reporting to this tracker (or to ``on_delivery``); a full local queue is
+        drained, then retried."""
         while True:
             try:
-                producer.produce(topic, value=value, key=key, headers=cast(Any, headers), on_delivery=self)
+                producer.produce(topic, value=value, key=key, headers=cast(Any, headers),
+                                 on_delivery=on_delivery or self)
                 return
             except BufferError:
                 producer.poll(0.1)
@@ -329,12 +358,39 @@ class BatchLoop:
         return Rejection("processing_error", f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300])
 
     def _send_to_dlq(self, rejected: list[tuple[Record, Rejection]]) -> None:
-        if not rejected:
-            return
-        for rec, rej in rejected:
-            self._delivery.produce(self.producer, self.dlq_topic, rec.value, rec.key,
-                                   dlq_headers(rej, rec.topic, rec.partition, rec.offset))
-        self._delivery.wait(self.producer, "DLQ produce")
+        """Produce the rejects and wait for their acks (else TransientError). A record that can never
+        be produced as it is (too large for the producer or the broker) goes again, cut down."""
+        todo = [(rec, rej, 0) for rec, rej in rejected]
+        while todo:
+            again: list[tuple[Record, Rejection, int]] = []
+            for rec, rej, shrink in todo:
+                key, value, headers = dlq_record(rec, rej, shrink)
+                try:
+                    self._delivery.produce(self.producer, self.dlq_topic, value, key, headers,
+                                           on_delivery=self._dlq_report(again, rec, rej, shrink))
+                except KafkaException as exc:
+                    err = exc.args[0]
+                    if not isinstance(err, KafkaError) or err.fatal():
+                        raise
+                    if err.code() not in TOO_LARGE or shrink == 2:
+                        raise TransientError(f"DLQ produce failed: {err.str()}") from exc
+                    again.append((rec, rej, shrink + 1))
+            self._delivery.wait(self.producer, "DLQ produce")
+            for rec, _rej, shrink in again:
+                log.warning("DLQ record for %s[%d]@%d (%d bytes) is too large to produce as it is: sending it cut "
+                            "down (level %d)", rec.topic, rec.partition, rec.offset, len(rec.value or b""), shrink)
+            todo = again
+
+    def _dlq_report(self, again: list[tuple[Record, Rejection, int]], rec: Record, rej: Rejection,
+                    shrink: int) -> Callable[[KafkaError | None, Message], None]:
+        """Delivery report of one DLQ record: the broker's "too large" queues it cut down, anything else
+        goes to the tracker (a failure there means retrying the batch)."""
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is not None and err.code() in TOO_LARGE and shrink < 2:
+                again.append((rec, rej, shrink + 1))
+            else:
+                self._delivery(err, msg)
+        return report
 
     def _commit(self, sync: bool) -> None:
         self._dirty = False

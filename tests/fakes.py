@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 
 @dataclass
@@ -158,11 +158,22 @@ class FakeProducer:
         self.cluster = cluster
         self.pending: list[tuple[Callable[..., Any] | None, FakeMessage]] = []
         self.fail_deliveries = False
+        # size limits (key + value + headers, in bytes), None = none: the client's message.max.bytes
+        # (produce() raises MSG_SIZE_TOO_LARGE, like librdkafka's local check) and the broker's (the
+        # delivery report says MSG_SIZE_TOO_LARGE)
+        self.max_message_bytes: int | None = None
+        self.broker_max_bytes: int | None = None
+
+    @staticmethod
+    def size(msg: FakeMessage) -> int:
+        return len(msg._key or b"") + len(msg._value or b"") + sum(len(k) + len(v) for k, v in msg._headers or [])
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
                 headers: list[tuple[str, bytes]] | None = None, on_delivery: Callable[..., Any] | None = None,
                 **_: Any) -> None:
         msg = FakeMessage(topic, 0, -1, key, value, 0, headers)
+        if self.max_message_bytes is not None and self.size(msg) > self.max_message_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
         self.pending.append((on_delivery, msg))
 
     def poll(self, timeout: float = 0) -> int:
@@ -171,8 +182,8 @@ class FakeProducer:
     def flush(self, timeout: float | None = None) -> int:
         pending, self.pending = self.pending, []
         for cb, msg in pending:
-            if self.fail_deliveries:
-                err = KafkaError(KafkaError._MSG_TIMED_OUT)
+            if self.fail_deliveries or (self.broker_max_bytes is not None and self.size(msg) > self.broker_max_bytes):
+                err = KafkaError(KafkaError._MSG_TIMED_OUT if self.fail_deliveries else KafkaError.MSG_SIZE_TOO_LARGE)
                 if cb:
                     cb(err, msg)
                 continue

@@ -240,6 +240,61 @@ def test_stop_is_honoured_between_batches() -> None:
     assert store.states["u1"].version == 2
 
 
+def oversize_event() -> bytes:
+    return orjson.dumps(event(2, query="x" * 1_100_000))  # rejected as oversize; 1.1 MB: over message.max.bytes
+
+
+@pytest.mark.parametrize("limit", ["producer", "broker"])
+def test_a_record_too_large_for_the_dlq_goes_there_cut_down_and_the_loop_goes_on(limit: str) -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, producer, loop = make(store, partitions=1)
+    setattr(producer, "max_message_bytes" if limit == "producer" else "broker_max_bytes", 1_000_000)
+    big = oversize_event()
+    publish(cluster, [event(1), big, b"{broken", event(3)])
+    loop.start()
+    assert loop.step() == 4  # returns: no exception out of the loop
+    loop.close()
+    assert store.states["u1"].version == 2
+    assert committed(cluster) == {0: 4}
+    cut, broken = sorted(cluster.records("dlq"), key=lambda m: dict(m.headers() or [])["source.offset"])
+    h = dict(cut.headers() or [])
+    assert h["error"] == b"oversize" and b"over the 64 KiB limit" in h["error.detail"]
+    assert h["error.truncated"] == b"true" and h["source.size"] == str(len(big)).encode()
+    assert (h["source.topic"], h["source.partition"], h["source.offset"]) == (b"ev", b"0", b"1")
+    assert cut.key() == b"u1" and cut.value() == big[:64 * 1024]
+    assert cluster.logs[("ev", 0)][1].value() == big  # the original, where source.* says
+    # a record that fits goes as it is: original key, original bytes, the contract's headers only
+    hb = dict(broken.headers() or [])
+    assert broken.value() == b"{broken" and set(hb) == {"error", "error.detail", "source.topic", "source.partition",
+                                                        "source.offset"}
+
+
+def test_a_dlq_record_whose_key_alone_is_too_large_still_lands_there() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, producer, loop = make(store, partitions=1)
+    producer.max_message_bytes = 1_000_000
+    publish(cluster, [b"k" * 1_000_001], key=b"u" * 1_000_001)  # oversize; the key alone is over 1 MB too
+    drain(loop)
+    (rec,) = cluster.records("dlq")
+    h = dict(rec.headers() or [])
+    assert h["error.truncated"] == b"true" and h["source.size"] == b"1000001"
+    assert h["source.key_size"] == b"1000001" and rec.key() == b"u" * 64 * 1024 and rec.value() == b"k" * 64 * 1024
+    assert committed(cluster) == {0: 1}
+
+
+def test_under_a_limit_below_64_kib_the_dlq_record_is_its_headers_alone() -> None:
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, producer, loop = make(store, partitions=1)
+    producer.max_message_bytes = 2000
+    publish(cluster, [oversize_event()])
+    drain(loop)
+    (rec,) = cluster.records("dlq")
+    h = dict(rec.headers() or [])
+    assert rec.key() is None and rec.value() == b""
+    assert h["error"] == b"oversize" and h["error.truncated"] == b"true" and h["source.offset"] == b"0"
+    assert h["source.key_size"] == b"2" and committed(cluster) == {0: 1}
+
+
 @pytest.mark.parametrize("max_batch", [1, 1000])
 def test_batch_size_does_not_change_the_result(max_batch: int) -> None:
     store = InMemoryProfileStore(CFG)
