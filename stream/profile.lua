@@ -5,31 +5,89 @@
 --   {"i": event_id, "y": type, "t": ts_ms, "p": product_or_null, "c": cart_add, "u": purchase_add,
 --    "a": [[category, weight], ...]}
 -- Returns one integer per update: 1 applied, 0 duplicate.
--- Cost per call: one HMGET of every field the updates touch, the merge in Lua, one HSET of what
--- changed, one ZADD NX per event (dedupe), one ZADD GT + trim per product.
+--
+-- Redis does not roll a script back when it fails half way, so the script runs in two phases:
+-- first it only reads, decodes, checks and merges (every error a bad call can raise happens
+-- here, before anything is written), then it writes, the dedupe markers last. A failed call
+-- leaves nothing behind: its events are not marked seen, so a retry applies them.
+-- No command gets an unbounded list unpacked (Lua's unpack stops at ~8000 values, and one user
+-- with many events and deep categories touches more fields than that): lists go in slices.
+-- Cost per call: ZMSCORE + HMGET of what the updates touch, the merge in Lua, HSET of what
+-- changed, ZADD GT of the products, ZADD of the markers (each one command per CHUNK arguments).
 local p, r, s = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local recent_n = tonumber(ARGV[3])
 local hl = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
+if not (now and window and recent_n and hl and ttl) or hl <= 0 or recent_n < 0 then
+  return redis.error_reply('ERR profile.lua: bad header arguments')
+end
+
+local CHUNK = 500  -- most list items per command
 
 local function fmt(x) return string.format('%.17g', x) end
 
-redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(now - window))
+-- redis.call(cmd, key, [opt,] list[i..j]) over consecutive slices of `list` (a whole number of
+-- `step`-sized groups each); the replies of the slices, concatenated.
+local function chunked(cmd, key, opt, list, step)
+  local out, size = {}, CHUNK - CHUNK % step
+  for i = 1, #list, size do
+    local j = math.min(i + size - 1, #list)
+    local reply
+    if opt then reply = redis.call(cmd, key, opt, unpack(list, i, j))
+    else reply = redis.call(cmd, key, unpack(list, i, j)) end
+    if type(reply) == 'table' then
+      for k = 1, #reply do out[#out + 1] = reply[k] end
+    end
+  end
+  return out
+end
 
--- dedupe first (ZADD NX answers 0 for an id already seen, also for a repeat inside this call)
-local updates, fresh = {}, {}
+-- Phase 1: decode and check every update (nothing written yet)
+local function bad(k, what)
+  return redis.error_reply('ERR profile.lua: update ' .. k .. ': ' .. what)
+end
+local updates, ids = {}, {}
+for i = 6, #ARGV do
+  local k = i - 5
+  local ok, u = pcall(cjson.decode, ARGV[i])
+  if not ok or type(u) ~= 'table' then return bad(k, 'not a JSON object') end
+  if type(u.i) ~= 'string' then return bad(k, 'event id "i" is not a string') end
+  if type(u.y) ~= 'string' then return bad(k, 'type "y" is not a string') end
+  if type(u.t) ~= 'number' then return bad(k, 'time "t" is not a number') end
+  if u.c ~= nil and type(u.c) ~= 'number' then return bad(k, 'cart value "c" is not a number') end
+  if u.u ~= nil and type(u.u) ~= 'number' then return bad(k, 'purchase value "u" is not a number') end
+  if u.p ~= nil and u.p ~= cjson.null and type(u.p) ~= 'string' then return bad(k, 'product "p" is not a string') end
+  if u.a ~= nil then
+    if type(u.a) ~= 'table' then return bad(k, 'affinity "a" is not a list') end
+    for _, cw in ipairs(u.a) do
+      if type(cw) ~= 'table' or type(cw[1]) ~= 'string' or type(cw[2]) ~= 'number' then
+        return bad(k, 'affinity "a" is not a list of [category, weight]')
+      end
+    end
+  end
+  updates[k] = u
+  ids[k] = u.i
+end
+
+-- Dedupe by reading: an id is seen when its marker is inside the window (what the prune below
+-- keeps), or when an earlier update of this call has it.
+local scores = chunked('ZMSCORE', s, nil, ids, 1)
+local oldest = now - window
+local fresh, taken, any = {}, {}, false
 local names, seen_name = {'v', 'f', 'l', 'cv', 'pv'}, {v = true, f = true, l = true, cv = true, pv = true}
 local function want(name)
   if not seen_name[name] then seen_name[name] = true; names[#names + 1] = name end
 end
-for i = 6, #ARGV do
-  local u = cjson.decode(ARGV[i])
-  updates[#updates + 1] = u
-  local added = redis.call('ZADD', s, 'NX', now, u.i)
-  fresh[#fresh + 1] = added
-  if added == 1 then
+for k, u in ipairs(updates) do
+  local sc = scores[k] and tonumber(scores[k])
+  if taken[u.i] or (sc and sc >= oldest) then
+    fresh[k] = 0
+  else
+    fresh[k] = 1
+    taken[u.i] = true
+    any = true
     want('n:' .. u.y)
     if u.a then
       for _, cw in ipairs(u.a) do want('a:' .. cw[1]); want('t:' .. cw[1]) end
@@ -37,10 +95,12 @@ for i = 6, #ARGV do
   end
 end
 
-local vals = redis.call('HMGET', p, unpack(names))
-local h = {}
-for i, name in ipairs(names) do h[name] = tonumber(vals[i]) end
-local dirty = {}
+-- The merge, in memory
+local h, dirty, products = {}, {}, {}
+if any then
+  local vals = chunked('HMGET', p, nil, names, 1)
+  for i, name in ipairs(names) do h[name] = tonumber(vals[i]) end
+end
 local function set(name, value) h[name] = value; dirty[name] = true end
 
 for k, u in ipairs(updates) do
@@ -58,6 +118,8 @@ for k, u in ipairs(updates) do
         local value, ref = h[an], h[tn]
         if not value then
           value, ref = w, t
+        elseif not ref then
+          return redis.error_reply('ERR profile.lua: ' .. p .. ' has ' .. an .. ' without ' .. tn)
         elseif t >= ref then
           value, ref = value * 2 ^ (-(t - ref) / hl) + w, t
         else
@@ -66,20 +128,34 @@ for k, u in ipairs(updates) do
         set(an, value); set(tn, ref)
       end
     end
-    if type(u.p) == 'string' then
-      redis.call('ZADD', r, 'GT', t, u.p)
-    end
+    if type(u.p) == 'string' and ((not products[u.p]) or t > products[u.p]) then products[u.p] = t end
   end
 end
 
-local args = {}
+local args, recent = {}, {}
 for name, _ in pairs(dirty) do
   args[#args + 1] = name
   args[#args + 1] = fmt(h[name])
 end
-if #args > 0 then
-  redis.call('HSET', p, unpack(args))
+for product, t in pairs(products) do
+  recent[#recent + 1] = fmt(t)
+  recent[#recent + 1] = product
+end
+local marks = {}
+for k, u in ipairs(updates) do
+  if fresh[k] == 1 then
+    marks[#marks + 1] = fmt(now)
+    marks[#marks + 1] = u.i
+  end
+end
+
+-- Phase 2: the writes (only commands that cannot fail on these arguments), markers last
+redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(oldest))
+if any then
+  chunked('HSET', p, nil, args, 2)
+  if #recent > 0 then chunked('ZADD', r, 'GT', recent, 2) end
   redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1))
+  chunked('ZADD', s, nil, marks, 2)
   if ttl > 0 then
     redis.call('PEXPIRE', p, ttl)
     redis.call('PEXPIRE', r, ttl)

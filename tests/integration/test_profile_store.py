@@ -9,8 +9,8 @@ import redis
 
 from livecopy.settings import ProfileSettings, Settings
 from stream.contracts import Event
-from stream.profile import event_update
-from stream.profile_store import InMemoryProfileStore, RedisProfileStore
+from stream.profile import ProfileState, apply_update, event_update
+from stream.profile_store import InMemoryProfileStore, RedisProfileStore, encode_update
 from stream.redis_lua import TransientStoreError
 
 pytestmark = pytest.mark.integration
@@ -66,3 +66,54 @@ def test_the_script_is_reloaded_after_redis_forgets_it(settings: Settings) -> No
     assert store.apply([event_update(a, cfg)], 0) == [True]
     client.script_flush()
     assert store.apply([event_update(b, cfg), event_update(a, cfg)], 0) == [True, False]
+
+
+def deep_category_events(n: int, seed: int, user: str = "bot") -> list[Event]:
+    """One shopper, each event in its own random 5-level category path (each credits 5 prefixes)."""
+    rng = random.Random(seed)
+    credited = [t for t in TYPES if t != "impression"]  # the types with an affinity weight
+    return [Event.model_validate({
+        "event_id": f"deep-{i}", "type": rng.choice(credited), "user_id": user,
+        "ts": 1_795_000_000_000 + rng.randrange(10**9),
+        "category": "/".join(f"{level}{rng.randrange(10**6)}" for level in "abcde"),
+        "price": round(rng.random() * 300, 2), "quantity": rng.randint(1, 5),
+        "product_id": f"p{rng.randrange(10**6)}", "query": "q", "impression_id": "i", "copy_id": "c",
+    }) for i in range(n)]
+
+
+def test_one_call_touching_more_fields_than_lua_unpack_takes_applies_every_event(settings: Settings) -> None:
+    # Regression: profile.lua used to unpack() every touched field into one HMGET/HSET; past Lua's
+    # limit (~8000 values) the script failed after it had marked the events seen, so the worker's
+    # one-at-a-time retry found only "duplicates" and the events were lost without a DLQ record.
+    cfg = ProfileSettings()
+    client = redis.Redis.from_url(settings.redis.url)
+    store = RedisProfileStore(client, cfg, settings.redis.key_prefix)
+    ups = [event_update(e, cfg) for e in deep_category_events(450, seed=3)]
+    fields = {f"{kind}:{cat}" for u in ups for cat, _ in u.affinity for kind in "at"}
+    assert 2 * len(fields) > 8000  # HSET field/value arguments of this one call
+    now = 1_795_500_000_000
+    assert store.apply(ups, now) == [True] * len(ups)
+    expected = ProfileState()
+    for u in ups:
+        expected, _ = apply_update(expected, u, now, cfg)
+    got = store.load("bot")
+    assert got is not None and got.version == len(ups)
+    assert got == expected  # every field, floats bit for bit
+    assert store.apply(ups, now + 1) == [False] * len(ups)  # a redelivery is all duplicates
+    assert store.load("bot") == expected
+
+
+def test_a_call_that_fails_writes_nothing_so_a_retry_applies_its_events(settings: Settings) -> None:
+    cfg = ProfileSettings()
+    client = redis.Redis.from_url(settings.redis.url)
+    store = RedisProfileStore(client, cfg, settings.redis.key_prefix)
+    ups = [event_update(e, cfg) for e in deep_category_events(5, seed=4, user="u1")]
+    keys = store.keys.of("u1")
+    now = 1_795_500_000_000
+    head = [now, cfg.dedupe_window_s * 1000, cfg.recent_products, cfg.half_life_s * 1000.0, cfg.ttl_s * 1000]
+    for bad in (b"{not json", b'{"i": "x", "y": "page_view"}', b'{"i": "x", "y": "search", "t": 1, "a": [["c"]]}'):
+        with pytest.raises(redis.ResponseError):
+            store.script.run([(keys, [*head, *map(encode_update, ups), bad])])
+        assert client.exists(*keys) == 0  # no marker, no field, no product
+    assert store.apply(ups, now) == [True] * len(ups)
+    assert (got := store.load("u1")) is not None and got.version == len(ups)
