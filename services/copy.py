@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import redis
@@ -70,6 +71,8 @@ class CopyMetrics:
         self.batch_seconds = Histogram("livecopy_copy_batch_seconds", "Engine time per batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.reloads = Counter("livecopy_model_reloads", "Model updates handled, by outcome", ["outcome"], registry=r)
+        self.uncached = Counter("livecopy_copy_uncached", "Cached copies dropped: the broker did not acknowledge them",
+                                registry=r)
         self.service: CopyService | None = None
         r.register(self)  # model info, queue depth and publish failures, read at scrape time
 
@@ -115,6 +118,8 @@ class CopyService:
         self.publisher = publisher
         self.metrics = metrics
         metrics.service = self
+        self._drop_if_same = redis_client.register_script(_DEL_IF_SAME)
+        self._watching: set[asyncio.Task[None]] = set()  # cached copies whose delivery is not yet known
 
     async def get_copy(self, request: Request, user_id: str, product_id: str, slot: str | None) -> Response:
         if not is_user_id(user_id):
@@ -167,7 +172,7 @@ class CopyService:
         copy = res.to_copy()
         body = encode_copy(copy)
         try:  # not served unless queued for livecopy.copy: the feedback joiner needs every served copy
-            self.publisher.publish(copy, body)
+            delivered = self.publisher.publish(copy, body)
         except PublishBacklog as exc:
             self.metrics.refused.labels("publish_backlog").inc()
             return _unavailable("publish_backlog", str(exc))
@@ -177,12 +182,38 @@ class CopyService:
             await self.redis.set(key, body, ex=self.cfg.cache_ttl_s)
         except TRANSIENT_REDIS_ERRORS as exc:  # served anyway; only the cache misses it
             log.warning("copy cache write failed: %s", exc)
+        else:
+            task = asyncio.ensure_future(self._uncache_if_undelivered(key, body, delivered))
+            self._watching.add(task)
+            task.add_done_callback(self._watching.discard)
         self.metrics.served.labels("generated", res.policy).inc()
         return Response(body, media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
+
+    async def _uncache_if_undelivered(self, key: str, body: bytes, delivered: Future[None]) -> None:
+        """A copy the broker did not acknowledge is not on ``livecopy.copy``: it was served once
+        (the API does not wait for the ack), but must not be served again from the cache."""
+        try:
+            await asyncio.wrap_future(delivered)
+            return
+        except Exception:  # the failure itself is logged and counted by the publisher
+            pass
+        try:
+            if await self._drop_if_same(keys=[key], args=[body]):
+                self.metrics.uncached.inc()
+        except TRANSIENT_REDIS_ERRORS as exc:
+            log.warning("could not drop the unpublished copy from the cache (it expires in %d s): %s",
+                        self.cfg.cache_ttl_s, exc)
 
     def health(self) -> dict[str, Any]:
         return {"model": self.engine.model, "model_version": self.engine.version,
                 "queue_depth": self.engine.queue_depth(), "publish_backlog": self.publisher.congested()}
+
+
+# Delete the cached copy only if it is still the one written (a newer copy under the key stays).
+_DEL_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def _unavailable(code: str, message: str) -> Response:

@@ -17,6 +17,7 @@ import redis
 from confluent_kafka import Producer
 
 from livecopy.catalog import Catalog
+from livecopy.devstack import free_port
 from livecopy.settings import Settings
 from models.executor import CopyRequest, CopyResult, StudentExecutor
 from models.serving import CopyEngine
@@ -24,6 +25,7 @@ from models.student import load_student
 from services.api import create_app
 from services.copy import copy_extension
 from stream.contracts import Event, GeneratedCopy, ModelVersion, now_rfc3339
+from stream.copy_store import CopyKeys
 from stream.kafka_io import producer_config
 from stream.profile import event_update
 from stream.profile_store import RedisProfileStore
@@ -251,6 +253,29 @@ def test_a_full_publish_queue_answers_503_serves_nothing_unpublished_and_recover
         served = [first.json(), again.json()]
     on_topic = copies_on_topic(s, len(served))
     assert sorted(c.copy_id for c in on_topic) == sorted(b["copy_id"] for b in served)
+
+
+def test_a_copy_the_broker_never_acknowledged_leaves_the_cache(settings: Settings, models: dict[str, Path]) -> None:
+    s = with_generation(settings, models["v1"], hot_reload=False)
+    # a broker that never answers: the record expires in the producer after 3 s, unacknowledged
+    producer = Producer(producer_config(s.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
+                                        **{"message.timeout.ms": 3000}))
+    app = create_app(s, extensions=[copy_extension(s, producer=producer)])
+    r = redis.Redis.from_url(s.redis.url)
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        def get() -> httpx.Response:
+            return http.get("/v1/copy", params={"user_id": "lost", "product_id": P[2].product_id})
+
+        first = get()  # served before the broker answers (the API does not wait for acks)
+        assert first.status_code == 200 and first.headers["X-Livecopy-Cache"] == "miss"
+        key = CopyKeys(s.redis.key_prefix, s.generation.catalog_key).copy("lost", P[2].product_id, None, 0, "v1")
+        assert r.get(key) == first.content  # cached, for now
+        wait_until(lambda: r.get(key) is None, 30, "the unacknowledged copy dropped from the cache")
+        metrics = http.get("/metrics").text
+        assert "livecopy_copy_publish_failed_total 1.0" in metrics and "livecopy_copy_uncached_total 1.0" in metrics
+        again = get()  # generated afresh, not the copy that never reached livecopy.copy
+        assert again.status_code == 200 and again.headers["X-Livecopy-Cache"] == "miss"
+        assert again.json()["copy_id"] != first.json()["copy_id"]
 
 
 def test_hot_reload_under_concurrent_requests_drops_none(settings: Settings, models: dict[str, Path]) -> None:
