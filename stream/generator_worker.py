@@ -21,7 +21,9 @@ When more than ``generator.max_inflight`` copies are in flight the loop pauses i
 (still polling, so it keeps its group membership) and resumes below ``generator.resume_below``.
 
 Invalid events are skipped and counted (the profile worker already sends them to the DLQ; a
-second DLQ copy would double-count them); so are views older than ``generator.max_event_age_s``.
+second DLQ copy would double-count them), also when the decoder fails with something other than a
+``Rejection`` (a bug must not crash-loop the worker on one record); so are views older than
+``generator.max_event_age_s``.
 """
 
 from __future__ import annotations
@@ -316,6 +318,10 @@ class GeneratorWorker:
         try:
             ev = decode_event(m.key(), m.value())
         except Rejection:
+            self._skip(tp, off, "invalid")
+            return
+        except Exception:  # a decoder bug: never fatal (the uncommitted record would crash-loop the worker)
+            log.warning("record %s[%d]@%d could not be decoded; skipped as invalid", tp[0], tp[1], off, exc_info=True)
             self._skip(tp, off, "invalid")
             return
         if ev.type != EventType.PRODUCT_VIEW:
