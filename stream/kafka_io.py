@@ -326,8 +326,11 @@ class BatchLoop:
             log.warning("batch of %d will be retried: %s", len(batch), exc)
             self._backoff_and_rewind(batch)
             return
+        owned = self._owned()
         for r in batch:
-            self._done[(r.topic, r.partition)] = r.offset + 1
+            tp = (r.topic, r.partition)
+            if tp in owned:  # a rebalance served by consume() may have taken it: its new owner commits it
+                self._done[tp] = r.offset + 1
         self._dirty = True
         self.batches += 1
         self.records += len(batch)
@@ -393,7 +396,14 @@ class BatchLoop:
         return report
 
     def _commit(self, sync: bool) -> None:
+        """Commit the offsets of the partitions this member owns; never one it lost in a rebalance (the
+        classic group protocol does not check, so that would rewind the new owner's committed offset)."""
         self._dirty = False
+        if not self._done:
+            return
+        owned = self._owned()
+        for tp in [tp for tp in self._done if tp not in owned]:
+            del self._done[tp]
         if not self._done:
             return
         offsets = [TopicPartition(t, p, off) for (t, p), off in self._done.items()]
@@ -408,6 +418,10 @@ class BatchLoop:
             log.warning("offset commit failed: %s", exc)
         if sync:
             self._done.clear()
+
+    def _owned(self) -> set[tuple[str, int]]:
+        """The partitions assigned to this member now (during on_revoke: still the revoked ones too)."""
+        return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     def _backoff_and_rewind(self, batch: list[Record]) -> None:
         """Pause, wait until the processor is healthy again, then rewind to the unfinished records."""

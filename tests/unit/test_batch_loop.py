@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import orjson
 import pytest
+from confluent_kafka import TopicPartition
 
 from livecopy.settings import ProfileSettings
 from stream.kafka_io import BatchLoop, Outcome
@@ -13,7 +14,7 @@ from stream.profile import render, replay
 from stream.profile_store import InMemoryProfileStore
 from stream.profile_worker import ProfileProcessor
 from stream.wire import Record, decode_event
-from tests.fakes import FakeCluster, FakeConsumer, FakeProducer
+from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
 
 CFG = ProfileSettings()
 T0 = 1_795_341_600_000
@@ -221,6 +222,53 @@ def test_revocation_commits_what_took_effect() -> None:
     loop.step()
     consumer.revoke_all()
     assert committed(cluster) == {0: 5}
+
+
+class RebalancingConsumer(FakeConsumer):
+    """Serves a rebalance inside its first consume() (after poll() handed out the batch's first record),
+    as librdkafka may: everything is revoked, then only partition 1 comes back."""
+
+    armed = True
+
+    def consume(self, num_messages: int = 1, timeout: float | None = None) -> list[FakeMessage]:
+        out = super().consume(num_messages, timeout)
+        if self.armed:
+            self.armed = False
+            self.revoke_all()
+            self.position = {("ev", 1): self.cluster.committed.get((self.group, "ev", 1), 0)}
+            assert self.on_assign is not None
+            self.on_assign(self, [TopicPartition("ev", 1)])
+        return out
+
+
+def test_offsets_of_a_partition_lost_in_a_rebalance_are_never_committed_again() -> None:
+    cluster = FakeCluster()
+    cluster.create("ev", 2)
+    cluster.create("dlq", 1)
+    for i in range(10):
+        cluster.append("ev", f"u{i // 5}".encode(), orjson.dumps(event(i, user=f"u{i // 5}")), partition=i // 5)
+    store_a = InMemoryProfileStore(CFG)
+    a = BatchLoop(RebalancingConsumer(cluster, "g"), FakeProducer(cluster),  # type: ignore[arg-type]
+                  ProfileProcessor(store_a, CFG, now_ms=lambda: T0), topics=["ev"], dlq_topic="dlq",
+                  commit_interval_s=0)
+    a.start()
+    assert a.step() == 10  # the batch had both partitions' records; partition 0 was revoked meanwhile
+    assert committed(cluster) == {1: 5}  # partition 0: not A's to commit any more (its new owner re-reads it)
+    # B owns partition 0 now and gets ahead
+    for i in range(10, 20):
+        cluster.append("ev", b"u0", orjson.dumps(event(i, user="u0")), partition=0)
+    b_consumer = FakeConsumer(cluster, "g")
+    b = BatchLoop(b_consumer, FakeProducer(cluster), ProfileProcessor(InMemoryProfileStore(CFG), CFG,  # type: ignore[arg-type]
+                  now_ms=lambda: T0), topics=["ev"], dlq_topic="dlq", commit_interval_s=0)
+    b_consumer.position = {("ev", 0): 0}
+    b._on_assign(b_consumer, [TopicPartition("ev", 0)])  # type: ignore[arg-type]
+    assert b.step() == 15
+    assert committed(cluster) == {0: 15, 1: 5}
+    cluster.append("ev", b"u1", orjson.dumps(event(99, user="u1")), partition=1)
+    assert a.step() == 6  # A goes on with its own partition (from its committed offset); B's is left alone
+    a.close()
+    assert committed(cluster) == {0: 15, 1: 6}
+    assert store_a.states["u1"].version == 6
 
 
 def test_stop_is_honoured_between_batches() -> None:
