@@ -9,6 +9,12 @@ consumer group); claims are atomic per shard, so each impression is emitted by o
 
 Event records that fail validation are skipped here (counted, not sent to the DLQ): the profile
 worker reads the same topic and already sends them there. Invalid copy records go to the DLQ.
+
+Each claimed impression is seen through on its own: a feedback record that can never be produced
+(too large for the broker -- a ~1 MB copy record --, or not encodable) sends the impression to the
+DLQ (`feedback_unproducible`) and marks it done; one whose produce fails for a passing reason
+(broker down, timeout) stays claimed and is claimed again after `reclaim_s`, while the others of the
+sweep are marked done.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import Producer
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import ValidationError
 
 from livecopy.metrics import WorkerMetrics
@@ -28,7 +35,6 @@ from stream.feedback import Claimed, Item, aggregate_fields, copy_item, event_it
 from stream.feedback_store import FeedbackStore, RedisFeedbackStore
 from stream.kafka_io import (
     BatchLoop,
-    DeliveryTracker,
     Outcome,
     TransientError,
     group_consumer,
@@ -42,6 +48,48 @@ from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, en
 log = logging.getLogger(__name__)
 
 GROUP = "feedback"
+
+UNPRODUCIBLE = "feedback_unproducible"
+# Produce errors about the record itself: producing it again fails the same way. Any other error (broker
+# down, timeout, authorization, unknown topic) is retried: the impression is claimed again later.
+RECORD_ERRORS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG,
+    KafkaError.INVALID_RECORD, KafkaError.INVALID_TIMESTAMP, KafkaError._INVALID_ARG, KafkaError._BAD_MSG,
+    KafkaError._KEY_SERIALIZATION, KafkaError._VALUE_SERIALIZATION,
+})
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(err: KafkaError) -> str:
+    return f"{err.str()} ({err.name()})"
+
+
+class _Send:
+    """One claimed impression's produce() and its delivery report."""
+
+    __slots__ = ("claimed", "delivered", "dims", "error", "size", "to")
+
+    def __init__(self, claimed: Claimed, to: str, dims: list[str], size: int) -> None:
+        self.claimed = claimed
+        self.to = to  # "feedback", "orphan" (its DLQ record) or "unproducible" (the DLQ record instead)
+        self.dims = dims  # CTR aggregate dimensions counted when it is marked done
+        self.size = size
+        self.error: KafkaError | None = None
+        self.delivered = False
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered = True
+        else:
+            self.error = err
+
+    @property
+    def record_error(self) -> bool:
+        return self.error is not None and self.error.code() in RECORD_ERRORS
 
 
 def _source_headers(reason: str, detail: str, source: str) -> list[tuple[str, bytes]]:
@@ -68,13 +116,13 @@ class FeedbackProcessor:
         self.cfg = cfg
         self.now_ms = now_ms
         self.metrics = metrics
-        self._delivery = DeliveryTracker()
         self.applied = 0
         self.duplicates = 0
         self.skipped = 0
         self.emitted = 0
         self.clicked = 0
         self.orphans = 0
+        self.unproducible = 0
 
     def _count(self, outcome: str, n: int) -> None:
         if self.metrics:
@@ -133,38 +181,108 @@ class FeedbackProcessor:
             if len(claimed) < self.cfg.sweep_limit:
                 return total
 
+    def _produce(self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]] | None,
+                 send: _Send) -> None:
+        """``producer.produce`` reporting to ``send``; a full local queue is drained, then retried; a
+        refusal (e.g. over ``message.max.bytes``) is recorded in ``send`` like a failed delivery."""
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=send)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                send.error = err if err is not None else KafkaError(KafkaError._FAIL, str(exc))
+                return
+
+    def _flush(self) -> None:
+        """Wait (bounded) for the delivery reports; a record without one is not marked done."""
+        self.producer.flush(30.0)
+
     def _emit(self, claimed: list[Claimed]) -> None:
-        done: list[tuple[Claimed, list[str]]] = []
-        clicks = orphans = 0
+        """Produce each claimed impression's record (feedback, or the DLQ for an orphan) and mark the
+        acknowledged ones done. An impression whose feedback record cannot be produced goes to the DLQ
+        and is marked done; one whose produce failed for a passing reason stays claimed (claimed again
+        after reclaim_s) and, after the others are marked done, raises TransientError."""
+        sends: list[_Send] = []
+        unproducible: list[tuple[Claimed, str]] = []
         for c in claimed:
             if c.decision.kind == "emit":
-                rec = feedback_record(c)
-                self._delivery.produce(self.producer, self.topics.feedback, encode(rec), rec.copy_id.encode())
-                done.append((c, aggregate_fields(rec)))
-                clicks += rec.clicked
+                try:
+                    rec = feedback_record(c)
+                    value = encode(rec)
+                except (ValueError, orjson.JSONEncodeError) as exc:  # ValidationError included
+                    unproducible.append((c, f"feedback record of impression {c.state.impression_id!r} "
+                                            f"cannot be built: {type(exc).__name__}: {exc}"))
+                    continue
+                send = _Send(c, "feedback", aggregate_fields(rec), len(value))
+                self._produce(self.topics.feedback, value, rec.copy_id.encode(), None, send)
             else:
                 reason = c.decision.reason
                 detail = (f"no copy record for copy_id {c.state.copy_id!r} within copy_wait_s"
                           if reason == "copy_not_found" else
                           f"no impression {c.state.impression_id!r} for a click within orphan_wait_s")
-                self._delivery.produce(self.producer, self.topics.dlq, orphan_event(c),
-                                       c.state.user_id.encode() or None,
-                                       _source_headers(reason, detail, c.state.source))
-                done.append((c, [f"orphan|{reason}"]))
-                orphans += 1
-        # Not acknowledged -> TransientError, not marked done: claimed again after reclaim_s (at-least-once).
-        self._delivery.wait(self.producer, "feedback produce")
+                value = orphan_event(c)
+                send = _Send(c, "orphan", [f"orphan|{reason}"], len(value))
+                self._produce(self.topics.dlq, value, c.state.user_id.encode() or None, send=send,
+                              headers=_source_headers(reason, detail, c.state.source))
+            sends.append(send)
+        if sends:
+            self._flush()
+
+        retry: list[str] = []
+        done: list[_Send] = []
+        dead: list[_Send] = []
+
+        def settle(send: _Send) -> None:
+            c = send.claimed
+            if send.delivered:
+                done.append(send)
+            elif send.record_error and send.to == "feedback":
+                assert send.error is not None
+                unproducible.append((c, f"feedback record of impression {c.state.impression_id!r} "
+                                        f"({send.size} bytes) not producible: {_describe(send.error)}"))
+            elif send.record_error:  # a DLQ record that cannot be produced either: claimed again later
+                assert send.error is not None
+                log.error("impression %r cannot be sent to the DLQ: %s", c.state.impression_id,
+                          _describe(send.error))
+            else:
+                retry.append(f"{c.state.impression_id}: {_describe(send.error) if send.error else 'no report'}")
+
+        for send in sends:
+            settle(send)
+        for c, detail in unproducible:
+            log.error("impression %r to the DLQ: %s", c.state.impression_id, detail)
+            value = orphan_event(c)
+            send = _Send(c, "unproducible", [f"dlq|{UNPRODUCIBLE}"], len(value))
+            self._produce(self.topics.dlq, value, c.state.user_id.encode() or None, send=send,
+                          headers=_source_headers(UNPRODUCIBLE, _one_line(detail), c.state.source))
+            dead.append(send)
+        if dead:
+            self._flush()
+            for send in dead:
+                settle(send)
+
         try:
-            self.store.ack(done, self.now_ms())
+            self.store.ack([(s.claimed, s.dims) for s in done], self.now_ms())
         except TransientStoreError as exc:
             raise TransientError(str(exc)) from exc
-        emitted = len(done) - orphans
+        fed = [s.claimed for s in done if s.to == "feedback"]
+        emitted, clicks = len(fed), sum(c.decision.clicked for c in fed)
+        orphans = sum(1 for s in done if s.to == "orphan")
+        dlqd = len(done) - emitted - orphans
         self.emitted += emitted
         self.clicked += clicks
         self.orphans += orphans
+        self.unproducible += dlqd
         self._count("emitted", emitted)
         self._count("clicked", clicks)
         self._count("orphan", orphans)
+        self._count("unproducible", dlqd)
+        if retry:
+            # Not acknowledged -> not marked done: claimed again after reclaim_s (at-least-once).
+            raise TransientError(f"feedback produce not acknowledged for {len(retry)}: {retry[:3]}")
 
     def healthy(self) -> bool:
         return self.store.ping()

@@ -133,6 +133,41 @@ def test_joiner_any_order_duplicates_and_restart_after_kill(settings: Settings, 
     assert read_topic(s2, topics.dlq, 0, timeout=1) == []
 
 
+def test_joiner_dead_letters_a_feedback_record_too_large_to_produce_and_goes_on(settings: Settings) -> None:
+    """A ~1 MB copy record (within the broker's limit) makes a feedback record over the producer's
+    message.max.bytes: that impression goes to the DLQ, the others are emitted, the joiner lives on."""
+    topics = Topics.from_settings(settings.topics)
+    fb = FeedbackSettings(window_s=1, lateness_s=0.2, reclaim_s=1, sweep_interval_s=0.1)
+    s = settings.model_copy(update={"feedback": fb})
+    now = int(time.time() * 1000)
+    big = orjson.loads(copy_record("cp-big"))
+    big["features"]["pad"] = "x" * 1_010_000
+    big_value = orjson.dumps(big)
+    assert 1_000_000 < len(big_value) < 1_048_000  # over the producer default, under the broker's limit
+    p = Producer(producer_config(s.kafka, **{"message.max.bytes": 1_048_588}))
+    p.produce(topics.copy, key=b"u1", value=big_value)
+    assert p.flush(30) == 0
+    evs = [impression_event("i-big", "cp-big", ts=now), click_event("i-big", "cp-big", ts=now + 5),
+           impression_event("i-ok", "cp-ok", ts=now), click_event("i-ok", "cp-ok", ts=now + 5),
+           impression_event("i-late", "cp-ok", ts=now)]
+    produce_raw(s, [(topics.copy, b"u1", copy_record("cp-ok"))]
+                + [(topics.events, b"u1", orjson.dumps(e)) for e in evs])
+    loop = build_feedback_loop(s)
+    with ThreadWorker(loop) as w:
+        wait_until(lambda: loop.feedback.emitted == 2, 60, "the producible impressions emitted")
+        time.sleep(3 * fb.reclaim_s)  # the dead-lettered one is done: never claimed again
+        assert w.thread.is_alive()
+    got = feedback_on_topic(s, 2)
+    assert sorted((r.impression_id, r.clicked) for r in got) == [("i-late", False), ("i-ok", True)]
+    dlq = read_topic(s, topics.dlq, 1, timeout=10)
+    assert len(dlq) == 1 and loop.feedback.unproducible == 1
+    h = dict(dlq[0].headers() or [])
+    assert h["error"] == b"feedback_unproducible" and b"MSG_SIZE_TOO_LARGE" in h["error.detail"]
+    assert h["source.topic"] == topics.events.encode()
+    stats = RedisFeedbackStore(redis.Redis.from_url(s.redis.url), s.feedback, s.redis.key_prefix).stats()
+    assert stats.by["all"]["all"] == (2, 1) and stats.by["dlq"]["feedback_unproducible"] == (1, 1)
+
+
 def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> None:
     cfg = FeedbackSettings(window_s=10, lateness_s=1, copy_wait_s=5, orphan_wait_s=20, reclaim_s=3, shards=4,
                            sweep_limit=7)

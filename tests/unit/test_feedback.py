@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from livecopy.settings import FeedbackSettings, TopicSettings
 from stream.contracts import Event, FeedbackRecord
@@ -20,9 +23,10 @@ from stream.feedback import (
     decide,
     event_item,
 )
-from stream.feedback_worker import FeedbackProcessor
+from stream.feedback_worker import FeedbackLoop, FeedbackProcessor
+from stream.kafka_io import TransientError
 from stream.wire import Record, Topics
-from tests.fakes import FakeCluster, FakeProducer
+from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
 from tests.feedback_data import click_event, copy_record, impression_event
 
 CFG = FeedbackSettings(window_s=60, lateness_s=5, copy_wait_s=30, orphan_wait_s=120, reclaim_s=10, sweep_limit=1000)
@@ -37,13 +41,49 @@ class Clock:
         return self.t
 
 
+class LimitedProducer(FakeProducer):
+    """The in-memory producer with a record size limit, as librdkafka's ``message.max.bytes``: a larger
+    record is refused by ``produce()`` (MSG_SIZE_TOO_LARGE, raised), or -- ``broker_rejects`` -- accepted
+    and then failed in its delivery report, as a broker with a lower limit does. ``timeout`` makes the
+    deliveries it matches time out (a retryable failure)."""
+
+    def __init__(self, cluster: FakeCluster, max_bytes: int = 50_000, *, broker_rejects: bool = False,
+                 timeout: Callable[[FakeMessage], bool] | None = None) -> None:
+        super().__init__(cluster)
+        self.max_bytes = max_bytes
+        self.broker_rejects = broker_rejects
+        self.timeout = timeout
+        self.failing: list[tuple[Callable[..., Any] | None, FakeMessage, int]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
+                headers: list[tuple[str, bytes]] | None = None, on_delivery: Callable[..., Any] | None = None,
+                **kw: Any) -> None:
+        msg = FakeMessage(topic, 0, -1, key, value, 0, headers)
+        if len(value or b"") + len(key or b"") > self.max_bytes:
+            if not self.broker_rejects:
+                raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+            self.failing.append((on_delivery, msg, KafkaError.MSG_SIZE_TOO_LARGE))
+        elif self.timeout is not None and self.timeout(msg):
+            self.failing.append((on_delivery, msg, KafkaError._MSG_TIMED_OUT))
+        else:
+            super().produce(topic, value, key, headers, on_delivery, **kw)
+
+    def flush(self, timeout: float | None = None) -> int:
+        failing, self.failing = self.failing, []
+        for cb, msg, code in failing:
+            if cb:
+                cb(KafkaError(code), msg)
+        return super().flush(timeout)
+
+
 class Rig:
-    def __init__(self, cfg: FeedbackSettings = CFG) -> None:
+    def __init__(self, cfg: FeedbackSettings = CFG,
+                 producer: Callable[[FakeCluster], FakeProducer] = FakeProducer) -> None:
         self.topics = Topics.from_settings(TopicSettings())
         self.cluster = FakeCluster()
         for t, n in self.topics.partition_counts().items():
             self.cluster.create(t, n)
-        self.producer = FakeProducer(self.cluster)
+        self.producer = producer(self.cluster)
         self.store = InMemoryFeedbackStore(cfg)
         self.clock = Clock()
         self.proc = FeedbackProcessor(self.store, self.producer, self.topics, cfg, now_ms=self.clock)
@@ -70,6 +110,9 @@ class Rig:
 
     def dlq(self) -> list[dict[str, bytes]]:
         return [dict(m.headers() or []) for m in self.cluster.records(self.topics.dlq)]
+
+    def dlq_records(self) -> list[FakeMessage]:
+        return self.cluster.records(self.topics.dlq)
 
     def advance(self, seconds: float) -> None:
         self.clock.t += int(seconds * 1000)
@@ -168,6 +211,81 @@ def test_unacknowledged_produce_is_emitted_again_and_counted_once() -> None:
     rig.advance(CFG.reclaim_s)
     assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i1", True)]
     assert rig.store.stats().by["all"]["all"] == (1, 1)
+
+
+def big_copy(rig: Rig, copy_id: str, size: int = 60_000) -> tuple[str, bytes]:
+    """A copy record whose feedback record is over the LimitedProducer's 50,000 bytes."""
+    rec = orjson.loads(copy_record(copy_id))
+    rec["features"]["pad"] = "x" * size
+    return rig.topics.copy, orjson.dumps(rec)
+
+
+@pytest.mark.parametrize("broker_rejects", [False, True], ids=["refused-by-produce", "failed-in-delivery-report"])
+def test_an_unproducible_feedback_record_goes_to_the_dlq_and_the_others_are_emitted(broker_rejects: bool) -> None:
+    rig = Rig(producer=lambda cl: LimitedProducer(cl, broker_rejects=broker_rejects))
+    # one batch, one sweep: i1 (too large a feedback record) is claimed before i2 and i3
+    rig.feed(big_copy(rig, "c1"), rig.copy("c2"),
+             *(rig.event(impression_event(i, c, ts=T0)) for i, c in (("i1", "c1"), ("i2", "c2"), ("i3", "c2"))),
+             *(rig.event(click_event(i, c, ts=T0 + 1000)) for i, c in (("i1", "c1"), ("i2", "c2"))))
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i2", True)]
+    (dlq,) = rig.dlq_records()
+    h = dict(dlq.headers() or [])
+    assert h["error"] == b"feedback_unproducible"
+    detail = h["error.detail"].decode()
+    assert "MSG_SIZE_TOO_LARGE" in detail and "i1" in detail and "\n" not in detail and len(detail) <= 300
+    assert (h["source.topic"], h["source.partition"], h["source.offset"]) == (rig.topics.events.encode(), b"0", b"3")
+    assert rig.proc.unproducible == 1
+    for _ in range(3):  # done: never claimed again, the window of i3 closes as usual
+        rig.advance(CFG.reclaim_s + CFG.window_s)
+    assert [(r.impression_id, r.clicked) for r in rig.feedback()] == [("i2", True), ("i3", False)]
+    assert len(rig.dlq_records()) == 1
+    stats = rig.store.stats().by
+    assert stats["all"]["all"] == (2, 1) and stats["dlq"]["feedback_unproducible"] == (1, 1)
+    assert rig.store.states["i1"].status == DONE
+
+
+def test_a_feedback_record_that_cannot_be_built_goes_to_the_dlq() -> None:
+    rig = Rig()
+    rig.feed(rig.copy("c1"), rig.copy("c2"))
+    rig.store.copies["c1"] = b'{"copy_id": "c1"}'  # a stored copy record the feedback record cannot be made from
+    rig.feed(rig.event(impression_event("i1", "c1", ts=T0)), rig.event(impression_event("i2", "c2", ts=T0)),
+             rig.event(click_event("i1", "c1", ts=T0 + 1)), rig.event(click_event("i2", "c2", ts=T0 + 1)))
+    assert [r.impression_id for r in rig.feedback()] == ["i2"]
+    assert [h["error"] for h in rig.dlq()] == [b"feedback_unproducible"]
+    rig.advance(CFG.reclaim_s + 1)
+    assert len(rig.feedback()) == 1 and len(rig.dlq()) == 1
+
+
+def test_the_loop_survives_an_unproducible_record_across_reclaims() -> None:
+    """The audit's repro: the loop's own sweep used to raise KafkaException every reclaim_s."""
+    rig = Rig(producer=LimitedProducer)
+    ev = rig.topics.events
+    rig.cluster.append(rig.topics.copy, b"u1", big_copy(rig, "c1")[1], partition=0)
+    rig.cluster.append(ev, b"u1", orjson.dumps(impression_event("i1", "c1", ts=T0)), partition=0)
+    rig.cluster.append(ev, b"u1", orjson.dumps(click_event("i1", "c1", ts=T0 + 5)), partition=0)
+    loop = FeedbackLoop(FakeConsumer(rig.cluster, "g"), rig.producer, rig.proc, sweep_interval_s=0.0,
+                        topics=[ev, rig.topics.copy], dlq_topic=rig.topics.dlq, max_batch=100)
+    loop.start()
+    loop.step()
+    for _ in range(3):
+        rig.clock.t += int(CFG.reclaim_s * 1000) + 1
+        loop.step()
+    assert [h["error"] for h in rig.dlq()] == [b"feedback_unproducible"]
+    assert rig.feedback() == []
+
+
+def test_a_retryable_failure_leaves_only_that_impression_for_later() -> None:
+    rig = Rig(producer=lambda cl: LimitedProducer(cl, timeout=lambda m: b'"impression_id":"i1"' in (m.value() or b"")))
+    with pytest.raises(TransientError, match="i1"):
+        rig.feed(rig.copy("c1"), rig.event(impression_event("i1", "c1", ts=T0)),
+                 rig.event(impression_event("i2", "c1", ts=T0)), rig.event(click_event("i1", "c1", ts=T0 + 1)),
+                 rig.event(click_event("i2", "c1", ts=T0 + 1)))
+    assert [r.impression_id for r in rig.feedback()] == ["i2"]  # acknowledged: done
+    assert isinstance(rig.producer, LimitedProducer)
+    rig.producer.timeout = None  # the broker is back
+    rig.advance(CFG.reclaim_s + 1)
+    assert [r.impression_id for r in rig.feedback()] == ["i1", "i2"]  # each exactly once
+    assert rig.dlq() == [] and rig.store.stats().by["all"]["all"] == (2, 2)
 
 
 def test_random_interleavings_against_a_reference() -> None:
