@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from livecopy.cli import cli
 from livecopy.commands import register
+from livecopy.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,3 +40,20 @@ def test_every_compose_command_is_a_livecopy_command() -> None:
             assert flag in result.output, (cmd, flag)
     kafka = compose["services"]["kafka"]
     assert kafka["image"].startswith("apache/kafka") and "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
+
+
+def test_every_livecopy_variable_in_compose_sets_the_setting_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    envs = [svc.get("environment") or {} for svc in compose["services"].values()]
+    names = {k for env in envs for k in env if k.startswith("LIVECOPY_")}
+    assert "LIVECOPY_GENERATOR__SLOT" in names and "LIVECOPY_KAFKA__BOOTSTRAP_SERVERS" in names
+    for env in envs:
+        for k, v in env.items():
+            if not k.startswith("LIVECOPY_"):
+                continue
+            monkeypatch.setenv(k, str(v))
+            node: object = Settings()
+            for part in k.removeprefix("LIVECOPY_").lower().split("__"):
+                node = getattr(node, part)
+            assert str(node) == str(v), (k, v, node)
+            monkeypatch.delenv(k)
