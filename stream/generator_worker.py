@@ -19,6 +19,9 @@ already) is kept. A crash between the ack and the cache write leaves a published
 serves (harmless: the joiner only joins impressions) and the re-delivered record makes a new one.
 When more than ``generator.max_inflight`` copies are in flight the loop pauses its partitions
 (still polling, so it keeps its group membership) and resumes below ``generator.resume_below``.
+Only partitions this member owns are tracked and committed: a record that consume() returned after
+the rebalance it served took its partition away is left to the new owner (committing it would
+rewind the new owner's offset).
 
 Invalid events are skipped and counted (the profile worker already sends them to the DLQ; a
 second DLQ copy would double-count them), also when the decoder fails with something other than a
@@ -262,6 +265,7 @@ class GeneratorWorker:
         self.pregen = Pregenerator(settings, engine, self.client, self.publisher, self.catalog, self._stop, metrics)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pregen")
         self.tracker = OffsetTracker()
+        self._owned: set[TP] = set()  # partitions assigned to this member (rebalance callbacks keep it)
         self._completed: queue.Queue[tuple[TP, int, int, int]] = queue.Queue()  # (tp, offset, weight, copies)
         self.inflight = 0  # copies (estimated) in flight
         self.paused = False
@@ -313,6 +317,10 @@ class GeneratorWorker:
     # -- the loop -------------------------------------------------------------------------------------
     def _dispatch(self, m: Message) -> None:
         tp, off = (m.topic() or "", m.partition() or 0), m.offset() or 0
+        if tp not in self._owned:  # fetched before a rebalance that consume() served took it: its new owner's
+            if self.metrics:
+                self.metrics.count("not_owned")
+            return
         self.tracker.add(tp, off)
         self.records += 1
         try:
@@ -371,7 +379,8 @@ class GeneratorWorker:
 
     def _commit(self, sync: bool) -> None:
         self._last_commit = time.monotonic()
-        offs = [TopicPartition(t, p, o) for (t, p), o in self.tracker.committable().items()]
+        # only partitions this member owns (the group protocol does not check: it would rewind a new owner's offset)
+        offs = [TopicPartition(t, p, o) for (t, p), o in self.tracker.committable().items() if (t, p) in self._owned]
         if not offs:
             return
         try:
@@ -383,6 +392,9 @@ class GeneratorWorker:
             log.warning("offset commit failed: %s", exc)
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in parts]
+        self.tracker.drop(tps)  # start clean: nothing from an earlier assignment of the same partition
+        self._owned.update(tps)
         if self.paused:
             consumer.pause(parts)
         log.info("assigned %s", [(p.topic, p.partition) for p in parts])
@@ -390,7 +402,9 @@ class GeneratorWorker:
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._drain()
         self._commit(sync=True)
-        self.tracker.drop([(p.topic, p.partition) for p in parts])
+        tps = [(p.topic, p.partition) for p in parts]
+        self._owned.difference_update(tps)
+        self.tracker.drop(tps)  # a task of theirs that finishes later marks nothing (see OffsetTracker.done)
         log.info("revoked %s", [(p.topic, p.partition) for p in parts])
 
 

@@ -8,6 +8,7 @@ import time
 
 import orjson
 import redis
+from confluent_kafka import TopicPartition
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
@@ -34,9 +35,11 @@ def page_view(i: int, user: str = "u1") -> bytes:
     return orjson.dumps({"event_id": f"e{i}", "type": "page_view", "user_id": user, "ts": int(time.time() * 1000)})
 
 
-def a_worker(cluster: FakeCluster, consumer: FakeConsumer) -> tuple[GeneratorWorker, WorkerMetrics]:
+def a_worker(cluster: FakeCluster, consumer: FakeConsumer,
+             commit_interval_s: float = 0.5) -> tuple[GeneratorWorker, WorkerMetrics]:
     metrics = WorkerMetrics("generator")
     s = Settings()
+    s = s.model_copy(update={"generator": s.generator.model_copy(update={"commit_interval_s": commit_interval_s})})
     # nothing here reaches Redis: a client that cannot connect proves it
     worker = GeneratorWorker(s, StubEngine(), consumer=consumer, producer=QuietProducer(cluster),  # type: ignore[arg-type]
                              client=redis.Redis(port=1, socket_connect_timeout=0.1), metrics=metrics, threads=1)
@@ -66,3 +69,48 @@ def test_a_record_the_decoder_fails_on_is_skipped_as_invalid_not_fatal() -> None
         worker.close()
     assert counted(metrics, "invalid") == 2 and counted(metrics, "not_a_view") == 2
     assert cluster.committed[("g", TOPIC, 0)] == 4 and worker.records == 4
+
+
+class RebalancingConsumer(FakeConsumer):
+    """Serves a rebalance inside its first consume(), after fetching the batch: every partition is
+    revoked, then only partition 1 assigned back; the batch still holds partition 0's records."""
+
+    armed = True
+
+    def consume(self, num_messages: int = 1, timeout: float | None = None) -> list[FakeMessage]:
+        out = super().consume(num_messages, timeout)
+        if self.armed:
+            self.armed = False
+            self.revoke_all()
+            self.position = {(TOPIC, 1): self.cluster.committed.get((self.group, TOPIC, 1), 0)}
+            assert self.on_assign is not None
+            self.on_assign(self, [TopicPartition(TOPIC, 1)])
+        return out
+
+
+def test_records_of_a_partition_revoked_inside_consume_are_neither_handled_nor_committed() -> None:
+    """The records of partition 0 that consume() returned after the rebalance took it away belong to its
+    new owner: the worker does not track them (before, it added them after the revoke had dropped the
+    partition, and every later commit rewrote partition 0's offset under the new owner, re-delivering
+    what the new owner had already handled after its next rebalance)."""
+    cluster = FakeCluster()
+    cluster.create(TOPIC, 2)
+    for i in range(5):
+        cluster.append(TOPIC, b"u0", page_view(i, "u0"), partition=0)
+        cluster.append(TOPIC, b"u1", page_view(10 + i, "u1"), partition=1)
+    consumer = RebalancingConsumer(cluster, "g")
+    worker, metrics = a_worker(cluster, consumer, commit_interval_s=0.0)
+    try:
+        worker.step()
+        assert cluster.committed.get(("g", TOPIC, 0), 0) == 0  # not this member's any more
+        assert cluster.committed[("g", TOPIC, 1)] == 5
+        cluster.committed[("g", TOPIC, 0)] = 105  # its new owner moves on
+        cluster.append(TOPIC, b"u1", page_view(99, "u1"), partition=1)
+        worker.step()  # this member keeps working on partition 1 (and commits)
+        assert cluster.committed[("g", TOPIC, 1)] == 6
+        assert cluster.committed[("g", TOPIC, 0)] == 105  # not rewound
+        assert counted(metrics, "not_owned") == 5  # partition 0's records of the first batch, left alone
+        assert (TOPIC, 0) not in worker.tracker.committable()
+    finally:
+        worker.close()
+    assert cluster.committed[("g", TOPIC, 0)] == 105  # nor by the final commit
