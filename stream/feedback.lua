@@ -3,15 +3,19 @@
 -- KEYS[1] due zset (impression_id -> when to look at it next), KEYS[2] CTR aggregate hash.
 -- Other keys of the shard are built from ARGV[2], the shard prefix `<prefix>fb:{N}:`, so every
 -- key the script touches shares the hash tag {N} of the declared keys (one Cluster slot):
---   <P>i:<impression_id>  hash  u p c sl it is ct cs src st tok
+--   <P>i:<impression_id>  hash  u p c sl it is ct cs src rk st tok
+--   <P>r:<impression_id>  string, the value of the record src names (its key: rk; none: no rk), as read,
+--                         for the DLQ; deleted when the impression is done
 --   <P>c:<copy_id>        string, the copy record JSON
 --   <P>w:<copy_id>        set of impression ids waiting for that copy record
 -- ARGV[1] op: apply | claim | ack. ARGV[3] now_ms. Then, per op:
---   apply: window_ms lateness_ms copy_wait_ms orphan_wait_ms state_ttl_ms, then one JSON item each
---          {"k":"i"|"c","i":imp,"c":copy,"u":user,"p":product,"t":ts,"sl":slot,"src":source} or
---          {"k":"p","c":copy,"j":copy_json}; returns 1 (changed) / 0 (duplicate) per item
+--   apply: window_ms lateness_ms copy_wait_ms orphan_wait_ms state_ttl_ms, then per item its JSON
+--          {"k":"i"|"c","i":imp,"c":copy,"u":user,"p":product,"t":ts,"sl":slot,"src":source[,"r":1[,"nk":1]]}
+--          -- with "r", two more ARGVs follow: the record's key ('' and "nk" when it had none) and value --
+--          or {"k":"p","c":copy,"j":copy_json}; returns 1 (changed) / 0 (duplicate) per item
 --   claim: window_ms lateness_ms copy_wait_ms orphan_wait_ms token limit reclaim_ms; returns
---          {imp, state_json, copy_json or '', kind, clicked, reason} per claimed impression
+--          {imp, state_json, copy_json or '', kind, clicked, reason, record value or nil, record key or nil}
+--          per claimed impression
 --   ack:   done_ttl_ms, then {"i":imp,"t":token,"k":clicked,"d":[dim...]} each; returns the count
 local due, ctr = KEYS[1], KEYS[2]
 local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -59,12 +63,36 @@ local function schedule(imp, h, ttl)
   end
 end
 
+-- The record that src names becomes the one kept for the DLQ (rval nil: none kept).
+local function keep_record(key, imp, h, u, rkey, rval, set, ttl)
+  if rval then
+    redis.call('SET', P .. 'r:' .. imp, rval, 'PX', ttl)
+  else
+    redis.call('DEL', P .. 'r:' .. imp)
+  end
+  if rval and not u.nk then
+    h.rk = rkey
+    set[#set + 1] = 'rk'; set[#set + 1] = rkey
+  elseif h.rk then
+    h.rk = nil
+    redis.call('HDEL', key, 'rk')
+  end
+end
+
 if op == 'apply' then
   window, lateness, copy_wait, orphan_wait = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
   local ttl = tonumber(ARGV[8])
   local out = {}
-  for i = 9, #ARGV do
+  local i = 9
+  while i <= #ARGV do
     local u = cjson.decode(ARGV[i])
+    local rkey, rval = nil, nil
+    if u.r then
+      rkey, rval = ARGV[i + 1], ARGV[i + 2]
+      i = i + 3
+    else
+      i = i + 1
+    end
     if u.k == 'p' then
       local ck = P .. 'c:' .. u.c
       local fresh = 1 - redis.call('EXISTS', ck)
@@ -92,6 +120,7 @@ if op == 'apply' then
               h.sl = nil
               redis.call('HDEL', key, 'sl')
             end
+            keep_record(key, u.i, h, u, rkey, rval, set, ttl)
           end
         else
           if (not h.ct) or u.t < tonumber(h.ct) then
@@ -106,12 +135,14 @@ if op == 'apply' then
             h.c, h.u, h.p, h.src = u.c, u.u, u.p, u.src
             for _, f in ipairs({'c', 'u', 'p', 'src'}) do set[#set + 1] = f; set[#set + 1] = h[f] end
             if type(u.sl) == 'string' then h.sl = u.sl; set[#set + 1] = 'sl'; set[#set + 1] = u.sl end
+            keep_record(key, u.i, h, u, rkey, rval, set, ttl)
           end
         end
       end
       if #set > 0 then
         redis.call('HSET', key, unpack(set))
         redis.call('PEXPIRE', key, ttl)
+        redis.call('PEXPIRE', P .. 'r:' .. u.i, ttl)  -- the kept record lives as long as its state
         if (h.st or 'o') == 'o' then schedule(u.i, h, ttl) end
         out[#out + 1] = 1
       else
@@ -144,8 +175,10 @@ if op == 'claim' then
       else
         redis.call('HSET', key, 'st', 'e', 'tok', token)
         redis.call('ZADD', due, now + reclaim, imp)
-        h.st, h.tok = nil, nil
-        out[#out + 1] = {imp, cjson.encode(h), copy or '', kind, clicked, reason}
+        local rkey = h.rk or false
+        h.st, h.tok, h.rk = nil, nil, nil
+        out[#out + 1] = {imp, cjson.encode(h), copy or '', kind, clicked, reason,
+                         redis.call('GET', P .. 'r:' .. imp), rkey}
       end
     end
   end
@@ -161,6 +194,8 @@ if op == 'ack' then
     local cur = redis.call('HMGET', key, 'st', 'tok')
     if cur[1] == 'e' and cur[2] == a.t then
       redis.call('HSET', key, 'st', 'd')
+      redis.call('HDEL', key, 'rk')
+      redis.call('DEL', P .. 'r:' .. a.i)  -- a done impression never goes to the DLQ
       redis.call('PEXPIRE', key, done_ttl)
       redis.call('ZREM', due, a.i)
       for _, dim in ipairs(a.d) do

@@ -19,6 +19,10 @@ Timing (all in epoch ms; event time for the window, arrival time for waiting):
   (``copy_not_found``); a click whose impression never arrives is an orphan after ``orphan_wait``
   (``impression_not_found``).
 
+Orphans go to the DLQ as the original record (key and value bytes, unchanged): the state keeps the
+key and bytes of the record its ``source`` names -- the impression's, else the first click's -- until
+the impression is done.
+
 Emission is claim -> produce -> ack: :func:`claim` marks the impression ``emitting`` with a
 token and reschedules it ``reclaim`` later; once the feedback record is acknowledged by the
 broker, :func:`ack` marks it ``done`` (a tombstone that makes re-deliveries no-ops) and counts it
@@ -56,25 +60,36 @@ class Item:
     slot: str | None = None
     source: str = ""  # "topic|partition|offset" of the record, for the DLQ of orphans
     copy_json: bytes = b""  # kind 'p': the copy record (GeneratedCopy JSON)
+    raw_key: bytes | None = None  # kinds 'i', 'c': the record's key and value as read (None: not kept),
+    raw_value: bytes | None = None  # what goes to the DLQ if the impression turns out an orphan
 
-    def to_json(self) -> bytes:
+    def to_args(self) -> list[bytes]:
+        """The item as feedback.lua's apply takes it: its JSON, then -- when the record is kept (``"r"``) --
+        the record's key (empty, with ``"nk"``, when it had none) and value, binary-safe."""
         if self.kind == "p":
-            return orjson.dumps({"k": "p", "c": self.copy_id, "j": self.copy_json.decode()})
+            return [orjson.dumps({"k": "p", "c": self.copy_id, "j": self.copy_json.decode()})]
         d: dict[str, Any] = {"k": self.kind, "c": self.copy_id, "i": self.impression_id, "u": self.user_id,
                              "p": self.product_id, "t": self.ts, "src": self.source}
         if self.slot is not None:
             d["sl"] = self.slot
-        return orjson.dumps(d)
+        if self.raw_value is None:
+            return [orjson.dumps(d)]
+        d["r"] = 1
+        if self.raw_key is None:
+            d["nk"] = 1
+        return [orjson.dumps(d), self.raw_key or b"", self.raw_value]
 
 
-def event_item(ev: Event, source: str = "") -> Item | None:
-    """The joiner's view of an event (None for event types it does not use)."""
+def event_item(ev: Event, source: str = "", key: bytes | None = None, value: bytes | None = None) -> Item | None:
+    """The joiner's view of an event (None for event types it does not use); ``key`` and ``value``
+    are the record as read, kept for the DLQ."""
     if ev.type not in (EventType.IMPRESSION, EventType.CLICK):
         return None
     assert ev.impression_id is not None and ev.copy_id is not None and ev.product_id is not None
     return Item(
         kind="i" if ev.type == EventType.IMPRESSION else "c", copy_id=ev.copy_id, impression_id=ev.impression_id,
         user_id=ev.user_id, product_id=ev.product_id, ts=ev.ts, slot=ev.slot, source=source,
+        raw_key=key if value is not None else None, raw_value=value,
     )
 
 
@@ -101,6 +116,8 @@ class ImpressionState:
     click_ts: int | None = None  # earliest click event time
     click_seen: int | None = None  # arrival time of the first click record
     source: str = ""
+    raw_key: bytes | None = None  # key and value of the record ``source`` names (None: not kept);
+    raw_value: bytes | None = None  # let go once the impression is done
     status: str = OPEN
     token: str = ""
 
@@ -116,6 +133,7 @@ def apply_item(st: ImpressionState | None, item: Item, now_ms: int) -> tuple[Imp
             return s, False
         s.copy_id, s.user_id, s.product_id, s.slot = item.copy_id, item.user_id, item.product_id, item.slot
         s.imp_ts, s.imp_seen, s.source = item.ts, now_ms, item.source
+        s.raw_key, s.raw_value = item.raw_key, item.raw_value
         return s, True
     if item.kind == "c":
         changed = False
@@ -126,6 +144,7 @@ def apply_item(st: ImpressionState | None, item: Item, now_ms: int) -> tuple[Imp
         if s.imp_ts is None and not s.copy_id:
             s.copy_id, s.user_id, s.product_id, s.slot, s.source = (
                 item.copy_id, item.user_id, item.product_id, item.slot, item.source)
+            s.raw_key, s.raw_value = item.raw_key, item.raw_value
         return s, changed
     raise ValueError(f"apply_item takes impressions and clicks, not {item.kind!r}")
 
@@ -215,8 +234,18 @@ def aggregate_fields(rec: FeedbackRecord) -> list[str]:
     ]
 
 
-def orphan_event(c: Claimed) -> bytes:
-    """What goes to the DLQ for an orphan: the impression (or click) event, rebuilt."""
+def dlq_record(c: Claimed) -> tuple[bytes | None, bytes]:
+    """(key, value) that goes to the DLQ for a claimed impression: the record its ``source`` names, as
+    it was read. A state written before the record was kept has only the rebuilt event."""
+    s = c.state
+    if s.raw_value is not None:
+        return s.raw_key, s.raw_value
+    return s.user_id.encode() or None, rebuilt_event(c)
+
+
+def rebuilt_event(c: Claimed) -> bytes:
+    """The impression (or click) event rebuilt from the state (not the original: another event_id,
+    no category/price/props); only for states written before the original record was kept."""
     s = c.state
     is_imp = s.imp_ts is not None
     d: dict[str, Any] = {
@@ -335,6 +364,7 @@ class InMemoryFeedbackStore:
             if st is None or st.status != EMITTING or st.token != c.token:
                 continue
             st.status = DONE
+            st.raw_key = st.raw_value = None
             self.due.pop(st.impression_id, None)
             for dim in dims:
                 self.ctr["n|" + dim] = self.ctr.get("n|" + dim, 0) + 1

@@ -81,16 +81,19 @@ class RedisFeedbackStore:
         return self.script.run_grouped(
             items, lambda it: shard_of(it.copy_id, self.cfg.shards),
             lambda shard, its: (self._keys(shard), [head[0], self.shard_prefix(shard), *head[1:],
-                                                    *(it.to_json() for it in its)]))
+                                                    *(a for it in its for a in it.to_args())]))
 
     def claim(self, now_ms: int, token: str, limit: int | None = None) -> list[Claimed]:
         args = ["claim", now_ms, *self._timing(), token, limit or self.cfg.sweep_limit,
                 int(self.cfg.reclaim_s * 1000)]
         out: list[Claimed] = []
         for res in self._run([(s, args) for s in range(self.cfg.shards)]):
-            for imp, hjson, copy, kind, clicked, reason in res:
+            for imp, hjson, copy, kind, clicked, reason, rval, rkey in res:
+                st = state_from_json(_s(imp), hjson)
+                if rval is not None:
+                    st.raw_key, st.raw_value = (bytes(rkey) if rkey is not None else None), bytes(rval)
                 out.append(Claimed(
-                    state_from_json(_s(imp), hjson), Decision(_s(kind), clicked=bool(clicked), reason=_s(reason)),  # type: ignore[arg-type]
+                    st, Decision(_s(kind), clicked=bool(clicked), reason=_s(reason)),  # type: ignore[arg-type]
                     token, bytes(copy) if copy else None,
                 ))
         return out

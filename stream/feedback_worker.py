@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import FeedbackSettings, Settings
 from stream.contracts import GeneratedCopy
-from stream.feedback import Claimed, Item, aggregate_fields, copy_item, event_item, feedback_record, orphan_event
+from stream.feedback import Claimed, Item, aggregate_fields, copy_item, dlq_record, event_item, feedback_record
 from stream.feedback_store import FeedbackStore, RedisFeedbackStore
 from stream.kafka_io import (
     BatchLoop,
@@ -146,7 +146,7 @@ class FeedbackProcessor:
             except Rejection:
                 self.skipped += 1  # the profile worker sends it to the DLQ
                 continue
-            it = event_item(ev, f"{rec.topic}|{rec.partition}|{rec.offset}")
+            it = event_item(ev, f"{rec.topic}|{rec.partition}|{rec.offset}", rec.key, rec.value)
             if it is not None:
                 items.append(it)
         return items, rejected
@@ -223,9 +223,9 @@ class FeedbackProcessor:
                 detail = (f"no copy record for copy_id {c.state.copy_id!r} within copy_wait_s"
                           if reason == "copy_not_found" else
                           f"no impression {c.state.impression_id!r} for a click within orphan_wait_s")
-                value = orphan_event(c)
+                key, value = dlq_record(c)
                 send = _Send(c, "orphan", [f"orphan|{reason}"], len(value))
-                self._produce(self.topics.dlq, value, c.state.user_id.encode() or None, send=send,
+                self._produce(self.topics.dlq, value, key, send=send,
                               headers=_source_headers(reason, detail, c.state.source))
             sends.append(send)
         if sends:
@@ -254,9 +254,9 @@ class FeedbackProcessor:
             settle(send)
         for c, detail in unproducible:
             log.error("impression %r to the DLQ: %s", c.state.impression_id, detail)
-            value = orphan_event(c)
+            key, value = dlq_record(c)
             send = _Send(c, "unproducible", [f"dlq|{UNPRODUCIBLE}"], len(value))
-            self._produce(self.topics.dlq, value, c.state.user_id.encode() or None, send=send,
+            self._produce(self.topics.dlq, value, key, send=send,
                           headers=_source_headers(UNPRODUCIBLE, _one_line(detail), c.state.source))
             dead.append(send)
         if dead:

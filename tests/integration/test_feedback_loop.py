@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
 import torch
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
 from livecopy.settings import FeedbackSettings, Settings
 from models.generate import score_ctr, style_distribution
@@ -168,6 +169,48 @@ def test_joiner_dead_letters_a_feedback_record_too_large_to_produce_and_goes_on(
     assert stats.by["all"]["all"] == (2, 1) and stats.by["dlq"]["feedback_unproducible"] == (1, 1)
 
 
+def test_orphans_land_in_the_dlq_as_the_original_records(settings: Settings) -> None:
+    """An impression whose copy record never comes and a click whose impression never comes go to the
+    DLQ as they were read: key (or none) and bytes unchanged, with the reason and their source.*."""
+    topics = Topics.from_settings(settings.topics)
+    fb = FeedbackSettings(window_s=0.5, lateness_s=0.1, copy_wait_s=1, orphan_wait_s=1.5, reclaim_s=1,
+                          sweep_interval_s=0.1)
+    s = settings.model_copy(update={"feedback": fb})
+    ts = datetime.fromtimestamp(time.time(), tz=timezone(timedelta(hours=-5))).isoformat(timespec="milliseconds")
+    long_id = "imp-" + "z" * 124  # 128 chars, as the contract allows
+    imp = (f'{{"type":"impression", "event_id":"e-imp-1", "user_id":"u1", "ts":"{ts}", "product_id":"p1",\n'
+           f' "category":"home/kitchen", "price":39.9, "impression_id":"{long_id}", "copy_id":"cp-never",\n'
+           f' "props":{{"ab":"b"}}, "unknown_field":true}}').encode()
+    click = (f'{{ "event_id": "e-click-1", "type": "click", "user_id": "u2", "ts": "{ts}", "product_id": "p2",'
+             f' "impression_id": "imp-never", "copy_id": "cp-2", "slot": "pdp", "price": 5 }}').encode()
+    where: dict[bytes, tuple[int, int]] = {}
+
+    def delivered(err: object, msg: Message) -> None:
+        assert err is None
+        where[msg.value() or b""] = (msg.partition() or 0, msg.offset() or 0)
+
+    p = Producer(producer_config(s.kafka))
+    p.produce(topics.events, value=imp, on_delivery=delivered)  # no key
+    p.produce(topics.events, key=b"u2", value=click, on_delivery=delivered)
+    assert p.flush(30) == 0 and len(where) == 2
+    loop = build_feedback_loop(s)
+    with ThreadWorker(loop):
+        wait_until(lambda: loop.feedback.orphans == 2, 60, "both orphans sent to the DLQ")
+    dlq = {dict(m.headers() or [])["error"]: m for m in read_topic(s, topics.dlq, 2, timeout=10)}
+    assert set(dlq) == {b"copy_not_found", b"impression_not_found"}
+    for reason, key, value in ((b"copy_not_found", None, imp), (b"impression_not_found", b"u2", click)):
+        m = dlq[reason]
+        assert m.key() == key and m.value() == value, reason
+        h = dict(m.headers() or [])
+        part, off = where[value]
+        assert (h["source.topic"], h["source.partition"], h["source.offset"]) == (
+            topics.events.encode(), str(part).encode(), str(off).encode())
+        assert h["error.detail"] and b"\n" not in h["error.detail"]
+    assert len(read_topic(s, topics.dlq, 2, timeout=1)) == 2  # once each
+    client = redis.Redis.from_url(s.redis.url)
+    assert list(client.scan_iter(s.redis.key_prefix + "fb:*:r:*")) == []  # done: the records let go
+
+
 def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> None:
     cfg = FeedbackSettings(window_s=10, lateness_s=1, copy_wait_s=5, orphan_wait_s=20, reclaim_s=3, shards=4,
                            sweep_limit=7)
@@ -176,8 +219,13 @@ def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> 
     mem = InMemoryFeedbackStore(cfg)
     rng = random.Random(11)
     t0 = 1_795_000_000_000
+    offsets = iter(range(10**6))
+
     def item(ev: dict[str, object]) -> Item:
-        it = event_item(Event.model_validate(ev))
+        # the record as read: keyed or not, bytes the joiner keeps for the DLQ (binary-safe: not UTF-8 here)
+        raw = orjson.dumps(ev) + (b" \xff\x00" if rng.random() < 0.3 else b"")
+        key = str(ev["user_id"]).encode() if rng.random() < 0.7 else None
+        it = event_item(Event.model_validate(ev), f"ev|0|{next(offsets)}", key, raw)
         assert it is not None
         return it
 
@@ -194,8 +242,9 @@ def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> 
     items += rng.sample(items, 40)
     rng.shuffle(items)
     now = t0
-    log_r: list[tuple[str, str, bool, str]] = []
-    log_m: list[tuple[str, str, bool, str]] = []
+    Entry = tuple[str, str, bool, str, str, bytes | None, bytes | None]
+    log_r: list[Entry] = []
+    log_m: list[Entry] = []
     for i in range(0, len(items), 13):
         chunk = items[i:i + 13]
         ra, ma = red.apply(chunk, now), mem.apply(chunk, now)
@@ -203,20 +252,33 @@ def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> 
         now += rng.randint(0, 1500)
         for store, log in ((red, log_r), (mem, log_m)):
             claimed = store.claim(now, f"tok{i}")
-            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason)
-                          for c in claimed)
+            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason,
+                           c.state.source, c.state.raw_key, c.state.raw_value) for c in claimed)
             if i % 3:  # ack only some: the others are claimed again after reclaim_s
                 store.ack([(c, ["all|all"]) for c in claimed], now)
+
+    def kept_records() -> set[str]:
+        """Impressions whose record is kept in Redis (checking each has the state's TTL)."""
+        keys = list(client.scan_iter(settings.redis.key_prefix + "fb:*:r:*"))
+        assert all(0 < client.pttl(k) <= cfg.state_ttl_s * 1000 for k in keys)
+        return {k.decode().split(":r:", 1)[1] for k in keys}
+
+    # the record is kept while the impression is not done, and let go when it is
+    open_ = {i for i, st in mem.states.items() if st.raw_value is not None}
+    assert open_ and kept_records() == open_
+    assert {i for i, st in mem.states.items() if st.status == "d"} - open_
     for _ in range(40):
         now += 1000
         for store, log in ((red, log_r), (mem, log_m)):
             claimed = store.claim(now, f"end{now}")
-            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason)
-                          for c in claimed)
+            log += sorted((c.state.impression_id, c.decision.kind, c.decision.clicked, c.decision.reason,
+                           c.state.source, c.state.raw_key, c.state.raw_value) for c in claimed)
             store.ack([(c, ["all|all"]) for c in claimed], now)
     assert log_r == log_m
     assert red.stats().by == mem.stats().by
-    assert {k for _, k, _, _ in log_r} == {"emit", "orphan"}
+    assert {e[1] for e in log_r} == {"emit", "orphan"}
+    assert all(e[6] is not None for e in log_r) and {e[5] is None for e in log_r} == {True, False}
+    assert kept_records() == {i for i, st in mem.states.items() if st.raw_value is not None} == set()
 
 
 def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_version_up(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -90,12 +91,17 @@ class Rig:
         self.offset = 0
 
     def feed(self, *values: tuple[str, bytes]) -> None:
+        self.feed_keyed(*((topic, None, v) for topic, v in values))
+
+    def feed_keyed(self, *records: tuple[str, bytes | None, bytes]) -> list[int]:
+        """Feed (topic, key, value) records; returns their offsets."""
         recs = []
-        for topic, v in values:
+        for topic, k, v in records:
             self.offset += 1
-            recs.append(Record(topic, 0, self.offset, None, v))
+            recs.append(Record(topic, 0, self.offset, k, v))
         out = self.proc.process(recs)
         assert out.rejected == []
+        return [r.offset for r in recs]
 
     def event(self, ev: dict[str, object]) -> tuple[str, bytes]:
         return self.topics.events, orjson.dumps(ev)
@@ -195,6 +201,66 @@ def test_orphans_go_to_the_dlq_with_the_reason() -> None:
     assert reasons == [b"copy_not_found", b"impression_not_found"]
     assert rig.feedback() == []
     assert rig.proc.orphans == 2
+
+
+LONG_ID = "imp-" + "x" * 124  # 128 chars: valid, but "<id>:impression" was not
+
+
+def raw_event(kind: str, impression_id: str, copy_id: str, ts_ms: int) -> bytes:
+    """An event as a site may send it: its own spacing and field order, an RFC 3339 ts with an offset,
+    category, price, props and an unknown field -- what a rebuilt event loses."""
+    ts = datetime.fromtimestamp(ts_ms / 1000, tz=timezone(timedelta(hours=1))).isoformat(timespec="milliseconds")
+    return (f'{{ "type": "{kind}", "event_id": "ev-{kind}-{impression_id[:8]}", "user_id": "u1",\n'
+            f'  "ts": "{ts}", "product_id": "p1", "category": "home/kitchen", "price": 39.9,\n'
+            f'  "impression_id": "{impression_id}", "copy_id": "{copy_id}", "slot": "pdp",\n'
+            f'  "props": {{"ab": "b", "n": 3}}, "site_field": [1, 2] }}').encode()
+
+
+def test_orphans_go_to_the_dlq_as_the_original_record() -> None:
+    rig = Rig()
+    ev = rig.topics.events
+    imp = raw_event("impression", LONG_ID, "c8", T0 + 250)
+    click = raw_event("click", "i9", "c9", T0 + 3000)
+    click2 = raw_event("click", "i9", "c9", T0 + 1000)  # an earlier click, arriving later
+    (off_imp,) = rig.feed_keyed((ev, None, imp))  # no key, its copy record never comes
+    off_click, _ = rig.feed_keyed((ev, b"u1", click), (ev, b"u1", click2))  # keyed, its impression never comes
+    rig.advance(CFG.orphan_wait_s + 1)
+    got = {dict(m.headers() or [])["error"]: m for m in rig.dlq_records()}
+    assert set(got) == {b"copy_not_found", b"impression_not_found"}
+    m = got[b"copy_not_found"]
+    assert (m.key(), m.value()) == (None, imp)
+    assert dict(m.headers() or [])["source.offset"] == str(off_imp).encode()
+    m = got[b"impression_not_found"]
+    assert (m.key(), m.value()) == (b"u1", click)  # the first click's record: the one `src` names
+    h = dict(m.headers() or [])
+    assert (h["source.topic"], h["source.partition"], h["source.offset"]) == (ev.encode(), b"0",
+                                                                              str(off_click).encode())
+    assert all(rig.store.states[i].raw_value is None for i in (LONG_ID, "i9"))  # done: the bytes let go
+
+
+def test_an_impression_after_its_click_makes_the_impression_the_record_kept() -> None:
+    rig = Rig()
+    ev = rig.topics.events
+    click = raw_event("click", "i1", "c1", T0 + 3000)
+    imp = raw_event("impression", "i1", "c1", T0)
+    rig.feed_keyed((ev, b"u1", click))
+    (off,) = rig.feed_keyed((ev, None, imp))
+    st = rig.store.states["i1"]
+    assert (st.raw_key, st.raw_value, st.source) == (None, imp, f"{ev}|0|{off}")
+    rig.advance(CFG.copy_wait_s + 1)  # clicked, decided: waits copy_wait_s for its copy record
+    (m,) = rig.dlq_records()
+    assert (m.key(), m.value(), dict(m.headers() or [])["source.offset"]) == (None, imp, str(off).encode())
+
+
+def test_an_unproducible_impression_goes_to_the_dlq_as_the_original_record() -> None:
+    rig = Rig(producer=LimitedProducer)
+    imp = raw_event("impression", "i1", "c1", T0)
+    rig.feed(big_copy(rig, "c1"))
+    rig.feed_keyed((rig.topics.events, b"u1", imp))
+    rig.feed(rig.event(click_event("i1", "c1", ts=T0 + 1)))
+    (m,) = rig.dlq_records()
+    assert dict(m.headers() or [])["error"] == b"feedback_unproducible"
+    assert (m.key(), m.value()) == (b"u1", imp)
 
 
 def test_unacknowledged_produce_is_emitted_again_and_counted_once() -> None:
