@@ -13,7 +13,7 @@
 --          {"k":"i"|"c","i":imp,"c":copy,"u":user,"p":product,"t":ts,"sl":slot,"src":source[,"r":1[,"nk":1]]}
 --          -- with "r", two more ARGVs follow: the record's key ('' and "nk" when it had none) and value --
 --          or {"k":"p","c":copy,"j":copy_json}; returns 1 (changed) / 0 (duplicate) per item
---   claim: window_ms lateness_ms copy_wait_ms orphan_wait_ms token limit reclaim_ms; returns
+--   claim: window_ms lateness_ms copy_wait_ms orphan_wait_ms token limit reclaim_ms state_ttl_ms; returns
 --          {imp, state_json, copy_json or '', kind, clicked, reason, record value or nil, record key or nil}
 --          per claimed impression
 --   ack:   done_ttl_ms, then {"i":imp,"t":token,"k":clicked,"d":[dim...]} each; returns the count
@@ -155,7 +155,7 @@ end
 
 if op == 'claim' then
   window, lateness, copy_wait, orphan_wait = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-  local token, limit, reclaim = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+  local token, limit, reclaim, ttl = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
   local out = {}
   for _, imp in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, limit)) do
     local key = P .. 'i:' .. imp
@@ -171,7 +171,11 @@ if op == 'claim' then
         redis.call('ZREM', due, imp)
       elseif kind == 'wait' then
         redis.call('ZADD', due, at, imp)
-        if copy == false then redis.call('SADD', P .. 'w:' .. h.c, imp) end
+        if copy == false then
+          local wk = P .. 'w:' .. h.c
+          redis.call('SADD', wk, imp)
+          redis.call('PEXPIRE', wk, ttl)
+        end
       else
         redis.call('HSET', key, 'st', 'e', 'tok', token)
         redis.call('ZADD', due, now + reclaim, imp)

@@ -85,7 +85,7 @@ class RedisFeedbackStore:
 
     def claim(self, now_ms: int, token: str, limit: int | None = None) -> list[Claimed]:
         args = ["claim", now_ms, *self._timing(), token, limit or self.cfg.sweep_limit,
-                int(self.cfg.reclaim_s * 1000)]
+                int(self.cfg.reclaim_s * 1000), int(self.cfg.state_ttl_s * 1000)]
         out: list[Claimed] = []
         for res in self._run([(s, args) for s in range(self.cfg.shards)]):
             for imp, hjson, copy, kind, clicked, reason, rval, rkey in res:

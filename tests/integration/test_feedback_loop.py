@@ -211,6 +211,28 @@ def test_orphans_land_in_the_dlq_as_the_original_records(settings: Settings) -> 
     assert list(client.scan_iter(s.redis.key_prefix + "fb:*:r:*")) == []  # done: the records let go
 
 
+def test_every_key_a_claim_writes_has_a_ttl(settings: Settings) -> None:
+    """An impression whose copy record came and then expired waits for it again: the claim puts it back
+    into the copy's waiting set, which must expire like every other key of the joiner."""
+    cfg = FeedbackSettings(window_s=10, lateness_s=1, copy_wait_s=5, shards=1)
+    client = redis.Redis.from_url(settings.redis.url)
+    store = RedisFeedbackStore(client, cfg, settings.redis.key_prefix)
+    t0 = 1_795_000_000_000
+    imp = event_item(Event.model_validate(impression_event("i1", "c1", ts=t0)), "ev|0|1", b"u1", b"{}")
+    assert imp is not None
+    store.apply([imp], t0)
+    store.apply([copy_item(GeneratedCopy.model_validate_json(copy_record("c1")))], t0 + 1)  # wakes i1 up
+    p = store.shard_prefix(0)
+    assert client.exists(p + "w:c1") == 0
+    client.delete(p + "c:c1")  # the copy record expired
+    assert store.claim(t0 + 2, "tok") == []  # i1 waits again (for its window, then its copy record)
+    assert client.sismember(p + "w:c1", "i1")
+    keys = list(client.scan_iter(p + "*"))
+    no_ttl = [k for k in keys if client.pttl(k) == -1 and not k.endswith((b":due", b":ctr"))]
+    assert no_ttl == []
+    assert 0 < client.pttl(p + "w:c1") <= cfg.state_ttl_s * 1000
+
+
 def test_redis_lua_store_matches_the_in_memory_reference(settings: Settings) -> None:
     cfg = FeedbackSettings(window_s=10, lateness_s=1, copy_wait_s=5, orphan_wait_s=20, reclaim_s=3, shards=4,
                            sweep_limit=7)
