@@ -242,6 +242,7 @@ class BatchLoop:
         self._done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
         self._assigned: set[tuple[str, int]] = set()
         self._paused = False
+        self._delay = 0.0  # the backoff after consecutive failed tries of a batch (0: the last one went through)
         self.batches = 0
         self.records = 0
 
@@ -332,6 +333,7 @@ class BatchLoop:
             if tp in owned:  # a rebalance served by consume() may have taken it: its new owner commits it
                 self._done[tp] = r.offset + 1
         self._dirty = True
+        self._delay = 0.0
         self.batches += 1
         self.records += len(batch)
         self.metrics.batch_done(batch, len(outcome.rejected), self.clock() - started)
@@ -419,6 +421,13 @@ class BatchLoop:
         if sync:
             self._done.clear()
 
+    def _healthy(self) -> bool:
+        try:
+            return self.processor.healthy()
+        except Exception as exc:  # a probe that fails in a way of its own (Redis BUSY answers PING with an error)
+            log.warning("health probe failed: %s: %s", type(exc).__name__, exc)
+            return False
+
     def _owned(self) -> set[tuple[str, int]]:
         """The partitions assigned to this member now (during on_revoke: still the revoked ones too)."""
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
@@ -432,7 +441,9 @@ class BatchLoop:
         parts = self.consumer.assignment()
         self.consumer.pause(parts)
         self._paused = True
-        delay = self.backoff_initial_s
+        # keeps growing over consecutive failures: a store that answers its probe but still refuses the
+        # batch (out of memory, read-only) is retried every backoff_max_s, not every backoff_initial_s
+        delay = self._delay = min(max(self._delay * 2, self.backoff_initial_s), self.backoff_max_s)
         try:
             while not self._stop.is_set():
                 deadline = self.clock() + delay
@@ -443,9 +454,9 @@ class BatchLoop:
                     if m is not None and m.error() is None:
                         key = (m.topic() or "", m.partition() or 0)
                         rewind[key] = min(rewind.get(key, m.offset() or 0), m.offset() or 0)
-                if self.processor.healthy():
+                if self._healthy():
                     break
-                delay = min(delay * 2, self.backoff_max_s)
+                delay = self._delay = min(delay * 2, self.backoff_max_s)
                 log.warning("still unhealthy, next try in %.1f s", delay)
         finally:
             self._paused = False

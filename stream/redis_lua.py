@@ -2,30 +2,55 @@
 
 Every Redis-side merge (profile.lua, feedback.lua, responses.lua) is idempotent, so a batch can
 be redone: when Redis lost its script cache (restart, SCRIPT FLUSH) the script is loaded again
-and the whole pipeline re-run; an unreachable Redis surfaces as :class:`TransientStoreError`
-(the worker's batch loop then pauses, backs off and rewinds).
+and the whole pipeline re-run; a Redis that cannot take the batch right now (unreachable, out
+of memory, read-only after a failover, busy with a script...) surfaces as
+:class:`TransientStoreError` (the worker's batch loop then pauses, backs off and rewinds): it is
+never the record's fault, so nothing goes to the DLQ for it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Hashable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
+from redis import exceptions as rex
 from redis.exceptions import NoScriptError
 
 from livecopy.settings import RedisSettings
 
+# Redis refusing or failing a command for a reason of its own, which goes away by waiting: retry the
+# batch later with backoff, never reject the record.
 TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
+    rex.ConnectionError,  # unreachable; also LOADING (BusyLoadingError), max clients, auth, pool exhausted
+    rex.TimeoutError,
+    rex.BusyLoadingError,  # LOADING: loading its dataset after a restart
+    rex.OutOfMemoryError,  # OOM: maxmemory reached under noeviction (or nothing evictable): writes refused
+    rex.ReadOnlyError,  # READONLY: talking to a replica (a failover in progress, DNS not switched yet)
+    rex.MasterDownError,  # MASTERDOWN: a replica that lost its master (replica-serve-stale-data no)
+    rex.TryAgainError,  # TRYAGAIN: multi-key command on a slot being migrated
+    rex.ClusterDownError,  # CLUSTERDOWN: the cluster has unserved slots
+    rex.AskError,  # ASK and MOVED (a subclass): a slot moved or moving; the topology is refreshed
+    rex.ClusterError,  # RedisCluster gave up following redirections for now ("TTL exhausted")
+    rex.SlotNotCoveredError,  # RedisCluster: no node serves the slot (yet)
     OSError,
 )
+
+# The same, for refusals redis-py has no class for (a plain ResponseError), by error code: BUSY (a
+# script or function running past lua-time-limit), NOREPLICAS (min-replicas-to-write not met),
+# MISCONF (writes stopped after a failed RDB save). As the reply starts, or as Redis 6 quotes a
+# refusal met by redis.call inside a script ("... @user_script:24: -OOM command not allowed ...").
+_TRANSIENT_CODES = re.compile(r"(?:^|: -)(?:BUSY|NOREPLICAS|MISCONF|OOM|LOADING|READONLY|MASTERDOWN|TRYAGAIN|"
+                              r"CLUSTERDOWN|MOVED|ASK) ")
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised, or handed back by a pipeline) means "retry later", not "bad input"."""
+    if isinstance(exc, TRANSIENT_REDIS_ERRORS):
+        return True
+    return isinstance(exc, rex.ResponseError) and _TRANSIENT_CODES.search(str(exc)) is not None
 
 
 def redis_client(r: RedisSettings) -> redis.Redis:
@@ -70,11 +95,14 @@ class LuaScript:
                 break
             else:  # pragma: no cover - the script vanished twice in a row
                 raise TransientStoreError(f"{self.filename} keeps disappearing from Redis")
-        except TRANSIENT_REDIS_ERRORS as exc:
-            raise TransientStoreError(f"redis unavailable: {exc}") from exc
+        except Exception as exc:
+            if is_transient_redis_error(exc):
+                raise TransientStoreError(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+            raise
         for r in results:
-            if isinstance(r, TRANSIENT_REDIS_ERRORS):
-                raise TransientStoreError(f"redis unavailable: {r}")
+            if isinstance(r, BaseException) and is_transient_redis_error(r):
+                raise TransientStoreError(f"redis unavailable: {type(r).__name__}: {r}") from r
+        for r in results:
             if isinstance(r, Exception):
                 raise r
         return list(results)

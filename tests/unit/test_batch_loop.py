@@ -10,9 +10,10 @@ from confluent_kafka import TopicPartition
 
 from livecopy.settings import ProfileSettings
 from stream.kafka_io import BatchLoop, Outcome
-from stream.profile import render, replay
+from stream.profile import ProfileUpdate, render, replay
 from stream.profile_store import InMemoryProfileStore
 from stream.profile_worker import ProfileProcessor
+from stream.redis_lua import TransientStoreError
 from stream.wire import Record, decode_event
 from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
 
@@ -222,6 +223,87 @@ def test_revocation_commits_what_took_effect() -> None:
     loop.step()
     consumer.revoke_all()
     assert committed(cluster) == {0: 5}
+
+
+class RefusingStore(InMemoryProfileStore):
+    """Answers its probe but refuses `refusals` batches (a full Redis: PING works, writes get OOM); its
+    probe raises `probe_errors` times (a Redis BUSY with a script answers PING with an error)."""
+
+    def __init__(self, cfg: ProfileSettings, refusals: int, probe_errors: int = 0) -> None:
+        super().__init__(cfg)
+        self.refusals = refusals
+        self.probe_errors = probe_errors
+
+    def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
+        if self.refusals:
+            self.refusals -= 1
+            raise TransientStoreError("redis unavailable: OutOfMemoryError: command not allowed")
+        return super().apply(updates, now_ms)
+
+    def ping(self) -> bool:
+        if self.probe_errors:
+            self.probe_errors -= 1
+            raise RuntimeError("BUSY Redis is busy running a script")
+        return True
+
+
+class ClockedConsumer(FakeConsumer):
+    """Time passes only in poll(); `waited` adds up the time spent polling while paused (backing off)."""
+
+    def __init__(self, cluster: FakeCluster, group: str) -> None:
+        super().__init__(cluster, group)
+        self.now = 0.0
+        self.waited = 0.0
+
+    def poll(self, timeout: float | None = None) -> FakeMessage | None:
+        self.now += timeout or 0.0
+        if self.paused:
+            self.waited += timeout or 0.0
+        return super().poll(timeout)
+
+
+def clocked_loop(store: InMemoryProfileStore) -> tuple[FakeCluster, ClockedConsumer, BatchLoop]:
+    cluster = FakeCluster()
+    cluster.create("ev", 1)
+    cluster.create("dlq", 1)
+    consumer = ClockedConsumer(cluster, "g")
+    loop = BatchLoop(consumer, FakeProducer(cluster), ProfileProcessor(store, CFG, now_ms=lambda: T0),  # type: ignore[arg-type]
+                     topics=["ev"], dlq_topic="dlq", backoff_initial_s=1.0, backoff_max_s=8.0,
+                     clock=lambda: consumer.now)
+    return cluster, consumer, loop
+
+
+def test_a_store_that_keeps_refusing_is_retried_with_growing_backoff() -> None:
+    store = RefusingStore(CFG, refusals=5)
+    cluster, consumer, loop = clocked_loop(store)
+    publish(cluster, [event(i) for i in range(3)])
+    loop.start()
+    waits = []
+    for _ in range(6):
+        before = consumer.waited
+        assert loop.step() == 3
+        waits.append(round(consumer.waited - before, 6))
+    # its probe says "up" each time, yet the waits grow over the refusals (not 1 s each), then it applies
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 0.0]
+    assert store.states["u1"].version == 3 and cluster.records("dlq") == []
+    publish(cluster, [event(i) for i in range(3, 5)])
+    store.refusals = 1
+    loop.step()
+    assert consumer.waited - sum(waits) == pytest.approx(1.0)  # after a success: from backoff_initial_s again
+    loop.step()
+    loop.close()
+    assert committed(cluster) == {0: 5} and store.states["u1"].version == 5
+
+
+def test_a_health_probe_that_raises_means_unhealthy_not_a_dead_worker() -> None:
+    store = RefusingStore(CFG, refusals=1, probe_errors=2)
+    cluster, consumer, loop = clocked_loop(store)
+    publish(cluster, [event(i) for i in range(3)])
+    loop.start()
+    assert loop.step() == 3  # refused; the probe raises twice (backing off 1 + 2 s), then answers (4 s)
+    assert consumer.waited == pytest.approx(7.0) and committed(cluster) == {}
+    drain(loop)
+    assert committed(cluster) == {0: 3} and store.states["u1"].version == 3 and cluster.records("dlq") == []
 
 
 class RebalancingConsumer(FakeConsumer):
