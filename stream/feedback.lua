@@ -1,3 +1,6 @@
+#!lua
+-- (#!lua with no flags, Redis >= 7: over maxmemory the whole call is refused with OOM, a transient
+-- error the worker waits out, instead of the script writing past the limit once its first write ran.)
 -- The feedback joiner's state for one shard (mirror of stream/feedback.py: apply_item, decide,
 -- InMemoryFeedbackStore.apply/claim/ack; keep them in step).
 -- KEYS[1] due zset (impression_id -> when to look at it next), KEYS[2] CTR aggregate hash.

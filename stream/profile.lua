@@ -1,3 +1,6 @@
+#!lua
+-- (#!lua with no flags, Redis >= 7: over maxmemory the whole call is refused with OOM, a transient
+-- error the worker waits out, instead of the script writing past the limit once its first write ran.)
 -- Apply a user's profile updates atomically (mirror of stream/profile.py:apply_update).
 -- KEYS[1] profile hash, KEYS[2] recent-products zset, KEYS[3] seen-event-ids zset:
 -- all three share the user's hash tag, so the script is Redis Cluster safe.

@@ -1,3 +1,6 @@
+#!lua
+-- (#!lua with no flags, Redis >= 7: over maxmemory the whole call is refused with OOM, a transient
+-- error the worker waits out, instead of the script writing past the limit once its first write ran.)
 -- Add feedback records to one shopper's style response (mirror of stream/responses.py:
 -- apply_updates). KEYS[1] response hash (fields c:<style> clicks, e:<style> expected clicks,
 -- t: ms the counts are as of), KEYS[2] zset of impression ids already counted: both carry the

@@ -189,3 +189,24 @@ def test_a_redis_busy_with_a_long_script_holds_the_worker_back_until_it_is_kille
     assert sum(o for o in committed.values() if o > 0) == 21
     loaded = [store.load(u) for u in ("u0", "u1", "u2")]
     assert sum(sum(r.clicks.values()) for r in loaded if r is not None) == 11  # imp0..imp20, the even ones clicked
+
+
+def test_a_full_redis_refuses_the_profile_script_whole_and_it_applies_once_memory_is_freed(settings: Settings) -> None:
+    """The profile script's first command (pruning the seen-set) is one Redis runs over maxmemory; a
+    script without flags would then be let through to write past the limit. Declared as a Redis 7
+    script, it is refused whole (OOM) and writes nothing."""
+    from stream.contracts import Event
+    from stream.profile import event_update
+    from stream.profile_store import RedisProfileStore
+    from stream.redis_lua import TransientStoreError
+
+    client = redis.Redis.from_url(settings.redis.url)
+    store = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
+    ups = [event_update(Event.model_validate(now_event(i, user="full")), settings.profile) for i in range(3)]
+    with redis_full(client, settings.redis.key_prefix + "filler"):
+        with pytest.raises(TransientStoreError, match="OutOfMemoryError"):
+            store.apply(ups, int(time.time() * 1000))
+        assert store.load("full") is None  # nothing written: no seen marker, no field
+    assert store.apply(ups, int(time.time() * 1000)) == [True, True, True]
+    state = store.load("full")
+    assert state is not None and state.version == 3
