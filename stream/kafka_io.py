@@ -84,7 +84,8 @@ def ensure_topics(k: KafkaSettings, topics: Topics, timeout_s: float = 30.0) -> 
     admin = AdminClient(base_config(k))
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     wanted = [
-        NewTopic(name, num_partitions=n, replication_factor=topics.replication_factor)
+        NewTopic(name, num_partitions=n, replication_factor=topics.replication_factor,
+                 config=topics.configs().get(name, {}))
         for name, n in topics.partition_counts().items()
         if name not in existing
     ]

@@ -55,6 +55,12 @@ class Topics:
             self.model_updates: self.default_partitions,
         }
 
+    def configs(self) -> dict[str, dict[str, str]]:
+        """Topic configs set at creation: model-updates is compacted (keyed by model name), so the
+        newest version of every model stays readable however old it is (a generator starting
+        next month still finds it); the others keep the broker's retention."""
+        return {self.model_updates: {"cleanup.policy": "compact"}}
+
 
 @dataclass(slots=True)
 class Record:

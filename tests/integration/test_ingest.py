@@ -144,3 +144,21 @@ def test_livecopy_produce_sends_valid_lines_as_they_are_and_reports_the_others(s
     assert "sent 1 event(s), 4 invalid line(s) skipped" in out.stdout.decode()
     on_topic = read_topic(settings, Topics.from_settings(settings.topics).events, expect=1)
     assert [(m.key(), m.value()) for m in on_topic] == [(b"u-9", good)]
+
+
+def test_the_topics_are_created_with_their_partitions_and_model_updates_compacted(settings: Settings) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from stream.kafka_io import base_config
+
+    topics = Topics.from_settings(settings.topics)
+    admin = AdminClient(base_config(settings.kafka))
+    meta = admin.list_topics(timeout=30).topics
+    assert {t: len(meta[t].partitions) for t in topics.partition_counts()} == topics.partition_counts()
+    policy = {}
+    for res, fut in admin.describe_configs([ConfigResource("topic", t) for t in
+                                            (topics.model_updates, topics.events)]).items():
+        entry = fut.result(30).get("cleanup.policy")
+        policy[res.name] = entry.value if entry is not None else None
+    assert policy[topics.model_updates] == "compact"
+    assert policy[topics.events] in ("delete", None)  # Kafka's default (tansu lists only configs that were set)
