@@ -191,3 +191,24 @@ class FakeProducer:
             if cb:
                 cb(None, stored)
         return 0
+
+
+class RebalancingConsumer(FakeConsumer):
+    """Serves a rebalance inside its first consume(), after fetching the batch (as librdkafka may,
+    once poll() handed out the batch's first record): every partition is revoked, then only
+    partition 1 of ``topic`` assigned back; the batch still holds partition 0's records."""
+
+    def __init__(self, cluster: FakeCluster, group: str, topic: str) -> None:
+        super().__init__(cluster, group)
+        self.topic = topic
+        self.armed = True
+
+    def consume(self, num_messages: int = 1, timeout: float | None = None) -> list[FakeMessage]:
+        out = super().consume(num_messages, timeout)
+        if self.armed:
+            self.armed = False
+            self.revoke_all()
+            self.position = {(self.topic, 1): self.cluster.committed.get((self.group, self.topic, 1), 0)}
+            assert self.on_assign is not None
+            self.on_assign(self, [TopicPartition(self.topic, 1)])
+        return out

@@ -15,7 +15,7 @@ from stream.profile_store import InMemoryProfileStore
 from stream.profile_worker import ProfileProcessor
 from stream.redis_lua import TransientStoreError
 from stream.wire import Record, decode_event
-from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
+from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer, RebalancingConsumer
 
 CFG = ProfileSettings()
 T0 = 1_795_341_600_000
@@ -306,22 +306,6 @@ def test_a_health_probe_that_raises_means_unhealthy_not_a_dead_worker() -> None:
     assert committed(cluster) == {0: 3} and store.states["u1"].version == 3 and cluster.records("dlq") == []
 
 
-class RebalancingConsumer(FakeConsumer):
-    """Serves a rebalance inside its first consume() (after poll() handed out the batch's first record),
-    as librdkafka may: everything is revoked, then only partition 1 comes back."""
-
-    armed = True
-
-    def consume(self, num_messages: int = 1, timeout: float | None = None) -> list[FakeMessage]:
-        out = super().consume(num_messages, timeout)
-        if self.armed:
-            self.armed = False
-            self.revoke_all()
-            self.position = {("ev", 1): self.cluster.committed.get((self.group, "ev", 1), 0)}
-            assert self.on_assign is not None
-            self.on_assign(self, [TopicPartition("ev", 1)])
-        return out
-
 
 def test_offsets_of_a_partition_lost_in_a_rebalance_are_never_committed_again() -> None:
     cluster = FakeCluster()
@@ -330,7 +314,7 @@ def test_offsets_of_a_partition_lost_in_a_rebalance_are_never_committed_again() 
     for i in range(10):
         cluster.append("ev", f"u{i // 5}".encode(), orjson.dumps(event(i, user=f"u{i // 5}")), partition=i // 5)
     store_a = InMemoryProfileStore(CFG)
-    a = BatchLoop(RebalancingConsumer(cluster, "g"), FakeProducer(cluster),  # type: ignore[arg-type]
+    a = BatchLoop(RebalancingConsumer(cluster, "g", "ev"), FakeProducer(cluster),  # type: ignore[arg-type]
                   ProfileProcessor(store_a, CFG, now_ms=lambda: T0), topics=["ev"], dlq_topic="dlq",
                   commit_interval_s=0)
     a.start()

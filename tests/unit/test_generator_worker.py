@@ -8,12 +8,11 @@ import time
 
 import orjson
 import redis
-from confluent_kafka import TopicPartition
 
 from livecopy.metrics import WorkerMetrics
 from livecopy.settings import Settings
 from stream.generator_worker import GeneratorWorker
-from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
+from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer, RebalancingConsumer
 
 TOPIC = "livecopy.events"
 
@@ -71,22 +70,6 @@ def test_a_record_the_decoder_fails_on_is_skipped_as_invalid_not_fatal() -> None
     assert cluster.committed[("g", TOPIC, 0)] == 4 and worker.records == 4
 
 
-class RebalancingConsumer(FakeConsumer):
-    """Serves a rebalance inside its first consume(), after fetching the batch: every partition is
-    revoked, then only partition 1 assigned back; the batch still holds partition 0's records."""
-
-    armed = True
-
-    def consume(self, num_messages: int = 1, timeout: float | None = None) -> list[FakeMessage]:
-        out = super().consume(num_messages, timeout)
-        if self.armed:
-            self.armed = False
-            self.revoke_all()
-            self.position = {(TOPIC, 1): self.cluster.committed.get((self.group, TOPIC, 1), 0)}
-            assert self.on_assign is not None
-            self.on_assign(self, [TopicPartition(TOPIC, 1)])
-        return out
-
 
 def test_records_of_a_partition_revoked_inside_consume_are_neither_handled_nor_committed() -> None:
     """The records of partition 0 that consume() returned after the rebalance took it away belong to its
@@ -98,7 +81,7 @@ def test_records_of_a_partition_revoked_inside_consume_are_neither_handled_nor_c
     for i in range(5):
         cluster.append(TOPIC, b"u0", page_view(i, "u0"), partition=0)
         cluster.append(TOPIC, b"u1", page_view(10 + i, "u1"), partition=1)
-    consumer = RebalancingConsumer(cluster, "g")
+    consumer = RebalancingConsumer(cluster, "g", TOPIC)
     worker, metrics = a_worker(cluster, consumer, commit_interval_s=0.0)
     try:
         worker.step()
