@@ -35,6 +35,10 @@ local function fmt(x) return string.format('%.17g', x) end
 -- `step`-sized groups each); the replies of the slices, concatenated.
 local function chunked(cmd, key, opt, list, step)
   local out, size = {}, CHUNK - CHUNK % step
+  if #list <= size then  -- the common case: one command, its reply as it is
+    if opt then return redis.call(cmd, key, opt, unpack(list)) end
+    return redis.call(cmd, key, unpack(list))
+  end
   for i = 1, #list, size do
     local j = math.min(i + size - 1, #list)
     local reply
