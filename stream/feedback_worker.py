@@ -34,16 +34,18 @@ from stream.contracts import GeneratedCopy
 from stream.feedback import Claimed, Item, aggregate_fields, copy_item, dlq_record, event_item, feedback_record
 from stream.feedback_store import FeedbackStore, RedisFeedbackStore
 from stream.kafka_io import (
+    TOO_LARGE,
     BatchLoop,
     Outcome,
     TransientError,
     group_consumer,
     loop_options,
+    produce_queued,
     producer_config,
 )
 from stream.profile_worker import install_stop_signals, wall_ms
 from stream.redis_lua import TransientStoreError, redis_client
-from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, rejection_from
+from stream.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, one_line, rejection_from
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,10 @@ GROUP = "feedback"
 UNPRODUCIBLE = "feedback_unproducible"
 # Produce errors about the record itself: producing it again fails the same way. Any other error (broker
 # down, timeout, authorization, unknown topic) is retried: the impression is claimed again later.
-RECORD_ERRORS = frozenset({
-    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG,
-    KafkaError.INVALID_RECORD, KafkaError.INVALID_TIMESTAMP, KafkaError._INVALID_ARG, KafkaError._BAD_MSG,
-    KafkaError._KEY_SERIALIZATION, KafkaError._VALUE_SERIALIZATION,
+RECORD_ERRORS = TOO_LARGE | frozenset({
+    KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD, KafkaError.INVALID_TIMESTAMP, KafkaError._INVALID_ARG,
+    KafkaError._BAD_MSG, KafkaError._KEY_SERIALIZATION, KafkaError._VALUE_SERIALIZATION,
 })
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(err: KafkaError) -> str:
@@ -185,16 +181,11 @@ class FeedbackProcessor:
                  send: _Send) -> None:
         """``producer.produce`` reporting to ``send``; a full local queue is drained, then retried; a
         refusal (e.g. over ``message.max.bytes``) is recorded in ``send`` like a failed delivery."""
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=send)
-                return
-            except BufferError:
-                self.producer.poll(0.1)
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                send.error = err if err is not None else KafkaError(KafkaError._FAIL, str(exc))
-                return
+        try:
+            produce_queued(self.producer, topic, value, key, headers, send)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            send.error = err if err is not None else KafkaError(KafkaError._FAIL, str(exc))
 
     def _flush(self) -> None:
         """Wait (bounded) for the delivery reports; a record without one is not marked done."""
@@ -257,7 +248,7 @@ class FeedbackProcessor:
             key, value = dlq_record(c)
             send = _Send(c, "unproducible", [f"dlq|{UNPRODUCIBLE}"], len(value))
             self._produce(self.topics.dlq, value, key, send=send,
-                          headers=_source_headers(UNPRODUCIBLE, _one_line(detail), c.state.source))
+                          headers=_source_headers(UNPRODUCIBLE, one_line(detail), c.state.source))
             dead.append(send)
         if dead:
             self._flush()

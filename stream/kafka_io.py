@@ -172,6 +172,18 @@ def dlq_record(rec: Record, rej: Rejection, shrink: int = 0) -> tuple[bytes | No
     return key, (value[:DLQ_TRUNCATE_BYTES] if value is not None else None), headers
 
 
+def produce_queued(producer: Any, topic: str, value: bytes | None, key: bytes | None,
+                   headers: list[tuple[str, bytes]] | None, on_delivery: Callable[[KafkaError | None, Message], None]
+                   ) -> None:
+    """``producer.produce``; a full local queue is drained (delivery reports served), then retried."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=cast(Any, headers), on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
 class DeliveryTracker:
     """Counts outstanding produce() calls and remembers failures, for flush-then-check."""
 
@@ -191,13 +203,7 @@ class DeliveryTracker:
                 on_delivery: Callable[[KafkaError | None, Message], None] | None = None) -> None:
         """``producer.produce`` reporting to this tracker (or to ``on_delivery``); a full local queue is
         drained, then retried."""
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, headers=cast(Any, headers),
-                                 on_delivery=on_delivery or self)
-                return
-            except BufferError:
-                producer.poll(0.1)
+        produce_queued(producer, topic, value, key, headers, on_delivery or self)
 
     def wait(self, producer: Any, what: str, timeout_s: float = 30.0) -> None:
         """Flush; raise TransientError unless every record produced so far was acknowledged."""

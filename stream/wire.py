@@ -105,7 +105,8 @@ _REASONS = {
 }
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (whitespace runs collapsed), at most ``limit`` characters: an ``error.detail``."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -117,7 +118,7 @@ def rejection_from(exc: ValidationError) -> Rejection:
     if reason is None:
         reason = "wrong_type" if etype.endswith("_type") or etype.endswith("_parsing") else "invalid"
     loc = ".".join(str(p) for p in err["loc"]) or "record"
-    return Rejection(reason, _one_line(f"{loc}: {err['msg']}"))
+    return Rejection(reason, one_line(f"{loc}: {err['msg']}"))
 
 
 def decode_event(key: bytes | None, value: bytes | None) -> Event:
@@ -132,7 +133,7 @@ def decode_event(key: bytes | None, value: bytes | None) -> Event:
         raise rejection_from(exc) from None
     if key is not None and key != event.user_id.encode():
         raise Rejection(
-            "key_mismatch", _one_line(f"record key {key[:80]!r} differs from user_id {event.user_id!r}")
+            "key_mismatch", one_line(f"record key {key[:80]!r} differs from user_id {event.user_id!r}")
         )
     return event
 
