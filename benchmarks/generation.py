@@ -19,7 +19,11 @@ Two measurements per mode:
 
 The report ends with the batching ratios: burst throughput, and achieved throughput at the
 highest load where batching's p99 is equal or better than unbatched p99. On CUDA it also prints
-the highest achieved copies/s with p99 <= 50 ms. Timings on a shared CPU are noisy: ratios come
+the highest achieved copies/s with p99 <= 50 ms. On the CPU it also prints the arithmetic
+ceiling of batching, measured in the same run: one full batch on the micro-batched executor under
+``torch.profiler``, the time its matrix products take (linear layers, LM head, attention), and
+the copies/s and ratio over the unbatched burst that batch would give if everything else in it
+were free. Timings on a shared CPU are noisy: ratios come
 from one run, with both modes measured back to back.
 """
 
@@ -167,6 +171,22 @@ def open_loop(engine: CopyEngine, reqs: list[CopyRequest], mode: str, load: floa
                  sum(sizes) / max(len(sizes), 1))
 
 
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def matmul_time(engine: CopyEngine, reqs: list[CopyRequest]) -> tuple[float, float]:
+    """(wall s, s in matrix products) of one batch of ``reqs`` run on the engine's executor directly
+    (the engine idle), under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        engine.executor.run(reqs)
+        wall = time.perf_counter() - t0
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    return wall, mm
+
+
 def fmt(p: Point) -> str:
     load = "burst" if p.load == 0 else f"{p.load:g}/s"
     return (f"{p.mode:13} {load:>8} {p.submitted:6d} {p.completed:6d} {p.refused:6d} {p.expired:6d} "
@@ -204,12 +224,14 @@ def main() -> None:
         "micro-batched": CopySettings(**base, max_batch_size=a.max_batch, max_wait_ms=a.max_wait_ms),
     }
     dev = torch.cuda.get_device_name(0) if cuda else machine()
-    print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}")
+    isa = "" if cuda else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}{isa}")
     print(f"model: {a.model.name}; K={a.candidates} candidates, <= {a.max_new_tokens} new tokens, thompson; "
           f"{'bf16 autocast' if cuda else 'fp32'}; deadline {a.timeout_ms:g} ms")
     print(f"micro-batched: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; unbatched: max_batch_size=1")
     reqs = make_requests(max(n_burst, 256))
     points: list[Point] = []
+    ceiling: tuple[float, float] | None = None
     print(f"\n{'mode':13} {'load':>8} {'sent':>6} {'done':>6} {'refuse':>6} {'expire':>6} "
           f"{'copies/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'batch':>7}")
     for mode, cfg in modes.items():
@@ -221,12 +243,20 @@ def main() -> None:
             for i, load in enumerate(loads):
                 points.append(open_loop(engine, reqs, mode, load, a.duration, seed=i))
                 print(fmt(points[-1]), flush=True)
+            if mode == "micro-batched" and not cuda:
+                ceiling = matmul_time(engine, reqs[:a.max_batch])
         finally:
             engine.stop()
     by = {(p.mode, p.load): p for p in points}
     ub, mb = by[("unbatched", 0.0)], by[("micro-batched", 0.0)]
     print(f"\nburst throughput: unbatched {ub.copies_per_s:.2f} copies/s, micro-batched {mb.copies_per_s:.2f} "
           f"copies/s -> {mb.copies_per_s / ub.copies_per_s:.1f}x")
+    if ceiling is not None:
+        wall, mm = ceiling
+        top = a.max_batch / mm
+        print(f"arithmetic ceiling: a batch of {a.max_batch} (profiled) spends {mm:.2f} of {wall:.2f} s in matrix "
+              f"products; with all else free it would give {top:.1f} copies/s -> "
+              f"{top / ub.copies_per_s:.1f}x the unbatched burst")
     best = None
     for load in loads:
         u, m = by[("unbatched", load)], by[("micro-batched", load)]
@@ -248,7 +278,7 @@ def main() -> None:
                   + (f"{top.copies_per_s:.1f} (offered {top.load:g}/s, p99 {top.p99_ms:.1f} ms)" if top else "none"))
     if a.json_out:
         a.json_out.write_text(json.dumps({"device": a.device, "device_name": dev, "points": [asdict(p) for p in points],
-                                          "slo": slo}, indent=2))
+                                          "slo": slo, "matmul_ceiling": ceiling}, indent=2))
 
 
 if __name__ == "__main__":
