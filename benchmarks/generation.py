@@ -23,8 +23,8 @@ the highest achieved copies/s with p99 <= 50 ms. On the CPU it also prints the a
 ceiling of batching, measured in the same run: one full batch on the micro-batched executor under
 ``torch.profiler``, the time its matrix products take (linear layers, LM head, attention), and
 the copies/s and ratio over the unbatched burst that batch would give if everything else in it
-were free. Timings on a shared CPU are noisy: ratios come
-from one run, with both modes measured back to back.
+were free. Timings on a shared CPU are noisy: ratios come from one run, with both modes measured
+back to back.
 """
 
 from __future__ import annotations
@@ -278,7 +278,10 @@ def main() -> None:
                   + (f"{top.copies_per_s:.1f} (offered {top.load:g}/s, p99 {top.p99_ms:.1f} ms)" if top else "none"))
     if a.json_out:
         a.json_out.write_text(json.dumps({"device": a.device, "device_name": dev, "points": [asdict(p) for p in points],
-                                          "slo": slo, "matmul_ceiling": ceiling}, indent=2))
+                                          "slo": slo,
+                                          "matmul_ceiling": None if ceiling is None else
+                                          {"batch": a.max_batch, "wall_s": ceiling[0], "matmul_s": ceiling[1]}},
+                                         indent=2))
 
 
 if __name__ == "__main__":
