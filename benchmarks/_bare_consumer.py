@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer
 
-from livecopy.settings import KafkaSettings
+from core.settings import KafkaSettings
 from stream.kafka_io import consumer_config
 
 boot, topic, warm, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

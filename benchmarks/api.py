@@ -38,7 +38,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ROOT, machine, percentile, wait_for
-from livecopy.catalog import Catalog
+from core.catalog import Catalog
 from livecopy.devstack import free_port, open_stack
 
 

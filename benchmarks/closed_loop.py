@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     help="Online style policy: p0(style) * exp(Q / this); smaller moves further from the prior.")
     ap.add_argument("--user-styles", type=float, default=None,
                     help="Prior strength of each shopper's style response learnt by the online policy "
-                         "(models.policy.StyleResponse); default: the copy service's "
+                         "(engine.policy.StyleResponse); default: the copy service's "
                          "generation.style_response_strength (3); 0: off (the CTR head alone).")
     ap.add_argument("--update-every", type=int, default=2000, help="Feedback records between online updates.")
     ap.add_argument("--window", type=int, default=0, help="Plot window (default: impressions / 50).")
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     import torch
 
-    from livecopy.catalog import Catalog
-    from livecopy.settings import CopySettings, ResponseSettings
+    from core.catalog import Catalog
+    from core.settings import CopySettings, ResponseSettings
     from livecopy.sim.arms import ARMS, EXTRA_ARMS, ClosedLoopArms, HeadLearner, ProfileBook
     from livecopy.sim.population import Population, load_population
     from livecopy.sim.report import plot, summary, table, version_changes

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from _common import ROOT, machine
 
+from core.catalog import Catalog
+from core.settings import KafkaSettings, Settings
+from core.wire import Rejection, Topics, decode_event
 from livecopy import EventProducer
-from livecopy.catalog import Catalog
 from livecopy.devstack import free_port, open_stack
-from livecopy.settings import KafkaSettings, Settings
+from livecopy.sim.loadgen import SessionGenerator
 from stream.kafka_io import consumer_config, ensure_topics
-from stream.loadgen import SessionGenerator
-from stream.wire import Rejection, Topics, decode_event
 
 
 def confluent_rate(bootstrap: str, topic: str, n: int) -> float:

@@ -26,8 +26,8 @@ from benchmarks.generation import make_requests
 def _engine_run(threads: int, part: slice, batch: int, start: object, out: object) -> None:
     import torch
 
-    from livecopy.settings import CopySettings
-    from models.executor import load_executor
+    from core.settings import CopySettings
+    from engine.executor import load_executor
     from models.paths import shipped_student_dir
 
     torch.set_num_threads(threads)

@@ -16,7 +16,7 @@ import faust
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream.wire import Rejection, decode_event
+from core.wire import Rejection, decode_event
 
 N = int(os.environ["FC_N"])
 OUT = Path(os.environ["FC_OUT"])

@@ -3,7 +3,7 @@
     python benchmarks/generation.py [--device cpu|cuda] [--loads 1,3,6,12,24] [--duration 10]
                                     [--max-batch 32] [--max-wait-ms 10] [--json-out report.json]
 
-The engine under test is the serving one (``models.serving.CopyEngine``: bounded queue,
+The engine under test is the serving one (``engine.serving.CopyEngine``: bounded queue,
 scheduler, ``StudentExecutor`` with K sampled candidates, CTR head, filter, Thompson policy).
 "Unbatched" is the same engine with ``max_batch_size=1`` (each request still decodes its K
 candidates together, as the real executor does); "micro-batched" uses ``--max-batch`` /
@@ -45,13 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks._common import machine, percentile
-from livecopy.catalog import Catalog
-from livecopy.settings import CopySettings
-from models.batching import Overloaded
-from models.context import context_from_profile, product_context
-from models.executor import CopyRequest, load_executor
+from core.catalog import Catalog
+from core.settings import CopySettings
+from engine.batching import Overloaded
+from engine.executor import CopyRequest, load_executor
+from engine.serving import CopyEngine
 from models.paths import shipped_student_dir
-from models.serving import CopyEngine
+from models.text.context import context_from_profile, product_context
 
 
 @dataclass

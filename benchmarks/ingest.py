@@ -36,13 +36,13 @@ from _common import (
     wait_for,
 )
 
+from core.catalog import Catalog
+from core.settings import Settings
+from core.wire import Topics
 from livecopy import EventProducer
-from livecopy.catalog import Catalog
 from livecopy.devstack import free_port, open_stack
-from livecopy.settings import Settings
+from livecopy.sim.loadgen import SessionGenerator, paced
 from stream.kafka_io import ensure_topics
-from stream.loadgen import SessionGenerator, paced
-from stream.wire import Topics
 
 
 def fresh_settings(bootstrap: str, redis_url: str, partitions: int = 8) -> Settings:

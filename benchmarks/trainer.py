@@ -37,10 +37,10 @@ import orjson
 import torch
 
 from benchmarks._common import machine
-from livecopy.settings import FeedbackSettings, Settings, TrainerSettings
+from core.settings import FeedbackSettings, Settings, TrainerSettings
+from core.styles import STYLES
+from core.wire import Record, Topics
 from models.paths import shipped_student_dir
-from models.styles import STYLES
-from stream.wire import Record, Topics
 from tests.feedback_data import click_event, copy_record, feedback_records, impression_event, style_ctr
 
 
@@ -48,9 +48,9 @@ def bench_joiner(settings: Settings, n_imp: int) -> dict[str, Any]:
     import redis
     from confluent_kafka import Producer
 
-    from stream.feedback import InMemoryFeedbackStore
-    from stream.feedback_store import RedisFeedbackStore
-    from stream.feedback_worker import FeedbackProcessor
+    from services.workers.feedback import FeedbackProcessor
+    from stream.feedback.logic import InMemoryFeedbackStore
+    from stream.feedback.store import RedisFeedbackStore
     from stream.kafka_io import producer_config
 
     topics = Topics.from_settings(settings.topics)
@@ -97,7 +97,7 @@ def trainer_cfg(tmp: Path, args: argparse.Namespace, **over: Any) -> TrainerSett
 
 
 def bench_in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from models.online import OnlineTrainer
+    from models.training.online import OnlineTrainer
 
     t = OnlineTrainer(shipped_student_dir(), trainer_cfg(tmp, args, eval_every=10_000))
     bs = args.batch_size
@@ -133,12 +133,12 @@ def bench_in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def bench_e2e(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from confluent_kafka import Producer
 
-    from livecopy.settings import CopySettings
-    from models.online import OnlineTrainer
-    from models.serving import CopyEngine
+    from core.settings import CopySettings
+    from engine.serving import CopyEngine
+    from models.training.online import OnlineTrainer
+    from services.workers.trainer import build_trainer_loop, trainer_of
     from stream.kafka_io import producer_config
     from stream.model_updates import ModelUpdateFollower
-    from stream.trainer_worker import build_trainer_loop, trainer_of
 
     gen = CopySettings(model_dir=shipped_student_dir(), device=args.device, candidates=2, max_new_tokens=8,
                        mc_draws=20, reload_poll_s=0.05)

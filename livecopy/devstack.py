@@ -24,9 +24,9 @@ from typing import Any
 
 import redis
 
-from livecopy.settings import DevStackSettings, KafkaSettings, TopicSettings
+from core.settings import DevStackSettings, KafkaSettings, TopicSettings
+from core.wire import Topics
 from stream.kafka_io import ensure_topics
-from stream.wire import Topics
 
 log = logging.getLogger(__name__)
 

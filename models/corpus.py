@@ -2,7 +2,7 @@
 
 Everything here is deterministic from a seed:
 
-* products from :meth:`livecopy.catalog.Catalog.generate` (2,000 products, seed 7 by default);
+* products from :meth:`core.catalog.Catalog.generate` (2,000 products, seed 7 by default);
 * personas sampled per product (:func:`sample_persona`);
 * the style drawn from a *prior* p(style | context) (:func:`style_prior`) -- price-sensitive
   shoppers lean to discount copy, eco-minded ones to eco, new users to social proof, lapsed
@@ -31,10 +31,10 @@ from typing import Any
 
 import orjson
 
-from livecopy.catalog import Catalog, Product
-from models.context import CopyContext, build_prompt, is_plural, product_context
-from models.filter import check_copy
-from models.styles import STYLES, classify_style
+from core.catalog import Catalog, Product
+from core.styles import STYLES, classify_style
+from models.text.context import CopyContext, build_prompt, is_plural, product_context
+from models.text.filter import check_copy
 
 CORPUS_VERSION = 1
 DEFAULT_CATALOG_SIZE = 2000

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.context import CopyContext, build_prompt, context_from_features, product_context
+from core.styles import classify_style
 from models.corpus import Corpus, Example, build_corpus
-from models.data import encode_pairs
-from models.filter import FilterStats, check_copy, fallback_copy
 from models.generate import generate_candidates, sequence_nll
+from models.sequences import encode_pairs
 from models.student import ModelMeta, StudentModel, load_student
-from models.styles import classify_style
+from models.text.context import CopyContext, build_prompt, context_from_features, product_context
+from models.text.filter import FilterStats, check_copy, fallback_copy
 
 
 @dataclass
@@ -199,8 +199,8 @@ def evaluate_dir(
     metrics.update(perplexity_report(m, held))
     if m.kind == "student":
         assert isinstance(m.model, StudentModel)
-        from models.data import special_ids
-        from models.train import EncodedRows, ctr_metrics
+        from models.sequences import special_ids
+        from models.training.common import EncodedRows, ctr_metrics
 
         all_held = default_corpus().heldout
         metrics.update(ctr_metrics(m.model, EncodedRows.build(m.tokenizer, all_held), special_ids(m.tokenizer),

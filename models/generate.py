@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from core.styles import STYLES, classify_style
 from models import cascade
 from models.cascade import CascadeStepper
-from models.data import (
+from models.sequences import (
     SpecialIds,
     encode_pairs,
     encode_text,
@@ -41,7 +42,6 @@ from models.data import (
     positions_from_mask,
     special_ids,
 )
-from models.styles import STYLES, classify_style
 
 
 @dataclass
@@ -484,7 +484,7 @@ def sequence_nll(
     model: Any, batch: dict[str, torch.Tensor], *, exclude_style: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed NLL (nats) and token count over labelled positions of an
-    :func:`models.data.encode_pairs` batch (the style token excluded by default)."""
+    :func:`models.sequences.encode_pairs` batch (the style token excluded by default)."""
     device = _model_device(model)
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)

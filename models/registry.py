@@ -11,7 +11,7 @@ file then ``os.replace`` (readers never see half a file) under an exclusive ``fl
 ``<name>/.lock``, so the trainer and ``livecopy models promote|rollback`` may run at once.
 
 ``ModelVersion.path`` is the checkpoint directory as ``registry_dir / name / version`` (absolute
-when ``registry_dir`` is), which ``models.serving.resolve_model_path`` resolves.
+when ``registry_dir`` is), which ``engine.serving.resolve_model_path`` resolves.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stream.contracts import ModelVersion, now_rfc3339
+from core.contracts import ModelVersion, now_rfc3339
 
 INDEX = "registry.json"
 

@@ -27,8 +27,8 @@ from transformers import GPT2Config, GPT2Model
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.gpt2.modeling_gpt2 import GPT2PreTrainedModel
 
+from core.styles import STYLES
 from models.paths import shipped_student_dir
-from models.styles import STYLES
 
 __all__ = [
     "META_FILE", "CTRHead", "LoadedStudent", "ModelMeta", "StudentConfig", "StudentModel", "StudentOutput",
@@ -41,7 +41,7 @@ DEFAULT_NAME = "livecopy-student"
 
 class StudentConfig(GPT2Config):
     """GPT-2 config plus ``ctr_hidden`` (CTR head width) and ``styles`` (the style tokens'
-    names, in id order of :data:`models.styles.STYLES`)."""
+    names, in id order of :data:`core.styles.STYLES`)."""
 
     model_type = "livecopy_student"
 

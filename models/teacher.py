@@ -28,14 +28,14 @@ import orjson
 import torch
 from tokenizers import AddedToken, Tokenizer
 
-from livecopy.catalog import Product
-from models.context import product_context
+from core.catalog import Product
+from core.styles import STYLE_TOKENS, STYLES, classify_style
 from models.corpus import template_copy
-from models.data import EOS_TOKEN
-from models.filter import check_copy
 from models.generate import decode
+from models.sequences import EOS_TOKEN
 from models.student import ModelMeta
-from models.styles import STYLE_TOKENS, STYLES, classify_style
+from models.text.context import product_context
+from models.text.filter import check_copy
 
 log = logging.getLogger(__name__)
 

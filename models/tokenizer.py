@@ -22,8 +22,8 @@ from typing import Any
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from models.data import EOS_TOKEN
-from models.styles import STYLE_TOKENS
+from core.styles import STYLE_TOKENS
+from models.sequences import EOS_TOKEN
 
 UNK_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"

@@ -9,7 +9,7 @@ Keys (``P`` = ``redis.key_prefix``):
   user's copies and profile live on one Redis Cluster slot; ``model_version`` and ``slot`` are
   percent-encoded (no ``:`` inside), so the key is unambiguous although product ids may hold
   ``:``. A new profile version or model version simply misses (old entries expire).
-* ``P<catalog_key>``: one hash, product id -> product JSON (``livecopy.catalog.Product``).
+* ``P<catalog_key>``: one hash, product id -> product JSON (``core.catalog.Product``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import redis
 import redis.asyncio as aredis
 from confluent_kafka import KafkaError, Message, Producer
 
-from livecopy.catalog import Catalog, Product
-from stream.contracts import GeneratedCopy
+from core.catalog import Catalog, Product
+from core.contracts import GeneratedCopy
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any, Protocol, cast
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from livecopy.settings import KafkaSettings, Settings, WorkerSettings
-from stream.contracts import MAX_EVENT_BYTES
-from stream.wire import Record, Rejection, Topics, dlq_headers
+from core.contracts import MAX_EVENT_BYTES
+from core.settings import KafkaSettings, Settings, WorkerSettings
+from core.wire import Record, Rejection, Topics, dlq_headers
 
 log = logging.getLogger(__name__)
 

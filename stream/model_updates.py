@@ -1,9 +1,9 @@
 """Following ``livecopy.model-updates``: every generator process (API or worker) applies the
-newest promote/rollback record of its model to its :class:`models.serving.CopyEngine`.
+newest promote/rollback record of its model to its :class:`engine.serving.CopyEngine`.
 
 Each process must see every record, so the follower reads all partitions by assignment (no
 consumer group, nothing committed) from the beginning: at start-up it catches up with the log
-and applies only the newest record for its model (``models.serving.pick_update``), then applies
+and applies only the newest record for its model (``engine.serving.pick_update``), then applies
 records as they come. Loading and smoke-checking happen on the follower's thread; the engine
 swaps between batches. A record that is not a valid ``ModelVersion`` is logged and counted,
 never fatal.
@@ -14,18 +14,27 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import ValidationError
 
-from livecopy.settings import Settings
-from models.serving import pick_update
-from stream.contracts import ModelVersion
+from core.contracts import ModelVersion
+from core.settings import Settings
+from core.wire import Topics
 from stream.kafka_io import consumer_config
-from stream.wire import Topics
 
 log = logging.getLogger(__name__)
+
+ACTIONS = ("promote", "rollback")
+
+
+def pick_update(updates: Sequence[ModelVersion], name: str) -> ModelVersion | None:
+    """The record to apply among ``updates`` (in log order): the last promote/rollback for ``name``."""
+    for u in reversed(updates):
+        if u.name == name and u.action in ACTIONS:
+            return u
+    return None
 
 
 def _close_quietly(c: Consumer) -> None:

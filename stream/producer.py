@@ -20,10 +20,10 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from livecopy.settings import KafkaSettings, Settings
-from stream.contracts import Event
+from core.contracts import Event
+from core.settings import KafkaSettings, Settings
+from core.wire import Rejection, Topics, decode_event, encode_event
 from stream.kafka_io import producer_config
-from stream.wire import Rejection, Topics, decode_event, encode_event
 
 
 class InvalidEvent(ValueError):

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from core.settings import Settings
+from core.wire import Topics
 from livecopy.devstack import StackInfo, docker_available, open_stack
-from livecopy.settings import Settings
 from stream.kafka_io import ensure_topics
-from stream.wire import Topics
 
 _CHOICE: dict[str, str] = {}
 

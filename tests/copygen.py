@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from livecopy.catalog import Catalog
-from livecopy.settings import CopySettings
-from models.context import build_prompt, product_context
-from models.filter import fallback_copy
+from core.catalog import Catalog
+from core.settings import CopySettings
 from models.student import ModelMeta, save_student
+from models.text.context import build_prompt, product_context
+from models.text.filter import fallback_copy
 
 MODEL_NAME = "livecopy-student"
 _TOKENIZER: list[Any] = []
@@ -32,7 +32,7 @@ def toy_tokenizer() -> Any:
 def save_tiny_student(out: Path, version: str, *, seed: int = 0, name: str = MODEL_NAME,
                       break_weights: bool = False) -> Path:
     """A 2-layer x 32 random student with a CTR head, saved with livecopy.json (name, version)."""
-    from models.data import EOS_TOKEN
+    from models.sequences import EOS_TOKEN
     from tests.models.conftest import make_student
 
     tok = toy_tokenizer()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
-from livecopy.catalog import Catalog
-from models.context import build_prompt, product_context
+from core.catalog import Catalog
+from core.contracts import FeedbackRecord, format_ts
+from core.styles import STYLES
 from models.corpus import template_copy
-from models.styles import STYLES
-from stream.contracts import FeedbackRecord, format_ts
+from models.text.context import build_prompt, product_context
 
 MODEL = "livecopy-student"
 
@@ -68,7 +68,7 @@ def click_event(impression_id: str, copy_id: str, *, ts: int, user: str = "u1", 
 def copy_record(copy_id: str, *, user: str = "u1", product: str = "p1", model_version: str = "v1",
                 style: str = "benefit", propensity: float = 0.5, policy: str = "thompson") -> bytes:
     """A ``livecopy.copy`` record (GeneratedCopy JSON) with features whose category is home/kitchen."""
-    from stream.contracts import GeneratedCopy, now_rfc3339
+    from core.contracts import GeneratedCopy, now_rfc3339
 
     feats = {"product": {"product_id": product, "title": "Steel kettle", "category": "home/kitchen", "price": 39.9}}
     return GeneratedCopy(

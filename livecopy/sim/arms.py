@@ -7,9 +7,9 @@ Every impression is answered by all four policies at once, on the same candidate
   CTR head (static or updated) can re-score them without running the trunk; each impression draws
   ``k`` of them (as the copy service samples K candidates per request);
 * ``random`` picks one uniformly, ``static`` picks with the shipped CTR head and its Thompson
-  posterior (:class:`models.policy.Chooser`), ``online`` picks with a CTR head that keeps learning
+  posterior (:class:`engine.policy.Chooser`), ``online`` picks with a CTR head that keeps learning
   from the clicks on what it showed (:class:`HeadLearner`) and with each shopper's style response
-  (:class:`models.policy.StyleResponse`, as the copy service does), ``oracle`` picks the best
+  (:class:`engine.policy.StyleResponse`, as the copy service does), ``oracle`` picks the best
   candidate under the hidden click model (only the simulator knows it).
 
 Only the online policy's copy is *shown*: the shopper clicks (or not) on it, its events flow on,
@@ -36,19 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from livecopy.catalog import Catalog
-from livecopy.settings import ProfileSettings
+from core.catalog import Catalog
+from core.contracts import MAX_COPY_CHARS, Event
+from core.settings import ProfileSettings
+from core.styles import STYLES, StyleResponse, classify_style
+from engine.policy import Chooser, Posterior
 from livecopy.sim.population import PopulationConfig, click_probability
 from livecopy.sim.shoppers import CopyAsk, ShownCopy
-from models.context import CopyContext, build_prompt, context_from_profile
-from models.data import encode_text, special_ids
-from models.filter import check_copy
 from models.generate import _banned_after_first, decode, style_distribution
-from models.policy import Chooser, Posterior, StyleResponse
+from models.sequences import encode_text, special_ids
 from models.student import LoadedStudent
-from models.styles import STYLES, classify_style
-from stream.contracts import MAX_COPY_CHARS, Event
-from stream.profile import ProfileState, apply_event, render
+from models.text.context import CopyContext, build_prompt, context_from_profile
+from models.text.filter import check_copy
+from stream.profile.logic import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
 EXTRA_ARMS = ("rerank_only",)
@@ -57,7 +57,7 @@ _STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 
 class ProfileBook:
     """Profiles of the simulated shoppers, kept in memory with the very merge the profile worker
-    runs (:mod:`stream.profile`), from the events the simulator emits."""
+    runs (:mod:`stream.profile.logic`), from the events the simulator emits."""
 
     def __init__(self, catalog: Catalog, cfg: ProfileSettings | None = None) -> None:
         # a short dedupe window: simulated ids never repeat, and the seen-set stays small
@@ -88,7 +88,7 @@ class Pooled:
 
     texts: list[str]
     styles: list[str]  # the style token each copy was written under
-    seen: list[str]  # the style a reader sees in the text (models.styles.classify_style)
+    seen: list[str]  # the style a reader sees in the text (core.styles.classify_style)
     hidden: np.ndarray
     ok: np.ndarray  # passed the safety filter
     style_p: dict[str, float]

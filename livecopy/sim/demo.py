@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from livecopy.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +168,9 @@ def _free_port() -> int:
 
 def available_workers() -> set[str]:
     """Names of the ``livecopy worker`` subcommands this installation has."""
-    import click
+    from livecopy.cli.workers import worker
 
-    from livecopy.commands import register
-
-    root = click.Group("livecopy")
-    register(root)
-    grp = root.commands.get("worker")
-    return set(grp.commands) if isinstance(grp, click.Group) else set()
+    return set(worker.commands)
 
 
 def demo_env(info_bootstrap: str, redis_url: str, out_dir: Path, port: int, short: bool) -> dict[str, str]:

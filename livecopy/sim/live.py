@@ -95,9 +95,9 @@ class StaticShadow:
     def __init__(self, settings: Any, pop_cfg: PopulationConfig, catalog: Any, *, k: int = 4, seed: int = 0) -> None:
         import redis
 
-        from models.executor import load_executor
+        from engine.executor import load_executor
         from models.paths import shipped_student_dir
-        from stream.profile_store import RedisProfileStore
+        from stream.profile.store import RedisProfileStore
 
         cfg = settings.generation.model_copy(update={"candidates": k, "seed": seed, "device": "cpu"})
         path = settings.generation.model_dir or settings.models.student_dir or shipped_student_dir()
@@ -117,7 +117,7 @@ class StaticShadow:
 
     def one(self, ask: CopyAsk) -> ShownCopy | None:
         """One ask through a micro-batching engine (asks of concurrent shoppers share a batch)."""
-        from models.batching import BatchConfig, BatchingEngine
+        from engine.batching import BatchConfig, BatchingEngine
 
         if self._engine is None:
             self._engine = BatchingEngine(self, BatchConfig(max_batch_size=32, max_wait_ms=20.0, max_queue=1024,
@@ -133,18 +133,18 @@ class StaticShadow:
             self._engine.stop()
 
     def _context(self, ask: CopyAsk) -> Any:
-        from models.context import context_from_profile
-        from stream.profile import render
+        from models.text.context import context_from_profile
+        from stream.profile.logic import render
 
         st = self.store.load(ask.shopper.user_id)
         prof = render(ask.shopper.user_id, st, self.settings.profile) if st is not None else None
         return context_from_profile(ask.product, prof, ask.slot, lookup=self.catalog.get)
 
     def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
-        from models.context import build_prompt
-        from models.filter import check_copy
+        from core.styles import classify_style
         from models.generate import generate_candidates
-        from models.styles import classify_style
+        from models.text.context import build_prompt
+        from models.text.filter import check_copy
 
         if not asks:
             return []

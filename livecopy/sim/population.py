@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from livecopy.catalog import Catalog, Product
-from models.styles import STYLES, classify_style
+from core.catalog import Catalog, Product
+from core.styles import STYLES, classify_style
 
 DEFAULT_POPULATION = Path(__file__).with_name("default_population.yaml")
 COMFORT_BAND = 0.35  # sd of log(comfort price) around the user's typical price

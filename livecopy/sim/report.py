@@ -59,7 +59,7 @@ def table(s: Mapping[str, Any], title: str = "closed loop") -> str:
 def plot(path: str | Path, series: Mapping[str, Sequence[float]], window: int, *, title: str,
          versions: Sequence[tuple[int, str]] = (), ylabel: str = "CTR (expected under the hidden model)") -> Path:
     """PNG of CTR over time per policy; vertical ticks where the online model version changed
-    (matplotlib's object API, as ``models.train.plot_losses``: no global backend switch, no pyplot state)."""
+    (matplotlib's object API, as ``models.training.common.plot_losses``: no global backend switch, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

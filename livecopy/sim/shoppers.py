@@ -20,9 +20,9 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from livecopy.catalog import Product
+from core.catalog import Product
+from core.contracts import format_ts
 from livecopy.sim.population import Population, Shopper, click_probability
-from stream.contracts import format_ts
 
 SEARCH_WORDS = ["gift", "best", "new", "sale", "top rated", "eco", "premium", "deal", "for him", "for her"]
 

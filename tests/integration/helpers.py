@@ -14,13 +14,13 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from core.contracts import Event, Profile
+from core.settings import Settings
+from core.wire import Topics
 from livecopy import EventProducer
-from livecopy.settings import Settings
-from stream.contracts import Event, Profile
 from stream.kafka_io import BatchLoop, consumer_config
-from stream.profile import render, replay
-from stream.profile_store import RedisProfileStore
-from stream.wire import Topics
+from stream.profile.logic import render, replay
+from stream.profile.store import RedisProfileStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

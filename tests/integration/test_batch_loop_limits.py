@@ -15,12 +15,13 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from livecopy.settings import ResponseSettings, Settings
+from core.settings import ResponseSettings, Settings
+from core.wire import Topics
+from services.workers.profile import GROUP, build_profile_loop
+from services.workers.responses import GROUP as RESPONSES_GROUP
+from services.workers.responses import build_responses_loop
 from stream.kafka_io import BatchLoop, NullMetrics, committed_offsets, producer_config
-from stream.profile_worker import GROUP, build_profile_loop
-from stream.responses import GROUP as RESPONSES_GROUP
-from stream.responses import RedisResponseStore, build_responses_loop
-from stream.wire import Topics
+from stream.responses.store import RedisResponseStore
 from tests.integration.helpers import read_topic, wait_until
 
 pytestmark = pytest.mark.integration
@@ -195,10 +196,10 @@ def test_a_full_redis_refuses_the_profile_script_whole_and_it_applies_once_memor
     """The profile script's first command (pruning the seen-set) is one Redis runs over maxmemory; a
     script without flags would then be let through to write past the limit. Declared as a Redis 7
     script, it is refused whole (OOM) and writes nothing."""
-    from stream.contracts import Event
-    from stream.profile import event_update
-    from stream.profile_store import RedisProfileStore
-    from stream.redis_lua import TransientStoreError
+    from core.contracts import Event
+    from stream.profile.logic import event_update
+    from stream.profile.store import RedisProfileStore
+    from stream.redis_io import TransientStoreError
 
     client = redis.Redis.from_url(settings.redis.url)
     store = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)

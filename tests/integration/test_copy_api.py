@@ -16,20 +16,20 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
-from livecopy.catalog import Catalog
+from core.catalog import Catalog
+from core.contracts import Event, GeneratedCopy, ModelVersion, now_rfc3339
+from core.settings import Settings
+from core.wire import Topics
+from engine.executor import CopyRequest, CopyResult, StudentExecutor
+from engine.serving import CopyEngine
 from livecopy.devstack import free_port
-from livecopy.settings import Settings
-from models.executor import CopyRequest, CopyResult, StudentExecutor
-from models.serving import CopyEngine
 from models.student import load_student
-from services.api import create_app
-from services.copy import copy_extension
-from stream.contracts import Event, GeneratedCopy, ModelVersion, now_rfc3339
+from services.api.app import create_app
+from services.api.copy import copy_extension
 from stream.copy_store import CopyKeys
 from stream.kafka_io import producer_config
-from stream.profile import event_update
-from stream.profile_store import RedisProfileStore
-from stream.wire import Topics
+from stream.profile.logic import event_update
+from stream.profile.store import RedisProfileStore
 from tests.copygen import MODEL_NAME, ServerThread, copy_settings, save_tiny_student
 from tests.integration.helpers import read_topic, wait_until
 
@@ -160,7 +160,8 @@ class RecordingExecutor(StudentExecutor):
 
 def test_the_shoppers_style_response_in_redis_reaches_the_executor(settings: Settings,
                                                                     models: dict[str, Path]) -> None:
-    from stream.responses import RedisResponseStore, ResponseUpdate
+    from stream.responses.logic import ResponseUpdate
+    from stream.responses.store import RedisResponseStore
 
     s = with_generation(settings, models["v1"], hot_reload=False)
     store = RedisResponseStore(redis.Redis.from_url(s.redis.url), s.responses, s.redis.key_prefix)

@@ -13,12 +13,12 @@ import pytest
 import redis
 from fastapi import FastAPI
 
-from livecopy.settings import Settings
-from services.api import create_app
-from services.dashboard import FeedbackCtrSource, dashboard_extension, quantile
-from stream.contracts import Event, GeneratedCopy
-from stream.feedback import aggregate_fields, copy_item, event_item, feedback_record
-from stream.feedback_store import RedisFeedbackStore
+from core.contracts import Event, GeneratedCopy
+from core.settings import Settings
+from services.api.app import create_app
+from services.api.dashboard import FeedbackCtrSource, dashboard_extension, quantile
+from stream.feedback.logic import aggregate_fields, copy_item, event_item, feedback_record
+from stream.feedback.store import RedisFeedbackStore
 from tests.copygen import ServerThread
 from tests.feedback_data import click_event, copy_record, impression_event
 from tests.integration.helpers import wait_until

@@ -18,20 +18,20 @@ import redis
 import torch
 from confluent_kafka import Message, Producer
 
-from livecopy.settings import FeedbackSettings, Settings
+from core.contracts import Event, FeedbackRecord, GeneratedCopy, ModelVersion
+from core.settings import FeedbackSettings, Settings
+from core.styles import STYLES
+from core.wire import Topics
+from engine.serving import CopyEngine
 from models.generate import score_ctr, style_distribution
-from models.online import OnlineTrainer
-from models.serving import CopyEngine
 from models.student import load_student
-from models.styles import STYLES
-from stream.contracts import Event, FeedbackRecord, GeneratedCopy, ModelVersion
-from stream.feedback import InMemoryFeedbackStore, Item, copy_item, event_item
-from stream.feedback_store import RedisFeedbackStore
-from stream.feedback_worker import build_feedback_loop
+from models.training.online import OnlineTrainer
+from services.workers.feedback import build_feedback_loop
+from services.workers.trainer import build_trainer_loop, trainer_of
+from stream.feedback.logic import InMemoryFeedbackStore, Item, copy_item, event_item
+from stream.feedback.store import RedisFeedbackStore
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
-from stream.trainer_worker import build_trainer_loop, trainer_of
-from stream.wire import Topics
 from tests.copygen import save_tiny_student
 from tests.feedback_data import click_event, copy_record, feedback_records, impression_event, probe_prompts, style_ctr
 from tests.integration.helpers import ROOT, ThreadWorker, read_topic, settings_env, wait_until
@@ -341,7 +341,7 @@ def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_vers
     old, new = load_student(base), load_student(mv.path)
     prompts = probe_prompts(16)
     probe = feedback_records(120, style_ctr(fav), seed=77)
-    from models.context import build_prompt, context_from_features
+    from models.text.context import build_prompt, context_from_features
 
     pp = [build_prompt(context_from_features(r.features)) for r in probe]
 

@@ -17,18 +17,18 @@ import pytest
 import redis
 from confluent_kafka import KafkaError, Producer
 
-from livecopy.catalog import Catalog
-from livecopy.settings import Settings
-from models.executor import CopyRequest, CopyResult
-from models.serving import CopyEngine
-from services.api import create_app
-from services.copy import copy_extension
-from stream.contracts import Event, GeneratedCopy
+from core.catalog import Catalog
+from core.contracts import Event, GeneratedCopy
+from core.settings import Settings
+from core.wire import Topics
+from engine.executor import CopyRequest, CopyResult
+from engine.serving import CopyEngine
+from services.api.app import create_app
+from services.api.copy import copy_extension
+from services.workers.generator import GROUP, GeneratorWorker, Pregenerator, Stopping, plan_products
+from services.workers.profile import build_profile_loop
 from stream.copy_store import CopyPublisher
-from stream.generator_worker import GROUP, GeneratorWorker, Pregenerator, Stopping, plan_products
 from stream.kafka_io import committed_offsets, producer_config
-from stream.profile_worker import build_profile_loop
-from stream.wire import Topics
 from tests.copygen import ServerThread, save_tiny_student
 from tests.integration.helpers import ThreadWorker, expected_profiles, produce, profiles_match, wait_until
 from tests.integration.test_copy_api import CATALOG, copies_on_topic, with_generation

@@ -10,14 +10,14 @@ import sys
 import orjson
 import pytest
 
+from core.catalog import Catalog
+from core.contracts import Event
+from core.settings import Settings
+from core.wire import Topics
 from livecopy import EventProducer, InvalidEvent
-from livecopy.catalog import Catalog
-from livecopy.settings import Settings
-from stream.contracts import Event
+from livecopy.sim.loadgen import SessionGenerator
+from services.workers.profile import build_profile_loop
 from stream.kafka_io import committed_offsets
-from stream.loadgen import SessionGenerator
-from stream.profile_worker import build_profile_loop
-from stream.wire import Topics
 from tests.integration.helpers import (
     ROOT,
     ThreadWorker,

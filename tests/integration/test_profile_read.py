@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.contracts import Event, Profile
+from core.settings import Settings
 from livecopy.devstack import free_port
-from livecopy.settings import Settings
-from services.api import create_app
-from stream.contracts import Event, Profile
-from stream.profile_worker import build_profile_loop
+from services.api.app import create_app
+from services.workers.profile import build_profile_loop
 from tests.copygen import ServerThread
 from tests.integration.helpers import (
     ROOT,

@@ -7,11 +7,11 @@ import random
 import pytest
 import redis
 
-from livecopy.settings import ProfileSettings, Settings
-from stream.contracts import Event
-from stream.profile import ProfileState, apply_update, event_update
-from stream.profile_store import InMemoryProfileStore, RedisProfileStore, encode_update
-from stream.redis_lua import TransientStoreError
+from core.contracts import Event
+from core.settings import ProfileSettings, Settings
+from stream.profile.logic import ProfileState, apply_update, event_update
+from stream.profile.store import InMemoryProfileStore, RedisProfileStore, encode_update
+from stream.redis_io import TransientStoreError
 
 pytestmark = pytest.mark.integration
 

@@ -13,18 +13,13 @@ import redis
 import redis.asyncio as aredis
 from confluent_kafka import Producer
 
-from livecopy.settings import ResponseSettings, Settings
-from models.styles import STYLES
+from core.settings import ResponseSettings, Settings
+from core.styles import STYLES
+from core.wire import Topics
+from services.workers.responses import build_responses_loop
 from stream.kafka_io import producer_config
-from stream.responses import (
-    AsyncResponseReader,
-    InMemoryResponseStore,
-    RedisResponseStore,
-    ResponseKeys,
-    ResponseUpdate,
-    build_responses_loop,
-)
-from stream.wire import Topics
+from stream.responses.logic import InMemoryResponseStore, ResponseUpdate
+from stream.responses.store import AsyncResponseReader, RedisResponseStore, ResponseKeys
 from tests.integration.helpers import ThreadWorker, read_topic, wait_until
 
 pytestmark = pytest.mark.integration

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from core.catalog import Catalog
+from core.contracts import Event
+from core.settings import Settings
+from core.wire import Topics
 from livecopy import EventProducer
-from livecopy.catalog import Catalog
 from livecopy.devstack import free_port, redis_binary, wait_redis
-from livecopy.settings import Settings
-from stream.contracts import Event
+from livecopy.sim.loadgen import SessionGenerator, paced
+from services.workers.profile import build_profile_loop
 from stream.kafka_io import committed_offsets
-from stream.loadgen import SessionGenerator, paced
-from stream.profile_worker import build_profile_loop
-from stream.wire import Topics
 from tests.integration.helpers import (
     ThreadWorker,
     expected_profiles,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from core.styles import STYLE_TOKENS
 from models.corpus import Corpus, CorpusConfig, build_corpus
-from models.data import EOS_TOKEN
+from models.sequences import EOS_TOKEN
 from models.student import StudentConfig, StudentModel
-from models.styles import STYLE_TOKENS
 from models.tokenizer import BOS_TOKEN, UNK_TOKEN, wrap_fast
 
 

@@ -10,8 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from models import cascade
 from models.cascade import CascadeStepper
-from models.data import left_pad, positions_from_mask
 from models.generate import _CachedStepper, generate_candidates
+from models.sequences import left_pad, positions_from_mask
 from tests.models.conftest import make_student
 
 VOCAB, PAD = 60, 0

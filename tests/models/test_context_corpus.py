@@ -6,14 +6,9 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from livecopy.catalog import Catalog, Product
-from models.context import (
-    CopyContext,
-    build_prompt,
-    context_from_features,
-    context_from_profile,
-    product_context,
-)
+from core.catalog import Catalog, Product
+from core.contracts import Profile
+from core.styles import STYLES, classify_style, style_of_token, style_token
 from models.corpus import (
     Corpus,
     CorpusConfig,
@@ -23,9 +18,14 @@ from models.corpus import (
     style_prior,
     template_copy,
 )
-from models.filter import check_copy
-from models.styles import STYLES, classify_style, style_of_token, style_token
-from stream.contracts import Profile
+from models.text.context import (
+    CopyContext,
+    build_prompt,
+    context_from_features,
+    context_from_profile,
+    product_context,
+)
+from models.text.filter import check_copy
 
 HEADPHONES = Product(
     product_id="sku-h1", title="Aurora Wireless Headphones", category="electronics/audio", brand="Aurora",

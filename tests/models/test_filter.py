@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from livecopy.catalog import Catalog, Product
-from models.context import product_context
-from models.filter import (
+from core.catalog import Catalog, Product
+from models.text.context import product_context
+from models.text.filter import (
     FilterStats,
     allowed_numbers,
     check_copy,

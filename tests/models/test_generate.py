@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.styles import STYLES
 from models.corpus import Corpus
-from models.data import special_ids
 from models.generate import (
     generate_candidates,
     score_ctr,
@@ -12,8 +12,8 @@ from models.generate import (
     split_style,
     style_distribution,
 )
+from models.sequences import special_ids
 from models.student import StudentModel
-from models.styles import STYLES
 
 
 @pytest.fixture(scope="module")

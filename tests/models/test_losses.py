@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import ctr_loss, kd_loss, lm_ce, sparse_kd_kl
+from models.training.losses import ctr_loss, kd_loss, lm_ce, sparse_kd_kl
 
 
 def _toy() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,8 +7,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from core.styles import STYLE_TOKENS
 from models.corpus import Corpus
-from models.data import EOS_TOKEN, encode_pairs, encode_text, special_ids
+from models.sequences import EOS_TOKEN, encode_pairs, encode_text, special_ids
 from models.student import (
     META_FILE,
     LoadedStudent,
@@ -17,7 +18,6 @@ from models.student import (
     load_student,
     save_student,
 )
-from models.styles import STYLE_TOKENS
 from models.tokenizer import load_tokenizer, trim_tokenizer, vocab_map_from, wrap_fast
 
 

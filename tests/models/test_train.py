@@ -12,18 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from models.corpus import CorpusConfig, build_corpus
-from models.data import special_ids
+from models.sequences import special_ids
 from models.student import StudentModel, load_student
-from models.train import (
-    EncodedRows,
-    StudentTrainConfig,
-    TeacherTrainConfig,
-    auc,
-    auc_or_none,
-    ctr_metrics,
-    train_student,
-    train_teacher,
-)
+from models.training.common import EncodedRows, auc, auc_or_none, ctr_metrics
+from models.training.student import StudentTrainConfig, train_student
+from models.training.teacher import TeacherTrainConfig, train_teacher
 
 TINY = {"n_layer": 1, "n_embd": 32, "n_head": 2, "ctr_hidden": 8, "batch_size": 8, "eval_rows": 32}
 # 40 products x 6 rows: the held-out split (3 products, 18 rows) holds clicked and unclicked rows,
@@ -110,8 +103,9 @@ def test_ctr_metrics_single_class_is_undefined_not_nan(small_corpus, toy_tokeniz
 
 
 def test_cli_train_and_eval(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from livecopy.cli import register
+
     from livecopy.cli import cli
-    from livecopy.commands import register
 
     register(cli)
     monkeypatch.setenv("LIVECOPY_MODELS__TEACHER_DIR", str(toy_teacher_dir))

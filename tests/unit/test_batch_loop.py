@@ -8,13 +8,13 @@ import orjson
 import pytest
 from confluent_kafka import TopicPartition
 
-from livecopy.settings import ProfileSettings
+from core.settings import ProfileSettings
+from core.wire import Record, decode_event
+from services.workers.profile import ProfileProcessor
 from stream.kafka_io import BatchLoop, Outcome
-from stream.profile import ProfileUpdate, render, replay
-from stream.profile_store import InMemoryProfileStore
-from stream.profile_worker import ProfileProcessor
-from stream.redis_lua import TransientStoreError
-from stream.wire import Record, decode_event
+from stream.profile.logic import ProfileUpdate, render, replay
+from stream.profile.store import InMemoryProfileStore
+from stream.redis_io import TransientStoreError
 from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer, RebalancingConsumer
 
 CFG = ProfileSettings()

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from models.batching import (
+from engine.batching import (
     BatchConfig,
     BatchingEngine,
     BatchScheduler,

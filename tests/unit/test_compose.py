@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from livecopy.cli import register
 
+from core.settings import Settings
 from livecopy.cli import cli
-from livecopy.commands import register
-from livecopy.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

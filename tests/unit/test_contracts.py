@@ -3,9 +3,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from livecopy.settings import Settings
-from stream.contracts import Event, format_ts, parse_event_time
-from stream.wire import Rejection, Topics, decode_event, encode_event
+from core.contracts import Event, format_ts, parse_event_time
+from core.settings import Settings
+from core.wire import Rejection, Topics, decode_event, encode_event
 
 GOOD = {
     "event_id": "e-1f3a",

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livecopy.catalog import Catalog
-from models.context import context_from_features, product_context
-from models.executor import CopyRequest, StudentExecutor, load_executor, smoke_check
+from core.catalog import Catalog
+from core.contracts import GeneratedCopy
+from engine.executor import CopyRequest, StudentExecutor, load_executor, smoke_check
+from engine.serving import CopyEngine
 from models.generate import Candidate
-from models.serving import CopyEngine
-from stream.contracts import GeneratedCopy
+from models.text.context import context_from_features, product_context
 from tests.copygen import copy_settings, save_tiny_student
 
 CAT = Catalog.generate(60, seed=11)
@@ -106,7 +106,7 @@ def test_real_student_results_are_contract_copies(model_dir: Path) -> None:
 
 
 def test_smoke_check_refuses_broken_weights(tmp_path: Path) -> None:
-    from models.executor import SmokeCheckFailed
+    from engine.executor import SmokeCheckFailed
 
     ex = load_executor(save_tiny_student(tmp_path / "bad", "bad", break_weights=True), copy_settings())
     with pytest.raises(SmokeCheckFailed, match="non-finite"):
@@ -130,7 +130,7 @@ def test_engine_batches_real_model_and_answers_one_to_one(model_dir: Path) -> No
 
 
 def _eco_lover() -> Any:
-    from models.policy import StyleResponse
+    from core.styles import StyleResponse
 
     resp = StyleResponse.empty()
     for st in ("urgency", "discount", "quality", "eco", "social_proof", "practical"):

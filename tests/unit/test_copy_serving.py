@@ -11,14 +11,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from livecopy.catalog import Catalog
-from livecopy.settings import CopySettings, Settings
-from models.context import product_context
-from models.executor import CopyRequest, StudentExecutor, load_executor
-from models.serving import CopyEngine, model_dir_for, pick_update, resolve_model_path
-from stream.contracts import GeneratedCopy, ModelVersion
+from core.catalog import Catalog
+from core.contracts import GeneratedCopy, ModelVersion
+from core.settings import CopySettings, Settings
+from engine.executor import CopyRequest, StudentExecutor, load_executor
+from engine.serving import CopyEngine, model_dir_for, resolve_model_path
+from models.text.context import product_context
+from services.workers.generator import OffsetTracker, plan_products
 from stream.copy_store import CopyKeys, CopyPublisher, PublishBacklog
-from stream.generator_worker import OffsetTracker, plan_products
+from stream.model_updates import pick_update
 from tests.copygen import MODEL_NAME, copy_settings, save_tiny_student
 
 CAT = Catalog.generate(200, seed=5)

@@ -13,9 +13,11 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from livecopy.settings import FeedbackSettings, TopicSettings
-from stream.contracts import Event, FeedbackRecord
-from stream.feedback import (
+from core.contracts import Event, FeedbackRecord
+from core.settings import FeedbackSettings, TopicSettings
+from core.wire import Record, Topics
+from services.workers.feedback import FeedbackLoop, FeedbackProcessor
+from stream.feedback.logic import (
     DONE,
     CtrStats,
     ImpressionState,
@@ -24,9 +26,7 @@ from stream.feedback import (
     decide,
     event_item,
 )
-from stream.feedback_worker import FeedbackLoop, FeedbackProcessor
 from stream.kafka_io import TransientError
-from stream.wire import Record, Topics
 from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer
 from tests.feedback_data import click_event, copy_record, impression_event
 

@@ -9,9 +9,9 @@ import time
 import orjson
 import redis
 
-from livecopy.metrics import WorkerMetrics
-from livecopy.settings import Settings
-from stream.generator_worker import GeneratorWorker
+from core.metrics import WorkerMetrics
+from core.settings import Settings
+from services.workers.generator import GeneratorWorker
 from tests.fakes import FakeCluster, FakeConsumer, FakeMessage, FakeProducer, RebalancingConsumer
 
 TOPIC = "livecopy.events"

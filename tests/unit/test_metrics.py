@@ -1,7 +1,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 
-from livecopy.metrics import BulkHistogram, WorkerMetrics
-from stream.wire import Record
+from core.metrics import BulkHistogram, WorkerMetrics
+from core.wire import Record
 
 
 def test_bulk_histogram_exposes_cumulative_buckets_in_prometheus_format() -> None:

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from livecopy.settings import TopicSettings, TrainerSettings
-from models.offpolicy import estimate
-from models.online import OnlineTrainer, is_heldout, row_of
+from core.contracts import ModelVersion
+from core.settings import TopicSettings, TrainerSettings
+from core.styles import STYLES
+from core.wire import Record, Topics
 from models.registry import Registry, RegistryError
 from models.student import ModelMeta
-from models.styles import STYLES
-from stream.contracts import ModelVersion
-from stream.trainer_worker import TrainerProcessor
-from stream.wire import Record, Topics
+from models.training.offpolicy import estimate
+from models.training.online import OnlineTrainer, is_heldout, row_of
+from services.workers.trainer import TrainerProcessor
 from tests.copygen import save_tiny_student
 from tests.fakes import FakeCluster, FakeProducer
 from tests.feedback_data import feedback_records, probe_prompts, style_ctr
@@ -45,7 +45,7 @@ def favoured_share(t: OnlineTrainer, prompts: list[str]) -> float:
 def favoured_score_gap(t: OnlineTrainer) -> float:
     """Mean CTR score of favoured-style copies minus that of the others, on fresh records."""
     recs = feedback_records(120, style_ctr(FAV), seed=77)
-    from models.context import build_prompt, context_from_features
+    from models.text.context import build_prompt, context_from_features
 
     prompts = [build_prompt(context_from_features(r.features)) for r in recs]
     scores = t.score(prompts, [r.text for r in recs], [r.style for r in recs])

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.policy import Chooser, Posterior
+from engine.policy import Chooser, Posterior
 
 
 def setup(k: int = 4, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, Posterior]:
@@ -94,7 +94,7 @@ def test_unknown_policy_is_refused() -> None:
 
 
 def test_style_response_posterior_is_observed_over_expected_shrunk_to_one() -> None:
-    from models.policy import StyleResponse
+    from core.styles import StyleResponse
 
     r = StyleResponse.empty()
     for i in range(100):  # 100 impressions of social proof at predicted CTR 0.1: 30 clicks, 3x expected

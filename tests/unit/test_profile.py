@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from livecopy.settings import ProfileSettings
-from stream.contracts import Event
-from stream.profile import ProfileState, apply_event, category_credits, render, replay
+from core.contracts import Event
+from core.settings import ProfileSettings
+from stream.profile.logic import ProfileState, apply_event, category_credits, render, replay
 
 HOUR = 3_600_000
 T0 = 1_795_341_600_000

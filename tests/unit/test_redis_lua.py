@@ -7,7 +7,7 @@ import pytest
 from redis import exceptions as rex
 from redis.connection import DefaultParser
 
-from stream.redis_lua import is_transient_redis_error
+from stream.redis_io import is_transient_redis_error
 
 # replies a healthy record can meet while Redis cannot take writes for a while
 TRANSIENT = [

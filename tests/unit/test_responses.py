@@ -8,16 +8,11 @@ from typing import Any
 import orjson
 import pytest
 
-from livecopy.settings import ResponseSettings
+from core.settings import ResponseSettings
+from core.wire import Record
+from services.workers.responses import ResponseProcessor
 from stream.kafka_io import BatchLoop, TransientError
-from stream.responses import (
-    InMemoryResponseStore,
-    ResponseProcessor,
-    ResponseUpdate,
-    apply_updates,
-    response_from_hash,
-)
-from stream.wire import Record
+from stream.responses.logic import InMemoryResponseStore, ResponseUpdate, apply_updates, response_from_hash
 from tests.fakes import FakeCluster, FakeConsumer, FakeProducer
 
 CFG = ResponseSettings(dedupe_window_s=3600)
@@ -69,7 +64,7 @@ def test_records_without_style_or_score_are_skipped_and_malformed_ones_rejected_
 
 
 def test_the_dedupe_window_forgets_old_impression_ids() -> None:
-    from models.policy import StyleResponse
+    from core.styles import StyleResponse
 
     resp, seen = StyleResponse.empty(), {}
     u = ResponseUpdate("i1", "u1", "eco", 0.1, True)
@@ -80,7 +75,7 @@ def test_the_dedupe_window_forgets_old_impression_ids() -> None:
 
 
 def test_evidence_halves_every_half_life_and_the_posterior_relaxes_towards_the_prior() -> None:
-    from models.policy import StyleResponse
+    from core.styles import StyleResponse
 
     day = 86_400_000
     resp: StyleResponse = StyleResponse.empty()

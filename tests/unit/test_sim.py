@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from livecopy.catalog import Catalog
+from core.catalog import Catalog
+from core.contracts import Event
+from core.styles import STYLES
 from livecopy.sim.live import LiveStats, in_holdout
 from livecopy.sim.population import Population, Shopper, click_probability, load_population
 from livecopy.sim.report import summary, table, version_changes, windowed
 from livecopy.sim.shoppers import CopyAsk, Outcome, ShopperSim, ShownCopy, run_sessions
-from models.styles import STYLES
-from stream.contracts import Event
 
 CATALOG = Catalog.generate(120, 7)
 

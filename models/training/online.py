@@ -1,0 +1,474 @@
+"""Online fine-tuning of the student from CTR feedback (in-process core, no Kafka).
+
+API (used by ``livecopy worker trainer``, the tests and benchmarks/trainer.py)::
+
+    trainer = OnlineTrainer(student_dir, TrainerSettings(registry_dir=...))
+    report = trainer.update(records)       # list[FeedbackRecord] -> UpdateReport (0..n optimizer steps)
+    mv = trainer.maybe_publish()           # ModelVersion | None (every ``eval_every`` steps: evaluate, gate, save)
+    trainer.model, trainer.tokenizer       # the model being trained (score with models.generate.score_ctr)
+    trainer.serving_version                # the version last published (or loaded)
+    trainer.last_eval                      # EvalReport of the last evaluation (why it did or did not publish)
+
+Start: the registry's current version when there is one (a restarted trainer resumes from what
+serves), else ``student_dir`` (default ``cfg.base_dir``, else the shipped student) is imported as
+the first version.
+
+Each record becomes ``prompt(features) + <s:style> + copy + EOS`` (the same sequence the
+generator scored). Records are de-duplicated by ``impression_id`` (the joiner is at-least-once);
+a fixed share (``heldout_fraction``, by a hash of ``impression_id``) goes to the held-out slice
+and is never trained on. Full mini-batches of ``batch_size`` train one step each on
+
+``loss = ctr_weight * BCE(ctr_head, clicked)``
+``     + lm_weight * sum_i w_i NLL_i / sum_i w_i``   with ``w_i = clicked_i * min(1/propensity_i, ips_clip)``
+``     + kd_weight * T^2 * KL(anchor_T || student_T)``  per copy token, anchor = the serving version (frozen)
+
+-- BCE calibrates the CTR head; the click-weighted likelihood (reward-weighted regression,
+importance-weighted by the logged propensity so the chooser's bias does not compound) makes
+clicked copies (their style token included) more likely; the KL anchor keeps each version close
+to its parent so fluency is not traded for a few clicks.
+
+Every ``eval_every`` steps :meth:`maybe_publish` evaluates the candidate and the serving version
+on the held-out slice and publishes only when: at least ``min_heldout`` rows; candidate CTR
+log-loss <= serving's + ``logloss_tolerance``; mean KL(serving || candidate) per copy token <=
+``max_kl``; and (when ``min_snips_ratio`` > 0) the SNIPS estimate of the candidate's CTR >=
+``min_snips_ratio`` x the logged CTR. Otherwise it keeps training and logs why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.contracts import FeedbackRecord, ModelVersion
+from core.settings import TrainerSettings
+from core.styles import STYLES, classify_style
+from models.generate import score_ctr, style_distribution
+from models.paths import shipped_student_dir
+from models.registry import Registry
+from models.sequences import encode_pairs
+from models.student import ModelMeta, StudentModel, load_student, new_version, resolve_device, save_student
+from models.text.context import build_prompt, context_from_features
+from models.training.common import auc
+from models.training.losses import ctr_loss, kd_loss
+from models.training.offpolicy import OffPolicyEstimate, estimate
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 128
+KL_ROWS = 256  # held-out rows the KL(serving || candidate) is measured on
+
+
+@dataclass(frozen=True)
+class TrainRow:
+    impression_id: str
+    prompt: str
+    text: str
+    style: str
+    clicked: bool
+    propensity: float | None
+
+
+def row_of(rec: FeedbackRecord) -> TrainRow | None:
+    """The training row of a feedback record; None when its features cannot rebuild the prompt."""
+    try:
+        prompt = build_prompt(context_from_features(rec.features))
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):  # e.g. int(inf) from a 1e400
+        return None
+    style = rec.style if rec.style in STYLES else classify_style(rec.text)
+    p = rec.propensity
+    return TrainRow(rec.impression_id, prompt, rec.text, style, rec.clicked,
+                    p if p is not None and 0.0 < p <= 1.0 else None)
+
+
+def is_heldout(impression_id: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(impression_id.encode(), digest_size=8).digest(), "big")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+@dataclass
+class UpdateReport:
+    records: int = 0  # records passed in
+    duplicates: int = 0  # impression ids seen before
+    skipped: int = 0  # records whose features could not rebuild the prompt
+    heldout: int = 0  # records put in the held-out slice
+    steps: int = 0  # optimizer steps taken in this call
+    pending: int = 0  # training rows waiting for a full batch
+    clicks: int = 0  # clicked rows trained on
+    loss: float = float("nan")  # means over this call's steps
+    ctr_loss: float = float("nan")
+    lm_loss: float = float("nan")
+    kl: float = float("nan")
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalReport:
+    n: int
+    candidate_logloss: float
+    serving_logloss: float
+    candidate_auc: float
+    serving_auc: float
+    kl: float  # mean KL(serving || candidate) per copy token
+    offpolicy: OffPolicyEstimate | None  # SNIPS/IPS of the candidate's CTR from logged propensities
+    offpolicy_serving: OffPolicyEstimate | None  # the same estimator for the serving version
+    publish: bool
+    reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "heldout_n": self.n, "heldout_ctr_logloss": self.candidate_logloss,
+            "parent_heldout_ctr_logloss": self.serving_logloss, "heldout_ctr_auc": self.candidate_auc,
+            "parent_heldout_ctr_auc": self.serving_auc, "kl_to_parent": self.kl,
+        }
+        if self.offpolicy is not None:
+            d.update({f"ope_{k}": v for k, v in self.offpolicy.to_dict().items()})
+        if self.offpolicy_serving is not None:
+            d.update({"parent_ope_ips": self.offpolicy_serving.ips, "parent_ope_snips": self.offpolicy_serving.snips})
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _logloss(p: Sequence[float], y: Sequence[bool]) -> float:
+    if not p:
+        return float("nan")
+    eps = 1e-7
+    return -sum(math.log(min(max(pi, eps), 1 - eps)) if yi else math.log(min(max(1 - pi, eps), 1 - eps))
+                for pi, yi in zip(p, y, strict=True)) / len(p)
+
+
+class OnlineTrainer:
+    def __init__(self, student_dir: str | Path | None, cfg: TrainerSettings, *, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.device = torch.device(resolve_device(cfg.device))
+        # dropout draws from the trainer's own generator state, not the process's global one
+        self._rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        self._rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        self._rng_cuda = torch.Generator(self.device).manual_seed(seed).get_state() if self._rng_devices else None
+        self.registry = Registry(cfg.registry_dir, cfg.model_name)
+        cur = self.registry.current()
+        if cur is None:
+            src = Path(student_dir or cfg.base_dir or shipped_student_dir())
+            meta = ModelMeta.read(src)
+            self.registry.import_base(src, meta.version, meta.metrics)
+            cur = meta.version
+        self._load(cur)
+        self.heldout: deque[TrainRow] = deque(maxlen=cfg.heldout_size)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._pending: list[TrainRow] = []
+        self.steps = 0  # optimizer steps since start
+        self.steps_since_eval = 0
+        self.records_trained = 0
+        self.last_eval: EvalReport | None = None
+        self.published: list[ModelVersion] = []
+
+    # -- state -----------------------------------------------------------------------------------
+    def _load(self, version: str) -> None:
+        loaded = load_student(self.registry.path_of(version), device=self.device)
+        self.model: StudentModel = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.meta = loaded.meta
+        self.serving_version = version
+        self.model.train()
+        self.anchor = self._frozen_copy()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        self._serving_cache: dict[str, float] = {}  # impression_id -> the serving version's CTR probability
+        self.steps_since_eval = 0
+
+    def _frozen_copy(self) -> StudentModel:
+        m = copy.deepcopy(self.model).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    def follow_registry(self) -> bool:
+        """Reload when an operator promoted or rolled back another version; True when it did."""
+        cur = self.registry.current()
+        if cur is None or cur == self.serving_version:
+            return False
+        log.warning("registry serves %s, not %s (promote/rollback): training continues from %s",
+                    cur, self.serving_version, cur)
+        self._load(cur)
+        return True
+
+    # -- training --------------------------------------------------------------------------------
+    def _dedupe(self, impression_id: str) -> bool:
+        if impression_id in self._seen:
+            return True
+        self._seen[impression_id] = None
+        if len(self._seen) > self.cfg.dedupe_size:
+            self._seen.popitem(last=False)
+        return False
+
+    def update(self, records: Sequence[FeedbackRecord]) -> UpdateReport:
+        """Take feedback records; train one step per full mini-batch of ``batch_size`` rows."""
+        t0 = time.perf_counter()
+        rep = UpdateReport(records=len(records))
+        for rec in records:
+            if self._dedupe(rec.impression_id):
+                rep.duplicates += 1
+                continue
+            row = row_of(rec)
+            if row is None:
+                rep.skipped += 1
+                continue
+            if is_heldout(rec.impression_id, self.cfg.heldout_fraction):
+                self.heldout.append(row)
+                rep.heldout += 1
+            else:
+                self._pending.append(row)
+        sums = [0.0, 0.0, 0.0, 0.0]
+        bs = self.cfg.batch_size
+        while len(self._pending) >= bs:
+            batch = self._pending[:bs]
+            with self._own_rng():
+                losses = self._step(batch)
+            del self._pending[:bs]  # only once trained on: a step that raised leaves its rows pending
+            for i, v in enumerate(losses):
+                sums[i] += v
+            rep.steps += 1
+            rep.clicks += sum(r.clicked for r in batch)
+        if rep.steps:
+            rep.loss, rep.ctr_loss, rep.lm_loss, rep.kl = (s / rep.steps for s in sums)
+        rep.pending = len(self._pending)
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with the trainer's RNG state as the global one; the global state is restored after."""
+        with torch.random.fork_rng(devices=self._rng_devices):
+            torch.set_rng_state(self._rng_cpu)
+            if self._rng_cuda is not None:
+                torch.cuda.set_rng_state(self._rng_cuda, self._rng_devices[0])
+            yield
+            self._rng_cpu = torch.get_rng_state()
+            if self._rng_cuda is not None:
+                self._rng_cuda = torch.cuda.get_rng_state(self._rng_devices[0])
+
+    def _batch(self, rows: Sequence[TrainRow]) -> dict[str, torch.Tensor]:
+        b = encode_pairs(self.tokenizer, [r.prompt for r in rows], [r.text for r in rows],
+                         styles=[r.style for r in rows])
+        return {k: v.to(self.device) for k, v in b.items()}
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _step(self, rows: Sequence[TrainRow]) -> tuple[float, float, float, float]:
+        cfg = self.cfg
+        b = self._batch(rows)
+        ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+        rix = torch.arange(ids.shape[0], device=self.device)
+        y = torch.tensor([float(r.clicked) for r in rows], device=self.device)
+        w = torch.tensor([float(r.clicked) * min(1.0 / r.propensity if r.propensity else 1.0, cfg.ips_clip)
+                          for r in rows], device=self.device)
+        self.model.train()
+        with self._autocast():
+            out = self.model(input_ids=ids, attention_mask=mask, return_hidden=True)
+            assert out.logits is not None and out.hidden_states is not None
+            ctr_logit, _ = self.model.ctr_from_hidden(out.hidden_states[rix, b["eos_index"]])
+            with torch.no_grad():
+                anchor_logits = self.anchor(input_ids=ids, attention_mask=mask).logits
+        logits = out.logits.float()
+        l_ctr = ctr_loss(ctr_logit, y)
+        # Per-row mean NLL of style token + copy + EOS.
+        s, t = logits[:, :-1], labels[:, 1:]
+        valid = t != -100
+        nll = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]), t.clamp_min(0).reshape(-1),
+                                                reduction="none").view(t.shape)
+        nll_row = (nll * valid).sum(-1) / valid.sum(-1).clamp_min(1)
+        l_lm = (w * nll_row).sum() / w.sum() if float(w.sum()) > 0 else logits.new_zeros(())
+        kl = kd_loss(logits, anchor_logits.float(), labels, temperature=cfg.kd_temperature, lam=1.0).kl
+        loss = cfg.ctr_weight * l_ctr + cfg.lm_weight * l_lm + cfg.kd_weight * cfg.kd_temperature**2 * kl
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.steps += 1
+        self.steps_since_eval += 1
+        self.records_trained += len(rows)
+        return float(loss.detach()), float(l_ctr.detach()), float(l_lm.detach()), float(kl.detach())
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _ctr_probs(self, model: StudentModel, rows: Sequence[TrainRow]) -> list[float]:
+        """CTR probability per row (no LM logits computed)."""
+        probs: list[float] = []
+        for i in range(0, len(rows), EVAL_BATCH):
+            b = self._batch(rows[i:i + EVAL_BATCH])
+            rix = torch.arange(b["input_ids"].shape[0], device=self.device)
+            with self._autocast():
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1,
+                            return_hidden=True)
+                assert out.hidden_states is not None
+                logit, _ = model.ctr_from_hidden(out.hidden_states[rix, b["eos_index"]])
+            probs.extend(torch.sigmoid(logit.float()).tolist())
+        return probs
+
+    @torch.no_grad()
+    def _joint_pass(self, rows: Sequence[TrainRow]) -> tuple[list[float], list[float], float]:
+        """One forward of the candidate and of the serving version per chunk: their CTR
+        probabilities and the mean KL(serving || candidate) per copy token."""
+        cand: list[float] = []
+        serv: list[float] = []
+        tot, n = 0.0, 0
+        for i in range(0, len(rows), EVAL_BATCH):
+            b = self._batch(rows[i:i + EVAL_BATCH])
+            rix = torch.arange(b["input_ids"].shape[0], device=self.device)
+            with self._autocast():
+                oc = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+                oa = self.anchor(input_ids=b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+                assert oc.hidden_states is not None and oa.hidden_states is not None
+                lc, _ = self.model.ctr_from_hidden(oc.hidden_states[rix, b["eos_index"]])
+                la, _ = self.anchor.ctr_from_hidden(oa.hidden_states[rix, b["eos_index"]])
+            assert oc.logits is not None and oa.logits is not None
+            cand.extend(torch.sigmoid(lc.float()).tolist())
+            serv.extend(torch.sigmoid(la.float()).tolist())
+            k = int((b["labels"][:, 1:] != -100).sum())
+            tot += float(kd_loss(oc.logits.float(), oa.logits.float(), b["labels"], temperature=1.0, lam=1.0).kl) * k
+            n += k
+        return cand, serv, (tot / n if n else float("nan"))
+
+    def evaluate(self) -> EvalReport:
+        """Candidate (the model being trained) vs serving version on the held-out slice, and the gate.
+        The newest ``KL_ROWS`` rows get one forward of each model (CTR + KL); older rows the
+        candidate's CTR only, the serving version's CTR being cached per row."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        rows = list(self.heldout)
+        recent = rows[-KL_ROWS:]
+        older = rows[:len(rows) - len(recent)]
+        self.model.eval()
+        try:
+            cand_recent, serv_recent, kl = self._joint_pass(recent)
+            cand_older = self._ctr_probs(self.model, older)
+            todo = [r for r in older if r.impression_id not in self._serving_cache]
+            for r, p in zip(todo, self._ctr_probs(self.anchor, todo), strict=True):
+                self._serving_cache[r.impression_id] = p
+            for r, p in zip(recent, serv_recent, strict=True):
+                self._serving_cache[r.impression_id] = p
+            keep = {r.impression_id for r in rows}
+            self._serving_cache = {k: v for k, v in self._serving_cache.items() if k in keep}
+            serv_p = [self._serving_cache[r.impression_id] for r in rows]
+            cand_p = cand_older + cand_recent
+        finally:
+            self.model.train()
+        y = [r.clicked for r in rows]
+        ope, ope_serving = self._offpolicy(rows)
+        rep = EvalReport(
+            n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
+            candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
+            offpolicy_serving=ope_serving, publish=False,
+        )
+        if rep.n < cfg.min_heldout:
+            rep.reasons.append(f"held-out slice has {rep.n} rows < min_heldout {cfg.min_heldout}")
+        else:
+            if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance:
+                rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
+                                   f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance}")
+            if not rep.kl <= cfg.max_kl:
+                rep.reasons.append(f"KL to serving {rep.kl:.4f} nats/token > max_kl {cfg.max_kl}")
+            if cfg.min_snips_ratio > 0:
+                if ope is None or ope.n == 0:
+                    rep.reasons.append("no logged propensities for the SNIPS gate")
+                elif not ope.snips >= cfg.min_snips_ratio * ope.logged_ctr:
+                    rep.reasons.append(f"SNIPS CTR {ope.snips:.4f} < {cfg.min_snips_ratio} x logged "
+                                       f"{ope.logged_ctr:.4f}")
+        rep.publish = not rep.reasons
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def _offpolicy(self, rows: Sequence[TrainRow]) -> tuple[OffPolicyEstimate | None, OffPolicyEstimate | None]:
+        """IPS/SNIPS of the candidate's and the serving version's CTR on the held-out rows that
+        carry a logged propensity. The action is the copy's style: ``w = p_model(style | prompt) /
+        propensity`` (see docs/feedback.md for what this approximates)."""
+        logged = [r for r in rows if r.propensity is not None]
+        if not logged:
+            return None, None
+        prompts = [r.prompt for r in logged]
+        rewards = [float(r.clicked) for r in logged]
+        out: list[OffPolicyEstimate] = []
+        self.model.eval()
+        try:
+            for m in (self.model, self.anchor):
+                probs = style_distribution(m, self.tokenizer, prompts)
+                ratios = [p[r.style] / float(r.propensity or 1.0) for p, r in zip(probs, logged, strict=True)]
+                out.append(estimate(rewards, ratios, clip=self.cfg.ips_clip))
+        finally:
+            self.model.train()
+        return out[0], out[1]
+
+    # -- publication -----------------------------------------------------------------------------
+    def maybe_publish(self, force_eval: bool = False) -> ModelVersion | None:
+        """Every ``eval_every`` steps (or now with ``force_eval``): evaluate, and if the gate passes
+        save a new version (parent: the serving one), make it current in the registry and return its
+        ModelVersion record (the caller announces it on ``livecopy.model-updates``)."""
+        if self.follow_registry():
+            return None
+        if self.steps_since_eval == 0 or (self.steps_since_eval < self.cfg.eval_every and not force_eval):
+            return None
+        ev = self.evaluate()
+        self.last_eval = ev
+        self.steps_since_eval = 0
+        ope = ev.offpolicy
+        ope_txt = (f"off-policy CTR estimate SNIPS {ope.snips:.4f} IPS {ope.ips:.4f} (serving SNIPS "
+                   f"{ev.offpolicy_serving.snips if ev.offpolicy_serving else float('nan'):.4f}), logged CTR "
+                   f"{ope.logged_ctr:.4f}, ess {ope.ess:.0f}/{ope.n}" if ope is not None else "no propensities")
+        if not ev.publish:
+            log.info("not publishing after %d steps: %s (%s)", self.steps, "; ".join(ev.reasons), ope_txt)
+            return None
+        return self._publish(ev, ope_txt)
+
+    def _publish(self, ev: EvalReport, ope_txt: str) -> ModelVersion:
+        version = new_version()
+        parent = self.serving_version
+        metrics = ev.metrics()
+        training = {"kind": "online-feedback", "steps": self.steps, "records_trained": self.records_trained,
+                    "config": self.cfg.model_dump(mode="json")}
+        meta = ModelMeta(name=self.cfg.model_name, version=version, parent_version=parent,
+                         tokenizer=self.meta.tokenizer, data_hash=None, metrics=metrics, training=training)
+        save_student(self.model, self.tokenizer, self.registry.path_of(version), meta)
+        mv = self.registry.add(version, parent, metrics, promote=True,
+                               reason=f"online trainer: logloss {ev.candidate_logloss:.4f} <= "
+                                      f"{ev.serving_logloss:.4f}, KL {ev.kl:.4f}")
+        self.meta = meta
+        self.serving_version = version
+        self.anchor = self._frozen_copy()
+        self._serving_cache = {}
+        self.published.append(mv)
+        log.info("published %s (parent %s): held-out logloss %.4f vs %.4f, KL %.4f, %s", version, parent,
+                 ev.candidate_logloss, ev.serving_logloss, ev.kl, ope_txt)
+        return mv
+
+    # -- scoring helpers -------------------------------------------------------------------------
+    def score(self, prompts: Sequence[str], copies: Sequence[str], styles: Sequence[str | None] | None = None,
+              ) -> list[float]:
+        """The trained model's CTR probability per (prompt, copy)."""
+        self.model.eval()
+        try:
+            return score_ctr(self.model, self.tokenizer, prompts, copies, styles)
+        finally:
+            self.model.train()
+
+    def style_probs(self, prompts: Sequence[str]) -> list[dict[str, float]]:
+        """p(style | prompt) of the trained model."""
+        self.model.eval()
+        try:
+            return style_distribution(self.model, self.tokenizer, prompts)
+        finally:
+            self.model.train()

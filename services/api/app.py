@@ -1,0 +1,120 @@
+"""The site-facing HTTP API (FastAPI): profiles, health, metrics (and copy, see services.api.copy; the live
+dashboard, see services.api.dashboard)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from core.contracts import is_user_id
+from core.metrics import LATENCY_BUCKETS
+from core.settings import Settings
+from stream.profile.logic import render
+from stream.profile.store import AsyncProfileReader
+from stream.redis_io import TRANSIENT_REDIS_ERRORS
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("livecopy_http_requests", "HTTP requests", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("livecopy_http_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    extensions: list[Callable[[FastAPI], None]] | None = None,
+    redis_client: aredis.Redis | None = None,
+) -> FastAPI:
+    """The API app. `extensions` add routes (the copy service registers GET /v1/copy this way)."""
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = redis_client or aredis.Redis.from_url(
+            settings.redis.url, socket_timeout=settings.redis.socket_timeout_s
+        )
+        app.state.redis = client
+        app.state.profiles = AsyncProfileReader(client, settings.redis.key_prefix)
+        async with contextlib_aclosing_all(app):
+            yield
+        if redis_client is None:
+            await client.aclose()
+
+    app = FastAPI(title="livecopy", version="1", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.startup = []
+    app.state.shutdown = []
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        # The route is known only once routing ran; unmatched paths share one label (no series per URL).
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    @app.get("/v1/profile/{user_id}")
+    async def get_profile(user_id: str, request: Request) -> Any:
+        if not is_user_id(user_id):
+            return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
+        try:
+            state = await request.app.state.profiles.load(user_id)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            return error(503, "unavailable", f"redis: {str(exc)[:200]}")
+        if state is None:
+            return error(404, "not_found", f"no profile for user {user_id!r}")
+        return render(user_id, state, settings.profile).model_dump()
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> Any:
+        try:
+            await request.app.state.redis.ping()
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "redis": str(exc)[:200]}, status_code=503)
+        checks = {"status": "ok", "redis": "ok"}
+        for check in getattr(request.app.state, "health_checks", []):
+            checks.update(check())
+        return checks
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        body = b"".join(generate_latest(r) for r in [metrics.registry, *getattr(app.state, "registries", [])])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    for ext in extensions or []:
+        ext(app)
+    if settings.api.dashboard:
+        from services.api.dashboard import dashboard_extension
+
+        dashboard_extension(settings)(app)
+    return app
+
+
+@asynccontextmanager
+async def contextlib_aclosing_all(app: FastAPI) -> AsyncIterator[None]:
+    """Run the start/stop hooks extensions registered on app.state.startup / app.state.shutdown."""
+    for hook in app.state.startup:
+        await hook(app)
+    try:
+        yield
+    finally:
+        for hook in reversed(app.state.shutdown):
+            await hook(app)

@@ -1,0 +1,289 @@
+"""The copy service: ``GET /v1/copy`` on the API app (``services.api.app.create_app`` extension).
+
+    app = create_app(settings, extensions=[copy_extension(settings)])       # livecopy serve
+
+Per request: validate ids (422) -> product from the Redis catalog (404 when unknown) -> the
+user's profile (none: cold-start, non-personalized copy, still 200) -> the Redis copy cache,
+keyed by user, product, slot, profile version and model version (``stream.copy_store.CopyKeys``)
+-> on a miss, the shopper's style response (``stream.responses.logic``) and the micro-batching
+:class:`engine.serving.CopyEngine` (K candidates, CTR head, Thompson/greedy/epsilon policy with
+propensity) -> cache the copy, publish it once to
+``livecopy.copy`` -> 200 with the contract JSON. A full engine queue or a request whose deadline
+passed answers 503 at once (``Retry-After: 1``); Redis unreachable answers 503.
+
+A cache hit returns the copy that was generated (and published) for that key before, same
+``copy_id``: every copy on ``livecopy.copy`` was published exactly once, when it was made.
+
+On start-up (lifespan) the extension loads the engine (unless one is passed in), loads the
+synthetic catalog into Redis when the catalog hash is empty (``generation.load_catalog_if_empty``),
+and follows ``livecopy.model-updates`` for hot reload (``generation.hot_reload``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import redis
+from confluent_kafka import Producer
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from core.contracts import is_id, is_user_id
+from core.metrics import LATENCY_BUCKETS
+from core.settings import Settings
+from core.wire import Topics
+from engine.batching import DeadlineExceeded, EngineStopped, Overloaded
+from engine.executor import CopyRequest
+from engine.serving import CopyEngine, ReloadEvent
+from models.text.context import context_from_profile
+from services.api.app import error
+from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog
+from stream.kafka_io import producer_config
+from stream.model_updates import ModelUpdateFollower
+from stream.profile.logic import render
+from stream.redis_io import TRANSIENT_REDIS_ERRORS
+from stream.responses.store import AsyncResponseReader
+
+log = logging.getLogger(__name__)
+
+MAX_SLOT_CHARS = 64
+JSON = "application/json"
+
+
+class CopyMetrics:
+    """What the copy service exports on /metrics (its own registry)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.served = Counter("livecopy_copy_served", "Copies served, by source (cache|generated) and policy",
+                              ["source", "policy"], registry=r)
+        self.refused = Counter("livecopy_copy_refused", "Copy requests refused, by reason", ["reason"], registry=r)
+        self.generate_seconds = Histogram("livecopy_copy_generate_seconds", "Queue + generation time of a miss",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("livecopy_copy_batch_size", "Requests per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_seconds = Histogram("livecopy_copy_batch_seconds", "Engine time per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.reloads = Counter("livecopy_model_reloads", "Model updates handled, by outcome", ["outcome"], registry=r)
+        self.uncached = Counter("livecopy_copy_uncached", "Cached copies dropped: the broker did not acknowledge them",
+                                registry=r)
+        self.service: CopyService | None = None
+        r.register(self)  # model info, queue depth and publish failures, read at scrape time
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        svc = self.service
+        if svc is None:
+            return
+        info = GaugeMetricFamily("livecopy_model_info", "1 for the model version serving", labels=["model", "version"])
+        info.add_metric([svc.engine.model, svc.engine.version], 1.0)
+        yield info
+        yield GaugeMetricFamily("livecopy_copy_queue_depth", "Requests waiting for a batch",
+                                value=svc.engine.queue_depth())
+        yield CounterMetricFamily("livecopy_copy_publish_failed", "Copies the broker did not acknowledge",
+                                  value=svc.publisher.failed)
+        yield GaugeMetricFamily("livecopy_copy_publish_queue", "Copies in the producer's local queue (not yet acked)",
+                                value=svc.publisher.queued())
+        yield GaugeMetricFamily("livecopy_copy_publish_congested", "1 while misses are refused: the queue is full",
+                                value=float(svc.publisher.congested()))
+
+    def on_batch(self, n: int, seconds: float, version: str) -> None:
+        self.batch_size.observe(n)
+        self.batch_seconds.observe(seconds)
+
+    def on_reload(self, ev: ReloadEvent) -> None:
+        self.reloads.labels(ev.outcome).inc()
+
+
+class CopyService:
+    """Everything ``GET /v1/copy`` needs, built in the app's lifespan (see ``copy_extension``)."""
+
+    def __init__(self, settings: Settings, engine: CopyEngine, redis_client: Any, publisher: CopyPublisher,
+                 metrics: CopyMetrics) -> None:
+        self.settings = settings
+        self.cfg = settings.generation
+        self.engine = engine
+        self.redis = redis_client
+        self.keys = CopyKeys(settings.redis.key_prefix, self.cfg.catalog_key)
+        self.catalog = AsyncCatalog(redis_client, self.keys)
+        self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix, settings.responses.half_life_ms)
+        self.publisher = publisher
+        self.metrics = metrics
+        metrics.service = self
+        self._drop_if_same = redis_client.register_script(_DEL_IF_SAME)
+        self._watching: set[asyncio.Task[None]] = set()  # cached copies whose delivery is not yet known
+
+    async def get_copy(self, request: Request, user_id: str, product_id: str, slot: str | None) -> Response:
+        if not is_user_id(user_id):
+            return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
+        if not is_id(product_id):
+            return error(422, "invalid_product_id", "product_id must be 1-128 chars of [A-Za-z0-9_.:-]")
+        if slot is not None and (len(slot) > MAX_SLOT_CHARS or not slot):
+            return error(422, "invalid_slot", f"slot must be 1-{MAX_SLOT_CHARS} chars")
+        try:
+            product = await self.catalog.get(product_id)
+            if product is None:
+                return error(404, "unknown_product", f"no product {product_id!r} in the catalog")
+            state = await request.app.state.profiles.load(user_id)
+            pv = state.version if state is not None else 0
+            key = self.keys.copy(user_id, product_id, slot, pv, self.engine.version)
+            cached = await self.redis.get(key)
+            if cached is not None:
+                self.metrics.served.labels("cache", "cached").inc()
+                return Response(cached, media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+            if self.publisher.congested():  # its record could not be queued: refuse before reading or generating
+                self.metrics.refused.labels("publish_backlog").inc()
+                return _unavailable("publish_backlog", str(PublishBacklog()))
+            profile = render(user_id, state, self.settings.profile) if state is not None else None
+            recent = await self.catalog.get_many(profile.recent_products) if profile is not None else {}
+            response = await self.responses.load(user_id) if self.cfg.style_response_strength > 0 else None
+        except TRANSIENT_REDIS_ERRORS as exc:
+            self.metrics.refused.labels("redis").inc()
+            return error(503, "unavailable", f"redis: {str(exc)[:200]}")
+        ctx = context_from_profile(product, profile, slot, lookup=recent.get)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            fut = self.engine.submit(CopyRequest(user_id, ctx, pv, style_response=response))
+        except Overloaded as exc:
+            self.metrics.refused.labels("overloaded").inc()
+            return _unavailable("overloaded", str(exc))
+        except EngineStopped as exc:
+            self.metrics.refused.labels("stopping").inc()
+            return _unavailable("stopping", str(exc))
+        try:
+            res = await asyncio.wrap_future(fut)
+        except DeadlineExceeded as exc:
+            self.metrics.refused.labels("deadline").inc()
+            return _unavailable("deadline", str(exc))
+        except Exception as exc:
+            log.exception("copy generation failed")
+            self.metrics.refused.labels("error").inc()
+            return error(500, "generation_failed", f"{type(exc).__name__}: {str(exc)[:200]}")
+        self.metrics.generate_seconds.observe(loop.time() - started)
+        copy = res.to_copy()
+        body = encode_copy(copy)
+        try:  # not served unless queued for livecopy.copy: the feedback joiner needs every served copy
+            delivered = self.publisher.publish(copy, body)
+        except PublishBacklog as exc:
+            self.metrics.refused.labels("publish_backlog").inc()
+            return _unavailable("publish_backlog", str(exc))
+        # keyed by the version that made it (a swap may have happened while it was queued)
+        key = self.keys.copy(user_id, product_id, slot, pv, res.model_version)
+        try:
+            await self.redis.set(key, body, ex=self.cfg.cache_ttl_s)
+        except TRANSIENT_REDIS_ERRORS as exc:  # served anyway; only the cache misses it
+            log.warning("copy cache write failed: %s", exc)
+        else:
+            task = asyncio.ensure_future(self._uncache_if_undelivered(key, body, delivered))
+            self._watching.add(task)
+            task.add_done_callback(self._watching.discard)
+        self.metrics.served.labels("generated", res.policy).inc()
+        return Response(body, media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
+
+    async def _uncache_if_undelivered(self, key: str, body: bytes, delivered: Future[None]) -> None:
+        """A copy the broker did not acknowledge is not on ``livecopy.copy``: it was served once
+        (the API does not wait for the ack), but must not be served again from the cache."""
+        try:
+            await asyncio.wrap_future(delivered)
+            return
+        except Exception:  # the failure itself is logged and counted by the publisher
+            pass
+        try:
+            if await self._drop_if_same(keys=[key], args=[body]):
+                self.metrics.uncached.inc()
+        except TRANSIENT_REDIS_ERRORS as exc:
+            log.warning("could not drop the unpublished copy from the cache (it expires in %d s): %s",
+                        self.cfg.cache_ttl_s, exc)
+
+    def health(self) -> dict[str, Any]:
+        return {"model": self.engine.model, "model_version": self.engine.version,
+                "queue_depth": self.engine.queue_depth(), "publish_backlog": self.publisher.congested()}
+
+
+# Delete the cached copy only if it is still the one written (a newer copy under the key stays).
+_DEL_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _unavailable(code: str, message: str) -> Response:
+    resp = error(503, code, message)
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
+def copy_extension(
+    settings: Settings,
+    *,
+    engine: CopyEngine | None = None,
+    producer: Producer | None = None,
+    follow_updates: bool | None = None,
+) -> Callable[[FastAPI], None]:
+    """The ``create_app`` extension adding ``GET /v1/copy``.
+
+    ``engine``: an engine to use (started here if not running; not stopped at shutdown when
+    passed in); None loads ``CopyEngine.from_settings(settings)``. ``follow_updates`` (default
+    ``generation.hot_reload``) follows ``livecopy.model-updates``.
+    """
+    metrics = CopyMetrics()
+    follow = settings.generation.hot_reload if follow_updates is None else follow_updates
+
+    def install(app: FastAPI) -> None:
+        app.state.registries = [*getattr(app.state, "registries", []), metrics.registry]
+
+        async def startup(app: FastAPI) -> None:
+            own = engine is None
+            eng: CopyEngine = engine if engine is not None else await asyncio.to_thread(
+                CopyEngine.from_settings, settings, on_batch=metrics.on_batch, on_reload=metrics.on_reload
+            )
+            eng.start()
+            if settings.generation.load_catalog_if_empty:
+                keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
+                client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+                try:
+                    await asyncio.to_thread(ensure_catalog, client, keys)
+                finally:
+                    client.close()
+            topics = Topics.from_settings(settings.topics)
+            pub = CopyPublisher(producer or Producer(producer_config(settings.kafka)), topics.copy)
+            svc = CopyService(settings, eng, app.state.redis, pub, metrics)
+            app.state.copy = svc
+            app.state.health_checks = [*getattr(app.state, "health_checks", []), svc.health]
+            follower = None
+            if follow:
+                follower = ModelUpdateFollower(settings, eng.model, eng.apply_update).start()
+            app.state.copy_follower = follower
+            app.state.copy_owns_engine = own
+
+        async def shutdown(app: FastAPI) -> None:
+            svc: CopyService | None = getattr(app.state, "copy", None)
+            if svc is None:
+                return
+            if app.state.copy_follower is not None:
+                await asyncio.to_thread(app.state.copy_follower.stop)
+            if app.state.copy_owns_engine:
+                await asyncio.to_thread(svc.engine.stop)
+            left = await asyncio.to_thread(svc.publisher.close)
+            if left:
+                log.error("%d copies not acknowledged by the broker at shutdown", left)
+
+        app.state.startup.append(startup)
+        app.state.shutdown.append(shutdown)
+
+        @app.get("/v1/copy")
+        async def get_copy(request: Request, user_id: str = "", product_id: str = "", slot: str | None = None) -> Any:
+            """Generated copy JSON (CONTRACTS.md); 422 invalid ids, 404 unknown product, 503 overloaded."""
+            svc: CopyService = request.app.state.copy
+            return await svc.get_copy(request, user_id, product_id, slot)
+
+    return install

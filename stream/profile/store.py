@@ -1,0 +1,160 @@
+"""Where profiles live: Redis (production) and an in-memory fake (unit tests).
+
+Both implement `ProfileStore`. The Redis store applies a batch as one pipeline of EVALSHA
+calls, one call per user (all of that user's updates in the batch, in order), each atomic
+thanks to Lua. Keys carry the user id as a hash tag, so they are Redis Cluster safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import orjson
+import redis
+import redis.asyncio as aredis
+
+from core.settings import ProfileSettings
+from stream.profile.logic import ProfileState, ProfileUpdate, apply_update
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
+
+
+class ProfileStore(Protocol):
+    def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
+        """Apply updates in order; True where an update took effect, False for a duplicate."""
+        ...
+
+    def load(self, user_id: str) -> ProfileState | None: ...
+
+    def ping(self) -> bool: ...
+
+
+class InMemoryProfileStore:
+    """A real (not mocked) store for unit tests: the pure merge over a dict."""
+
+    def __init__(self, cfg: ProfileSettings) -> None:
+        self.cfg = cfg
+        self.states: dict[str, ProfileState] = {}
+        self.down = False  # tests flip this to simulate an outage
+
+    def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
+        if self.down:
+            raise TransientStoreError("in-memory store is down")
+        out = []
+        for u in updates:
+            st, applied = apply_update(self.states.get(u.user_id, ProfileState()), u, now_ms, self.cfg)
+            self.states[u.user_id] = st
+            out.append(applied)
+        return out
+
+    def load(self, user_id: str) -> ProfileState | None:
+        return self.states.get(user_id)
+
+    def ping(self) -> bool:
+        return not self.down
+
+
+class ProfileKeys:
+    def __init__(self, prefix: str = "lc:") -> None:
+        self.prefix = prefix
+
+    def of(self, user_id: str) -> tuple[str, str, str]:
+        tag = f"{self.prefix}{{{user_id}}}"
+        return f"{tag}:p", f"{tag}:r", f"{tag}:s"
+
+
+def encode_update(u: ProfileUpdate) -> bytes:
+    d: dict[str, Any] = {"i": u.event_id, "y": u.type, "t": u.ts}
+    if u.product_id is not None:
+        d["p"] = u.product_id
+    if u.cart_add:
+        d["c"] = u.cart_add
+    if u.purchase_add:
+        d["u"] = u.purchase_add
+    if u.affinity:
+        d["a"] = u.affinity
+    return orjson.dumps(d)
+
+
+def _s(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
+def state_from_redis(
+    h: Mapping[bytes | str, bytes | str],
+    recent: Sequence[tuple[bytes | str, float]],
+    seen: Sequence[tuple[bytes | str, float]] = (),
+) -> ProfileState | None:
+    """Parse the raw hash / sorted sets back into a ProfileState (pure)."""
+    if not h:
+        return None
+    f = {_s(k): _s(v) for k, v in h.items()}
+    st = ProfileState(
+        version=int(f.get("v", 0)),
+        first_ms=int(float(f["f"])) if "f" in f else None,
+        last_ms=int(float(f["l"])) if "l" in f else None,
+        cart_value=float(f.get("cv", 0.0)),
+        purchase_value=float(f.get("pv", 0.0)),
+    )
+    for k, v in f.items():
+        if k.startswith("n:"):
+            st.counts[k[2:]] = int(v)
+        elif k.startswith("a:"):
+            cat = k[2:]
+            st.affinity[cat] = (float(v), int(float(f["t:" + cat])))
+    st.recent = {_s(m): int(sc) for m, sc in recent}
+    st.seen = {_s(m): int(sc) for m, sc in seen}
+    return st
+
+
+class RedisProfileStore:
+    def __init__(self, client: redis.Redis, cfg: ProfileSettings, key_prefix: str = "lc:") -> None:
+        self.client = client
+        self.cfg = cfg
+        self.keys = ProfileKeys(key_prefix)
+        self.script = LuaScript(client, "profile/profile.lua")
+
+    def _args(self, now_ms: int) -> list[Any]:
+        return [
+            now_ms,
+            self.cfg.dedupe_window_s * 1000,
+            self.cfg.recent_products,
+            self.cfg.half_life_s * 1000.0,
+            self.cfg.ttl_s * 1000,
+        ]
+
+    def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
+        head = self._args(now_ms)
+        return self.script.run_grouped(updates, lambda u: u.user_id,
+                                       lambda user, us: (self.keys.of(user), [*head, *map(encode_update, us)]))
+
+    def load(self, user_id: str) -> ProfileState | None:
+        p, r, s = self.keys.of(user_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(p)
+        pipe.zrange(r, 0, -1, withscores=True)
+        pipe.zrange(s, 0, -1, withscores=True)
+        h, recent, seen = pipe.execute()
+        return state_from_redis(h, recent, seen)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except TRANSIENT_REDIS_ERRORS:
+            return False
+
+
+class AsyncProfileReader:
+    """Read side for the HTTP API (redis.asyncio)."""
+
+    def __init__(self, client: aredis.Redis, key_prefix: str = "lc:") -> None:
+        self.client = client
+        self.keys = ProfileKeys(key_prefix)
+
+    async def load(self, user_id: str) -> ProfileState | None:
+        p, r, _s_key = self.keys.of(user_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(p)
+            pipe.zrange(r, 0, -1, withscores=True)
+            h, recent = await pipe.execute()
+        return state_from_redis(h, recent)

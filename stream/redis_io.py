@@ -1,0 +1,122 @@
+"""Running livecopy's Lua scripts in Redis: pipelined EVALSHA calls, transient errors named.
+
+Every Redis-side merge (profile.lua, feedback.lua, responses.lua) is idempotent, so a batch can
+be redone: when Redis lost its script cache (restart, SCRIPT FLUSH) the script is loaded again
+and the whole pipeline re-run; a Redis that cannot take the batch right now (unreachable, out
+of memory, read-only after a failover, busy with a script...) surfaces as
+:class:`TransientStoreError` (the worker's batch loop then pauses, backs off and rewinds): it is
+never the record's fault, so nothing goes to the DLQ for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+from redis import exceptions as rex
+from redis.exceptions import NoScriptError
+
+from core.settings import RedisSettings
+
+# Redis refusing or failing a command for a reason of its own, which goes away by waiting: retry the
+# batch later with backoff, never reject the record.
+TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,  # unreachable; also LOADING (BusyLoadingError), max clients, auth, pool exhausted
+    rex.TimeoutError,
+    rex.BusyLoadingError,  # LOADING: loading its dataset after a restart
+    rex.OutOfMemoryError,  # OOM: maxmemory reached under noeviction (or nothing evictable): writes refused
+    rex.ReadOnlyError,  # READONLY: talking to a replica (a failover in progress, DNS not switched yet)
+    rex.MasterDownError,  # MASTERDOWN: a replica that lost its master (replica-serve-stale-data no)
+    rex.TryAgainError,  # TRYAGAIN: multi-key command on a slot being migrated
+    rex.ClusterDownError,  # CLUSTERDOWN: the cluster has unserved slots
+    rex.AskError,  # ASK and MOVED (a subclass): a slot moved or moving; the topology is refreshed
+    rex.ClusterError,  # RedisCluster gave up following redirections for now ("TTL exhausted")
+    rex.SlotNotCoveredError,  # RedisCluster: no node serves the slot (yet)
+    OSError,
+)
+
+# The same, for refusals redis-py has no class for (a plain ResponseError), by error code: BUSY (a
+# script or function running past lua-time-limit), NOREPLICAS (min-replicas-to-write not met),
+# MISCONF (writes stopped after a failed RDB save). As the reply starts, or as Redis 6 quotes a
+# refusal met by redis.call inside a script ("... @user_script:24: -OOM command not allowed ...").
+_TRANSIENT_CODES = re.compile(r"(?:^|: -)(?:BUSY|NOREPLICAS|MISCONF|OOM|LOADING|READONLY|MASTERDOWN|TRYAGAIN|"
+                              r"CLUSTERDOWN|MOVED|ASK) ")
+
+
+def is_transient_redis_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised, or handed back by a pipeline) means "retry later", not "bad input"."""
+    if isinstance(exc, TRANSIENT_REDIS_ERRORS):
+        return True
+    return isinstance(exc, rex.ResponseError) and _TRANSIENT_CODES.search(str(exc)) is not None
+
+
+def redis_client(r: RedisSettings) -> redis.Redis:
+    """A worker's Redis client: bounded connect and socket timeouts, so an outage is noticed."""
+    return redis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s)
+
+
+class TransientStoreError(Exception):
+    """The store cannot be reached right now; retry the batch later (nothing was lost)."""
+
+
+T = TypeVar("T")
+G = TypeVar("G", bound=Hashable)
+
+
+class LuaScript:
+    """One of ``stream/*.lua``, run as a pipeline of EVALSHA calls."""
+
+    def __init__(self, client: redis.Redis, filename: str) -> None:
+        self.client = client
+        self.filename = filename
+        self.source = resources.files("stream").joinpath(*filename.split("/")).read_text()
+        self.sha: str | None = None
+
+    def run(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Results of ``EVALSHA sha len(keys) *keys *args`` per call, in order, in one pipeline."""
+        if not calls:
+            return []
+        try:
+            if self.sha is None:
+                self.sha = self.client.script_load(self.source)
+            for _attempt in range(2):
+                pipe = self.client.pipeline(transaction=False)
+                for keys, args in calls:
+                    pipe.evalsha(self.sha, len(keys), *keys, *args)
+                results = pipe.execute(raise_on_error=False)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    # Redis restarted or flushed its scripts: load again and redo the batch
+                    # (calls that did apply are duplicates now and take no second effect).
+                    self.sha = self.client.script_load(self.source)
+                    continue
+                break
+            else:  # pragma: no cover - the script vanished twice in a row
+                raise TransientStoreError(f"{self.filename} keeps disappearing from Redis")
+        except Exception as exc:
+            if is_transient_redis_error(exc):
+                raise TransientStoreError(f"redis unavailable: {type(exc).__name__}: {exc}") from exc
+            raise
+        for r in results:
+            if isinstance(r, BaseException) and is_transient_redis_error(r):
+                raise TransientStoreError(f"redis unavailable: {type(r).__name__}: {r}") from r
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return list(results)
+
+    def run_grouped(self, items: Sequence[T], group_of: Callable[[T], G],
+                    call_of: Callable[[G, list[T]], tuple[Sequence[str], Sequence[Any]]]) -> list[bool]:
+        """One call per group of ``items`` (a user, a shard: one Cluster slot), the groups'
+        items in order; the script answers one flag per item, handed back in the items' order."""
+        groups: dict[G, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(group_of(it), []).append(i)
+        results = self.run([call_of(g, [items[i] for i in idxs]) for g, idxs in groups.items()])
+        out = [False] * len(items)
+        for idxs, res in zip(groups.values(), results, strict=True):
+            for i, flag in zip(idxs, res, strict=True):
+                out[i] = bool(flag)
+        return out
