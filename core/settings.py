@@ -3,20 +3,38 @@
 Every knob is a field here; the CLI builds one `Settings` at start-up and passes it (or the
 relevant section) down. Environment variables use the prefix ``LIVECOPY_`` and ``__`` between
 sections, e.g. ``LIVECOPY_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
-``LIVECOPY_PROFILE__HALF_LIFE_S=3600``. Nothing in the code base calls ``os.environ`` for
-configuration.
+``LIVECOPY_PROFILE__HALF_LIFE_S=3600``. Settings are frozen, and a ``LIVECOPY_`` key that names no
+setting (``LIVECOPY_REDIS__URLL``) stops start-up with an error naming it. Nothing else in the code
+base reads ``os.environ`` for configuration.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "LIVECOPY_"
+NESTED = "__"
 
 
-class KafkaSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: frozen (settings are built once, then only read) and strict about its keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class KafkaSettings(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     # Extra librdkafka properties (security.protocol, sasl.*, ...), merged into every client.
     client_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -30,7 +48,7 @@ class KafkaSettings(BaseModel):
     auto_offset_reset: str = "earliest"
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(Section):
     """Topic names (empty: derived from `prefix`, see `core.wire.Topics`) and partition counts."""
 
     prefix: str = "livecopy."
@@ -43,16 +61,15 @@ class TopicSettings(BaseModel):
     default_partitions: int = 4
     replication_factor: int = 1
 
-    model_config = {"populate_by_name": True}
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "lc:"
     socket_timeout_s: float = 5.0
 
 
-class ProfileSettings(BaseModel):
+class ProfileSettings(Section):
     half_life_s: float = 3 * 24 * 3600.0
     recent_products: int = 20
     dedupe_window_s: int = 24 * 3600
@@ -77,7 +94,7 @@ class ProfileSettings(BaseModel):
     category_depth: int = 4
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     max_batch: int = 2000
     poll_timeout_s: float = 0.2
     retry_backoff_initial_s: float = 0.2
@@ -88,7 +105,7 @@ class WorkerSettings(BaseModel):
     group_prefix: str = "livecopy-"
 
 
-class DevStackSettings(BaseModel):
+class DevStackSettings(Section):
     host: str = "127.0.0.1"
     kafka_port: int = 9092
     redis_port: int = 6379
@@ -96,7 +113,7 @@ class DevStackSettings(BaseModel):
     start_timeout_s: float = 30.0
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """Model paths and knobs (``LIVECOPY_MODELS__...``). Relative paths are relative to the
     working directory; ``student_dir`` None means the shipped default inside the package."""
 
@@ -110,7 +127,7 @@ class ModelSettings(BaseModel):
     torch_threads: int = 0  # 0: torch's default
 
 
-class FeedbackSettings(BaseModel):
+class FeedbackSettings(Section):
     """The feedback joiner (``LIVECOPY_FEEDBACK__...``), see docs/feedback.md."""
 
     window_s: float = 1800.0  # attribution window: a click counts if its time <= impression time + window
@@ -125,7 +142,7 @@ class FeedbackSettings(BaseModel):
     sweep_limit: int = 1000  # impressions decided per shard per sweep
 
 
-class ResponseSettings(BaseModel):
+class ResponseSettings(Section):
     """``livecopy worker responses`` (``LIVECOPY_RESPONSES__...``): each shopper's response to copy
     styles, from the feedback topic (stream/responses.py). How the copy service uses it:
     ``generation.style_response_strength`` / ``style_response_temperature``."""
@@ -139,7 +156,7 @@ class ResponseSettings(BaseModel):
         return int(self.half_life_days * 86_400_000)
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(Section):
     """The online trainer and the model registry (``LIVECOPY_TRAINER__...``), see docs/feedback.md."""
 
     registry_dir: Path = Path("registry")
@@ -164,7 +181,7 @@ class TrainerSettings(BaseModel):
     nice: int = 10  # `worker trainer` lowers its CPU priority by this (serving first on shared cores; 0: not)
 
 
-class CopySettings(BaseModel):
+class CopySettings(Section):
     """Copy generation and serving (``LIVECOPY_GENERATION__...``): candidates, policy, micro-batching,
     cache, hot reload. ``model_dir`` None: ``models.student_dir``, else the shipped student."""
 
@@ -199,7 +216,7 @@ class CopySettings(BaseModel):
     style_response_temperature: float = 0.3
 
 
-class GeneratorSettings(BaseModel):
+class GeneratorSettings(Section):
     """``livecopy worker generator``: pre-generation on product views (``LIVECOPY_GENERATOR__...``)."""
 
     related: int = 3  # same-category products pre-generated besides the viewed one
@@ -211,7 +228,7 @@ class GeneratorSettings(BaseModel):
     max_event_age_s: float = 300.0  # older product views are skipped (their pages are gone)
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
     dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/dashboard.py
@@ -219,7 +236,7 @@ class ApiSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="LIVECOPY_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED, extra="ignore", populate_by_name=True, frozen=True
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -237,6 +254,16 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     log_level: str = "INFO"
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment and env file as usual, but a ``LIVECOPY_`` key that names no setting is an error."""
+        env_file = dotenv_settings.env_file if isinstance(dotenv_settings, DotEnvSettingsSource) else None
+        return (init_settings, _CheckedEnv(settings_cls), _CheckedDotEnv(settings_cls, env_file=env_file),
+                file_secret_settings)
+
     def with_endpoints(self, bootstrap_servers: str, redis_url: str) -> Settings:
         """A copy pointing at another broker and Redis (tests, the demo)."""
         return self.model_copy(
@@ -245,6 +272,57 @@ class Settings(BaseSettings):
                 "redis": self.redis.model_copy(update={"url": redis_url}),
             }
         )
+
+
+class UnknownSetting(ValueError):
+    """A ``LIVECOPY_`` variable that names no setting (a typo would otherwise be dropped without a word)."""
+
+
+def _known(model: type[BaseModel], path: list[str]) -> bool:
+    """Whether ``path`` (lower-case parts of one variable after the prefix) names a field of ``model``."""
+    if not path:
+        return True
+    by_name = {}
+    for name, f in model.model_fields.items():
+        by_name[name.lower()] = f
+        if f.alias:
+            by_name[f.alias.lower()] = f
+    field = by_name.get(path[0])
+    if field is None:
+        return False
+    sub = field.annotation
+    if isinstance(sub, type) and issubclass(sub, BaseModel):
+        return _known(sub, path[1:])
+    return True  # a leaf (or a dict setting such as kafka.client_config: its keys are free)
+
+
+def unknown_keys(keys: Iterable[str]) -> list[str]:
+    """The ``LIVECOPY_`` keys among ``keys`` that set nothing."""
+    out = []
+    for key in keys:
+        if key.upper().startswith(ENV_PREFIX) and not _known(Settings, key[len(ENV_PREFIX):].lower().split(NESTED)):
+            out.append(key if key.isupper() else key.upper())
+    return sorted(out)
+
+
+def _check(keys: Iterable[str], where: str) -> None:
+    bad = unknown_keys(keys)
+    if bad:
+        raise UnknownSetting(f"unknown setting{'s' if len(bad) > 1 else ''} in {where}: {', '.join(bad)} "
+                             f"(see core/settings.py for every LIVECOPY_ key)")
+
+
+class _CheckedEnv(EnvSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        _check(os.environ, "the environment")
+        return super().__call__()
+
+
+class _CheckedDotEnv(DotEnvSettingsSource):
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        loaded = super()._load_env_vars()
+        _check(loaded, f"env file {self.env_file}")
+        return loaded
 
 
 def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:

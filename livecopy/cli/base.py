@@ -11,8 +11,9 @@ import logging
 import sys
 
 import click
+from pydantic import ValidationError
 
-from core.settings import Settings, load_settings
+from core.settings import Settings, UnknownSetting, load_settings
 
 
 class Ctx:
@@ -50,7 +51,10 @@ def _configure_logging(level: str) -> None:
 @click.pass_context
 def cli(ctx: click.Context, env_file: str | None, log_level: str | None) -> None:
     """livecopy: real-time copy personalization on Kafka and Redis."""
-    settings = load_settings(env_file)
+    try:
+        settings = load_settings(env_file)
+    except (UnknownSetting, ValidationError) as exc:  # stop before anything starts, naming the key
+        raise click.ClickException(str(exc)) from exc
     _configure_logging(log_level or settings.log_level)
     ctx.obj = Ctx(settings)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from models.context import CopyContext, build_prompt, context_from_features
-from models.filter import check_copy
-from models.styles import STYLES, classify_style
 
+from core.styles import STYLES, classify_style
 from models.corpus import CorpusConfig, build_corpus
 from models.generate import generate_candidates, score_ctr, style_distribution
 from models.paths import shipped_student_dir
 from models.student import LoadedStudent, load_student
+from models.text.context import CopyContext, build_prompt, context_from_features
+from models.text.filter import check_copy
 
 
 @pytest.fixture(scope="module")
