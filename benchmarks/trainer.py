@@ -45,13 +45,13 @@ from tests.feedback_data import click_event, copy_record, feedback_records, impr
 
 
 def bench_joiner(settings: Settings, n_imp: int) -> dict[str, Any]:
-    import redis
     from confluent_kafka import Producer
 
     from services.workers.feedback import FeedbackProcessor
     from stream.feedback.logic import InMemoryFeedbackStore
     from stream.feedback.store import RedisFeedbackStore
     from stream.kafka_io import producer_config
+    from stream.redis_io import redis_client
 
     topics = Topics.from_settings(settings.topics)
     rng = random.Random(1)
@@ -69,7 +69,7 @@ def bench_joiner(settings: Settings, n_imp: int) -> dict[str, Any]:
     out: dict[str, Any] = {"impressions": n_imp, "input_records": len(recs)}
     for name in ("redis", "memory"):
         prefix = f"bench{random.randrange(1 << 30)}:"
-        store: Any = (RedisFeedbackStore(redis.Redis.from_url(settings.redis.url), cfg, prefix) if name == "redis"
+        store: Any = (RedisFeedbackStore(redis_client(settings.redis), cfg, prefix) if name == "redis"
                       else InMemoryFeedbackStore(cfg))
         producer = Producer(producer_config(settings.kafka))
         proc = FeedbackProcessor(store, producer, topics, cfg)

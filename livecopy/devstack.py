@@ -24,9 +24,10 @@ from typing import Any
 
 import redis
 
-from core.settings import DevStackSettings, KafkaSettings, TopicSettings
+from core.settings import DevStackSettings, KafkaSettings, RedisSettings, TopicSettings
 from core.wire import Topics
 from stream.kafka_io import ensure_topics
+from stream.redis_io import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def wait_redis(url: str, timeout_s: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if redis.Redis.from_url(url, socket_timeout=1).ping():
+            if redis_client(RedisSettings(url=url), timeout_s=1).ping():
                 return
         except redis.exceptions.RedisError as exc:
             last = exc

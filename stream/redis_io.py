@@ -1,4 +1,5 @@
-"""Running livecopy's Lua scripts in Redis: pipelined EVALSHA calls, transient errors named.
+"""Redis for every livecopy process: the one client factory (sync and asyncio), livecopy's Lua scripts run as
+pipelined EVALSHA calls, and the errors that mean "retry later".
 
 Every Redis-side merge (profile.lua, feedback.lua, responses.lua) is idempotent, so a batch can
 be redone: when Redis lost its script cache (restart, SCRIPT FLUSH) the script is loaded again
@@ -16,6 +17,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio as aredis
 from redis import exceptions as rex
 from redis.exceptions import NoScriptError
 
@@ -53,9 +55,18 @@ def is_transient_redis_error(exc: BaseException) -> bool:
     return isinstance(exc, rex.ResponseError) and _TRANSIENT_CODES.search(str(exc)) is not None
 
 
-def redis_client(r: RedisSettings) -> redis.Redis:
-    """A worker's Redis client: bounded connect and socket timeouts, so an outage is noticed."""
-    return redis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s)
+def redis_client(r: RedisSettings, *, timeout_s: float | None = None) -> redis.Redis:
+    """The Redis client of every livecopy process (workers, CLI, devstack probes): bounded connect and socket
+    timeouts (``redis.socket_timeout_s``, or ``timeout_s``), so an outage is noticed."""
+    t = r.socket_timeout_s if timeout_s is None else timeout_s
+    return redis.Redis.from_url(r.url, socket_timeout=t, socket_connect_timeout=t)
+
+
+def async_redis_client(r: RedisSettings, *, max_connections: int | None = None) -> aredis.Redis:
+    """The asyncio twin (the HTTP API): the same timeouts; ``max_connections`` bounds its pool."""
+    kw: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
+    return aredis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
+                                 **kw)
 
 
 class TransientStoreError(Exception):

@@ -175,13 +175,12 @@ def profile() -> None:
 @pass_ctx
 def profile_show(ctx: Ctx, user_id: str, as_json: bool) -> None:
     """Print USER_ID's profile."""
-    import redis
-
     from stream.profile.logic import render
     from stream.profile.store import RedisProfileStore
+    from stream.redis_io import redis_client
 
     s = ctx.settings
-    store = RedisProfileStore(redis.Redis.from_url(s.redis.url), s.profile, s.redis.key_prefix)
+    store = RedisProfileStore(redis_client(s.redis), s.profile, s.redis.key_prefix)
     state = store.load(user_id)
     if state is None:
         raise click.ClickException(f"no profile for user {user_id!r}")

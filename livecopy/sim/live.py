@@ -93,11 +93,10 @@ class StaticShadow:
     shipped CTR head -- never updated. Also scores random and oracle on the same candidates."""
 
     def __init__(self, settings: Any, pop_cfg: PopulationConfig, catalog: Any, *, k: int = 4, seed: int = 0) -> None:
-        import redis
-
         from engine.executor import load_executor
         from models.paths import shipped_student_dir
         from stream.profile.store import RedisProfileStore
+        from stream.redis_io import redis_client
 
         cfg = settings.generation.model_copy(update={"candidates": k, "seed": seed, "device": "cpu"})
         path = settings.generation.model_dir or settings.models.student_dir or shipped_student_dir()
@@ -105,7 +104,7 @@ class StaticShadow:
         self.settings = settings
         self.pop_cfg = pop_cfg
         self.catalog = catalog
-        self.store = RedisProfileStore(redis.Redis.from_url(settings.redis.url), settings.profile,
+        self.store = RedisProfileStore(redis_client(settings.redis), settings.profile,
                                        settings.redis.key_prefix)
         self.rng = np.random.default_rng(seed)
         self.seed = seed

@@ -18,7 +18,7 @@ from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
 from stream.profile.logic import render
 from stream.profile.store import AsyncProfileReader
-from stream.redis_io import TRANSIENT_REDIS_ERRORS
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, async_redis_client
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -45,9 +45,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = redis_client or aredis.Redis.from_url(
-            settings.redis.url, socket_timeout=settings.redis.socket_timeout_s
-        )
+        client = redis_client or async_redis_client(settings.redis)
         app.state.redis = client
         app.state.profiles = AsyncProfileReader(client, settings.redis.key_prefix)
         async with contextlib_aclosing_all(app):

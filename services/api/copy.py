@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-import redis
 from confluent_kafka import Producer
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -47,7 +46,7 @@ from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBack
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile.logic import render
-from stream.redis_io import TRANSIENT_REDIS_ERRORS
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, redis_client
 from stream.responses.store import AsyncResponseReader
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def copy_extension(
             eng.start()
             if settings.generation.load_catalog_if_empty:
                 keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
-                client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+                client = redis_client(settings.redis)
                 try:
                     await asyncio.to_thread(ensure_catalog, client, keys)
                 finally:

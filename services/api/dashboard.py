@@ -19,12 +19,12 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from core.settings import Settings
 from stream.feedback.store import RedisFeedbackStore
+from stream.redis_io import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class FeedbackCtrSource:
     """CTR per model version from the feedback joiner's Redis aggregates (a ``CtrSource``; close it)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+        self.client = redis_client(settings.redis)
         self.store = RedisFeedbackStore(self.client, settings.feedback, settings.redis.key_prefix)
 
     def __call__(self) -> dict[str, tuple[int, int]]:

@@ -57,7 +57,7 @@ from stream.kafka_io import consumer_config, producer_config
 from stream.model_updates import ModelUpdateFollower
 from stream.profile.logic import render
 from stream.profile.store import ProfileKeys, RedisProfileStore
-from stream.redis_io import TRANSIENT_REDIS_ERRORS
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, redis_client
 from stream.responses.store import RedisResponseStore
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ class GeneratorWorker:
         self.topics = Topics.from_settings(settings.topics)
         self.consumer = consumer or Consumer(consumer_config(
             settings.kafka, settings.worker.group_prefix + GROUP))
-        self.client = client or redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s,
-                                                     socket_connect_timeout=settings.redis.socket_timeout_s)
+        self.client = client or redis_client(settings.redis)
         self.publisher = CopyPublisher(producer or Producer(producer_config(settings.kafka)), self.topics.copy)
         self.metrics = metrics
         self.wall_ms = wall_ms
