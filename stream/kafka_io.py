@@ -15,6 +15,14 @@ original key and bytes; one too large for the producer or the broker (a 1 MB+ ev
 instead as its first 64 KiB with headers ``error.truncated: true`` and ``source.size`` (the
 original stays at its ``source.*`` offset). SIGTERM (via `stop()`) finishes the batch in hand,
 commits and closes.
+
+It is the one consume loop of every group consumer, the generator worker's included: a processor
+whose effects finish later (an `AsyncProcessor`: the generator hands product views to a thread pool)
+returns them as ``Outcome.pending`` and reports them through ``finished()``; offsets are committed up
+to the first record not finished (`OffsetTracker`), and while ``in_flight()`` is above
+``max_inflight`` the loop pauses its partitions (still polling, so it keeps its group membership).
+Records that consume() returned for a partition a rebalance inside it had taken away are left to
+the new owner: neither processed nor committed.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -115,6 +123,44 @@ def to_record(m: Message) -> Record:
     )
 
 
+TP = tuple[str, int]
+
+
+class OffsetTracker:
+    """Which offset of each partition may be committed while records finish out of order (pure).
+
+    ``add`` a record still under way, ``advance`` past records that took effect, ``done`` when one under
+    way finishes; ``committable`` gives, per partition, the offset after the longest finished prefix."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[TP, set[int]] = {}
+        self._next: dict[TP, int] = {}
+
+    def add(self, tp: TP, offset: int) -> None:
+        self._inflight.setdefault(tp, set()).add(offset)
+        self.advance(tp, offset + 1)
+
+    def advance(self, tp: TP, next_offset: int) -> None:
+        if next_offset > self._next.get(tp, -1):
+            self._next[tp] = next_offset
+
+    def done(self, tp: TP, offset: int) -> None:
+        s = self._inflight.get(tp)
+        if s is not None:
+            s.discard(offset)
+
+    def drop(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self._inflight.pop(tp, None)
+            self._next.pop(tp, None)
+
+    def committable(self) -> dict[TP, int]:
+        return {tp: (min(self._inflight[tp]) if self._inflight.get(tp) else nxt) for tp, nxt in self._next.items()}
+
+    def pending(self) -> int:
+        return sum(len(s) for s in self._inflight.values())
+
+
 class TransientError(Exception):
     """A dependency is unavailable; the batch will be retried from Kafka later."""
 
@@ -124,6 +170,8 @@ class Outcome:
     """What a processor did with a batch: records to send to the DLQ (the rest took effect)."""
 
     rejected: list[tuple[Record, Rejection]]
+    # records whose effects are still under way (an AsyncProcessor): committed once finished() names them
+    pending: Sequence[Record] = field(default_factory=tuple)
 
 
 class Processor(Protocol):
@@ -136,10 +184,29 @@ class Processor(Protocol):
         ...
 
 
+class AsyncProcessor(Processor, Protocol):
+    """A processor whose effects finish after ``process`` returned (its ``Outcome.pending``)."""
+
+    def finished(self) -> list[tuple[TP, int]]:
+        """(partition, offset) of the pending records whose effects are done since the last call."""
+        ...
+
+    def in_flight(self) -> int:
+        """How much work is under way (the loop pauses its partitions above ``max_inflight``)."""
+        ...
+
+    def drain(self) -> None:
+        """At close: stop taking work and wait for (or abandon) what is under way; abandoned records are
+        not reported finished, so they are not committed and are read again by the next owner."""
+        ...
+
+
 class LoopMetrics(Protocol):
     def batch_done(self, records: Sequence[Record], rejected: int, seconds: float) -> None: ...
 
     def retrying(self, reason: str) -> None: ...
+
+    def count(self, outcome: str, n: int = 1) -> None: ...
 
 
 class NullMetrics:
@@ -147,6 +214,9 @@ class NullMetrics:
         pass
 
     def retrying(self, reason: str) -> None:
+        pass
+
+    def count(self, outcome: str, n: int = 1) -> None:
         pass
 
 
@@ -227,6 +297,8 @@ class BatchLoop:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         commit_interval_s: float = 0.5,
+        max_inflight: int = 0,
+        resume_below: int = 0,
         metrics: LoopMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -246,9 +318,13 @@ class BatchLoop:
         self.clock = clock
         self._stop = threading.Event()
         self._delivery = DeliveryTracker()
-        self._done: dict[tuple[str, int], int] = {}  # next offset to commit, per partition
+        self.tracker = OffsetTracker()  # what may be committed, per partition
         self._assigned: set[tuple[str, int]] = set()
-        self._paused = False
+        self._paused = False  # backing off after a TransientError
+        self.max_inflight = max_inflight  # 0: no flow control (a synchronous processor)
+        self.resume_below = resume_below
+        self._throttled = False  # paused while an AsyncProcessor has too much in flight
+        self._async = all(callable(getattr(processor, m, None)) for m in ("finished", "in_flight", "drain"))
         self._delay = 0.0  # the backoff after consecutive failed tries of a batch (0: the last one went through)
         self.batches = 0
         self.records = 0
@@ -279,6 +355,9 @@ class BatchLoop:
         batch = self._poll_batch()
         if batch:
             self._handle(batch)
+        if self._async:
+            self._collect()
+            self._flow_control()
         if self._dirty and self.clock() - self._last_commit >= self.commit_interval_s:
             # Asynchronous and at most every commit_interval_s (also when idle): offsets only ever
             # name records whose effects were acknowledged; a lost commit only means re-reading
@@ -287,23 +366,29 @@ class BatchLoop:
         return len(batch)
 
     def close(self) -> None:
+        if self._async:
+            cast("AsyncProcessor", self.processor).drain()
+            self._collect()
         self._commit(sync=True)
         self.producer.flush(10)
         self.consumer.close()
 
     # -- rebalance ----------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._assigned |= {(p.topic, p.partition) for p in parts}
-        if self._paused:
+        tps = {(p.topic, p.partition) for p in parts}
+        self.tracker.drop(tps)  # start clean: nothing from an earlier assignment of the same partition
+        self._assigned |= tps
+        if self._paused or self._throttled:
             consumer.pause(parts)
         log.info("assigned %s", sorted(self._assigned))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        if self._async:
+            self._collect()
         self._commit(sync=True)
         gone = {(p.topic, p.partition) for p in parts}
         self._assigned -= gone
-        for tp in gone:
-            self._done.pop(tp, None)
+        self.tracker.drop(gone)  # a pending record of theirs that finishes later marks nothing
         log.info("revoked %s", sorted(gone))
 
     # -- the loop -----------------------------------------------------------------------------
@@ -325,6 +410,13 @@ class BatchLoop:
         return out
 
     def _handle(self, batch: list[Record]) -> None:
+        owned = self._owned()
+        mine = [r for r in batch if (r.topic, r.partition) in owned]
+        if len(mine) < len(batch):  # a rebalance served by consume() took their partition: the new owner's
+            self.metrics.count("not_owned", len(batch) - len(mine))
+            if not mine:
+                return
+            batch = mine
         started = self.clock()
         try:
             outcome = self._process_isolating(batch)
@@ -334,11 +426,19 @@ class BatchLoop:
             log.warning("batch of %d will be retried: %s", len(batch), exc)
             self._backoff_and_rewind(batch)
             return
-        owned = self._owned()
-        for r in batch:
-            tp = (r.topic, r.partition)
-            if tp in owned:  # a rebalance served by consume() may have taken it: its new owner commits it
-                self._done[tp] = r.offset + 1
+        if outcome.pending:
+            pending = {(r.topic, r.partition, r.offset) for r in outcome.pending}
+            for r in batch:
+                if (r.topic, r.partition, r.offset) in pending:
+                    self.tracker.add((r.topic, r.partition), r.offset)
+                else:
+                    self.tracker.advance((r.topic, r.partition), r.offset + 1)
+        else:
+            nxt: dict[TP, int] = {}
+            for r in batch:
+                nxt[(r.topic, r.partition)] = r.offset + 1
+            for tp, off in nxt.items():
+                self.tracker.advance(tp, off)
         self._dirty = True
         self._delay = 0.0
         self.batches += 1
@@ -408,14 +508,14 @@ class BatchLoop:
         """Commit the offsets of the partitions this member owns; never one it lost in a rebalance (the
         classic group protocol does not check, so that would rewind the new owner's committed offset)."""
         self._dirty = False
-        if not self._done:
+        committable = self.tracker.committable()
+        if not committable:
             return
         owned = self._owned()
-        for tp in [tp for tp in self._done if tp not in owned]:
-            del self._done[tp]
-        if not self._done:
+        self.tracker.drop([tp for tp in committable if tp not in owned])
+        offsets = [TopicPartition(t, p, off) for (t, p), off in committable.items() if (t, p) in owned]
+        if not offsets:
             return
-        offsets = [TopicPartition(t, p, off) for (t, p), off in self._done.items()]
         self._last_commit = self.clock()
         try:
             if sync:
@@ -425,8 +525,26 @@ class BatchLoop:
         except KafkaException as exc:
             # Not fatal: the records took effect idempotently and will at worst be re-read.
             log.warning("offset commit failed: %s", exc)
-        if sync:
-            self._done.clear()
+
+    # -- an AsyncProcessor's completions and flow control ------------------------------------------
+    def _collect(self) -> None:
+        done = cast("AsyncProcessor", self.processor).finished()
+        for tp, off in done:
+            self.tracker.done(tp, off)
+        if done:
+            self._dirty = True
+
+    def _flow_control(self) -> None:
+        if not self.max_inflight:
+            return
+        n = cast("AsyncProcessor", self.processor).in_flight()
+        if not self._throttled and n >= self.max_inflight:
+            self.consumer.pause(self.consumer.assignment())
+            self._throttled = True
+        elif self._throttled and n <= self.resume_below:
+            self._throttled = False
+            if not self._paused:
+                self.consumer.resume(self.consumer.assignment())
 
     def _healthy(self) -> bool:
         try:
@@ -471,7 +589,8 @@ class BatchLoop:
             for (topic, part), off in rewind.items():
                 if (topic, part) in self._assigned:
                     self.consumer.seek(TopicPartition(topic, part, off))
-            self.consumer.resume(current)
+            if not self._throttled:
+                self.consumer.resume(current)
 
 
 def committed_offsets(k: KafkaSettings, group_id: str, topic: str, partitions: int) -> dict[int, int]:

@@ -38,14 +38,12 @@ from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
 from core.wire import Topics
 from engine.batching import DeadlineExceeded, EngineStopped, Overloaded
-from engine.executor import CopyRequest
 from engine.serving import CopyEngine, ReloadEvent
-from models.text.context import context_from_profile
 from services.api.app import error
-from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog
+from services.copyflow import CopyFlow
+from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
-from stream.profile.logic import render
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, redis_client
 from stream.responses.store import AsyncResponseReader
 
@@ -111,8 +109,8 @@ class CopyService:
         self.cfg = settings.generation
         self.engine = engine
         self.redis = redis_client
-        self.keys = CopyKeys(settings.redis.key_prefix, self.cfg.catalog_key)
-        self.catalog = AsyncCatalog(redis_client, self.keys)
+        self.flow = CopyFlow(settings)
+        self.catalog = AsyncCatalog(redis_client, self.flow.keys)
         self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix, settings.responses.half_life_ms)
         self.publisher = publisher
         self.metrics = metrics
@@ -132,8 +130,7 @@ class CopyService:
             if product is None:
                 return error(404, "unknown_product", f"no product {product_id!r} in the catalog")
             state = await request.app.state.profiles.load(user_id)
-            pv = state.version if state is not None else 0
-            key = self.keys.copy(user_id, product_id, slot, pv, self.engine.version)
+            key = self.flow.key(user_id, product_id, slot, state, self.engine.version)
             cached = await self.redis.get(key)
             if cached is not None:
                 self.metrics.served.labels("cache", "cached").inc()
@@ -141,17 +138,17 @@ class CopyService:
             if self.publisher.congested():  # its record could not be queued: refuse before reading or generating
                 self.metrics.refused.labels("publish_backlog").inc()
                 return _unavailable("publish_backlog", str(PublishBacklog()))
-            profile = render(user_id, state, self.settings.profile) if state is not None else None
+            profile = self.flow.profile(user_id, state)
             recent = await self.catalog.get_many(profile.recent_products) if profile is not None else {}
-            response = await self.responses.load(user_id) if self.cfg.style_response_strength > 0 else None
+            response = await self.responses.load(user_id) if self.flow.uses_style_response else None
         except TRANSIENT_REDIS_ERRORS as exc:
             self.metrics.refused.labels("redis").inc()
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
-        ctx = context_from_profile(product, profile, slot, lookup=recent.get)
+        req = self.flow.request(user_id, product, state, profile, slot, response, recent.get)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            fut = self.engine.submit(CopyRequest(user_id, ctx, pv, style_response=response))
+            fut = self.engine.submit(req)
         except Overloaded as exc:
             self.metrics.refused.labels("overloaded").inc()
             return _unavailable("overloaded", str(exc))
@@ -168,15 +165,13 @@ class CopyService:
             self.metrics.refused.labels("error").inc()
             return error(500, "generation_failed", f"{type(exc).__name__}: {str(exc)[:200]}")
         self.metrics.generate_seconds.observe(loop.time() - started)
-        copy = res.to_copy()
-        body = encode_copy(copy)
+        made = self.flow.made(req, res, slot)
+        copy, body, key = made.copy, made.body, made.key
         try:  # not served unless queued for livecopy.copy: the feedback joiner needs every served copy
             delivered = self.publisher.publish(copy, body)
         except PublishBacklog as exc:
             self.metrics.refused.labels("publish_backlog").inc()
             return _unavailable("publish_backlog", str(exc))
-        # keyed by the version that made it (a swap may have happened while it was queued)
-        key = self.keys.copy(user_id, product_id, slot, pv, res.model_version)
         try:
             await self.redis.set(key, body, ex=self.cfg.cache_ttl_s)
         except TRANSIENT_REDIS_ERRORS as exc:  # served anyway; only the cache misses it

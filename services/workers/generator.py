@@ -1,32 +1,11 @@
 """The generator worker (``livecopy worker generator``): pre-generates copy on product views.
 
-For every ``product_view`` on ``livecopy.events`` it generates, with the same
-:class:`engine.serving.CopyEngine` and the same cache keys as ``GET /v1/copy``, the copies of the
-user's likely next impressions -- the viewed product and ``generator.related`` same-category
-products (``plan_products``) -- for the profile version that includes the view, writes them
-to the Redis copy cache and publishes each once to ``livecopy.copy``. A later ``GET /v1/copy``
-for one of them is then a cache hit.
-
-The poll loop never waits for the model: it decodes records and hands product views to a thread
-pool; tasks queue requests on the engine (which micro-batches them) and report back through a
-queue. Offsets are committed per partition only up to the first record whose effects (broker
-ack of the copies, then their cache write) are not done yet (``OffsetTracker``), so a crash
-re-generates at most what was in flight (cache keys that exist are skipped). A copy is written to
-the cache only after the broker acknowledged its record, with ``SET NX``: a cached copy is always
-a published one (the feedback joiner needs every served copy on ``livecopy.copy``), so skipping an
-existing key on re-delivery is safe, and a copy the API cached for the same key meanwhile (served
-already) is kept. A crash between the ack and the cache write leaves a published copy nobody
-serves (harmless: the joiner only joins impressions) and the re-delivered record makes a new one.
-When more than ``generator.max_inflight`` copies are in flight the loop pauses its partitions
-(still polling, so it keeps its group membership) and resumes below ``generator.resume_below``.
-Only partitions this member owns are tracked and committed: a record that consume() returned after
-the rebalance it served took its partition away is left to the new owner (committing it would
-rewind the new owner's offset).
-
-Invalid events are skipped and counted (the profile worker already sends them to the DLQ; a
-second DLQ copy would double-count them), also when the decoder fails with something other than a
-``Rejection`` (a bug must not crash-loop the worker on one record); so are views older than
-``generator.max_event_age_s``.
+Each ``product_view`` on ``livecopy.events`` makes the copies of the shopper's likely next
+impressions (the viewed product and ``generator.related`` same-category ones) through the same copy
+flow as ``GET /v1/copy``; each copy is published once to ``livecopy.copy``, then cached (``SET NX``).
+It runs on the one consume loop (``stream.kafka_io.BatchLoop``) as an ``AsyncProcessor``: views go to
+a thread pool and an offset is committed only once every copy of its record is acknowledged and
+cached. Why each step is ordered as it is: docs/generation.md.
 """
 
 from __future__ import annotations
@@ -41,21 +20,28 @@ from functools import partial
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from core.catalog import Catalog, Product
 from core.contracts import Event, EventType, GeneratedCopy
 from core.metrics import WorkerMetrics
 from core.settings import GeneratorSettings, Settings
-from core.wire import Rejection, Topics, decode_event
+from core.wire import Record, Rejection, Topics, decode_event
 from engine.batching import Overloaded
 from engine.executor import CopyRequest, CopyResult
 from engine.serving import CopyEngine
-from models.text.context import context_from_profile
-from stream.copy_store import CopyKeys, CopyPublisher, PublishBacklog, encode_copy, ensure_catalog, read_catalog
-from stream.kafka_io import consumer_config, producer_config
+from services.copyflow import CopyFlow
+from stream.copy_store import CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog, read_catalog
+from stream.kafka_io import (
+    TP,
+    BatchLoop,
+    NullMetrics,
+    OffsetTracker,
+    Outcome,
+    consumer_config,
+    producer_config,
+)
 from stream.model_updates import ModelUpdateFollower
-from stream.profile.logic import render
 from stream.profile.store import ProfileKeys, RedisProfileStore
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, redis_client
 from stream.responses.store import RedisResponseStore
@@ -63,38 +49,6 @@ from stream.responses.store import RedisResponseStore
 log = logging.getLogger(__name__)
 
 GROUP = "generator"
-TP = tuple[str, int]
-
-
-class OffsetTracker:
-    """Which offsets may be committed while records finish out of order (pure).
-
-    ``add`` each consumed record, ``done`` when its effects are acknowledged; ``committable``
-    gives, per partition, the offset after the longest finished prefix."""
-
-    def __init__(self) -> None:
-        self._inflight: dict[TP, set[int]] = {}
-        self._next: dict[TP, int] = {}
-
-    def add(self, tp: TP, offset: int) -> None:
-        self._inflight.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-
-    def done(self, tp: TP, offset: int) -> None:
-        s = self._inflight.get(tp)
-        if s is not None:
-            s.discard(offset)
-
-    def drop(self, tps: Sequence[TP]) -> None:
-        for tp in tps:
-            self._inflight.pop(tp, None)
-            self._next.pop(tp, None)
-
-    def committable(self) -> dict[TP, int]:
-        return {tp: (min(self._inflight[tp]) if self._inflight.get(tp) else nxt) for tp, nxt in self._next.items()}
-
-    def pending(self) -> int:
-        return sum(len(s) for s in self._inflight.values())
 
 
 def plan_products(viewed: Product, catalog: Catalog, recent: Sequence[str], related: int) -> list[Product]:
@@ -123,7 +77,7 @@ class Pregenerator:
         self.catalog = catalog
         self.stop = stop
         self.metrics = metrics
-        self.keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
+        self.flow = CopyFlow(settings)
         self.pkeys = ProfileKeys(settings.redis.key_prefix)
         self.profiles = RedisProfileStore(client, settings.profile, settings.redis.key_prefix)
         self.responses = RedisResponseStore(client, settings.responses, settings.redis.key_prefix)
@@ -189,12 +143,11 @@ class Pregenerator:
             return 0
         self._wait_profile(ev)
         state = self._retry("profile load", lambda: self.profiles.load(ev.user_id))
-        pv = state.version if state is not None else 0
-        profile = render(ev.user_id, state, self.settings.profile) if state is not None else None
+        profile = self.flow.profile(ev.user_id, state)
         products = plan_products(viewed, cat, profile.recent_products if profile else [], self.cfg.related)
         version = self.engine.version
         slot = self.cfg.slot
-        keys = [self.keys.copy(ev.user_id, p.product_id, slot, pv, version) for p in products]
+        keys = [self.flow.key(ev.user_id, p.product_id, slot, state, version) for p in products]
 
         def exists() -> list[Any]:
             with self.client.pipeline(transaction=False) as pipe:
@@ -208,14 +161,11 @@ class Pregenerator:
         if not todo:
             return 0
         response = (self._retry("style response load", lambda: self.responses.load(ev.user_id))
-                    if self.settings.generation.style_response_strength > 0 else None)
-        futs = [self._submit(CopyRequest(ev.user_id, context_from_profile(p, profile, slot, lookup=cat.get), pv,
-                                         style_response=response))
-                for p in todo]
-        results = [f.result() for f in futs]
-        # keyed by the version that made it (a swap may have happened while it was queued)
-        pending = [(c, self.keys.copy(r.user_id, r.product_id, slot, pv, r.model_version), encode_copy(c))
-                   for r in results for c in (r.to_copy(),)]
+                    if self.flow.uses_style_response else None)
+        reqs = [self.flow.request(ev.user_id, p, state, profile, slot, response, cat.get) for p in todo]
+        futs = [self._submit(r) for r in reqs]
+        copies = [self.flow.made(r, f.result(), slot) for r, f in zip(reqs, futs, strict=True)]
+        pending = [(m.copy, m.key, m.body) for m in copies]
         made = len(pending)
         while pending:  # every copy acknowledged by the broker, then cached, before the record counts as done
             sent = [(item, self._publish(item[0], item[2])) for item in pending]  # all queued, then awaited
@@ -241,7 +191,105 @@ class Pregenerator:
         self._count("cache_kept_other", sum(1 for w in written if not w))
 
 
+class PregenProcessor:
+    """The generator's ``AsyncProcessor`` for the batch loop: product views go to a thread pool (the poll
+    loop never waits for the model); everything else is skipped and counted, never sent to the DLQ (the
+    profile worker does that already)."""
+
+    def __init__(self, cfg: GeneratorSettings, pregen: Pregenerator, stop: threading.Event, *, threads: int,
+                 metrics: WorkerMetrics | None, wall_ms: Callable[[], int]) -> None:
+        self.cfg = cfg
+        self.pregen = pregen
+        self.stop = stop
+        self.metrics = metrics
+        self.wall_ms = wall_ms
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pregen")
+        self._completed: queue.Queue[tuple[TP, int, int, int]] = queue.Queue()  # (tp, offset, weight, copies)
+        self.inflight = 0  # copies (estimated) in flight
+        self.records = 0
+        self.copies = 0
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        pending = [r for r in records if self._dispatch(r)]
+        self.records += len(records)
+        return Outcome([], pending)
+
+    def healthy(self) -> bool:
+        return True
+
+    def finished(self) -> list[tuple[TP, int]]:
+        done = []
+        while True:
+            try:
+                tp, off, weight, made = self._completed.get_nowait()
+            except queue.Empty:
+                return done
+            done.append((tp, off))
+            self.inflight -= weight
+            self.copies += made
+
+    def in_flight(self) -> int:
+        return self.inflight
+
+    def drain(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        left = self.pregen.publisher.close()
+        if left:
+            log.error("%d copies not acknowledged at shutdown", left)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.count(outcome)
+
+    def _dispatch(self, r: Record) -> bool:
+        """Whether ``r`` went to the pool (its effects still under way)."""
+        try:
+            ev = decode_event(r.key, r.value)
+        except Rejection:
+            self._count("invalid")
+            return False
+        except Exception:  # a decoder bug: never fatal (the uncommitted record would crash-loop the worker)
+            log.warning("record %s[%d]@%d could not be decoded; skipped as invalid", r.topic, r.partition, r.offset,
+                        exc_info=True)
+            self._count("invalid")
+            return False
+        if ev.type != EventType.PRODUCT_VIEW:
+            self._count("not_a_view")
+            return False
+        if self.wall_ms() - ev.ts > self.cfg.max_event_age_s * 1000:
+            self._count("stale")
+            return False
+        weight = 1 + max(0, self.cfg.related)
+        self.inflight += weight
+        self.pool.submit(self._task, ev, (r.topic, r.partition), r.offset, weight)
+        return True
+
+    def _task(self, ev: Event, tp: TP, off: int, weight: int) -> None:
+        made = 0
+        try:
+            made = self.pregen.handle(ev)
+        except Stopping:
+            return  # not done: not committed, re-read after restart
+        except Exception:
+            log.exception("pre-generation for %s failed; skipped", ev.event_id)
+            self._count("failed")
+        self._completed.put((tp, off, weight, made))  # counted by the loop thread (pool threads would race)
+
+
+class _NotOwnedOnly(NullMetrics):
+    """The loop's own counts the generator reports: records left to a partition's new owner."""
+
+    def __init__(self, metrics: WorkerMetrics | None) -> None:
+        self.metrics = metrics
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        if self.metrics:
+            self.metrics.count(outcome, n)
+
+
 class GeneratorWorker:
+    """The generator worker: a ``BatchLoop`` over ``livecopy.events`` with a ``PregenProcessor``."""
+
     def __init__(self, settings: Settings, engine: CopyEngine, *, consumer: Consumer | None = None,
                  producer: Producer | None = None, client: redis.Redis | None = None,
                  metrics: WorkerMetrics | None = None, threads: int = 16,
@@ -250,27 +298,26 @@ class GeneratorWorker:
         self.cfg = settings.generator
         self.engine = engine
         self.topics = Topics.from_settings(settings.topics)
-        self.consumer = consumer or Consumer(consumer_config(
-            settings.kafka, settings.worker.group_prefix + GROUP))
+        consumer = consumer or Consumer(consumer_config(settings.kafka, settings.worker.group_prefix + GROUP))
+        producer = producer or Producer(producer_config(settings.kafka))
         self.client = client or redis_client(settings.redis)
-        self.publisher = CopyPublisher(producer or Producer(producer_config(settings.kafka)), self.topics.copy)
-        self.metrics = metrics
-        self.wall_ms = wall_ms
+        self.publisher = CopyPublisher(producer, self.topics.copy)
         self.keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
         self._catalog: Catalog | None = None
         self._catalog_at = 0.0
         self._catalog_lock = threading.Lock()
         self._stop = threading.Event()
         self.pregen = Pregenerator(settings, engine, self.client, self.publisher, self.catalog, self._stop, metrics)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pregen")
-        self.tracker = OffsetTracker()
-        self._owned: set[TP] = set()  # partitions assigned to this member (rebalance callbacks keep it)
-        self._completed: queue.Queue[tuple[TP, int, int, int]] = queue.Queue()  # (tp, offset, weight, copies)
-        self.inflight = 0  # copies (estimated) in flight
-        self.paused = False
-        self.records = 0
-        self.copies = 0
-        self._last_commit = 0.0
+        self.processor = PregenProcessor(self.cfg, self.pregen, self._stop, threads=threads, metrics=metrics,
+                                         wall_ms=wall_ms)
+        w = settings.worker
+        self.loop = BatchLoop(consumer, producer, self.processor, topics=[self.topics.events], dlq_topic=self.topics.dlq,
+                              max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s,
+                              backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
+                              commit_interval_s=self.cfg.commit_interval_s, max_inflight=self.cfg.max_inflight,
+                              resume_below=self.cfg.resume_below, metrics=_NotOwnedOnly(metrics))
+        self._on_assign = self.loop._on_assign
+        self._on_revoke = self.loop._on_revoke
 
     # -- catalog ---------------------------------------------------------------------------------
     def catalog(self) -> Catalog:
@@ -282,129 +329,31 @@ class GeneratorWorker:
                 self._catalog_at = time.monotonic()
             return self._catalog
 
-    # -- lifecycle ---------------------------------------------------------------------------------
+    # -- the loop (BatchLoop's) -------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+        self.loop.stop()
 
     def run(self) -> None:
-        self.consumer.subscribe([self.topics.events], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        try:
-            while not self._stop.is_set():
-                self.step()
-        finally:
-            self.close()
+        self.loop.run()
 
     def step(self) -> None:
-        msgs = self.consumer.consume(self.settings.worker.max_batch, timeout=self.settings.worker.poll_timeout_s)
-        for m in msgs:
-            if m.error() is None:
-                self._dispatch(m)
-        self._drain()
-        self._flow_control()
-        if time.monotonic() - self._last_commit >= self.cfg.commit_interval_s:
-            self._commit(sync=False)
+        self.loop.step()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self._drain()
-        self._commit(sync=True)
-        left = self.publisher.close()
-        if left:
-            log.error("%d copies not acknowledged at shutdown", left)
-        self.consumer.close()
+        self.loop.close()
 
-    # -- the loop -------------------------------------------------------------------------------------
-    def _dispatch(self, m: Message) -> None:
-        tp, off = (m.topic() or "", m.partition() or 0), m.offset() or 0
-        if tp not in self._owned:  # fetched before a rebalance that consume() served took it: its new owner's
-            if self.metrics:
-                self.metrics.count("not_owned")
-            return
-        self.tracker.add(tp, off)
-        self.records += 1
-        try:
-            ev = decode_event(m.key(), m.value())
-        except Rejection:
-            self._skip(tp, off, "invalid")
-            return
-        except Exception:  # a decoder bug: never fatal (the uncommitted record would crash-loop the worker)
-            log.warning("record %s[%d]@%d could not be decoded; skipped as invalid", tp[0], tp[1], off, exc_info=True)
-            self._skip(tp, off, "invalid")
-            return
-        if ev.type != EventType.PRODUCT_VIEW:
-            self._skip(tp, off, "not_a_view")
-            return
-        if self.wall_ms() - ev.ts > self.cfg.max_event_age_s * 1000:
-            self._skip(tp, off, "stale")
-            return
-        weight = 1 + max(0, self.cfg.related)
-        self.inflight += weight
-        self.pool.submit(self._task, ev, tp, off, weight)
+    @property
+    def tracker(self) -> OffsetTracker:
+        return self.loop.tracker
 
-    def _skip(self, tp: TP, off: int, outcome: str) -> None:
-        self.tracker.done(tp, off)
-        if self.metrics:
-            self.metrics.count(outcome)
+    @property
+    def records(self) -> int:
+        return self.processor.records
 
-    def _task(self, ev: Event, tp: TP, off: int, weight: int) -> None:
-        made = 0
-        try:
-            made = self.pregen.handle(ev)
-        except Stopping:
-            return  # not done: not committed, re-read after restart
-        except Exception:
-            log.exception("pre-generation for %s failed; skipped", ev.event_id)
-            if self.metrics:
-                self.metrics.count("failed")
-        self._completed.put((tp, off, weight, made))  # counted by the loop thread (pool threads would race)
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                tp, off, weight, made = self._completed.get_nowait()
-            except queue.Empty:
-                return
-            self.tracker.done(tp, off)
-            self.inflight -= weight
-            self.copies += made
-
-    def _flow_control(self) -> None:
-        if not self.paused and self.inflight >= self.cfg.max_inflight:
-            self.consumer.pause(self.consumer.assignment())
-            self.paused = True
-        elif self.paused and self.inflight <= self.cfg.resume_below:
-            self.consumer.resume(self.consumer.assignment())
-            self.paused = False
-
-    def _commit(self, sync: bool) -> None:
-        self._last_commit = time.monotonic()
-        # only partitions this member owns (the group protocol does not check: it would rewind a new owner's offset)
-        offs = [TopicPartition(t, p, o) for (t, p), o in self.tracker.committable().items() if (t, p) in self._owned]
-        if not offs:
-            return
-        try:
-            if sync:
-                self.consumer.commit(offsets=offs, asynchronous=False)
-            else:
-                self.consumer.commit(offsets=offs, asynchronous=True)
-        except Exception as exc:  # not fatal: at worst records are re-read (cached keys are skipped)
-            log.warning("offset commit failed: %s", exc)
-
-    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        tps = [(p.topic, p.partition) for p in parts]
-        self.tracker.drop(tps)  # start clean: nothing from an earlier assignment of the same partition
-        self._owned.update(tps)
-        if self.paused:
-            consumer.pause(parts)
-        log.info("assigned %s", [(p.topic, p.partition) for p in parts])
-
-    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._drain()
-        self._commit(sync=True)
-        tps = [(p.topic, p.partition) for p in parts]
-        self._owned.difference_update(tps)
-        self.tracker.drop(tps)  # a task of theirs that finishes later marks nothing (see OffsetTracker.done)
-        log.info("revoked %s", [(p.topic, p.partition) for p in parts])
+    @property
+    def copies(self) -> int:
+        return self.processor.copies
 
 
 def run_generator_worker(settings: Settings, *, metrics_port: int | None = None,

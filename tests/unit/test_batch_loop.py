@@ -417,3 +417,84 @@ def test_batch_size_does_not_change_the_result(max_batch: int) -> None:
     drain(loop)
     assert actual_profiles(store) == expected_profiles(cluster)
 
+
+
+class SlowEffects:
+    """An AsyncProcessor: every record's effect is under way until the test finishes it, in any order."""
+
+    def __init__(self) -> None:
+        self.under_way: list[Record] = []
+        self.done: list[tuple[tuple[str, int], int]] = []
+        self.drained = False
+
+    def process(self, records: Sequence[Record]) -> Outcome:
+        self.under_way += records
+        return Outcome([], records)
+
+    def healthy(self) -> bool:
+        return True
+
+    def finish(self, offset: int, partition: int = 0) -> None:
+        r = next(r for r in self.under_way if r.offset == offset and r.partition == partition)
+        self.under_way.remove(r)
+        self.done.append(((r.topic, r.partition), r.offset))
+
+    def finished(self) -> list[tuple[tuple[str, int], int]]:
+        out, self.done = self.done, []
+        return out
+
+    def in_flight(self) -> int:
+        return len(self.under_way)
+
+    def drain(self) -> None:
+        self.drained = True
+
+
+def test_an_async_processor_commits_only_the_finished_prefix_of_each_partition() -> None:
+    cluster = FakeCluster()
+    cluster.create("ev", 1)
+    for i in range(5):
+        cluster.append("ev", b"u", b"x%d" % i, partition=0)
+    proc = SlowEffects()
+    loop = BatchLoop(FakeConsumer(cluster, "g"), FakeProducer(cluster), proc, topics=["ev"], dlq_topic="dlq",
+                     commit_interval_s=0.0)
+    loop.start()
+    loop.step()
+    assert cluster.committed.get(("g", "ev", 0), 0) == 0  # nothing finished yet
+    proc.finish(1)
+    proc.finish(2)
+    loop.step()
+    assert cluster.committed.get(("g", "ev", 0), 0) == 0  # offset 0 is still under way
+    proc.finish(0)
+    loop.step()
+    assert cluster.committed[("g", "ev", 0)] == 3
+    proc.finish(4)
+    loop.close()  # drains, then commits what finished: 3 is still under way
+    assert proc.drained and cluster.committed[("g", "ev", 0)] == 3
+
+
+def test_an_async_processor_with_too_much_in_flight_pauses_the_partitions_until_below_resume() -> None:
+    cluster = FakeCluster()
+    cluster.create("ev", 2)
+    for i in range(10):
+        cluster.append("ev", b"u", b"x%d" % i, partition=i % 2)
+    proc = SlowEffects()
+    consumer = FakeConsumer(cluster, "g")
+    loop = BatchLoop(consumer, FakeProducer(cluster), proc, topics=["ev"], dlq_topic="dlq", max_batch=4,
+                     max_inflight=4, resume_below=1, commit_interval_s=0.0)
+    loop.start()
+    loop.step()
+    assert len(proc.under_way) == 4 and consumer.paused == {("ev", 0), ("ev", 1)}
+    loop.step()
+    assert len(proc.under_way) == 4  # paused: nothing more read
+    for r in list(proc.under_way)[:2]:
+        proc.finish(r.offset, r.partition)
+    loop.step()
+    assert consumer.paused  # 2 in flight, not yet <= 1
+    for r in list(proc.under_way):
+        proc.finish(r.offset, r.partition)
+    loop.step()
+    assert not consumer.paused
+    loop.step()
+    assert len(proc.under_way) == 4  # reading again
+    loop.close()

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from livecopy.cli import register
 
 from core.settings import Settings
-from livecopy.cli import cli
+from livecopy.cli import cli, register
 
 ROOT = Path(__file__).resolve().parents[2]
 
