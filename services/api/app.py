@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from core.contracts import is_user_id
 from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
+from services.api.state import AppState, state_of
 from stream.profile.logic import render
 from stream.profile.store import AsyncProfileReader
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, async_redis_client
@@ -46,18 +47,16 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = redis_client or async_redis_client(settings.redis)
-        app.state.redis = client
-        app.state.profiles = AsyncProfileReader(client, settings.redis.key_prefix)
+        st = state_of(app)
+        st.redis = client
+        st.profiles = AsyncProfileReader(client, settings.redis.key_prefix)
         async with contextlib_aclosing_all(app):
             yield
         if redis_client is None:
             await client.aclose()
 
     app = FastAPI(title="livecopy", version="1", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.startup = []
-    app.state.shutdown = []
+    app.state.livecopy = AppState(settings, http=metrics, registries=[metrics.registry])
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
@@ -74,7 +73,7 @@ def create_app(
         if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
         try:
-            state = await request.app.state.profiles.load(user_id)
+            state = await state_of(request).require_profiles().load(user_id)
         except TRANSIENT_REDIS_ERRORS as exc:
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
         if state is None:
@@ -84,17 +83,17 @@ def create_app(
     @app.get("/healthz")
     async def healthz(request: Request) -> Any:
         try:
-            await request.app.state.redis.ping()
+            await state_of(request).require_redis().ping()
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "redis": str(exc)[:200]}, status_code=503)
         checks = {"status": "ok", "redis": "ok"}
-        for check in getattr(request.app.state, "health_checks", []):
+        for check in state_of(request).health_checks:
             checks.update(check())
         return checks
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body = b"".join(generate_latest(r) for r in [metrics.registry, *getattr(app.state, "registries", [])])
+        body = b"".join(generate_latest(r) for r in state_of(app).registries)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     for ext in extensions or []:
@@ -108,11 +107,12 @@ def create_app(
 
 @asynccontextmanager
 async def contextlib_aclosing_all(app: FastAPI) -> AsyncIterator[None]:
-    """Run the start/stop hooks extensions registered on app.state.startup / app.state.shutdown."""
-    for hook in app.state.startup:
+    """Run the start/stop hooks extensions registered on the app's ``AppState.startup`` / ``shutdown``."""
+    st = state_of(app)
+    for hook in st.startup:
         await hook(app)
     try:
         yield
     finally:
-        for hook in reversed(app.state.shutdown):
+        for hook in reversed(st.shutdown):
             await hook(app)

@@ -40,6 +40,7 @@ from core.wire import Topics
 from engine.batching import DeadlineExceeded, EngineStopped, Overloaded
 from engine.serving import CopyEngine, ReloadEvent
 from services.api.app import error
+from services.api.state import state_of
 from services.copyflow import CopyFlow
 from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog
 from stream.kafka_io import producer_config
@@ -129,7 +130,7 @@ class CopyService:
             product = await self.catalog.get(product_id)
             if product is None:
                 return error(404, "unknown_product", f"no product {product_id!r} in the catalog")
-            state = await request.app.state.profiles.load(user_id)
+            state = await state_of(request).require_profiles().load(user_id)
             key = self.flow.key(user_id, product_id, slot, state, self.engine.version)
             cached = await self.redis.get(key)
             if cached is not None:
@@ -233,7 +234,7 @@ def copy_extension(
     follow = settings.generation.hot_reload if follow_updates is None else follow_updates
 
     def install(app: FastAPI) -> None:
-        app.state.registries = [*getattr(app.state, "registries", []), metrics.registry]
+        state_of(app).registries.append(metrics.registry)
 
         async def startup(app: FastAPI) -> None:
             own = engine is None
@@ -250,34 +251,38 @@ def copy_extension(
                     client.close()
             topics = Topics.from_settings(settings.topics)
             pub = CopyPublisher(producer or Producer(producer_config(settings.kafka)), topics.copy)
-            svc = CopyService(settings, eng, app.state.redis, pub, metrics)
-            app.state.copy = svc
-            app.state.health_checks = [*getattr(app.state, "health_checks", []), svc.health]
+            st = state_of(app)
+            svc = CopyService(settings, eng, st.require_redis(), pub, metrics)
+            st.copy = svc
+            st.health_checks.append(svc.health)
             follower = None
             if follow:
                 follower = ModelUpdateFollower(settings, eng.model, eng.apply_update).start()
-            app.state.copy_follower = follower
-            app.state.copy_owns_engine = own
+            st.copy_follower = follower
+            st.copy_owns_engine = own
 
         async def shutdown(app: FastAPI) -> None:
-            svc: CopyService | None = getattr(app.state, "copy", None)
+            st = state_of(app)
+            svc = st.copy
             if svc is None:
                 return
-            if app.state.copy_follower is not None:
-                await asyncio.to_thread(app.state.copy_follower.stop)
-            if app.state.copy_owns_engine:
+            if st.copy_follower is not None:
+                await asyncio.to_thread(st.copy_follower.stop)
+            if st.copy_owns_engine:
                 await asyncio.to_thread(svc.engine.stop)
             left = await asyncio.to_thread(svc.publisher.close)
             if left:
                 log.error("%d copies not acknowledged by the broker at shutdown", left)
 
-        app.state.startup.append(startup)
-        app.state.shutdown.append(shutdown)
+        state_of(app).startup.append(startup)
+        state_of(app).shutdown.append(shutdown)
 
         @app.get("/v1/copy")
         async def get_copy(request: Request, user_id: str = "", product_id: str = "", slot: str | None = None) -> Any:
             """Generated copy JSON (CONTRACTS.md); 422 invalid ids, 404 unknown product, 503 overloaded."""
-            svc: CopyService = request.app.state.copy
+            svc = state_of(request).copy
+            if svc is None:
+                return _unavailable("starting", "the copy service is starting")
             return await svc.get_copy(request, user_id, product_id, slot)
 
     return install

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from core.settings import Settings
+from services.api.state import state_of
 from stream.feedback.store import RedisFeedbackStore
 from stream.redis_io import redis_client
 
@@ -49,7 +50,7 @@ class FeedbackCtrSource:
 
 def _histogram(app: FastAPI, route: str) -> tuple[list[float], list[float], float] | None:
     """(upper bounds, cumulative counts, count) of the API latency histogram for ``route``."""
-    metrics = getattr(app.state, "metrics", None)
+    metrics = state_of(app).http
     if metrics is None:
         return None
     for fam in metrics.latency.collect():
@@ -127,7 +128,7 @@ class Sampler:
                 v: {"impressions": n, "clicks": k, "ctr": (k / n if n else None)} for v, (n, k) in by.items()}})
 
     def data(self) -> dict[str, Any]:
-        copy = getattr(self.app.state, "copy", None)
+        copy = state_of(self.app).copy
         engine = getattr(copy, "engine", None)
         return {
             "model": getattr(engine, "model", None), "model_version": getattr(engine, "version", None),
@@ -149,7 +150,7 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
             if src is None:
                 src = holder["own_source"] = FeedbackCtrSource(settings)
             sampler = Sampler(app, src)
-            app.state.dashboard = sampler
+            state_of(app).dashboard = sampler
 
             async def loop() -> None:
                 while True:
@@ -168,8 +169,8 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
             if own is not None:
                 own.close()
 
-        app.state.startup.append(startup)
-        app.state.shutdown.append(shutdown)
+        state_of(app).startup.append(startup)
+        state_of(app).shutdown.append(shutdown)
 
         @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
         async def page() -> HTMLResponse:
@@ -181,7 +182,7 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
 
         @app.get("/dashboard/data")
         async def data(request: Request) -> Any:
-            sampler: Sampler | None = getattr(request.app.state, "dashboard", None)
+            sampler = state_of(request).dashboard
             if sampler is None:
                 return JSONResponse({"error": "starting"}, status_code=503)
             return sampler.data()

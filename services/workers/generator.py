@@ -218,7 +218,7 @@ class PregenProcessor:
         return True
 
     def finished(self) -> list[tuple[TP, int]]:
-        done = []
+        done: list[tuple[TP, int]] = []
         while True:
             try:
                 tp, off, weight, made = self._completed.get_nowait()

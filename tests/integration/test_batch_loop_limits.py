@@ -98,7 +98,8 @@ def feedback(i: int, user: str) -> bytes:
 
 def test_a_full_redis_holds_the_worker_back_sends_nothing_to_the_dlq_and_it_recovers(settings: Settings) -> None:
     settings = settings.model_copy(update={"responses": ResponseSettings(half_life_days=0)})  # exact counts
-    settings.worker.retry_backoff_initial_s, settings.worker.retry_backoff_max_s = 0.05, 0.2
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(
+        update={"retry_backoff_initial_s": 0.05, "retry_backoff_max_s": 0.2})})
     topics = Topics.from_settings(settings.topics)
     client = redis.Redis.from_url(settings.redis.url)
     users = ["u0", "u1", "u2"]
@@ -138,7 +139,8 @@ def test_a_full_redis_holds_the_worker_back_sends_nothing_to_the_dlq_and_it_reco
 def test_a_redis_busy_with_a_long_script_holds_the_worker_back_until_it_is_killed(settings: Settings) -> None:
     """BUSY (every command, PING included, refused while a script runs past busy-reply-threshold)."""
     settings = settings.model_copy(update={"responses": ResponseSettings(half_life_days=0)})
-    settings.worker.retry_backoff_initial_s, settings.worker.retry_backoff_max_s = 0.05, 0.2
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(
+        update={"retry_backoff_initial_s": 0.05, "retry_backoff_max_s": 0.2})})
     topics = Topics.from_settings(settings.topics)
     client = redis.Redis.from_url(settings.redis.url)
     p = Producer(producer_config(settings.kafka))

@@ -103,9 +103,7 @@ def test_ctr_metrics_single_class_is_undefined_not_nan(small_corpus, toy_tokeniz
 
 
 def test_cli_train_and_eval(tmp_path: Path, toy_teacher_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from livecopy.cli import register
-
-    from livecopy.cli import cli
+    from livecopy.cli import cli, register
 
     register(cli)
     monkeypatch.setenv("LIVECOPY_MODELS__TEACHER_DIR", str(toy_teacher_dir))
