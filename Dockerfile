@@ -7,10 +7,12 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
-COPY livecopy livecopy
+COPY core core
 COPY stream stream
-COPY services services
 COPY models models
+COPY engine engine
+COPY services services
+COPY livecopy livecopy
 RUN pip install .
 ENV LIVECOPY_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 \
     LIVECOPY_REDIS__URL=redis://redis:6379/0 \

@@ -144,7 +144,7 @@ class FeedbackSettings(Section):
 
 class ResponseSettings(Section):
     """``livecopy worker responses`` (``LIVECOPY_RESPONSES__...``): each shopper's response to copy
-    styles, from the feedback topic (stream/responses.py). How the copy service uses it:
+    styles, from the feedback topic (stream/responses/). How the copy service uses it:
     ``generation.style_response_strength`` / ``style_response_temperature``."""
 
     dedupe_window_s: int = 7 * 24 * 3600  # impression ids remembered per shopper against re-deliveries
@@ -231,7 +231,7 @@ class GeneratorSettings(Section):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
-    dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/dashboard.py
+    dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/api/dashboard.py
 
 
 class Settings(BaseSettings):

@@ -47,7 +47,7 @@ class CopyRequest:
     user_id: str
     ctx: CopyContext  # product + persona + slot (models.text.context.context_from_profile / product_context)
     profile_version: int = 0  # 0: cold start (no profile)
-    style_response: StyleResponse | None = None  # the shopper's response to copy styles (stream/responses.py)
+    style_response: StyleResponse | None = None  # the shopper's response to copy styles (stream/responses/)
 
     @property
     def product_id(self) -> str:

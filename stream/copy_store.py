@@ -1,6 +1,6 @@
 """Where served copy lives besides the topic: the Redis copy cache and the product catalog, and
-the ``livecopy.copy`` publisher. Shared by the copy API (``services/copy.py``) and the generator
-worker (``stream/generator_worker.py``), so both read and write the very same keys.
+the ``livecopy.copy`` publisher. Shared by the copy API (``services/api/copy.py``) and the generator
+worker (``services/workers/generator.py``), so both read and write the very same keys.
 
 Keys (``P`` = ``redis.key_prefix``):
 

@@ -28,7 +28,7 @@ token and reschedules it ``reclaim`` later; once the feedback record is acknowle
 broker, :func:`ack` marks it ``done`` (a tombstone that makes re-deliveries no-ops) and counts it
 in the CTR aggregates. A worker killed between produce and ack leaves an ``emitting`` state that
 is claimed again after ``reclaim``: at-least-once, the duplicate carrying the same
-``impression_id`` (consumers dedupe on it). stream/feedback.lua mirrors :func:`apply_item`,
+``impression_id`` (consumers dedupe on it). stream/feedback/feedback.lua mirrors :func:`apply_item`,
 :func:`decide`, :func:`claim` and :func:`ack` for Redis; keep them in step.
 """
 

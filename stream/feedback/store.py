@@ -1,4 +1,4 @@
-"""The feedback joiner's state in Redis (production); see stream/feedback.py for the logic.
+"""The feedback joiner's state in Redis (production); see stream/feedback/logic.py for the logic.
 
 State is split into ``shards`` Redis hash slots by ``crc32(copy_id)``: a copy record and all
 impressions and clicks of that copy live under ``<prefix>fb:{N}:``, so one EVALSHA of
