@@ -233,9 +233,6 @@ class PregenProcessor:
 
     def drain(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        left = self.pregen.publisher.close()
-        if left:
-            log.error("%d copies not acknowledged at shutdown", left)
 
     def _count(self, outcome: str) -> None:
         if self.metrics:
@@ -316,6 +313,7 @@ class GeneratorWorker:
                               backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
                               commit_interval_s=self.cfg.commit_interval_s, max_inflight=self.cfg.max_inflight,
                               resume_below=self.cfg.resume_below, metrics=_NotOwnedOnly(metrics))
+        self._publisher_closed = False
         self._on_assign = self.loop._on_assign
         self._on_revoke = self.loop._on_revoke
 
@@ -335,13 +333,27 @@ class GeneratorWorker:
         self.loop.stop()
 
     def run(self) -> None:
-        self.loop.run()
+        try:
+            self.loop.run()
+        finally:
+            self._close_publisher()
 
     def step(self) -> None:
         self.loop.step()
 
     def close(self) -> None:
-        self.loop.close()
+        try:
+            self.loop.close()
+        finally:
+            self._close_publisher()
+
+    def _close_publisher(self) -> None:
+        if self._publisher_closed:
+            return
+        self._publisher_closed = True
+        left = self.publisher.close()  # after the loop's close: it flushed the shared producer, then committed
+        if left:
+            log.error("%d copies not acknowledged at shutdown", left)
 
     @property
     def tracker(self) -> OffsetTracker:

@@ -163,7 +163,7 @@ def cached(pg: Pregenerator, ev: Event) -> dict[str, GeneratedCopy]:
     """product_id -> the cached copy, for the products the view plans (cold start: profile version 0)."""
     out = {}
     for p in plan_products(CAT.get(ev.product_id or "") or CAT.products[0], CAT, [], pg.cfg.related):
-        raw = pg.client.get(pg.keys.copy(ev.user_id, p.product_id, pg.cfg.slot, 0, StubEngine.version))
+        raw = pg.client.get(pg.flow.keys.copy(ev.user_id, p.product_id, pg.cfg.slot, 0, StubEngine.version))
         if raw is not None:
             out[p.product_id] = GeneratedCopy.model_validate_json(raw)
     return out
@@ -204,7 +204,7 @@ def test_a_copy_the_api_cached_meanwhile_is_kept(settings: Settings) -> None:
     up = Broker(up=True)
     engine = StubEngine()
     pg = pregenerator(s, engine, up, threading.Event())
-    key = pg.keys.copy(ev.user_id, ev.product_id or "", pg.cfg.slot, 0, StubEngine.version)
+    key = pg.flow.keys.copy(ev.user_id, ev.product_id or "", pg.cfg.slot, 0, StubEngine.version)
     engine.meanwhile = lambda: pg.client.set(key, orjson.dumps(api_copy))
     assert pg.handle(ev) == 2
     pg.publisher.close()
