@@ -6,6 +6,7 @@ Without Java 17+ (or Maven and no cached jars) these tests skip locally and fail
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -39,15 +40,13 @@ def kafka_libs() -> Path:
         raise
 
 
-def _read_all(bootstrap: str, group: str, *, commit: bool = False) -> list[tuple[bytes, bytes]]:
+def _read_all(bootstrap: str, group: str, *, commit: bool = False) -> list[tuple[bytes | None, bytes | None]]:
     """Every record of TOPIC from the beginning (manual assignment: no group join wait)."""
-    c = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 3}
-    )
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 3})
     try:
         tp = TopicPartition(TOPIC, 0, 0)  # OFFSET 0 = the beginning of the log
         c.assign([tp])
-        got: list[tuple[bytes, bytes]] = []
+        got: list[tuple[bytes | None, bytes | None]] = []
         for _ in range(40):
             msg = c.poll(0.5)
             if msg is None:
@@ -72,6 +71,16 @@ def _committed(bootstrap: str, group: str) -> int:
         c.close()
 
 
+def _replicas(admin: AdminClient) -> int:
+    """Replica count of TOPIC's partition 0, once the broker asked has the new topic's metadata."""
+    deadline = time.monotonic() + 15
+    while True:
+        partitions = admin.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions
+        if 0 in partitions or time.monotonic() > deadline:
+            return len(partitions[0].replicas)
+        time.sleep(0.1)
+
+
 def test_server_properties_single_node(tmp_path: Path) -> None:
     node = kk.KafkaKraft(tmp_path / "n", cache_dir=CACHE, node_id=1)
     props = node.properties()
@@ -87,7 +96,7 @@ def test_server_properties_single_node(tmp_path: Path) -> None:
 
 def test_cluster_of_three_shares_voters_and_replicates(tmp_path: Path) -> None:
     cluster = kk.KafkaCluster(tmp_path / "c", n=3, cache_dir=CACHE)
-    voters = {n.properties()["controller.quorum.voters"] for n in cluster}
+    voters = {str(n.properties()["controller.quorum.voters"]) for n in cluster}
     assert len(voters) == 1 and voters.pop().count("@") == 3
     assert len({n.cluster_id for n in cluster}) == 1
     assert len({p for n in cluster for p in (n.port, n.controller_port)}) == 6
@@ -141,7 +150,7 @@ def test_three_node_cluster_keeps_writing_with_one_node_down(kafka_libs: Path, t
         admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
         for fut in admin.create_topics([NewTopic(TOPIC, num_partitions=1)]).values():  # cluster default RF 3
             fut.result(timeout=30)
-        assert len(admin.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions[0].replicas) == 3
+        assert _replicas(admin) == 3
         producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "log_level": 3})
         for key, value in RECORDS[:2]:
             producer.produce(TOPIC, key=key, value=value)
