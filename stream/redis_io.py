@@ -11,6 +11,7 @@ never the record's fault, so nothing goes to the DLQ for it.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Hashable, Sequence
 from importlib import resources
@@ -67,6 +68,37 @@ def async_redis_client(r: RedisSettings, *, max_connections: int | None = None) 
     kw: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
     return aredis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
                                  **kw)
+
+
+class NotDurable(RuntimeError):
+    """Redis may lose writes it acknowledged (``redis.durability=require``)."""
+
+
+def durability_problem(client: redis.Redis) -> str | None:
+    """Why an acknowledged write could be lost in a Redis crash, or None when Redis fsyncs every write
+    before answering (``appendonly yes`` + ``appendfsync always``). A Redis that hides CONFIG says so."""
+    try:
+        cfg = {**client.config_get("appendonly"), **client.config_get("appendfsync")}
+    except rex.RedisError as exc:
+        return f"cannot read Redis's persistence settings ({exc}); make sure appendonly=yes, appendfsync=always"
+    if str(cfg.get("appendonly")) != "yes":
+        return "appendonly is off: a Redis restart loses every effect the workers committed"
+    if str(cfg.get("appendfsync")) != "always":
+        return (f"appendfsync is {cfg.get('appendfsync')}: a Redis crash can lose the last second of effects whose "
+                "offsets the workers already committed (set appendfsync always)")
+    return None
+
+
+def check_durability(client: redis.Redis, r: RedisSettings, log: logging.Logger) -> None:
+    """At a worker's start: warn (or refuse, ``redis.durability=require``) when Redis may lose acknowledged writes."""
+    if r.durability == "off":
+        return
+    problem = durability_problem(client)
+    if problem is None:
+        return
+    if r.durability == "require":
+        raise NotDurable(problem)
+    log.warning("Redis durability: %s", problem)
 
 
 class TransientStoreError(Exception):

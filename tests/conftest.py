@@ -1,25 +1,28 @@
 """Shared fixtures. Integration tests run against a real broker and a real Redis: Apache Kafka +
-Redis containers (testcontainers) when a Docker daemon answers, else the embedded stack (tansu +
-redis-server). The choice is made once per session and printed in the pytest header."""
+Redis containers (testcontainers) when a Docker daemon answers, else Apache Kafka in KRaft mode from
+Maven Central jars (Java 17+) + redis-server, else the embedded tansu broker + redis-server. The
+choice is made once per session and printed in the pytest header; under CI it must be Apache Kafka."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from core.settings import Settings
+from core.settings import DevStackSettings, Settings
 from core.wire import Topics
-from livecopy.devstack import StackInfo, docker_available, open_stack
+from livecopy.devstack import StackInfo, choose_broker, docker_available, open_stack
 from stream.kafka_io import ensure_topics
 
 _CHOICE: dict[str, str] = {}
 
 
 def stack_choice() -> str:
+    """docker | kafka | tansu."""
     if not _CHOICE:
-        _CHOICE["kind"] = "docker" if docker_available() else "embedded"
+        _CHOICE["kind"] = "docker" if docker_available() else choose_broker(DevStackSettings())
     return _CHOICE["kind"]
 
 
@@ -27,10 +30,16 @@ def pytest_report_header(config: pytest.Config) -> str:
     kind = stack_choice()
     if kind == "docker":
         return "livecopy stack: testcontainers (Apache Kafka KRaft + Redis containers; a Docker daemon answers)"
-    from livecopy.devstack import _version, redis_binary, tansu_binary
+    from livecopy.devstack import _version, broker_version, redis_binary
 
-    return (f"livecopy stack: embedded ({_version([tansu_binary(), '--version'])} + "
-            f"redis-server {_version([redis_binary(), '--version']).split(' v=')[-1].split()[0]}; no Docker daemon)")
+    redis = _version([redis_binary(), "--version"]).split(" v=")[-1].split()[0]
+    why = "Java 17+ found" if kind == "kafka" else "no Java 17+ / Maven: the embedded broker"
+    return f"livecopy stack: {broker_version(kind)} + redis-server {redis} (no Docker daemon; {why})"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("CI") and stack_choice() == "tansu":
+        raise pytest.UsageError("CI runs the suite on Apache Kafka: install Java 17+ and Maven (scripts/setup.sh does)")
 
 
 @pytest.fixture(scope="session")

