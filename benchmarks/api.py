@@ -34,21 +34,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ROOT, machine, percentile, wait_for
 from core.catalog import Catalog
 from livecopy.devstack import free_port, open_stack
+from stream.access.keys import KeyStore
 
 
-async def drive(url: str, concurrency: int, duration: float, make_params: Any) -> dict[str, Any]:
+async def drive(url: str, concurrency: int, duration: float, make_params: Any,
+                headers: dict[str, str] | None = None) -> dict[str, Any]:
     lat: list[float] = []
     codes: Counter[int] = Counter()
     stop_at = time.perf_counter() + duration
 
     async def client(n: int) -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
             i = 0
             while time.perf_counter() < stop_at:
                 i += 1
@@ -91,7 +94,11 @@ def main() -> None:
             "LIVECOPY_GENERATION__MAX_WAIT_MS": str(a.max_wait_ms),
             "LIVECOPY_GENERATION__TIMEOUT_MS": str(a.timeout_ms),
             "PYTHONPATH": str(ROOT), "LIVECOPY_LOG_LEVEL": "WARNING",
+            # the production path: API keys checked; no rate limit on the key the load generator uses
+            "LIVECOPY_API__GENERATE_RATE_PER_S": "0",
         })
+        key = KeyStore(redis.Redis.from_url(info.redis_url), "lc:").create("bench", ["copy"])[1]
+        auth = {"Authorization": f"Bearer {key}"}
         if a.model is not None:
             env["LIVECOPY_GENERATION__MODEL_DIR"] = str(a.model)
         log = open(ROOT / ".livecopy-bench-api.log", "wb")  # noqa: SIM115
@@ -109,7 +116,7 @@ def main() -> None:
             # warm the cache for the cached runs: 64 (user, product) pairs
             pairs = [(f"warm-{i}", products[i % len(products)]) for i in range(64)]
             for u, p in pairs:
-                r = httpx.get(url + "/v1/copy", params={"user_id": u, "product_id": p}, timeout=120)
+                r = httpx.get(url + "/v1/copy", params={"user_id": u, "product_id": p}, timeout=120, headers=auth)
                 r.raise_for_status()
             print(f"\n{'kind':9} {'conc':>5} {'requests':>8} {'200':>6} {'other':>12} {'req/s':>8} {'p50 ms':>8} "
                   f"{'p99 ms':>8}")
@@ -121,13 +128,14 @@ def main() -> None:
 
             for c in [int(x) for x in a.cached_concurrency.split(",")]:
                 row = asyncio.run(drive(url, c, a.duration, lambda n, i: dict(
-                    zip(("user_id", "product_id"), pairs[(n * 7 + i) % len(pairs)], strict=True))))
+                    zip(("user_id", "product_id"), pairs[(n * 7 + i) % len(pairs)], strict=True)), auth))
                 report["cached"].append(row)
                 show("cached", row)
             run_id = uuid.uuid4().hex[:6]
             for c in [int(x) for x in a.uncached_concurrency.split(",")]:
                 row = asyncio.run(drive(url, c, a.duration, lambda n, i, c=c: {
-                    "user_id": f"cold-{run_id}-{c}-{n}-{i}", "product_id": products[(n * 31 + i) % len(products)]}))
+                    "user_id": f"cold-{run_id}-{c}-{n}-{i}",
+                    "product_id": products[(n * 31 + i) % len(products)]}, auth))
                 report["uncached"].append(row)
                 show("uncached", row)
         finally:

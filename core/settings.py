@@ -241,6 +241,13 @@ class GeneratorSettings(Section):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
+    # keys: every route but /healthz and the dashboard page needs an API key with the route's scope
+    # (``livecopy keys create``); open: no keys (dev and demo only; announced at start and on every answer).
+    auth: Literal["keys", "open"] = "keys"
+    slots: list[str] = Field(default_factory=lambda: ["pdp", "feed", "cart", "email"])  # GET /v1/copy's slot values
+    # Uncached generations per API key: a token bucket in Redis (0: no limit); over it, 429 + Retry-After.
+    generate_rate_per_s: float = 50.0
+    generate_burst: int = 100
     dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/api/dashboard.py
 
 

@@ -51,13 +51,15 @@ def stack() -> Iterator[StackInfo]:
 @pytest.fixture
 def settings(stack: StackInfo) -> Settings:
     """Settings pointing at the session's stack, with topics, consumer groups and Redis keys of
-    this test alone (tests share one broker and one Redis)."""
+    this test alone (tests share one broker and one Redis). The API runs open here (no keys); the
+    tests of API keys (tests/integration/test_api_auth.py) switch them on."""
     tag = uuid.uuid4().hex[:8]
     s = Settings(
         topics={"prefix": f"t{tag}.", "events_partitions": 4, "default_partitions": 2},  # type: ignore[arg-type]
         redis={"url": stack.redis_url, "key_prefix": f"t{tag}:"},  # type: ignore[arg-type]
         worker={"group_prefix": f"t{tag}-", "poll_timeout_s": 0.1},  # type: ignore[arg-type]
         kafka={"bootstrap_servers": stack.bootstrap_servers},  # type: ignore[arg-type]
+        api={"auth": "open"},  # type: ignore[arg-type]
     )
     ensure_topics(s.kafka, Topics.from_settings(s.topics))
     return s

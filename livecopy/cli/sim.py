@@ -21,16 +21,17 @@ from livecopy.cli.base import Ctx, pass_ctx
 @click.option("--concurrency", type=int, default=16, show_default=True, help="Sessions in flight.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/simulate", show_default=True)
 @click.option("--no-live", is_flag=True, help="Log lines instead of the live terminal view.")
+@click.option("--api-key", default=None, help="A key with the copy scope (not needed when the service runs open).")
 @pass_ctx
 def simulate(ctx: Ctx, url: str | None, duration: float, impressions: int | None, population: str | None, seed: int,
-             holdout: float, concurrency: int, out: str, no_live: bool) -> None:
+             holdout: float, concurrency: int, out: str, no_live: bool, api_key: str | None) -> None:
     """Simulated shoppers against the running services: copy via GET /v1/copy, events via the SDK."""
     from livecopy.sim.demo import SimOptions, run_simulation
 
     s = ctx.settings
     opt = SimOptions(url=url or f"http://{s.api.host}:{s.api.port}", duration_s=duration, impressions=impressions,
                      population=population, seed=seed, holdout_share=holdout, concurrency=concurrency,
-                     live_view=not no_live, out_dir=Path(out))
+                     live_view=not no_live, out_dir=Path(out), api_key=api_key)
     run_simulation(s, opt)
 
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SimOptions:
     url: str = "http://127.0.0.1:8080"
+    api_key: str | None = None  # a key with the copy scope (None: the service runs with api.auth=open)
     duration_s: float = 120.0
     impressions: int | None = None
     population: str | None = None
@@ -56,7 +57,7 @@ def run_simulation(settings: Settings, opt: SimOptions, stop: threading.Event | 
     pop = Population.build(cfg)
     stats = LiveStats()
     stop = stop or threading.Event()
-    http = HttpCopySource(opt.url, workers=max(4, opt.concurrency), on_latency=stats.latency)
+    http = HttpCopySource(opt.url, workers=max(4, opt.concurrency), on_latency=stats.latency, api_key=opt.api_key)
     shadow = StaticShadow(settings, cfg, pop.catalog, k=opt.k, seed=opt.seed) if opt.holdout_share > 0 else None
     source = SplitSource(http, shadow, opt.holdout_share, live_one=http.one,
                          holdout_one=shadow.one if shadow is not None else None)
@@ -180,6 +181,8 @@ def demo_env(info_bootstrap: str, redis_url: str, out_dir: Path, port: int, shor
         "LIVECOPY_KAFKA__BOOTSTRAP_SERVERS": info_bootstrap,
         "LIVECOPY_REDIS__URL": redis_url,
         "LIVECOPY_API__PORT": str(port),
+        # The demo's service is open (no API keys): it runs on loopback for the person watching it.
+        "LIVECOPY_API__AUTH": "open",
         "LIVECOPY_TRAINER__REGISTRY_DIR": reg,
         "LIVECOPY_GENERATION__REGISTRY_DIR": reg,
         # a short attribution window so feedback reaches the trainer within the demo
@@ -273,6 +276,8 @@ def run_demo(settings: Settings, *, duration_s: float, out_dir: Path, short: boo
         url = f"http://127.0.0.1:{port}"
         with children(procs, env, out_dir / "logs") as running:
             print(f"== started {', '.join(running)}; waiting for the copy service at {url}", flush=True)
+            print("== NOTE: the demo's API runs with api.auth=open (no keys, loopback only); "
+                  "`livecopy serve` requires API keys by default (`livecopy keys create`)", flush=True)
             health = wait_healthy(url, running, 300.0)
             print(f"== copy service up ({health.get('model_version')}) after {time.monotonic() - t0:.0f} s; "
                   f"dashboard: {url}/dashboard", flush=True)

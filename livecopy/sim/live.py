@@ -51,8 +51,9 @@ class HttpCopySource:
     """Asks ``GET {base_url}/v1/copy`` for each ask, ``workers`` requests at a time."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 15.0, workers: int = 16,
-                 on_latency: Callable[[float], None] | None = None) -> None:
+                 on_latency: Callable[[float], None] | None = None, api_key: str | None = None) -> None:
         self.base = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-http")
         self.on_latency = on_latency
@@ -64,7 +65,8 @@ class HttpCopySource:
         t0 = time.monotonic()
         for attempt in range(3):
             try:
-                with urllib.request.urlopen(f"{self.base}/v1/copy?{q}", timeout=self.timeout_s) as r:
+                req = urllib.request.Request(f"{self.base}/v1/copy?{q}", headers=self.headers)
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
                     body = json.loads(r.read())
                 if self.on_latency:
                     self.on_latency(time.monotonic() - t0)

@@ -3,23 +3,27 @@ dashboard, see services.api.dashboard)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aredis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from core.contracts import is_user_id
 from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
+from services.api.auth import DENIALS, Denied, denied_handler, need
 from services.api.state import AppState, state_of
 from stream.profile.logic import render
 from stream.profile.store import AsyncProfileReader
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, async_redis_client
+
+log = logging.getLogger(__name__)
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -44,8 +48,13 @@ def create_app(
     """The API app. `extensions` add routes (the copy service registers GET /v1/copy this way)."""
     metrics = ApiMetrics()
 
+    open_mode = settings.api.auth == "open"
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if open_mode:
+            log.warning("API AUTH IS OPEN (api.auth=open): anyone who reaches this port reads shoppers' profiles and "
+                        "steers the trainer. Dev and demo only; production runs with api.auth=keys.")
         client = redis_client or async_redis_client(settings.redis)
         st = state_of(app)
         st.redis = client
@@ -55,8 +64,12 @@ def create_app(
         if redis_client is None:
             await client.aclose()
 
-    app = FastAPI(title="livecopy", version="1", lifespan=lifespan)
+    # The OpenAPI document and its pages are the admin's (GET /openapi.json with an admin key); open mode
+    # serves /docs and /redoc as FastAPI does.
+    app = FastAPI(title="livecopy", version="1", lifespan=lifespan, openapi_url="/openapi.json" if open_mode else None,
+                  docs_url="/docs" if open_mode else None, redoc_url="/redoc" if open_mode else None)
     app.state.livecopy = AppState(settings, http=metrics, registries=[metrics.registry])
+    app.add_exception_handler(Denied, denied_handler)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
@@ -66,9 +79,12 @@ def create_app(
         route = getattr(request.scope.get("route"), "path", "unmatched")
         metrics.latency.labels(route).observe(time.perf_counter() - start)
         metrics.requests.labels(route, str(response.status_code)).inc()
+        if open_mode:
+            response.headers["X-Livecopy-Auth"] = "open"
         return response
 
-    @app.get("/v1/profile/{user_id}")
+    @app.get("/v1/profile/{user_id}", dependencies=[Depends(need("profile:read"))],
+             responses={**DENIALS, 404: {"description": "no profile"}, 422: {"description": "invalid user_id"}})
     async def get_profile(user_id: str, request: Request) -> Any:
         if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
@@ -86,15 +102,20 @@ def create_app(
             await state_of(request).require_redis().ping()
         except Exception as exc:
             return JSONResponse({"status": "unavailable", "redis": str(exc)[:200]}, status_code=503)
-        checks = {"status": "ok", "redis": "ok"}
+        checks = {"status": "ok", "redis": "ok", "auth": settings.api.auth}
         for check in state_of(request).health_checks:
             checks.update(check())
         return checks
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(need("admin"))], responses=DENIALS)
     async def prometheus() -> Response:
         body = b"".join(generate_latest(r) for r in state_of(app).registries)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    if not open_mode:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(need("admin"))])
+        async def openapi() -> Any:
+            return app.openapi()
 
     for ext in extensions or []:
         ext(app)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
+import orjson
 from confluent_kafka import Producer
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -40,8 +42,11 @@ from core.wire import Topics
 from engine.batching import DeadlineExceeded, EngineStopped, Overloaded
 from engine.serving import CopyEngine, ReloadEvent
 from services.api.app import error
+from services.api.auth import DENIALS, OPEN, need
 from services.api.state import state_of
 from services.copyflow import CopyFlow
+from stream.access.keys import ApiKey
+from stream.access.ratelimit import RateLimiter, retry_after
 from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
@@ -50,7 +55,6 @@ from stream.responses.store import AsyncResponseReader
 
 log = logging.getLogger(__name__)
 
-MAX_SLOT_CHARS = 64
 JSON = "application/json"
 
 
@@ -111,6 +115,8 @@ class CopyService:
         self.engine = engine
         self.redis = redis_client
         self.flow = CopyFlow(settings)
+        self.limiter = RateLimiter(redis_client, settings.redis.key_prefix, settings.api.generate_rate_per_s,
+                                   settings.api.generate_burst)
         self.catalog = AsyncCatalog(redis_client, self.flow.keys)
         self.responses = AsyncResponseReader(redis_client, settings.redis.key_prefix, settings.responses.half_life_ms)
         self.publisher = publisher
@@ -124,8 +130,9 @@ class CopyService:
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
         if not is_id(product_id):
             return error(422, "invalid_product_id", "product_id must be 1-128 chars of [A-Za-z0-9_.:-]")
-        if slot is not None and (len(slot) > MAX_SLOT_CHARS or not slot):
-            return error(422, "invalid_slot", f"slot must be 1-{MAX_SLOT_CHARS} chars")
+        if slot is not None and slot not in self.settings.api.slots:  # it reaches the prompt and the topics
+            return error(422, "invalid_slot", f"slot must be one of {', '.join(self.settings.api.slots)}")
+        caller: ApiKey = getattr(request.state, "api_key", OPEN)
         try:
             product = await self.catalog.get(product_id)
             if product is None:
@@ -135,7 +142,14 @@ class CopyService:
             cached = await self.redis.get(key)
             if cached is not None:
                 self.metrics.served.labels("cache", "cached").inc()
-                return Response(cached, media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+                return Response(self._for(caller, cached), media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+            wait = 0.0 if caller is OPEN else await self.limiter.take(caller.key_id, int(time.time() * 1000))
+            if wait:  # uncached generation costs the engine: bounded per key (open mode has no keys to bound)
+                self.metrics.refused.labels("rate_limited").inc()
+                resp = error(429, "rate_limited", f"over {self.settings.api.generate_rate_per_s:g} uncached copies/s "
+                                                  "for this key")
+                resp.headers["Retry-After"] = retry_after(wait)
+                return resp
             if self.publisher.congested():  # its record could not be queued: refuse before reading or generating
                 self.metrics.refused.labels("publish_backlog").inc()
                 return _unavailable("publish_backlog", str(PublishBacklog()))
@@ -182,7 +196,16 @@ class CopyService:
             self._watching.add(task)
             task.add_done_callback(self._watching.discard)
         self.metrics.served.labels("generated", res.policy).inc()
-        return Response(body, media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
+        return Response(self._for(caller, body), media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
+
+    @staticmethod
+    def _for(caller: ApiKey, body: bytes) -> bytes:
+        """What the caller may see: a page needs the copy, not the shopper's features (``debug`` scope)."""
+        if caller.allows("debug"):
+            return body
+        doc = orjson.loads(body)
+        doc.pop("features", None)
+        return orjson.dumps(doc)
 
     async def _uncache_if_undelivered(self, key: str, body: bytes, delivered: Future[None]) -> None:
         """A copy the broker did not acknowledge is not on ``livecopy.copy``: it was served once
@@ -277,7 +300,10 @@ def copy_extension(
         state_of(app).startup.append(startup)
         state_of(app).shutdown.append(shutdown)
 
-        @app.get("/v1/copy")
+        @app.get("/v1/copy", dependencies=[Depends(need("copy"))], responses={
+            **DENIALS, 404: {"description": "unknown product"},
+            422: {"description": "invalid user_id, product_id or slot"},
+            429: {"description": "over the key's rate of uncached copies (Retry-After)"}})
         async def get_copy(request: Request, user_id: str = "", product_id: str = "", slot: str | None = None) -> Any:
             """Generated copy JSON (CONTRACTS.md); 422 invalid ids, 404 unknown product, 503 overloaded."""
             svc = state_of(request).copy

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from core.settings import Settings
+from services.api.auth import DENIALS, need
 from services.api.state import state_of
 from stream.feedback.store import RedisFeedbackStore
 from stream.redis_io import redis_client
@@ -180,7 +181,7 @@ def dashboard_extension(settings: Settings, *, ctr_source: CtrSource | None = No
                     resources.files("services.api").joinpath("dashboard.html").read_text)
             return HTMLResponse(html)
 
-        @app.get("/dashboard/data")
+        @app.get("/dashboard/data", dependencies=[Depends(need("admin"))], responses=DENIALS)
         async def data(request: Request) -> Any:
             sampler = state_of(request).dashboard
             if sampler is None:

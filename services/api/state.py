@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 
 from core.settings import Settings
+from stream.access.keys import KeyCache
 
 if TYPE_CHECKING:
     import redis.asyncio as aredis
@@ -38,6 +39,7 @@ class AppState:
     copy_follower: ModelUpdateFollower | None = None
     copy_owns_engine: bool = False
     dashboard: Sampler | None = None
+    keys_cache: KeyCache = field(default_factory=lambda: KeyCache({}))  # API keys seen lately (services.api.auth)
 
     def require_redis(self) -> aredis.Redis:
         assert self.redis is not None, "used before the app's lifespan started"

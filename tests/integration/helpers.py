@@ -159,6 +159,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LIVECOPY_WORKER__RETRY_BACKOFF_INITIAL_S": str(settings.worker.retry_backoff_initial_s),
         "LIVECOPY_WORKER__RETRY_BACKOFF_MAX_S": str(settings.worker.retry_backoff_max_s),
         "LIVECOPY_REDIS__SOCKET_TIMEOUT_S": str(settings.redis.socket_timeout_s),
+        "LIVECOPY_API__AUTH": settings.api.auth,
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
     })
