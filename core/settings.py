@@ -96,6 +96,9 @@ class ProfileSettings(Section):
     )
     # Category prefixes credited: electronics, electronics/audio, ... up to this depth, plus the full path.
     category_depth: int = 4
+    # Events dated further ahead of the worker's clock go to the DLQ (future_timestamp): one event dated
+    # years ahead would otherwise become every affinity's reference time and freeze the shopper's scores.
+    max_future_s: float = 600.0
 
 
 class WorkerSettings(Section):

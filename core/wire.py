@@ -123,7 +123,7 @@ def rejection_from(exc: ValidationError) -> Rejection:
 
 def decode_event(key: bytes | None, value: bytes | None) -> Event:
     """Validate one `livecopy.events` record; raises `Rejection` with the contract's reason."""
-    if value is None:
+    if not value:
         raise Rejection("empty", "record has no value")
     if len(value) > MAX_EVENT_BYTES:
         raise Rejection("oversize", f"record is {len(value)} bytes, over the 64 KiB limit")

@@ -45,13 +45,20 @@ class ProfileProcessor:
     def process(self, records: Sequence[Record]) -> Outcome:
         updates: list[ProfileUpdate] = []
         rejected: list[tuple[Record, Rejection]] = []
+        now = self.now_ms()
+        horizon = now + int(self.cfg.max_future_s * 1000)
         for rec in records:
             try:
-                updates.append(event_update(decode_event(rec.key, rec.value), self.cfg))
+                ev = decode_event(rec.key, rec.value)
+                if ev.ts > horizon:
+                    ahead = (ev.ts - now) / 1000
+                    raise Rejection("future_timestamp", f"ts {ev.ts} is {ahead:.0f} s ahead of the worker's clock "
+                                                        f"(profile.max_future_s {self.cfg.max_future_s:g})")
+                updates.append(event_update(ev, self.cfg))
             except Rejection as rej:
                 rejected.append((rec, rej))
         try:
-            flags = self.store.apply(updates, self.now_ms())
+            flags = self.store.apply(updates, now)
         except TransientStoreError as exc:
             raise TransientError(str(exc)) from exc
         applied = sum(flags)

@@ -498,3 +498,28 @@ def test_an_async_processor_with_too_much_in_flight_pauses_the_partitions_until_
     loop.step()
     assert len(proc.under_way) == 4  # reading again
     loop.close()
+
+
+def test_an_event_dated_far_ahead_goes_to_the_dlq_and_cannot_freeze_the_profile() -> None:
+    """One event dated years ahead would become the reference time of the shopper's affinities (later
+    events, decayed to it, would add next to nothing): it goes to the DLQ as future_timestamp instead;
+    an event a few minutes ahead (clock skew) still applies, and so does an empty record's neighbour."""
+    store = InMemoryProfileStore(CFG)
+    cluster, _consumer, _producer, loop = make(store, partitions=1)
+    year = 365 * 24 * 3600 * 1000
+    publish(cluster, [event(1), event(2, ts=T0 + 5 * year), event(3, ts=T0 + 120_000), b""])
+    drain(loop)
+    reasons = [dict(m.headers() or [])["error"] for m in cluster.records("dlq")]
+    assert reasons == [b"future_timestamp", b"empty"]
+    assert b"ahead of the worker's clock" in dict(cluster.records("dlq")[0].headers() or [])["error.detail"]
+    state = store.load("u1")
+    assert state is not None and state.version == 2  # events 1 and 3
+    assert committed(cluster) == end_offsets(cluster)
+
+
+def test_produce_raw_finds_a_key_in_any_line() -> None:
+    from livecopy.cli.stream import raw_key
+
+    assert raw_key(b'{"user_id": "u-9", "x": 1}') == "u-9"
+    assert raw_key(b"[" * 100_000 + b"]" * 100_000) is None  # nested past any parser's depth: no crash
+    assert raw_key(b'{"user_id": 5}') is None and raw_key(b"not json") is None and raw_key(b"[1]") is None
