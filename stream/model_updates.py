@@ -3,7 +3,7 @@ newest promote/rollback record of its model to its :class:`engine.serving.CopyEn
 
 Each process must see every record, so the follower reads all partitions by assignment (no
 consumer group, nothing committed) from the beginning: at start-up it catches up with the log
-and applies only the newest record for its model (``engine.serving.pick_update``), then applies
+and applies only the newest record for its model (``pick_update``), then applies
 records as they come. Loading and smoke-checking happen on the follower's thread; the engine
 swaps between batches. A record that is not a valid ``ModelVersion`` is logged and counted,
 never fatal.
@@ -57,7 +57,8 @@ class ModelUpdateFollower:
         self.apply = apply
         self.topic = Topics.from_settings(settings.topics).model_updates
         self.poll_s = settings.generation.reload_poll_s
-        self.caught_up = threading.Event()
+        self.caught_up = threading.Event()  # set once the log as it was at start-up has been read
+        self._ends: dict[int, int] = {}
         self.invalid = 0
         self.applied = 0
         self._stop = threading.Event()
@@ -72,19 +73,30 @@ class ModelUpdateFollower:
         self._thread.join(timeout)
 
     def _consumer(self) -> Consumer:
+        """Assigned to every partition from the beginning; ``self._ends`` is each partition's log end now
+        (what the start-up catch-up reads up to)."""
         group = f"{self.settings.worker.group_prefix}reload-{uuid.uuid4().hex[:8]}"  # never joins: assign only
         c = Consumer(consumer_config(self.settings.kafka, group))
         try:
             md = c.list_topics(self.topic, timeout=10)
             parts = sorted(md.topics[self.topic].partitions) if self.topic in md.topics else []
+            marks = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10) for p in parts}
+            self._ends = {p: high for p, (low, high) in marks.items() if high > low}
             c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
         except Exception:
             _close_quietly(c)  # not leaked: the retry builds a new one
             raise
         return c
 
+    def _behind(self, read_to: dict[int, int]) -> bool:
+        """Whether some partition has records from before start-up not read yet."""
+        return any(read_to.get(p, 0) < end for p, end in self._ends.items())
+
     def _run(self) -> None:
         consumer: Consumer | None = None
+        backlog: list[ModelVersion] = []  # read during the start-up catch-up, applied once at its end
+        read_to: dict[int, int] = {}  # next offset per partition
+        idle = 0  # empty reads in a row
         while not self._stop.is_set():
             try:
                 if consumer is None:
@@ -95,21 +107,32 @@ class ModelUpdateFollower:
                 if consumer is not None:
                     _close_quietly(consumer)  # its threads and sockets would otherwise leak on every retry
                 consumer = None
+                backlog, read_to = [], {}
                 self._stop.wait(1.0)
                 continue
-            if not msgs:
-                self.caught_up.set()  # an empty poll: nothing older is pending
-                continue
+            idle = idle + 1 if not msgs else 0
             updates: list[ModelVersion] = []
             for m in msgs:
                 if m.error() is not None:
                     continue
+                read_to[m.partition() or 0] = (m.offset() or 0) + 1
                 try:
                     updates.append(ModelVersion.model_validate_json(m.value() or b""))
                 except ValidationError as exc:
                     self.invalid += 1
                     log.warning("invalid model-updates record at %s[%s]@%s: %s", m.topic(), m.partition(),
                                 m.offset(), str(exc).splitlines()[0])
+            if not self.caught_up.is_set():
+                # Start-up: the whole log up to its end at start-up, then only its newest record for our
+                # model (not the newest of every chunk: that would load and serve old versions on the way).
+                backlog += updates
+                # (three empty reads in a row while "behind": the log's tail is a gap, e.g. compacted away)
+                if self._behind(read_to) and idle < 3:
+                    continue
+                updates, backlog = backlog, []
+                self.caught_up.set()
+            if not updates:
+                continue
             chosen = pick_update(updates, self.name)
             if chosen is not None:
                 try:
