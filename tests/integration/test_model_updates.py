@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 def version(name: str, i: int) -> ModelVersion:
     return ModelVersion(name=name, version=f"0.{i}.0", parent_version=f"0.{i - 1}.0" if i else None,
-                        path=f"/registry/{name}/0.{i}.0", created_at="2026-01-01T00:00:00Z", metrics={}, action="promote")
+                        path=f"/registry/{name}/0.{i}.0", created_at="2026-01-01T00:00:00Z", metrics={},
+                        action="promote")
 
 
 def test_a_long_log_applies_only_the_newest_version_at_start_up_then_follows(settings: Settings) -> None:

@@ -77,11 +77,14 @@ def test_http_profile_endpoint(settings: Settings, applied: Profile) -> None:
         assert "reader@shop" not in metrics.text and "nobody" not in metrics.text
 
 
-def test_http_profile_answers_503_json_while_redis_is_down() -> None:
+@pytest.mark.parametrize("auth", ["open", "keys"])
+def test_http_profile_answers_503_json_while_redis_is_down(auth: str) -> None:
+    """Open: the profile read meets the outage. With keys: the key cannot be checked, which is the same
+    outage (503, not 401: the caller's key may well be good)."""
     settings = Settings.model_validate({"redis": {"url": f"redis://127.0.0.1:{free_port()}/0",
-                                                  "socket_timeout_s": 1}})
+                                                  "socket_timeout_s": 1}, "api": {"auth": auth}})
     with ServerThread(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        r = client.get("/v1/profile/reader@shop")
+        r = client.get("/v1/profile/reader@shop", headers={"Authorization": "Bearer lck_0123abcd_secret"})
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
         assert client.get("/healthz").status_code == 503
 
