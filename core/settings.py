@@ -251,6 +251,11 @@ class ApiSettings(Section):
     # Uncached generations per API key: a token bucket in Redis (0: no limit); over it, 429 + Retry-After.
     generate_rate_per_s: float = 50.0
     generate_burst: int = 100
+    # Server bounds: a request must arrive whole within request_timeout_s (a client that never finishes
+    # its headers is cut off); headers larger than max_header_bytes are refused; idle keep-alive closes.
+    request_timeout_s: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    keep_alive_s: float = 5.0
     dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/api/dashboard.py
 
 

@@ -54,13 +54,16 @@ class ServerThread:
     """An ASGI app served by uvicorn on a free loopback port in a thread (real HTTP, real
     concurrency, lifespan run): ``with ServerThread(app) as base_url: ...``."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, api: object = None) -> None:
         import uvicorn
 
+        from core.settings import ApiSettings
         from livecopy.devstack import free_port
+        from services.api.server import server_config
 
-        self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")  # type: ignore[arg-type]
+        self.port = free_port()  # served as `livecopy serve` serves it (its protocol and limits)
+        config = server_config(app, api if isinstance(api, ApiSettings) else ApiSettings(), host="127.0.0.1",
+                               port=self.port)
         self.server = uvicorn.Server(config)
         import threading
 

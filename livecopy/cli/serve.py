@@ -18,6 +18,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, no_copy: bool) -> None:
 
     from core.process import tune_gc_for_latency
     from services.api.app import create_app
+    from services.api.server import server_config
 
     s = ctx.settings
     extensions = []
@@ -28,7 +29,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None, no_copy: bool) -> None:
         extensions.append(copy_extension(s))
     app = create_app(s, extensions=extensions)
     tune_gc_for_latency()
-    uvicorn.run(app, host=host or s.api.host, port=port or s.api.port, log_level="warning")
+    uvicorn.Server(server_config(app, s.api, host=host, port=port)).run()
 
 
 COMMANDS = [serve]
