@@ -181,6 +181,24 @@ def profile() -> None:
     """Read user profiles."""
 
 
+@profile.command("forget")
+@click.argument("user_id")
+@pass_ctx
+def profile_forget(ctx: Ctx, user_id: str) -> None:
+    """Forget a shopper: delete every Redis key of theirs (profile, dedupe marks, style responses, cached
+    copies); a tombstone keeps re-delivered or replayed older events from bringing the profile back for
+    the dedupe window. Kafka keeps their events until its retention (docs/durability.md)."""
+    from core.contracts import is_user_id
+    from stream.forget import forget
+    from stream.redis_io import redis_client
+
+    if not is_user_id(user_id):
+        raise click.ClickException("user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
+    done = forget(redis_client(ctx.settings.redis), ctx.settings, user_id, int(time.time() * 1000))
+    click.echo(f"forgot {user_id}: {done.deleted} key(s) deleted; tombstone {done.tombstone} for "
+               f"{ctx.settings.profile.dedupe_window_s} s")
+
+
 @profile.command("show")
 @click.argument("user_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile JSON of CONTRACTS.md.")

@@ -3,6 +3,7 @@ dashboard, see services.api.dashboard)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,9 +20,11 @@ from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
 from services.api.auth import DENIALS, Denied, denied_handler, need
 from services.api.state import AppState, state_of
+from stream.forget import Forgotten, forget
 from stream.profile.logic import render
 from stream.profile.store import AsyncProfileReader
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, async_redis_client
+from stream.redis_io import redis_client as sync_redis_client
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,27 @@ def create_app(
         if state is None:
             return error(404, "not_found", f"no profile for user {user_id!r}")
         return render(user_id, state, settings.profile).model_dump()
+
+    @app.delete("/v1/profile/{user_id}", dependencies=[Depends(need("admin"))],
+                responses={**DENIALS, 422: {"description": "invalid user_id"}})
+    async def forget_profile(user_id: str) -> Any:
+        """Forget a shopper: every Redis key of theirs goes; a tombstone keeps replays out (stream/forget.py)."""
+        if not is_user_id(user_id):
+            return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
+
+        def run() -> Forgotten:
+            client = sync_redis_client(settings.redis)
+            try:
+                return forget(client, settings, user_id, int(time.time() * 1000))
+            finally:
+                client.close()
+
+        try:
+            done = await asyncio.to_thread(run)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            return error(503, "unavailable", f"redis: {str(exc)[:200]}")
+        return {"forgotten": done.user_id, "keys_deleted": done.deleted, "tombstone_until_ms":
+                done.at_ms + settings.profile.dedupe_window_s * 1000}
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Any:

@@ -2,8 +2,9 @@
 -- (#!lua with no flags, Redis >= 7: over maxmemory the whole call is refused with OOM, a transient
 -- error the worker waits out, instead of the script writing past the limit once its first write ran.)
 -- Apply a user's profile updates atomically (mirror of stream/profile.py:apply_update).
--- KEYS[1] profile hash, KEYS[2] recent-products zset, KEYS[3] seen-event-ids zset:
--- all three share the user's hash tag, so the script is Redis Cluster safe.
+-- KEYS[1] profile hash, KEYS[2] recent-products zset, KEYS[3] seen-event-ids zset, KEYS[4] (optional)
+-- the tombstone of a forgotten shopper (its value: when, ms; events dated up to then take no effect):
+-- all share the user's hash tag, so the script is Redis Cluster safe.
 -- ARGV: now_ms, dedupe_window_ms, recent_n, half_life_ms, ttl_ms, then one JSON update per event:
 --   {"i": event_id, "y": type, "t": ts_ms, "p": product_or_null, "c": cart_add, "u": purchase_add,
 --    "a": [[category, weight], ...]}
@@ -81,6 +82,7 @@ end
 -- Dedupe by reading: an id is seen when its marker is inside the window (what the prune below
 -- keeps), or when an earlier update of this call has it.
 local scores = chunked('ZMSCORE', s, nil, ids, 1)
+local gone = KEYS[4] and tonumber(redis.call('GET', KEYS[4]))
 local oldest = now - window
 local fresh, taken, any = {}, {}, false
 local names, seen_name = {'v', 'f', 'l', 'cv', 'pv'}, {v = true, f = true, l = true, cv = true, pv = true}
@@ -89,7 +91,7 @@ local function want(name)
 end
 for k, u in ipairs(updates) do
   local sc = scores[k] and tonumber(scores[k])
-  if taken[u.i] or (sc and sc >= oldest) then
+  if taken[u.i] or (sc and sc >= oldest) or (gone and u.t <= gone) then
     fresh[k] = 0
   else
     fresh[k] = 1

@@ -35,6 +35,7 @@ class InMemoryProfileStore:
     def __init__(self, cfg: ProfileSettings) -> None:
         self.cfg = cfg
         self.states: dict[str, ProfileState] = {}
+        self.forgotten: dict[str, int] = {}  # user -> forget time: events dated before it take no effect
         self.down = False  # tests flip this to simulate an outage
 
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
@@ -42,6 +43,9 @@ class InMemoryProfileStore:
             raise TransientStoreError("in-memory store is down")
         out = []
         for u in updates:
+            if u.ts <= self.forgotten.get(u.user_id, -1):
+                out.append(False)
+                continue
             st, applied = apply_update(self.states.get(u.user_id, ProfileState()), u, now_ms, self.cfg)
             self.states[u.user_id] = st
             out.append(applied)
@@ -61,6 +65,10 @@ class ProfileKeys:
     def of(self, user_id: str) -> tuple[str, str, str]:
         tag = f"{self.prefix}{{{user_id}}}"
         return f"{tag}:p", f"{tag}:r", f"{tag}:s"
+
+    def tombstone(self, user_id: str) -> str:
+        """Set when a shopper is forgotten (value: the time, ms): events dated before it take no effect."""
+        return f"{self.prefix}{{{user_id}}}:gone"
 
 
 def encode_update(u: ProfileUpdate) -> bytes:
@@ -126,7 +134,8 @@ class RedisProfileStore:
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
         head = self._args(now_ms)
         return self.script.run_grouped(updates, lambda u: u.user_id,
-                                       lambda user, us: (self.keys.of(user), [*head, *map(encode_update, us)]))
+                                       lambda user, us: ((*self.keys.of(user), self.keys.tombstone(user)),
+                                                                 [*head, *map(encode_update, us)]))
 
     def load(self, user_id: str) -> ProfileState | None:
         p, r, s = self.keys.of(user_id)
