@@ -99,6 +99,12 @@ class ProfileSettings(Section):
     # Events dated further ahead of the worker's clock go to the DLQ (future_timestamp): one event dated
     # years ahead would otherwise become every affinity's reference time and freeze the shopper's scores.
     max_future_s: float = 600.0
+    # Bounds per shopper (0: none), so no shopper's events can grow a profile without limit: the categories
+    # with the highest affinity (decayed to the shopper's last event) are kept, and the newest dedupe marks
+    # (a re-delivery of an event older than the newest max_seen would count again: a bot's volume, not a
+    # shopper's; docs/durability.md).
+    max_categories: int = 100
+    max_seen: int = 1000
 
 
 class WorkerSettings(Section):

@@ -120,6 +120,8 @@ def apply_update(
                 s.affinity[cat] = (value * 2.0 ** (-(upd.ts - ref) / hl) + w, upd.ts)
             else:
                 s.affinity[cat] = (value + w * 2.0 ** (-(ref - upd.ts) / hl), ref)
+    if cfg.max_categories and len(s.affinity) > cfg.max_categories:
+        s.affinity = top_categories(s.affinity, s.last_ms or upd.ts, hl, cfg.max_categories)
     if upd.product_id is not None:
         if upd.ts > s.recent.get(upd.product_id, -1):
             s.recent[upd.product_id] = upd.ts
@@ -127,6 +129,22 @@ def apply_update(
             keep = sorted(s.recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
             s.recent = dict(keep[: cfg.recent_products])
     return s, True
+
+
+def top_categories(affinity: dict[str, tuple[float, int]], at_ms: int, half_life_ms: float,
+                   n: int) -> dict[str, tuple[float, int]]:
+    """The ``n`` categories with the highest affinity decayed to ``at_ms``; ties by name, byte order
+    (profile.lua ranks the same way)."""
+    ranked = sorted(affinity.items(),
+                    key=lambda kv: (-(kv[1][0] * 2.0 ** (-(at_ms - kv[1][1]) / half_life_ms)), kv[0].encode()))
+    return dict(ranked[:n])
+
+
+def cap_seen(seen: dict[str, int], n: int) -> dict[str, int]:
+    """The ``n`` newest dedupe marks (by time, then id: a Redis sorted set's order)."""
+    if not n or len(seen) <= n:
+        return seen
+    return dict(sorted(seen.items(), key=lambda kv: (kv[1], kv[0].encode()))[-n:])
 
 
 def apply_event(

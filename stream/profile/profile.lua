@@ -5,7 +5,8 @@
 -- KEYS[1] profile hash, KEYS[2] recent-products zset, KEYS[3] seen-event-ids zset, KEYS[4] (optional)
 -- the tombstone of a forgotten shopper (its value: when, ms; events dated up to then take no effect):
 -- all share the user's hash tag, so the script is Redis Cluster safe.
--- ARGV: now_ms, dedupe_window_ms, recent_n, half_life_ms, ttl_ms, then one JSON update per event:
+-- ARGV: now_ms, dedupe_window_ms, recent_n, half_life_ms, ttl_ms, max_categories, max_seen (0: no cap),
+-- then one JSON update per event:
 --   {"i": event_id, "y": type, "t": ts_ms, "p": product_or_null, "c": cart_add, "u": purchase_add,
 --    "a": [[category, weight], ...]}
 -- Returns one integer per update: 1 applied, 0 duplicate.
@@ -24,7 +25,9 @@ local window = tonumber(ARGV[2])
 local recent_n = tonumber(ARGV[3])
 local hl = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
-if not (now and window and recent_n and hl and ttl) or hl <= 0 or recent_n < 0 then
+local max_cat = tonumber(ARGV[6])
+local max_seen = tonumber(ARGV[7])
+if not (now and window and recent_n and hl and ttl and max_cat and max_seen) or hl <= 0 or recent_n < 0 then
   return redis.error_reply('ERR profile.lua: bad header arguments')
 end
 
@@ -57,8 +60,8 @@ local function bad(k, what)
   return redis.error_reply('ERR profile.lua: update ' .. k .. ': ' .. what)
 end
 local updates, ids = {}, {}
-for i = 6, #ARGV do
-  local k = i - 5
+for i = 8, #ARGV do
+  local k = i - 7
   local ok, u = pcall(cjson.decode, ARGV[i])
   if not ok or type(u) ~= 'table' then return bad(k, 'not a JSON object') end
   if type(u.i) ~= 'string' then return bad(k, 'event id "i" is not a string') end
@@ -104,13 +107,55 @@ for k, u in ipairs(updates) do
   end
 end
 
--- The merge, in memory
-local h, dirty, products = {}, {}, {}
+-- The merge, in memory. When this call could take the shopper past max_categories, the whole hash is
+-- read (it holds at most about 2 x max_categories + 12 fields, since it is kept capped) so that the
+-- categories can be ranked after every update, as the Python merge does.
+local h, dirty, products, dropped = {}, {}, {}, {}
+local cats, ncat = nil, 0
 if any then
-  local vals = chunked('HMGET', p, nil, names, 1)
-  for i, name in ipairs(names) do h[name] = tonumber(vals[i]) end
+  local new_names = 0
+  for _, name in ipairs(names) do if string.sub(name, 1, 2) == 'a:' then new_names = new_names + 1 end end
+  if max_cat > 0 and redis.call('HLEN', p) / 2 + new_names > max_cat then
+    local all = redis.call('HGETALL', p)
+    cats = {}
+    for i = 1, #all, 2 do
+      h[all[i]] = tonumber(all[i + 1])
+      if string.sub(all[i], 1, 2) == 'a:' then cats[string.sub(all[i], 3)] = true; ncat = ncat + 1 end
+    end
+  else
+    local vals = chunked('HMGET', p, nil, names, 1)
+    for i, name in ipairs(names) do h[name] = tonumber(vals[i]) end
+  end
 end
-local function set(name, value) h[name] = value; dirty[name] = true end
+local function set(name, value) h[name] = value; dirty[name] = true; dropped[name] = nil end
+
+-- byte order, whatever the server's locale (Lua's < on strings uses strcoll)
+local function bytes_lt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- keep the max_cat categories with the highest affinity decayed to `at` (ties: by name), as top_categories
+local function cap_categories(at)
+  local ranked = {}
+  for c, _ in pairs(cats) do
+    ranked[#ranked + 1] = {c, h['a:' .. c] * 2 ^ (-(at - h['t:' .. c]) / hl)}
+  end
+  table.sort(ranked, function(x, y)
+    if x[2] ~= y[2] then return x[2] > y[2] end
+    return bytes_lt(x[1], y[1])
+  end)
+  for i = max_cat + 1, #ranked do
+    local c = ranked[i][1]
+    cats[c] = nil
+    ncat = ncat - 1
+    for _, name in ipairs({'a:' .. c, 't:' .. c}) do h[name] = nil; dirty[name] = nil; dropped[name] = true end
+  end
+end
 
 for k, u in ipairs(updates) do
   if fresh[k] == 1 then
@@ -134,14 +179,17 @@ for k, u in ipairs(updates) do
         else
           value = value + w * 2 ^ (-(ref - t) / hl)
         end
+        if cats and not cats[cw[1]] then cats[cw[1]] = true; ncat = ncat + 1 end
         set(an, value); set(tn, ref)
       end
+      if cats and ncat > max_cat then cap_categories(h['l']) end
     end
     if type(u.p) == 'string' and ((not products[u.p]) or t > products[u.p]) then products[u.p] = t end
   end
 end
 
-local args, recent = {}, {}
+local args, recent, gone_fields = {}, {}, {}
+for name, _ in pairs(dropped) do gone_fields[#gone_fields + 1] = name end
 for name, _ in pairs(dirty) do
   args[#args + 1] = name
   args[#args + 1] = fmt(h[name])
@@ -161,10 +209,12 @@ end
 -- Phase 2: the writes (only commands that cannot fail on these arguments), markers last
 redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(oldest))
 if any then
-  chunked('HSET', p, nil, args, 2)
+  if #args > 0 then chunked('HSET', p, nil, args, 2) end
+  if #gone_fields > 0 then chunked('HDEL', p, nil, gone_fields, 1) end
   if #recent > 0 then chunked('ZADD', r, 'GT', recent, 2) end
   redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1))
   chunked('ZADD', s, nil, marks, 2)
+  if max_seen > 0 then redis.call('ZREMRANGEBYRANK', s, 0, -(max_seen + 1)) end
   if ttl > 0 then
     redis.call('PEXPIRE', p, ttl)
     redis.call('PEXPIRE', r, ttl)

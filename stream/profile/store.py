@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aredis
 
 from core.settings import ProfileSettings
-from stream.profile.logic import ProfileState, ProfileUpdate, apply_update
+from stream.profile.logic import ProfileState, ProfileUpdate, apply_update, cap_seen
 from stream.redis_io import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
 
 
@@ -49,6 +49,9 @@ class InMemoryProfileStore:
             st, applied = apply_update(self.states.get(u.user_id, ProfileState()), u, now_ms, self.cfg)
             self.states[u.user_id] = st
             out.append(applied)
+        for user in {u.user_id for u in updates}:  # marks are capped once per user per batch, as profile.lua does
+            if user in self.states:
+                self.states[user].seen = cap_seen(self.states[user].seen, self.cfg.max_seen)
         return out
 
     def load(self, user_id: str) -> ProfileState | None:
@@ -129,6 +132,8 @@ class RedisProfileStore:
             self.cfg.recent_products,
             self.cfg.half_life_s * 1000.0,
             self.cfg.ttl_s * 1000,
+            self.cfg.max_categories,
+            self.cfg.max_seen,
         ]
 
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:

@@ -48,6 +48,33 @@ def test_redis_lua_and_python_merge_agree_exactly(settings: Settings, batch: int
         assert lua.load(user) == py.load(user), user  # every field, floats bit for bit
 
 
+@pytest.mark.parametrize("batch", [1, 7, 400])
+def test_capped_profiles_agree_exactly_and_stay_bounded(settings: Settings, batch: int) -> None:
+    """With tight caps (4 categories, 5 dedupe marks) and many categories, the Lua script and the Python
+    merge keep the very same categories (ties by name) and marks, and the Redis hash stays bounded."""
+    cfg = ProfileSettings(recent_products=3, half_life_s=5000, dedupe_window_s=10_000, max_categories=4, max_seen=5)
+    rng = random.Random(batch)
+    cats = [f"c{i}/s{j}" for i in range(6) for j in range(3)] + ["ü/ñ", "Z", "a", "a/b"]
+    events = [Event.model_validate({
+        "event_id": f"e{rng.randrange(900)}", "type": rng.choice(TYPES), "user_id": f"u{rng.randrange(4)}",
+        "ts": 1_795_000_000_000 + rng.randrange(10**8), "category": rng.choice(cats), "price": 1.0, "quantity": 1,
+        "product_id": f"p{rng.randrange(9)}", "query": "q", "impression_id": "i", "copy_id": "c"}) for _ in range(1200)]
+    client = redis.Redis.from_url(settings.redis.url)
+    lua = RedisProfileStore(client, cfg, settings.redis.key_prefix)
+    py = InMemoryProfileStore(cfg)
+    ups = [event_update(e, cfg) for e in events]
+    now = 1_000_000
+    for i in range(0, len(ups), batch):
+        now += 50
+        assert lua.apply(ups[i:i + batch], now) == py.apply(ups[i:i + batch], now)
+    for user in {u.user_id for u in ups}:
+        state = lua.load(user)
+        assert state == py.load(user), user
+        assert state is not None and len(state.affinity) == 4 and len(state.seen) == 5
+        p, _r, _s = lua.keys.of(user)
+        assert client.hlen(p) <= 2 * 4 + 12
+
+
 def test_unreachable_redis_is_a_transient_error() -> None:
     cfg = ProfileSettings()
     store = RedisProfileStore(redis.Redis(port=1, socket_connect_timeout=0.2), cfg)
