@@ -104,7 +104,7 @@ class ProfileSettings(Section):
     # (a re-delivery of an event older than the newest max_seen would count again: a bot's volume, not a
     # shopper's; docs/durability.md).
     max_categories: int = 100
-    max_seen: int = 1000
+    max_seen: int = 400  # 400 marks: ~42 KB of Redis; the whole profile of a runaway shopper stays under 64 KB
 
 
 class WorkerSettings(Section):

@@ -206,15 +206,26 @@ for k, u in ipairs(updates) do
   end
 end
 
+-- A sorted set that one large batch inflated and the trim shrank keeps its inflated memory (its hash table
+-- does not shrink, a listpack turned skiplist stays one): written anew, it costs what its size costs.
+local function compact(key, removed)
+  if removed < 128 then return end
+  local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local pairs_ = {}
+  for i = 1, #all, 2 do pairs_[#pairs_ + 1] = all[i + 1]; pairs_[#pairs_ + 1] = all[i] end
+  redis.call('DEL', key)
+  if #pairs_ > 0 then chunked('ZADD', key, nil, pairs_, 2) end
+end
+
 -- Phase 2: the writes (only commands that cannot fail on these arguments), markers last
 redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(oldest))
 if any then
   if #args > 0 then chunked('HSET', p, nil, args, 2) end
   if #gone_fields > 0 then chunked('HDEL', p, nil, gone_fields, 1) end
   if #recent > 0 then chunked('ZADD', r, 'GT', recent, 2) end
-  redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1))
+  compact(r, redis.call('ZREMRANGEBYRANK', r, 0, -(recent_n + 1)))
   chunked('ZADD', s, nil, marks, 2)
-  if max_seen > 0 then redis.call('ZREMRANGEBYRANK', s, 0, -(max_seen + 1)) end
+  if max_seen > 0 then compact(s, redis.call('ZREMRANGEBYRANK', s, 0, -(max_seen + 1))) end
   if ttl > 0 then
     redis.call('PEXPIRE', p, ttl)
     redis.call('PEXPIRE', r, ttl)

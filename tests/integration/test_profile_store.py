@@ -112,7 +112,7 @@ def test_one_call_touching_more_fields_than_lua_unpack_takes_applies_every_event
     # Regression: profile.lua used to unpack() every touched field into one HMGET/HSET; past Lua's
     # limit (~8000 values) the script failed after it had marked the events seen, so the worker's
     # one-at-a-time retry found only "duplicates" and the events were lost without a DLQ record.
-    cfg = ProfileSettings()
+    cfg = ProfileSettings(max_categories=0, max_seen=0)  # uncapped: every field is written in this one call
     client = redis.Redis.from_url(settings.redis.url)
     store = RedisProfileStore(client, cfg, settings.redis.key_prefix)
     ups = [event_update(e, cfg) for e in deep_category_events(450, seed=3)]
