@@ -11,11 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aredis
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from core.contracts import is_user_id
+from core.contracts import USER_PATTERN, is_user_id
 from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
 from services.api.auth import DENIALS, Denied, denied_handler, need
@@ -31,6 +32,21 @@ log = logging.getLogger(__name__)
 
 def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """A parameter outside what the OpenAPI document declares: 422 in livecopy's error shape
+    (``invalid_<parameter>``), as the contract's invalid ids are."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    loc = errors[0].get("loc", ()) if errors else ()
+    name = str(loc[-1]) if loc else "request"
+    msg = str(errors[0].get("msg", "invalid")) if errors else "invalid"
+    return error(422, f"invalid_{name}", f"{name}: {msg}"[:300])
+
+
+# The ids as the contract defines them, declared in the OpenAPI document (and checked again in the handlers).
+UserIdPath: Any = Path(pattern=USER_PATTERN, description="1-128 chars of [A-Za-z0-9_.:@-]")
 
 
 class ApiMetrics:
@@ -73,6 +89,7 @@ def create_app(
                   docs_url="/docs" if open_mode else None, redoc_url="/redoc" if open_mode else None)
     app.state.livecopy = AppState(settings, http=metrics, registries=[metrics.registry])
     app.add_exception_handler(Denied, denied_handler)
+    app.add_exception_handler(RequestValidationError, invalid_request)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
@@ -88,7 +105,7 @@ def create_app(
 
     @app.get("/v1/profile/{user_id}", dependencies=[Depends(need("profile:read"))],
              responses={**DENIALS, 404: {"description": "no profile"}, 422: {"description": "invalid user_id"}})
-    async def get_profile(user_id: str, request: Request) -> Any:
+    async def get_profile(request: Request, user_id: str = UserIdPath) -> Any:
         if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
         try:
@@ -101,7 +118,7 @@ def create_app(
 
     @app.delete("/v1/profile/{user_id}", dependencies=[Depends(need("admin"))],
                 responses={**DENIALS, 422: {"description": "invalid user_id"}})
-    async def forget_profile(user_id: str) -> Any:
+    async def forget_profile(user_id: str = UserIdPath) -> Any:
         """Forget a shopper: every Redis key of theirs goes; a tombstone keeps replays out (stream/forget.py)."""
         if not is_user_id(user_id):
             return error(422, "invalid_user_id", "user_id must be 1-128 chars of [A-Za-z0-9_.:@-]")
@@ -131,7 +148,7 @@ def create_app(
             checks.update(check())
         return checks
 
-    @app.get("/metrics", dependencies=[Depends(need("admin"))], responses=DENIALS)
+    @app.get("/metrics", dependencies=[Depends(need("admin"))], response_class=PlainTextResponse, responses=DENIALS)
     async def prometheus() -> Response:
         body = b"".join(generate_latest(r) for r in state_of(app).registries)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

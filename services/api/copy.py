@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -30,12 +31,12 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Producer
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from core.contracts import is_id, is_user_id
+from core.contracts import ID_PATTERN, USER_PATTERN, is_id, is_user_id
 from core.metrics import LATENCY_BUCKETS
 from core.settings import Settings
 from core.wire import Topics
@@ -254,6 +255,7 @@ def copy_extension(
     ``generation.hot_reload``) follows ``livecopy.model-updates``.
     """
     metrics = CopyMetrics()
+    slot_pattern = "^(" + "|".join(re.escape(x) for x in settings.api.slots) + ")$"
     follow = settings.generation.hot_reload if follow_updates is None else follow_updates
 
     def install(app: FastAPI) -> None:
@@ -304,7 +306,12 @@ def copy_extension(
             **DENIALS, 404: {"description": "unknown product"},
             422: {"description": "invalid user_id, product_id or slot"},
             429: {"description": "over the key's rate of uncached copies (Retry-After)"}})
-        async def get_copy(request: Request, user_id: str = "", product_id: str = "", slot: str | None = None) -> Any:
+        async def get_copy(
+            request: Request,
+            user_id: str = Query(pattern=USER_PATTERN, description="the shopper: 1-128 chars of [A-Za-z0-9_.:@-]"),
+            product_id: str = Query(pattern=ID_PATTERN, description="1-128 chars of [A-Za-z0-9_.:-]"),
+            slot: str | None = Query(None, pattern=slot_pattern, description="one of api.slots"),
+        ) -> Any:
             """Generated copy JSON (CONTRACTS.md); 422 invalid ids, 404 unknown product, 503 overloaded."""
             svc = state_of(request).copy
             if svc is None:
