@@ -260,6 +260,10 @@ class ApiSettings(Section):
     # Server bounds: a request must arrive whole within request_timeout_s (a client that never finishes
     # its headers is cut off); headers larger than max_header_bytes are refused; idle keep-alive closes.
     request_timeout_s: float = 10.0
+    # The API's Redis connections: a request that finds all in use waits for one (up to redis_pool_wait_s),
+    # then answers 503 "busy" with Retry-After, counted apart from a Redis outage.
+    redis_connections: int = 64
+    redis_pool_wait_s: float = 1.0
     max_header_bytes: int = 16 * 1024
     keep_alive_s: float = 5.0
     dashboard: bool = True  # GET /dashboard (live charts) and /dashboard/data, see services/api/dashboard.py

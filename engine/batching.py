@@ -200,10 +200,18 @@ class BatchingEngine(Generic[Req, Res]):
                 raise RuntimeError(f"executor returned {len(results)} results for {len(batch)} requests")
         except Exception as exc:
             self.stats.failed_batches += 1
-            log.exception("batch of %d failed on %s", len(batch), executor.version)
+            if len(batch) == 1:
+                log.exception("request failed on %s", executor.version)
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # Isolation: one request's input must not fail the others of its batch. Each runs again alone
+            # (a request that fails alone is answered with its own error; the others get their copies).
+            log.warning("batch of %d failed on %s (%s: %s); running its requests one by one", len(batch),
+                        executor.version, type(exc).__name__, exc)
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(exc)
+                    self._run(executor, [job])
             return
         for job, res in zip(batch, results, strict=True):
             if not job.future.done():  # a caller may have cancelled

@@ -20,7 +20,7 @@ import math
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from core.settings import CopySettings
 from core.styles import STYLES, StyleResponse
 from engine.policy import Chooser, Posterior
 from models.generate import Candidate, generate_candidates, score_ctr_with_features
+from models.sequences import encode_text
 from models.student import LoadedStudent, load_student, resolve_device
 from models.text.context import CopyContext, build_prompt, product_context
 from models.text.filter import FilterStats, check_copy, fallback_copy
@@ -128,6 +129,9 @@ class StudentExecutor:
         self.filter_stats = FilterStats()
         self.copies = 0
         self._lock = threading.Lock()  # run() is called from one engine thread; smoke checks share it
+        config = getattr(student.model, "config", None)
+        self.max_positions = int(getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0)
+                                 or 10**9)
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +143,7 @@ class StudentExecutor:
         with self._lock:
             self._seed += 1
             seed = self._seed
-            prompts = [build_prompt(r.ctx) for r in requests]
+            prompts = [self._fit(r.ctx) for r in requests]
             factors = [self._style_factors(r) for r in requests]
             extra: dict[str, Any] = {}
             if any(f is not None for f in factors):
@@ -190,6 +194,23 @@ class StudentExecutor:
                 self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
             self.copies += len(requests)
         return [r for r in results if r is not None]
+
+    def _fit(self, ctx: CopyContext) -> str:
+        """The prompt of ``ctx`` within the model's positions (with room for the copy): text fields a
+        shopper or a catalog controls (title, noun, brand, category, attributes, likes) are shortened
+        until it fits, so a long or token-dense field (CJK, emoji) cannot fail a batch."""
+        prompt = build_prompt(ctx)
+        budget = self.max_positions - self.cfg.max_new_tokens - 2
+        if budget <= 0 or len(prompt) <= budget:  # at least one character per token: it fits
+            return prompt
+        limit = 64
+        while len(encode_text(self.student.tokenizer, [prompt])[0]) > budget and limit >= 1:
+            ctx = replace(ctx, title=ctx.title[:limit], noun=ctx.noun[:limit], brand=ctx.brand[:limit],
+                          category=ctx.category[:limit], attributes=tuple(a[:limit] for a in ctx.attributes[:4]),
+                          likes=tuple(x[:limit] for x in ctx.likes[:4]))
+            prompt = build_prompt(ctx)
+            limit //= 2
+        return prompt
 
     def _style_factors(self, req: CopyRequest) -> np.ndarray | None:
         """(mc_draws + 1, len(STYLES)) log multipliers of the shopper's style response: Thompson

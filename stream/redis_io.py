@@ -63,11 +63,24 @@ def redis_client(r: RedisSettings, *, timeout_s: float | None = None) -> redis.R
     return redis.Redis.from_url(r.url, socket_timeout=t, socket_connect_timeout=t)
 
 
-def async_redis_client(r: RedisSettings, *, max_connections: int | None = None) -> aredis.Redis:
-    """The asyncio twin (the HTTP API): the same timeouts; ``max_connections`` bounds its pool."""
-    kw: dict[str, Any] = {} if max_connections is None else {"max_connections": max_connections}
-    return aredis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s, socket_connect_timeout=r.socket_timeout_s,
-                                 **kw)
+def async_redis_client(r: RedisSettings, *, max_connections: int | None = None,
+                       pool_wait_s: float | None = None) -> aredis.Redis:
+    """The asyncio twin (the HTTP API): the same timeouts. With ``max_connections`` the pool is bounded and
+    *blocking*: a caller that finds every connection in use waits for one (up to ``pool_wait_s``), then
+    gets ``PoolExhausted``, instead of redis-py's immediate "Too many connections"."""
+    if max_connections is None:
+        return aredis.Redis.from_url(r.url, socket_timeout=r.socket_timeout_s,
+                                     socket_connect_timeout=r.socket_timeout_s)
+    wait = r.socket_timeout_s if pool_wait_s is None else pool_wait_s
+    pool = aredis.BlockingConnectionPool.from_url(r.url, max_connections=max_connections, timeout=wait,
+                                                  socket_timeout=r.socket_timeout_s,
+                                                  socket_connect_timeout=r.socket_timeout_s)
+    return aredis.Redis(connection_pool=pool)
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """The API's own Redis pool had no free connection in time: backpressure, not a Redis outage."""
+    return isinstance(exc, rex.ConnectionError) and "No connection available" in str(exc)
 
 
 class NotDurable(RuntimeError):

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+    """livecopy's error answer; every 503 says when to come back (``Retry-After: 1``)."""
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -74,7 +76,8 @@ def create_app(
         if open_mode:
             log.warning("API AUTH IS OPEN (api.auth=open): anyone who reaches this port reads shoppers' profiles and "
                         "steers the trainer. Dev and demo only; production runs with api.auth=keys.")
-        client = redis_client or async_redis_client(settings.redis)
+        client = redis_client or async_redis_client(settings.redis, max_connections=settings.api.redis_connections,
+                                                             pool_wait_s=settings.api.redis_pool_wait_s)
         st = state_of(app)
         st.redis = client
         st.profiles = AsyncProfileReader(client, settings.redis.key_prefix)

@@ -51,7 +51,7 @@ from stream.access.ratelimit import RateLimiter, retry_after
 from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
-from stream.redis_io import TRANSIENT_REDIS_ERRORS, redis_client
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, pool_exhausted, redis_client
 from stream.responses.store import AsyncResponseReader
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,9 @@ class CopyService:
             recent = await self.catalog.get_many(profile.recent_products) if profile is not None else {}
             response = await self.responses.load(user_id) if self.flow.uses_style_response else None
         except TRANSIENT_REDIS_ERRORS as exc:
+            if pool_exhausted(exc):  # every connection of this process busy: backpressure, not an outage
+                self.metrics.refused.labels("redis_pool").inc()
+                return _unavailable("busy", "all Redis connections of this server are in use")
             self.metrics.refused.labels("redis").inc()
             return error(503, "unavailable", f"redis: {str(exc)[:200]}")
         req = self.flow.request(user_id, product, state, profile, slot, response, recent.get)

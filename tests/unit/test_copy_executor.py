@@ -186,3 +186,47 @@ def test_a_shoppers_style_response_steers_the_choice_but_not_the_logged_score(mo
     ex_plain = load_executor(model_dir, copy_settings(policy="greedy", candidates=4))
     ex_plain.generate = scripted
     assert not any(r.style == "eco" for r in ex_plain.run([CopyRequest(r.user_id, r.ctx) for r in reqs]))
+
+
+def test_a_poisoned_request_cannot_fail_the_others_of_its_batch(model_dir: Path) -> None:
+    """One request whose category is thousands of tokens long (CJK, emoji: what a valid event can plant in
+    a profile) among 31 others: its prompt is shortened to the model's positions, and every request of the
+    batch gets its copy; an executor that fails on one request answers that one alone with the error."""
+    from dataclasses import replace as dc_replace
+
+    cfg = copy_settings(max_batch_size=32, max_wait_ms=50.0, candidates=2, max_new_tokens=8)
+    engine = CopyEngine.from_dir(model_dir, cfg).start()
+    try:
+        reqs = requests(32)
+        poison = "猫😀" * 120 + "/" + "é" * 200
+        reqs[5] = CopyRequest("u5", dc_replace(reqs[5].ctx, category=poison, title="标题" * 100,
+                                               likes=("😀" * 60,) * 3), profile_version=5)
+        results = [f.result(120) for f in [engine.submit(r) for r in reqs]]
+    finally:
+        engine.stop()
+    assert [r.user_id for r in results] == [r.user_id for r in reqs]
+    assert all(r.text for r in results)
+
+    class FailsOnOne:
+        version = "v1"
+
+        def run(self, batch: list[CopyRequest]) -> list[str]:
+            if any(r.user_id == "bad" for r in batch):
+                raise IndexError("index out of range in self")
+            return [r.user_id for r in batch]
+
+    from engine.batching import BatchConfig, BatchingEngine
+
+    eng: BatchingEngine[Any, Any] = BatchingEngine(FailsOnOne(), BatchConfig(max_batch_size=32, max_wait_ms=50))
+    eng.start()
+    try:
+        futs = [eng.submit(CopyRequest(u, reqs[0].ctx)) for u in ["a", "b", "bad", "c"]]
+        done = []
+        for f in futs:
+            try:
+                done.append(f.result(30))
+            except IndexError:
+                done.append("error")
+    finally:
+        eng.stop()
+    assert done == ["a", "b", "error", "c"]
