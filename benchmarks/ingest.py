@@ -9,23 +9,37 @@ Prints, for the batched worker and for a naive one-Redis-round-trip-per-event va
     whose buckets are 1 ms wide up to 10 ms and 5 ms wide up to 50 ms);
 and the ratios. Targets (2-core machine): >= 20,000 events/s, p99 <= 50 ms at 5,000 events/s.
 
+With `--peer quix` (the default with `--broker kafka`) it then measures the same two figures, on the
+same broker, Redis and events, for the same profile update written as a quixstreams application
+(`_quix_profile.py`: a `BatchingSink` writing each checkpoint to Redis, dedupe by event id in Lua),
+and prints the ratios livecopy/quixstreams. quixstreams pins other confluent-kafka versions than
+livecopy, so the peer runs in its own virtualenv, `.livecopy/quix-venv`, created on first use.
+
     python benchmarks/ingest.py [--events 200000] [--rate 5000] [--seconds 20] [--broker tansu|kafka]
+                                [--peer quix|none] [--quix-commit-interval 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NoReturn
 
+import redis
 from _common import (
+    ROOT,
     cli_process,
     hist_diff,
     hist_quantile,
@@ -43,6 +57,7 @@ from livecopy import EventProducer
 from livecopy.devstack import free_port, open_stack
 from livecopy.sim.loadgen import SessionGenerator, paced
 from stream.kafka_io import ensure_topics
+from stream.profile.store import RedisProfileStore
 
 
 def fresh_settings(bootstrap: str, redis_url: str, partitions: int = 8) -> Settings:
@@ -169,6 +184,149 @@ def latency(bootstrap: str, redis_url: str, rate: float, seconds: float, max_bat
             proc.wait(30)
 
 
+# --- the quixstreams peer: the same profile update as a quixstreams application, in its own venv ---
+
+QUIX_VENV = ROOT / ".livecopy" / "quix-venv"
+USER = "<user>"  # the user id's place in the peer's key templates (_quix_profile.USER)
+QUIX_VERSION = "3.28.1"
+QUIX_PINS = [f"quixstreams=={QUIX_VERSION}", "redis==8.2.0", "orjson==3.13.0"]
+
+
+@functools.cache
+def quix_python() -> Path:
+    """The peer's interpreter, creating `.livecopy/quix-venv` with QUIX_PINS the first time."""
+    py = QUIX_VENV / "bin" / "python"
+    probe = f"import quixstreams, redis, orjson, sys; sys.exit(quixstreams.__version__ != {QUIX_VERSION!r})"
+    if py.exists() and subprocess.run([py, "-c", probe], capture_output=True).returncode == 0:
+        return py
+    print(f"creating {QUIX_VENV.relative_to(ROOT)} ({', '.join(QUIX_PINS)}) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(QUIX_VENV)], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *QUIX_PINS], check=True)
+    return py
+
+
+def profile_spec(s: Settings) -> dict[str, Any]:
+    """What the peer takes of livecopy's profile worker, as data (it imports nothing of livecopy): the
+    ProfileSettings, profile.lua, and the keys (USER for the user id) and header arguments after now_ms
+    that RedisProfileStore calls it with, recorded from one call so that they follow the store."""
+    store = RedisProfileStore(redis.Redis(), s.profile, s.redis.key_prefix)  # connects to nothing
+    lua, calls = store.script.source, []
+    store.script = SimpleNamespace(  # type: ignore[assignment]
+        run_grouped=lambda _items, _group_of, call_of: calls.append(call_of(USER, [])) or [])
+    store.apply([], 0)
+    keys, args = calls[0]
+    return {"profile": s.profile.model_dump(mode="json"), "lua": lua, "keys": list(keys), "head": list(args[1:])}
+
+
+class QuixPeer:
+    """`_quix_profile.py` in the quix venv, its JSON lines read by a thread: progress, then the result."""
+
+    def __init__(self, s: Settings, commit_interval: float, skip: int = 0) -> None:
+        self.progress: list[tuple[float, int]] = []  # (monotonic s, records applied) per checkpoint
+        self.result: dict[str, float] = {}
+        self.version = "?"
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the peer's stderr, shown when it fails)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVECOPY_", "PYTHON"))}
+        self.proc = subprocess.Popen(
+            [str(quix_python()), str(Path(__file__).parent / "_quix_profile.py"),
+             "--bootstrap", s.kafka.bootstrap_servers, "--topic", Topics.from_settings(s.topics).events,
+             "--group", s.worker.group_prefix + "quix-profile", "--redis-url", s.redis.url,
+             "--commit-interval", str(commit_interval), "--fetch-wait-max-ms", str(s.kafka.fetch_wait_max_ms),
+             "--skip", str(skip)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(profile_spec(s)) + "\n")
+        self.proc.stdin.close()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if not line.startswith("{"):
+                continue
+            msg = json.loads(line)
+            if "quixstreams" in msg:
+                self.version = msg["quixstreams"]
+            elif "n" in msg and "t" in msg:
+                self.progress.append((msg["t"], msg["n"]))
+            else:
+                self.result = msg
+
+    def applied(self) -> int:
+        return self.progress[-1][1] if self.progress else 0
+
+    def wait_applied(self, n: float, timeout: float, every: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while self.applied() < n:
+            if self.proc.poll() is not None:
+                self.fail(f"exited ({self.proc.returncode}) after {self.applied()} records")
+            if time.monotonic() > deadline:
+                self.fail(f"applied {self.applied()} of {n:.0f} records in {timeout:.0f} s")
+            time.sleep(every)
+
+    def fail(self, what: str) -> NoReturn:
+        self.stop()
+        self.stderr.seek(0)
+        tail = "".join(self.stderr.readlines()[-30:])
+        raise RuntimeError(f"quixstreams peer {what}; its stderr ends:\n{tail}")
+
+    def stop(self) -> dict[str, float]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(10)
+        return self.result
+
+
+def quix_throughput(bootstrap: str, redis_url: str, n: int, commit_interval: float) -> tuple[float, str]:
+    """Like `throughput`, for the quixstreams peer: events/s over 10%..90% of a preloaded topic (the
+    times are the peer's own, taken when each checkpoint's Redis writes were acknowledged)."""
+    s = fresh_settings(bootstrap, redis_url)
+    with EventProducer(settings=s, config={"linger.ms": 20}) as p:
+        for e in events(n, seed=1):
+            p.send(e)
+    peer = QuixPeer(s, commit_interval)
+    try:
+        peer.wait_applied(0.9 * n, 600)
+        t10 = next(t for t, done in peer.progress if done >= 0.1 * n)
+        t90 = next(t for t, done in peer.progress if done >= 0.9 * n)
+        return 0.8 * n / (t90 - t10), peer.version
+    finally:
+        peer.stop()
+
+
+def quix_latency(bootstrap: str, redis_url: str, rate: float, seconds: float, commit_interval: float,
+                 partitions: int = 8) -> dict[str, float]:
+    """Like `latency`, for the quixstreams peer: p50/p99 of record CreateTime -> Redis acknowledged
+    (exact, from every record after the 200 warm-up ones)."""
+    s = fresh_settings(bootstrap, redis_url, partitions)
+    evs = events(int(rate * seconds) + 200, seed=2)
+    peer = QuixPeer(s, commit_interval, skip=200)
+    p = EventProducer(settings=s)
+    try:
+        for e in evs[:200]:
+            p.send(e)
+        p.flush()
+        peer.wait_applied(200, 120)
+        sent = 0
+        started = time.monotonic()
+        for i in paced(rate, seconds):
+            p.send(evs[200 + i])
+            sent += 1
+        achieved = sent / (time.monotonic() - started)
+        p.flush()
+        peer.wait_applied(200 + sent, 300, every=0.2)
+        res = peer.stop()
+        return {"rate": achieved, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"], "n": res["n"]}
+    finally:
+        peer.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000, help="preloaded events for the batched throughput run")
@@ -178,7 +336,14 @@ def main() -> None:
     ap.add_argument("--naive-seconds", type=float, default=10.0)
     ap.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
                     help="the embedded tansu broker (the README's table) or Apache Kafka (KRaft, needs Java 17+)")
+    ap.add_argument("--peer", choices=("quix", "none"), default=None,
+                    help="also measure the same update written with quixstreams (default: quix with --broker kafka)")
+    ap.add_argument("--quix-commit-interval", type=float, default=0.1,
+                    help="the peer's checkpoint interval, s: its BatchingSink writes to Redis at each checkpoint")
     a = ap.parse_args()
+    peer = a.peer or ("quix" if a.broker == "kafka" else "none")
+    if peer == "quix":
+        quix_python()  # create the peer's venv (first run) before the stack starts
     print(f"machine: {machine()}")
     with open_stack(prefer=a.broker) as st:
         bs, ru = st.bootstrap_servers, st.redis_url
@@ -191,19 +356,32 @@ def main() -> None:
         floor8 = latency(bs, ru, a.rate, a.seconds, None, bare=True)
         lb2 = latency(bs, ru, a.rate, a.seconds, None, partitions=2)
         floor2 = latency(bs, ru, a.rate, a.seconds, None, partitions=2, bare=True)
+        if peer == "quix":
+            tq, quix_version = quix_throughput(bs, ru, a.events, a.quix_commit_interval)
+            lq = quix_latency(bs, ru, a.rate, a.seconds, a.quix_commit_interval)
     print(f"events topic: 8 partitions (CONTRACTS.md default); latency at {a.rate:,.0f} events/s\n")
-    print(f"{'variant':40} {'events/s':>10} {'rate':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    qname = f"quixstreams {quix_version} (same update, BatchingSink)" if peer == "quix" else ""
+    w = max(40, len(qname))
+    print(f"{'variant':{w}} {'events/s':>10} {'rate':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, t, lat in (("batched (one Lua call per user, pipelined)", tb, lb),
                          ("naive (one Redis round trip per event)", tn, ln)):
-        print(f"{name:40} {t:10,.0f} {lat['rate']:8,.0f} {lat['p50_ms']:8.1f} {lat['p99_ms']:8.1f}")
-    print(f"{'  broker floor: bare consumer, 8 parts':40} {'':>10} {floor8['rate']:8,.0f} "
+        print(f"{name:{w}} {t:10,.0f} {lat['rate']:8,.0f} {lat['p50_ms']:8.1f} {lat['p99_ms']:8.1f}")
+    print(f"{'  broker floor: bare consumer, 8 parts':{w}} {'':>10} {floor8['rate']:8,.0f} "
           f"{floor8['p50_ms']:8.1f} {floor8['p99_ms']:8.1f}")
-    print(f"{'batched, events topic with 2 partitions':40} {'':>10} {lb2['rate']:8,.0f} "
+    print(f"{'batched, events topic with 2 partitions':{w}} {'':>10} {lb2['rate']:8,.0f} "
           f"{lb2['p50_ms']:8.1f} {lb2['p99_ms']:8.1f}")
-    print(f"{'  broker floor: bare consumer, 2 parts':40} {'':>10} {floor2['rate']:8,.0f} "
+    print(f"{'  broker floor: bare consumer, 2 parts':{w}} {'':>10} {floor2['rate']:8,.0f} "
           f"{floor2['p50_ms']:8.1f} {floor2['p99_ms']:8.1f}")
+    if peer == "quix":
+        print(f"{qname:{w}} {tq:10,.0f} {lq['rate']:8,.0f} {lq['p50_ms']:8.1f} {lq['p99_ms']:8.1f}")
+        print(f"  (quixstreams: one process, own venv; its BatchingSink runs livecopy's profile.lua once per user "
+              f"per partition at each checkpoint, every {a.quix_commit_interval:g} s)")
     print(f"\nthroughput ratio batched/naive: {tb / tn:.1f}x")
     print(f"p99 ratio naive/batched at {a.rate:,.0f}/s: {ln['p99_ms'] / lb['p99_ms']:.1f}x")
+    if peer == "quix":
+        print(f"throughput ratio livecopy batched/quixstreams: {tb / tq:.2f}x")
+        print(f"p99 ratio livecopy batched/quixstreams at {a.rate:,.0f}/s, 8 partitions: "
+              f"{lb['p99_ms'] / lq['p99_ms']:.2f}x (quixstreams/livecopy {lq['p99_ms'] / lb['p99_ms']:.2f}x)")
     print(f"targets: >= 20,000 events/s: {'met' if tb >= 20_000 else 'MISSED'} ({tb:,.0f}); "
           f"p99 <= 50 ms at {a.rate:,.0f}/s: 8 partitions {'met' if lb['p99_ms'] <= 50 else 'MISSED'} "
           f"({lb['p99_ms']:.0f} ms), 2 partitions {'met' if lb2['p99_ms'] <= 50 else 'MISSED'} "
