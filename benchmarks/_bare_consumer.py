@@ -28,7 +28,7 @@ started = time.monotonic()
 while seen < warm + n:
     m = c.poll(0.2)
     if m is None:
-        if time.monotonic() - (last if last is not None else started - 90.0) > IDLE_S:  # 2 min for the first
+        if time.monotonic() - (last if last is not None else started + 90.0) > IDLE_S:  # 2 min for the first
             print(f"bare consumer: {warm + n - seen} records never arrived; measured {len(lat)}", file=sys.stderr)
             break
         continue

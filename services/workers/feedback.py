@@ -33,6 +33,7 @@ from core.metrics import WorkerMetrics
 from core.process import install_stop_signals, wall_ms
 from core.settings import FeedbackSettings, Settings
 from core.wire import Record, Rejection, Topics, decode_event, dlq_headers, encode, one_line, rejection_from
+from services.workers.common import worker_metrics
 from stream.feedback.logic import Claimed, Item, aggregate_fields, copy_item, dlq_record, event_item, feedback_record
 from stream.feedback.store import FeedbackStore, RedisFeedbackStore
 from stream.kafka_io import (
@@ -45,7 +46,7 @@ from stream.kafka_io import (
     produce_queued,
     producer_config,
 )
-from stream.redis_io import TransientStoreError, check_durability, redis_client
+from stream.redis_io import TransientStoreError, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -316,9 +317,7 @@ def build_feedback_loop(settings: Settings, *, group_suffix: str = "", metrics: 
 
 
 def run_feedback_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
-    check_durability(redis_client(settings.redis), settings.redis, log)
-    metrics = WorkerMetrics("feedback")
-    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    metrics = worker_metrics(settings, "feedback", metrics_port, log)
     loop = build_feedback_loop(settings, metrics=metrics)
     install_stop_signals(loop.stop)
     log.info("feedback joiner consuming %s (window %.0f s)", loop.topics, settings.feedback.window_s)

@@ -16,10 +16,11 @@ from core.metrics import WorkerMetrics
 from core.process import install_stop_signals, tune_gc_for_latency, wall_ms
 from core.settings import ProfileSettings, Settings
 from core.wire import Record, Rejection, Topics, decode_event
+from services.workers.common import worker_metrics
 from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
 from stream.profile.logic import ProfileUpdate, event_update
 from stream.profile.store import ProfileStore, RedisProfileStore
-from stream.redis_io import TransientStoreError, check_durability, redis_client
+from stream.redis_io import TransientStoreError, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,7 @@ def build_profile_loop(settings: Settings, *, max_batch: int | None = None, grou
 
 
 def run_profile_worker(settings: Settings, *, max_batch: int | None = None, metrics_port: int | None = None) -> None:
-    check_durability(redis_client(settings.redis), settings.redis, log)
-    metrics = WorkerMetrics("profile")
-    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    metrics = worker_metrics(settings, "profile", metrics_port, log)
     loop = build_profile_loop(settings, max_batch=max_batch, metrics=metrics)
     install_stop_signals(loop.stop)
     tune_gc_for_latency()

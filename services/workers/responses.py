@@ -13,8 +13,9 @@ from core.metrics import WorkerMetrics
 from core.process import install_stop_signals, wall_ms
 from core.settings import Settings
 from core.wire import Record, Rejection, Topics, decode_feedback
+from services.workers.common import worker_metrics
 from stream.kafka_io import BatchLoop, Outcome, TransientError, group_consumer, loop_options, producer_config
-from stream.redis_io import TransientStoreError, check_durability, redis_client
+from stream.redis_io import TransientStoreError, redis_client
 from stream.responses.logic import ResponseStore, ResponseUpdate, response_update
 from stream.responses.store import RedisResponseStore
 
@@ -77,9 +78,7 @@ def build_responses_loop(settings: Settings, *, group_suffix: str = "", metrics:
 
 
 def run_responses_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
-    check_durability(redis_client(settings.redis), settings.redis, log)
-    metrics = WorkerMetrics("responses")
-    metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
+    metrics = worker_metrics(settings, "responses", metrics_port, log)
     loop = build_responses_loop(settings, metrics=metrics)
     install_stop_signals(loop.stop)
     log.info("responses worker consuming %s", loop.topics)
