@@ -17,6 +17,7 @@ real-service demo.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--population", default=None, help="Hidden population file (YAML/JSON); default: the shipped one.")
     ap.add_argument("--catalog", type=int, default=None, help="Catalog size (default: the population's).")
+    ap.add_argument("--catalog-file", default=None,
+                    help="A catalog file (JSON lines, e.g. catalogs/real_world.jsonl) instead of the synthetic one.")
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--k", type=int, default=4, help="Candidates per impression.")
     ap.add_argument("--per-style", type=int, default=2, help="Copies sampled per style and pool key.")
@@ -67,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = load_population(args.population, users=args.users, catalog_size=args.catalog)
-    pop = Population.build(cfg, Catalog.generate(cfg.catalog_size, cfg.catalog_seed))
+    catalog = Catalog.load_jsonl(args.catalog_file) if args.catalog_file else \
+        Catalog.generate(cfg.catalog_size, cfg.catalog_seed)
+    if args.catalog_file:
+        cfg = dataclasses.replace(cfg, catalog_size=len(catalog))
+    pop = Population.build(cfg, catalog)
     student = load_student(args.student or shipped_student_dir(), device="cpu")
     book = ProfileBook(pop.catalog)
     learner = HeadLearner(student.model.ctr_head, update_every=args.update_every, seed=args.seed)
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     s = summary(series)
     s["online_realised_ctr_last"] = st.realised(s["tail_from"])
     s.update({
-        "seed": args.seed, "population": cfg.name, "users": cfg.users, "catalog": cfg.catalog_size, "k": args.k,
+        "seed": args.seed, "population": cfg.name,
+        "catalog_file": args.catalog_file, "users": cfg.users, "catalog": cfg.catalog_size, "k": args.k,
         "per_style": args.per_style,
         "style_temperature": args.style_temperature, "update_every": args.update_every,
         "user_style_strength": args.user_styles, "user_style_half_life_days": responses.half_life_days,

@@ -30,6 +30,7 @@ class Product:
     eco: bool = False
     discount_pct: int = 0
     noun: str = ""
+    currency: str = "USD"  # ISO 4217 code; copy formats money with it
 
     @property
     def top_category(self) -> str:
@@ -156,6 +157,15 @@ _BRANDS: dict[str, list[str]] = {
     "grocery": ["Roastery 41", "Highland Leaf", "Crema Co", "Kettle & Cup"],
     "garden": ["Greenthumb", "Fernway", "Rootstock", "Bloomwell"],
 }
+
+def vocabulary() -> dict[str, frozenset[str]]:
+    """The generator's words: ``brands``, ``nouns`` and ``attributes`` (as written)."""
+    return {
+        "brands": frozenset(b for bs in _BRANDS.values() for b in bs),
+        "nouns": frozenset(n for nouns, _, _ in _TAXONOMY.values() for n in nouns),
+        "attributes": frozenset(a for _, attrs, _ in _TAXONOMY.values() for a in attrs),
+    }
+
 
 _ECO_WORDS = ("organic", "recycled", "eco-friendly", "fair-trade", "cedar", "organic cotton", "vegan")
 

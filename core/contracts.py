@@ -194,6 +194,7 @@ class GeneratedCopy(BaseModel):
     slot: str | None = None
     style: str | None = None
     features: dict[str, Any] | None = None
+    template: Annotated[str, StringConstraints(max_length=MAX_COPY_CHARS)] | None = None  # slotted form of text
 
 
 class FeedbackRecord(BaseModel):
@@ -216,6 +217,7 @@ class FeedbackRecord(BaseModel):
     propensity: float | None = None
     score: float | None = None
     style: str | None = None
+    template: str | None = None  # the copy's slotted form (what a slotted model learns from)
     slot: str | None = None
 
 

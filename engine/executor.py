@@ -2,11 +2,14 @@
 
 ``StudentExecutor.run`` is what :class:`engine.batching.BatchingEngine` calls on its thread:
 
-    prompts (one per request) -> K sampled candidates each, with CTR at EOS (one KV-cached decode
-    for the whole batch) -> safety filter per candidate -> policy (Thompson / greedy / epsilon /
-    random) over the candidates that passed -> the chosen copy, its mean CTR score and the
-    probability the policy had of choosing it (propensity), or the deterministic fallback copy
-    (policy ``fallback``, propensity 1) when no candidate passed.
+    prompts (one per request) -> K sampled slotted candidates each, with CTR at EOS (one KV-cached
+    decode for the whole batch; a slot the record cannot fill and any spelled number are never
+    sampled) -> grounding check of the slotted text, slots filled from the record
+    (``models.text.slots.fill``), safety filter at the page slot's length -> policy (Thompson /
+    greedy / epsilon / random) over the candidates that passed -> the chosen copy (rendered, and its
+    slotted template for serve-time refills), its mean CTR score and the probability the policy had
+    of choosing it (propensity), or the deterministic fallback copy (policy ``fallback``,
+    propensity 1) when no candidate passed, counted by the commonest rejection.
 
 ``load_executor`` loads a checkpoint directory (fp32 on CPU, bf16 autocast on CUDA via
 ``models.generate``), and ``smoke_check`` runs a fixed batch through a freshly loaded executor
@@ -19,6 +22,7 @@ import logging
 import math
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +40,8 @@ from models.generate import Candidate, generate_candidates, score_ctr_with_featu
 from models.sequences import encode_text
 from models.student import LoadedStudent, load_student, resolve_device
 from models.text.context import CopyContext, build_prompt, product_context
-from models.text.filter import FilterStats, check_copy, fallback_copy
+from models.text.filter import FilterResult, FilterStats, check_copy, check_grounding, fallback_copy, max_chars
+from models.text.slots import MissingSlot, available, fill, values
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ class CopyResult:
     candidates: int = 0
     passed: int = 0
     created_at: str = field(default_factory=now_rfc3339)
+    template: str | None = None  # the slotted copy ``text`` was filled from (None: the fallback)
 
     def to_copy(self) -> GeneratedCopy:
         """The contract record (``livecopy.copy`` and the GET /v1/copy body)."""
@@ -85,7 +91,7 @@ class CopyResult:
             copy_id=self.copy_id, user_id=self.user_id, product_id=self.product_id, text=self.text,
             model=self.model, model_version=self.model_version, score=self.score, policy=self.policy,
             created_at=self.created_at, propensity=self.propensity, slot=self.slot, style=self.style,
-            features=self.features,
+            features=self.features, template=self.template,
         )
 
 
@@ -154,23 +160,26 @@ class StudentExecutor:
             groups = self.generate(
                 self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed, **extra,
+                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed,
+                slots_ok=[available(r.ctx) for r in requests], **extra,
             )
             results: list[CopyResult | None] = []
             fallbacks: list[int] = []
             for i, (req, group) in enumerate(zip(requests, groups, strict=True)):
-                product = req.ctx.to_product()
                 ok = np.zeros(len(group), bool)
+                shown: list[str] = []
+                rejected: Counter[str] = Counter()
                 for j, cand in enumerate(group):
-                    res = check_copy(cand.text, product) if len(cand.text) <= MAX_COPY_CHARS else None
-                    if res is None:
-                        self.filter_stats.checked += 1
-                        self.filter_stats.reasons["too_long"] += 1
-                        continue
+                    text, res = self.render(cand.text, req.ctx)
+                    shown.append(text)
                     self.filter_stats.record(res)
                     ok[j] = res.ok
+                    if not res.ok:
+                        rejected[(res.reason or "unknown").split(":", 1)[0]] += 1
                 if not ok.any():
                     self.filter_stats.fallbacks += 1
+                    why = rejected.most_common(1)[0][0] if rejected else "no_candidate"
+                    self.filter_stats.fallback_reasons[why] += 1
                     fallbacks.append(i)
                     results.append(None)
                     continue
@@ -188,12 +197,27 @@ class StudentExecutor:
                     [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
                 choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
                 cand = group[choice.index]
-                results.append(self._result(req, cand.text, cand.style, choice.score, choice.propensity,
-                                            chooser.policy, len(group), int(ok.sum())))
+                results.append(self._result(req, shown[choice.index], cand.style, choice.score, choice.propensity,
+                                            chooser.policy, len(group), int(ok.sum()), template=cand.text))
             if fallbacks:
                 self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
             self.copies += len(requests)
         return [r for r in results if r is not None]
+
+    @staticmethod
+    def render(template: str, ctx: CopyContext) -> tuple[str, FilterResult]:
+        """A candidate's shown text (its slots filled from the record) and the filter's verdict:
+        grounding of the slotted text first, then the copy rules at the page slot's length."""
+        if len(template) > MAX_COPY_CHARS:
+            return template[:MAX_COPY_CHARS], FilterResult(False, "too_long")
+        res = check_grounding(template, ctx)
+        if not res.ok:
+            return template, res
+        try:
+            text = fill(template, ctx, values(ctx))
+        except MissingSlot as exc:
+            return template, FilterResult(False, f"missing_field:{exc}")
+        return text, check_copy(text, ctx, limit=min(max_chars(ctx.slot), MAX_COPY_CHARS))
 
     def _fit(self, ctx: CopyContext) -> str:
         """The prompt of ``ctx`` within the model's positions (with room for the copy): text fields a
@@ -239,7 +263,7 @@ class StudentExecutor:
 
     def _result(
         self, req: CopyRequest, text: str, style: str | None, score: float, propensity: float, policy: str,
-        k: int, passed: int,
+        k: int, passed: int, template: str | None = None,
     ) -> CopyResult:
         score = float(score)
         if not math.isfinite(score):
@@ -248,7 +272,7 @@ class StudentExecutor:
             copy_id=new_copy_id(), user_id=req.user_id, product_id=req.product_id, text=text.strip(),
             style=style, score=min(1.0, max(0.0, score)), propensity=float(propensity), policy=policy,
             model=self.name, model_version=self.version, slot=req.slot, features=request_features(req),
-            candidates=k, passed=passed,
+            candidates=k, passed=passed, template=template.strip() if template is not None else None,
         )
 
 

@@ -7,10 +7,14 @@ Everything here is deterministic from a seed:
 * the style drawn from a *prior* p(style | context) (:func:`style_prior`) -- price-sensitive
   shoppers lean to discount copy, eco-minded ones to eco, new users to social proof, lapsed
   ones to urgency -- a tendency with noise, not a rule;
-* the copy written by compositional templates (persona opener + style core + call to action,
-  several phrasings each, filled with the product's own title, noun, attributes, price,
-  discount, rating and reviews), or, for part of the rows, by the pretrained teacher
-  (``models/data/teacher_copies.jsonl``, filtered; see docs/models.md);
+* the copy *slotted* (``{title}``, ``{price}``, ... see ``models.text.slots``: the model learns
+  phrasing, never a catalog's facts), written by compositional templates (persona opener + style
+  core + call to action, several phrasings each, only slots the record can fill), or, for part
+  of the rows, by the pretrained teacher (``models/data/teacher_copies.jsonl``, delexicalized
+  mechanically; a copy that keeps a number or names another product is not used; see
+  docs/models.md);
+* some facts dropped per row (brand, noun, attributes, reviews) and some rows filed under
+  categories the generator lacks, as real catalogs are;
 * a synthetic click probability from a documented prior click model (:func:`prior_click_logit`)
   and a sampled click, for pre-training the CTR head. These labels are synthetic: no public data
   set links ad text to clicks.
@@ -33,10 +37,11 @@ import orjson
 
 from core.catalog import Catalog, Product
 from core.styles import STYLES, classify_style
-from models.text.context import CopyContext, build_prompt, is_plural, product_context
-from models.text.filter import check_copy
+from models.text.context import CopyContext, build_prompt, product_context
+from models.text.filter import check_copy, check_grounding, foreign_names
+from models.text.slots import available, delexicalize, fill, slots_in
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 DEFAULT_CATALOG_SIZE = 2000
 DEFAULT_CATALOG_SEED = 7
 HELDOUT_MOD = 10
@@ -101,13 +106,14 @@ def sample_persona(rng: random.Random, product: Product, leaves: Sequence[str]) 
 
 def style_prior(ctx: CopyContext) -> dict[str, float]:
     """p(style | context) of the corpus writer: a sensible tendency, with plenty of mass left
-    on the other styles. Eco copy only for eco products."""
+    on the other styles. Eco copy only for eco products, social proof only with reviews."""
     w = {
         "urgency": 0.6,
         "discount": 0.7 if ctx.discount_pct else 0.25,
         "quality": 0.8,
         "eco": 1.0 if ctx.eco else 0.0,
-        "social_proof": 0.6 + (0.4 if ctx.reviews >= 500 else 0.0) - (0.3 if ctx.reviews < 20 else 0.0),
+        "social_proof": 0.0 if ctx.reviews <= 0 else
+        0.6 + (0.4 if ctx.reviews >= 500 else 0.0) - (0.3 if ctx.reviews < 20 else 0.0),
         "practical": 0.6,
     }
     if ctx.price_sensitivity == "high":
@@ -252,20 +258,20 @@ _CORES: dict[str, tuple[str, ...]] = {
     ),
     "social_proof_many": (
         "Rated {rating} stars by {reviews} shoppers: the {title}.",
-        "Shoppers love the {title}: {rating}/5 from {reviews} reviews.",
+        "Shoppers love the {title}: {rating} stars from {reviews} reviews.",
         "{reviews} reviews and counting: the {title} {is} a fan favourite.",
         "Join {reviews} reviewers who rated the {title} {rating} stars.",
-        "Loved by shoppers: the {attr} {noun} from {brand}, rated {rating}/5.",
+        "Loved by shoppers: the {attr} {noun} from {brand}, rated {rating} stars.",
         "The {title} {has} {reviews} reviews and a {rating}-star rating.",
     ),
     "social_proof_best": (
         "A bestseller for a reason: the {title}, rated {rating} stars.",
         "Our bestseller {noun}: the {title}, with {reviews} reviews.",
-        "Top-rated and a bestseller: the {title} ({rating}/5).",
+        "Top-rated and a bestseller: the {title} ({rating} stars).",
     ),
     "social_proof_few": (
-        "Rated {rating} out of 5 by early shoppers: the {title}.",
-        "Early reviews are in: the {title} {is} rated {rating}/5.",
+        "Rated {rating} stars by early shoppers: the {title}.",
+        "Early reviews are in: the {title} {is} rated {rating} stars.",
         "Shoppers rate the {title} {rating} stars.",
     ),
     "practical": (
@@ -290,43 +296,15 @@ _CTAS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _money(x: float) -> str:
-    return f"${x:,.2f}"
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[:1].lower() in "aeiou" else "a"
-
-
-def template_slots(ctx: CopyContext, rng: random.Random) -> dict[str, str]:
-    noun = ctx.noun or ctx.title.split()[-1].lower()
-    attrs = [a for a in ctx.attributes if a.lower() not in noun.lower()] or [""]
-    attr = rng.choice(attrs)
-    plural = is_plural(noun)
-    title_plural = plural and ctx.title.lower().endswith(noun.lower())
-    attr_noun = f"{attr} {noun}".strip()
+def template_slots(ctx: CopyContext) -> dict[str, str]:
+    """The template fields in slotted form: the filler (``models.text.slots.fill``) picks the
+    article, the verb's number and the capital at serve time, so templates write the singular."""
     return {
-        "title": ctx.title,
-        "brand": ctx.brand,
-        "noun": noun,
-        "attr": attr or "well-made",
-        "attr_cap": (attr or "well-made")[:1].upper() + (attr or "well-made")[1:],
-        "a_attr_noun": attr_noun if plural else f"{_article(attr_noun)} {attr_noun}",
-        "a_noun": noun if plural else f"{_article(noun)} {noun}",
-        "a_noun_cap": (noun if plural else f"{_article(noun)} {noun}")[:1].upper()
-        + (noun if plural else f"{_article(noun)} {noun}")[1:],
-        "s": "" if plural else "s",
-        "is": "are" if title_plural else "is",
-        "has": "have" if title_plural else "has",
-        "does": "do" if title_plural else "does",
-        "price": _money(ctx.price),
-        "sale": _money(ctx.sale_price),
-        "now_price": _money(ctx.sale_price if ctx.discount_pct else ctx.price),
-        "saved": _money(round(ctx.price - ctx.sale_price, 2)),
-        "pct": str(ctx.discount_pct),
-        "rating": f"{ctx.rating:.1f}",
-        "reviews": f"{ctx.reviews:,}",
-        "leaf": ctx.leaf_category,
+        "title": "{title}", "brand": "{brand}", "noun": "{noun}", "attr": "{attribute}", "attr_cap": "{attribute}",
+        "a_attr_noun": "a {attribute} {noun}", "a_noun": "a {noun}", "a_noun_cap": "A {noun}", "s": "s", "is": "is",
+        "has": "has", "does": "does", "price": "{price}", "sale": "{sale_price}", "saved": "{saved}",
+        "pct": "{discount}", "rating": "{rating}", "reviews": "{reviews}", "leaf": "{category}",
+        "now_price": "{sale_price}" if ctx.discount_pct else "{price}",
     }
 
 
@@ -358,7 +336,7 @@ def persona_opener(ctx: CopyContext, rng: random.Random) -> str | None:
     if not options or rng.random() < 0.3:
         return None
     key = rng.choice(options)
-    return rng.choice(_OPENERS[key]).format(leaf=ctx.leaf_category)
+    return rng.choice(_OPENERS[key]).format(leaf="{category}")
 
 
 def _join(opener: str | None, core: str) -> str:
@@ -375,13 +353,21 @@ def _join(opener: str | None, core: str) -> str:
 
 
 def template_copy(ctx: CopyContext, style: str, rng: random.Random, *, personal: bool = True) -> str:
-    """One template copy of ``style`` for ``ctx`` (persona opener, style core, optional CTA);
-    ``personal=False`` never adds a persona opener."""
-    slots = template_slots(ctx, rng)
-    core = rng.choice(_CORES[_core_key(style, ctx, rng)]).format(**slots)
+    """One slotted template copy of ``style`` for ``ctx`` (persona opener, style core, optional
+    CTA), using only slots the record can fill; ``personal=False`` never adds a persona opener.
+    Render it with ``models.text.slots.fill``."""
+    have = available(ctx)
+    fields = template_slots(ctx)
+    cores = [c.replace("{pct}%", "{pct}").format(**fields) for c in _CORES[_core_key(style, ctx, rng)]]
+    usable = [c for c in cores if set(slots_in(c)) <= have]
+    if not usable:
+        return template_copy(ctx, "practical", rng, personal=personal)
+    core = rng.choice(usable)
     core = core[:1].upper() + core[1:]
     short = ctx.slot in ("feed", "cart")
     opener = persona_opener(ctx, rng) if personal and (not short or rng.random() < 0.5) else None
+    if opener and not set(slots_in(opener)) <= have:
+        opener = None
     text = _join(opener, core)
     cta_p = 0.15 if short else 0.6
     if rng.random() < cta_p:
@@ -424,8 +410,8 @@ class Example:
     prompt: str
     style: str
     copy: str
-    source: str  # template | teacher | mismatch
-    lm: bool  # False: CTR-only row (its copy is about another product)
+    source: str  # template | teacher
+    lm: bool  # False: CTR-only row
     click_p: float
     clicked: bool
 
@@ -444,7 +430,6 @@ class CorpusConfig:
     per_product: int = 30
     seed: int = 1234
     teacher_share: float = 0.3  # share of rows using a teacher copy when one exists
-    mismatch_share: float = 0.05  # CTR-only rows with another product's copy
     teacher_copies: str | None = None  # path; None: the packaged file
     max_products: int | None = None  # smoke runs
 
@@ -490,8 +475,34 @@ def _file_sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
+# Categories the synthetic generator lacks: a share of rows is written for them (department
+# "general"), so a product of an unseen category gets copy written for any product.
+_OTHER_CATEGORIES = ("pets/dog food", "automotive/tyres", "books/fiction", "office/supplies", "music/instruments",
+                     "party/decorations", "crafts/yarn", "industrial/fasteners")
+
+
+def _variant(product: Product, rng: random.Random) -> Product:
+    """The product with some facts missing, as real catalogs have them (no brand, no noun, no
+    attributes, no reviews yet), or filed under a category outside the generator's taxonomy."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if rng.random() < 0.15:
+        changes["brand"] = ""
+    if rng.random() < 0.12:
+        changes["noun"] = ""
+    if rng.random() < 0.15:
+        changes["attributes"] = ()
+    if rng.random() < 0.1:
+        changes["reviews"] = 0
+    if rng.random() < 0.15:
+        changes["category"] = rng.choice(_OTHER_CATEGORIES)
+    return replace(product, **changes) if changes else product
+
+
 def build_corpus(config: CorpusConfig | None = None, catalog: Catalog | None = None) -> Corpus:
-    """Build the whole corpus deterministically (a few seconds for 60k rows)."""
+    """Build the whole corpus deterministically (a few seconds for 60k rows). Copies are slotted
+    (``models.text.slots``): templates write slots, teacher copies are delexicalized into them."""
     cfg = config or CorpusConfig()
     cat = catalog or Catalog.generate(cfg.catalog_size, cfg.catalog_seed)
     tpath = Path(cfg.teacher_copies) if cfg.teacher_copies else teacher_copies_path()
@@ -504,35 +515,35 @@ def build_corpus(config: CorpusConfig | None = None, catalog: Catalog | None = N
     for product in products:
         split = split_of(product.product_id)
         rng = random.Random(f"{cfg.seed}|{product.product_id}")
-        for i in range(cfg.per_product):
+        foreign = foreign_names(product)
+        for _ in range(cfg.per_product):
             persona = sample_persona(rng, product, leaves)
-            ctx = product_context(product).with_persona(**persona)
+            variant = _variant(product, rng)
+            ctx = product_context(variant).with_persona(**persona)
             prior = style_prior(ctx)
             style = rng.choices(list(prior), weights=list(prior.values()))[0]
             source = "template"
             text = ""
             pool = teacher.get((product.product_id, style))
             if pool and rng.random() < cfg.teacher_share:
-                cand = rng.choice(pool)
-                opener = persona_opener(ctx, rng) if rng.random() < 0.4 else None
-                joined = _join(opener, cand)
-                if check_copy(joined, product).ok and classify_style(joined) == style:
-                    cand = joined
-                text, source = cand, "teacher"
+                delex = delexicalize(rng.choice(pool), product_context(product), foreign)
+                cand = delex.text
+                if cand is not None and set(slots_in(cand)) <= available(ctx) and check_grounding(cand, ctx).ok:
+                    opener = persona_opener(ctx, rng) if rng.random() < 0.4 else None
+                    if opener and set(slots_in(opener)) <= available(ctx):
+                        joined = _join(opener, cand)
+                        shown = fill(joined, ctx)
+                        if check_copy(shown, ctx).ok and classify_style(shown) == style:
+                            cand = joined
+                    shown = fill(cand, ctx)
+                    if check_copy(shown, ctx).ok:
+                        text, source = cand, "teacher"
             if not text:
                 text = template_copy(ctx, style, rng)
-            lm = True
-            on_product = True
-            if i > 0 and rng.random() < cfg.mismatch_share:
-                other = products[rng.randrange(len(products))]
-                if other.category != product.category:
-                    octx = product_context(other).with_persona(**persona)
-                    text = template_copy(octx, style if (style != "eco" or other.eco) else "practical", rng)
-                    source, lm, on_product = "mismatch", False, False
-            p = sigmoid(prior_click_logit(ctx, style, text, on_product))
+            p = sigmoid(prior_click_logit(ctx, style, fill(text, ctx)))
             ex = Example(
                 product_id=product.product_id, split=split, features=ctx.features(), prompt=build_prompt(ctx),
-                style=style, copy=text, source=source, lm=lm, click_p=round(p, 6),
+                style=style, copy=text, source=source, lm=True, click_p=round(p, 6),
                 clicked=rng.random() < p,
             )
             (corpus.heldout if split == "heldout" else corpus.train).append(ex)

@@ -237,6 +237,7 @@ def decode(
     want_hidden: bool = False,
     compact_fraction: float = 0.25,
     first_bias_rows: torch.Tensor | None = None,
+    banned_rows: torch.Tensor | None = None,
 ) -> DecodeOutput:
     """The decode loop. Rows ``i*k .. i*k+k-1`` of the result belong to prompt ``i``.
 
@@ -244,7 +245,9 @@ def decode(
     never sampled after the first token; ``stop_mask``: bool (V,) of ids that end a row like EOS
     (e.g. newline tokens for a chat teacher); ``want_hidden``: feed EOS once more per row and
     return the final hidden state there; ``first_bias_rows``: (len(prompt_rows), V) logits added
-    at the first token, per prompt (a shopper's style response).
+    at the first token, per prompt (a shopper's style response); ``banned_rows``: bool
+    (len(prompt_rows), V) ids never sampled after the first token, per prompt (the slots a record
+    cannot fill).
     """
     device = _model_device(model)
     gen = torch.Generator(device=device)
@@ -274,6 +277,10 @@ def decode(
     if banned:
         ban_bias = torch.zeros((vocab,), device=device)
         ban_bias[torch.tensor([b for b in banned if b < vocab], device=device)] = float("-inf")
+    rows_ban = None
+    if banned_rows is not None:
+        rows_ban = torch.zeros((n, vocab), device=device)
+        rows_ban[banned_rows.to(device)[:, :vocab].repeat_interleave(k, 0)] = float("-inf")
     stop = stop_mask.to(device) if stop_mask is not None else None
 
     tokens = torch.full((n, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -288,8 +295,11 @@ def decode(
         x = logits.float()
         if step == 0 and first_bias is not None:
             x = x + first_bias
-        elif ban_bias is not None:
-            x = x + ban_bias
+        else:
+            if ban_bias is not None:
+                x = x + ban_bias
+            if rows_ban is not None:
+                x = x + rows_ban[active]
         tok, tok_lp, tok_slp = _sample(x, temperature, top_k, top_p, gen)
         live = ~done
         ends = tok == eos_id
@@ -332,12 +342,49 @@ def decode(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _slot_vocab(tokenizer: Any) -> tuple[dict[str, int], tuple[int, ...]]:
+    """(slot name -> id, ids that spell a fact: a digit, a currency or percent sign, a brace) of a
+    slotted tokenizer; ({}, ()) for one without slot tokens."""
+    from models.text.slots import SLOTS, slot_token
+
+    vocab = tokenizer.get_vocab()
+    slots = {s: vocab[slot_token(s)] for s in SLOTS if slot_token(s) in vocab}
+    if not slots:
+        return {}, ()
+    slot_ids = set(slots.values())
+    spelled = []
+    for tid in range(len(tokenizer)):
+        if tid in slot_ids:
+            continue
+        text = tokenizer.decode([tid])
+        if any(c.isdigit() or c in "$€£¥₹%{}" for c in text):
+            spelled.append(tid)
+    return slots, tuple(spelled)
+
+
 def _banned_after_first(tokenizer: Any, sid: SpecialIds) -> list[int]:
     ids = set(sid.styles.values())
     for t in getattr(tokenizer, "all_special_ids", []) or []:
         if t != sid.eos:
             ids.add(int(t))
+    ids.update(_slot_vocab(tokenizer)[1])  # a slotted model never spells a number: it writes a slot
     return sorted(ids)
+
+
+def slot_bans(tokenizer: Any, slots_ok: Sequence[frozenset[str] | None], vocab: int) -> torch.Tensor | None:
+    """Bool (len(slots_ok), vocab): per prompt, the slot tokens whose field the record lacks."""
+    slots, _ = _slot_vocab(tokenizer)
+    if not slots:
+        return None
+    ban = torch.zeros((len(slots_ok), vocab), dtype=torch.bool)
+    for i, ok in enumerate(slots_ok):
+        if ok is None:
+            continue
+        for name, tid in slots.items():
+            if name not in ok and tid < vocab:
+                ban[i, tid] = True
+    return ban
 
 
 def split_style(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str | None, str]:
@@ -364,12 +411,15 @@ def generate_candidates(
     styles: Sequence[str] | None = None,
     with_ctr: bool = True,
     style_bias: Sequence[Mapping[str, float] | None] | None = None,
+    slots_ok: Sequence[frozenset[str] | None] | None = None,
 ) -> list[list[Candidate]]:
     """``k`` sampled candidates per prompt (``temperature=0``: greedy, identical candidates).
 
     ``styles`` restricts the first token to these styles (default: all). ``with_ctr`` reads the
     CTR head at EOS when the model has one. ``style_bias``: per prompt, logits added to the style
-    tokens (p(style) tilted by exp(bias)); None entries leave a prompt as it is.
+    tokens (p(style) tilted by exp(bias)); None entries leave a prompt as it is. ``slots_ok``:
+    per prompt, the slots its record can fill (``models.text.slots.available``); the others are
+    never sampled (a slotted model only).
     """
     if not prompts:
         return []
@@ -387,6 +437,8 @@ def generate_candidates(
         model, rows, eos_id=sid.eos, pad_id=sid.pad, k=k, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, first_allowed=allowed,
         banned=_banned_after_first(tokenizer, sid), want_hidden=want_hidden, first_bias_rows=bias_rows,
+        banned_rows=None if slots_ok is None else slot_bans(
+            tokenizer, slots_ok, int(model.get_input_embeddings().weight.shape[0])),
     )
     ctr_p: list[float] | None = None
     feats: np.ndarray | None = None

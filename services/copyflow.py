@@ -4,7 +4,8 @@ Both ask the same questions in the same order and differ only in how they reach 
 API, threads in the worker): the cache key of (shopper, product, slot, profile version, model
 version), the engine request built from the rendered profile and the shopper's style response, and
 the copy made from the engine's result (its record, its bytes, and the key of the version that made
-it: a hot swap may happen while a request waits).
+it: a hot swap may happen while a request waits), and a cached copy refilled from the product as it
+is now (``refill``: the cache keeps the slotted copy, so a price or title change shows at once).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
+
 from core.catalog import Product
 from core.contracts import GeneratedCopy, Profile
 from core.settings import Settings
 from core.styles import StyleResponse
-from engine.executor import CopyRequest, CopyResult
-from models.text.context import context_from_profile
+from engine.executor import CopyRequest, CopyResult, StudentExecutor
+from models.text.context import context_from_profile, product_context
+from models.text.filter import check_copy, fallback_copy, max_chars
 from stream.copy_store import CopyKeys, encode_copy
 from stream.profile.logic import ProfileState, render
 
@@ -62,3 +66,24 @@ class CopyFlow:
         copy = result.to_copy()
         key = self.keys.copy(request.user_id, request.product_id, slot, request.profile_version, result.model_version)
         return MadeCopy(copy, encode_copy(copy), key)
+
+    @staticmethod
+    def refill(cached: bytes, product: Product) -> bytes | None:
+        """A cached copy with its facts filled from ``product`` as it is now; None when the copy no
+        longer fits the record (a slot it names is gone, e.g. the discount ended, or it is now too
+        long): the caller generates a new one."""
+        doc = orjson.loads(cached)
+        ctx = product_context(product, doc.get("slot"))
+        template = doc.get("template")
+        if template:
+            text, res = StudentExecutor.render(template, ctx)
+            if not res.ok:
+                return None
+        elif doc.get("policy") == "fallback":
+            text = fallback_copy(ctx)
+        else:  # an unslotted model's copy has its facts baked in: kept only while they still hold
+            return cached if check_copy(doc.get("text") or "", ctx, limit=max_chars(ctx.slot)).ok else None
+        if text == doc.get("text"):
+            return cached
+        doc["text"] = text
+        return orjson.dumps(doc)

@@ -88,8 +88,9 @@ def read_catalog(client: redis.Redis, keys: CopyKeys) -> Catalog:
 
 
 class AsyncCatalog:
-    """Product lookups for the API: Redis hash behind a small in-process cache (``ttl_s``), so a
-    hot product costs no round trip; unknown ids are cached too (briefly)."""
+    """Product lookups for the API: ``get`` reads Redis every time (the product a copy is filled
+    from is always current); ``get_many`` (the shopper's recent products, for the persona) goes
+    through a small in-process cache (``ttl_s``; unknown ids are cached too, briefly)."""
 
     def __init__(self, client: aredis.Redis, keys: CopyKeys, ttl_s: float = 30.0, max_entries: int = 100_000) -> None:
         self.client = client
@@ -121,7 +122,10 @@ class AsyncCatalog:
         return out
 
     async def get(self, product_id: str) -> Product | None:
-        return (await self.get_many([product_id])).get(product_id)
+        """The product as Redis holds it now (no in-process cache: a price or title change shows in
+        the very next copy)."""
+        raw = await self.client.hget(self.keys.catalog, product_id)
+        return product_from_json(raw) if raw is not None else None
 
 
 # -- publishing -----------------------------------------------------------------------------------

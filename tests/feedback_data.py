@@ -11,6 +11,7 @@ from core.contracts import FeedbackRecord, format_ts
 from core.styles import STYLES
 from models.corpus import template_copy
 from models.text.context import build_prompt, product_context
+from models.text.slots import fill
 
 MODEL = "livecopy-student"
 
@@ -32,7 +33,8 @@ def feedback_records(n: int, ctr: Mapping[str, float], *, seed: int = 0, version
         p = rng.choice(items)
         ctx = product_context(p)
         style = rng.choice(STYLES)
-        text = template_copy(ctx, style, rng, personal=False)
+        template = template_copy(ctx, style, rng, personal=False)
+        text = fill(template, ctx)
         clicked = rng.random() < ctr[style]
         ts = t0 + i * 1000
         out.append(FeedbackRecord(
@@ -40,7 +42,7 @@ def feedback_records(n: int, ctr: Mapping[str, float], *, seed: int = 0, version
             product_id=p.product_id, model_version=version, text=text, clicked=clicked,
             impression_ts=format_ts(ts), click_ts=format_ts(ts + 5000) if clicked else None,
             features=ctx.features(), model=MODEL, policy="random", propensity=1.0 / len(STYLES), score=0.1,
-            style=style,
+            style=style, template=template,
         ))
     return out
 

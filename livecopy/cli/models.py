@@ -181,9 +181,11 @@ def teacher_from_adapter_cmd(ctx: click.Context, adapter_dir: str, base: str | N
 @train_group.command("student")
 @click.option("--teacher", type=click.Path(file_okay=False), default=None,
               help="Fine-tuned teacher dir (default: settings models.teacher_dir = runs/teacher).")
-@click.option("--kd", type=click.Choice(["both", "seq", "logit", "none"]), default="both", show_default=True,
-              help="both: teacher-written copy + teacher logits; seq: teacher-written copy only; "
-              "logit: logits only; none: templates only.")
+@click.option("--kd", type=click.Choice(["seq", "none"]), default="seq", show_default=True,
+              help="seq: teacher-written copy (delexicalized into slots); none: templates only.")
+@click.option("--init-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Fine-tune this student checkpoint (e.g. models/shipped/livecopy-student) instead of "
+              "starting fresh: the CPU path.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: runs/student).")
 @click.option("--steps", type=int, default=4000, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -191,9 +193,6 @@ def teacher_from_adapter_cmd(ctx: click.Context, adapter_dir: str, base: str | N
 @click.option("--layers", type=int, default=6, show_default=True)
 @click.option("--d-model", type=int, default=256, show_default=True)
 @click.option("--heads", type=int, default=4, show_default=True)
-@click.option("--kd-rows", type=int, default=8000, show_default=True, help="Rows with cached teacher logits.")
-@click.option("--mismatch-share", type=float, default=0.25, show_default=True,
-              help="Share of CTR-only rows whose copy is about another product.")
 @click.option("--ctr-weight", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--version", "version", default="1.0.0", show_default=True)
@@ -201,11 +200,11 @@ def teacher_from_adapter_cmd(ctx: click.Context, adapter_dir: str, base: str | N
 @click.option("--ship", is_flag=True, help="Also copy the result to models/shipped/livecopy-student.")
 @click.pass_context
 def train_student_cmd(
-    ctx: click.Context, teacher: str | None, kd: str, out: str | None, steps: int, batch_size: int, lr: float,
-    layers: int, d_model: int, heads: int, kd_rows: int, mismatch_share: float, ctr_weight: float, seed: int,
+    ctx: click.Context, teacher: str | None, kd: str, init_from: str | None, out: str | None, steps: int,
+    batch_size: int, lr: float, layers: int, d_model: int, heads: int, ctr_weight: float, seed: int,
     version: str, max_products: int | None, ship: bool,
 ) -> None:
-    """Distil the student (LM + CTR head) from the teacher."""
+    """Distil the student (LM + CTR head) from the teacher's copy, or fine-tune one (--init-from)."""
     import shutil
 
     from models.corpus import CorpusConfig
@@ -216,19 +215,14 @@ def train_student_cmd(
     cfg = StudentTrainConfig(
         teacher=teacher or str(ms.teacher_dir), kd=kd, out=out or str(Path(ms.runs_dir) / "student"),
         steps=steps, batch_size=batch_size, lr=lr, n_layer=layers, n_embd=d_model, n_head=heads,
-        kd_rows=kd_rows, mismatch_share=mismatch_share, ctr_weight=ctr_weight, seed=seed, version=version,
+        ctr_weight=ctr_weight, seed=seed, version=version, init_from=init_from,
         device=resolve_device(ms.device),
         bf16=resolve_device(ms.device).startswith("cuda"),
         base=str(ms.teacher_base) if ms.teacher_base else None, corpus=CorpusConfig(max_products=max_products),
     )
     with _bar() as bar:
-        kd_task = bar.add_task("teacher logits", total=None, info="", visible=kd in ("both", "logit"))
         task = bar.add_task("student", total=steps, info="")
-        path, meta = train_student(
-            cfg,
-            progress=lambda s, t, logs: bar.update(task, completed=s, info=_fmt(logs)),
-            kd_progress=lambda s, t, logs: bar.update(kd_task, completed=s, total=t),
-        )
+        path, meta = train_student(cfg, progress=lambda s, t, logs: bar.update(task, completed=s, info=_fmt(logs)))
     if ship:
         dest = shipped_student_dir()
         if dest.exists():

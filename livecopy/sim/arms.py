@@ -37,17 +37,18 @@ import numpy as np
 import torch
 
 from core.catalog import Catalog
-from core.contracts import MAX_COPY_CHARS, Event
+from core.contracts import Event
 from core.settings import ProfileSettings
 from core.styles import STYLES, StyleResponse, classify_style
+from engine.executor import StudentExecutor
 from engine.policy import Chooser, Posterior
 from livecopy.sim.population import PopulationConfig, click_probability
 from livecopy.sim.shoppers import CopyAsk, ShownCopy
-from models.generate import _banned_after_first, decode, style_distribution
+from models.generate import _banned_after_first, decode, slot_bans, style_distribution
 from models.sequences import encode_text, special_ids
 from models.student import LoadedStudent
 from models.text.context import CopyContext, build_prompt, context_from_profile
-from models.text.filter import check_copy
+from models.text.slots import available
 from stream.profile.logic import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
@@ -125,9 +126,11 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
             if d[st] >= min_style_p:
                 rows.append([*base[i], sid.styles[st]])
                 owner.append((i, st))
+    vocab = int(model.get_input_embeddings().weight.shape[0])
     out = decode(model, rows, eos_id=sid.eos, pad_id=sid.pad, k=per_style, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, first_allowed=None,
-                 banned=_banned_after_first(tok, sid), want_hidden=True)
+                 banned=_banned_after_first(tok, sid), want_hidden=True,
+                 banned_rows=slot_bans(tok, [available(contexts[i]) for i, _ in owner], vocab))
     assert out.eos_hidden is not None
     hidden = out.eos_hidden.float().cpu().numpy()
     texts = [t.strip() for t in tok.batch_decode(out.tokens, skip_special_tokens=True)]
@@ -137,10 +140,10 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
     pools = []
     for i, ctx in enumerate(contexts):
         idx = parts.get(i, [])
-        product = ctx.to_product()
-        tx = [texts[j] for j in idx]
+        rendered = [StudentExecutor.render(texts[j], ctx) for j in idx]  # slots filled, grounding + filter
+        tx = [t for t, _ in rendered]
         written = [owner[j // per_style][1] for j in idx]
-        ok = np.array([bool(t) and len(t) <= MAX_COPY_CHARS and check_copy(t, product).ok for t in tx], dtype=bool)
+        ok = np.array([bool(t) and res.ok for t, res in rendered], dtype=bool)
         d = {k: v for k, v in dists[i].items() if v >= min_style_p}
         z = sum(d.values())
         pools.append(Pooled(tx, written, [classify_style(t) for t in tx], hidden[idx], ok,

@@ -145,7 +145,7 @@ class StaticShadow:
         from core.styles import classify_style
         from models.generate import generate_candidates
         from models.text.context import build_prompt
-        from models.text.filter import check_copy
+        from models.text.slots import available
 
         if not asks:
             return []
@@ -155,15 +155,15 @@ class StaticShadow:
         groups = generate_candidates(ex.student.model, ex.student.tokenizer, [build_prompt(c) for c in ctxs],
                                      k=ex.cfg.candidates, max_new_tokens=ex.cfg.max_new_tokens,
                                      temperature=ex.cfg.temperature, top_k=ex.cfg.top_k, top_p=ex.cfg.top_p,
-                                     seed=self.seed)
+                                     seed=self.seed, slots_ok=[available(c) for c in ctxs])
         out: list[ShownCopy | None] = []
         for ask, ctx, group in zip(asks, ctxs, groups, strict=True):
-            ok = np.array([bool(c.text) and len(c.text) <= 280 and check_copy(c.text, ctx.to_product()).ok
-                           for c in group])
+            rendered = [ex.render(c.text, ctx) for c in group]  # slots filled, grounding + filter
+            ok = np.array([res.ok for _, res in rendered])
             if not ok.any():
                 ok[:] = True
             idx = np.flatnonzero(ok)
-            texts = [group[i].text for i in idx]
+            texts = [rendered[i][0] for i in idx]
             seen = [classify_style(t) for t in texts]
             p_true = np.array([click_probability(self.pop_cfg, ask.shopper, ask.product, t, ask.slot, s)
                                for t, s in zip(texts, seen, strict=True)])

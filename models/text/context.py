@@ -61,6 +61,7 @@ class CopyContext:
     reviews: int = 0
     eco: bool = False
     attributes: tuple[str, ...] = ()
+    currency: str = "USD"
     user: str = "new"
     price_sensitivity: str = "unknown"
     engagement: str = "cold"
@@ -90,7 +91,7 @@ class CopyContext:
         return Product(
             product_id=self.product_id, title=self.title, category=self.category, brand=self.brand,
             price=self.price, attributes=self.attributes, rating=self.rating, reviews=self.reviews,
-            eco=self.eco, discount_pct=self.discount_pct, noun=self.noun,
+            eco=self.eco, discount_pct=self.discount_pct, noun=self.noun, currency=self.currency,
         )
 
     def with_persona(self, **persona: Any) -> CopyContext:
@@ -107,7 +108,7 @@ class CopyContext:
                 "product_id": self.product_id, "title": self.title, "noun": self.noun, "brand": self.brand,
                 "category": self.category, "price": self.price, "discount_pct": self.discount_pct,
                 "rating": self.rating, "reviews": self.reviews, "eco": self.eco,
-                "attributes": list(self.attributes),
+                "attributes": list(self.attributes), "currency": self.currency,
             },
             "user": self.user,
             "price_sensitivity": self.price_sensitivity,
@@ -137,7 +138,7 @@ def context_from_features(features: Mapping[str, Any]) -> CopyContext:
         brand=str(p.get("brand") or ""), category=str(p.get("category") or ""), price=float(p["price"]),
         discount_pct=int(p.get("discount_pct") or 0), rating=float(p.get("rating") or 0.0),
         reviews=int(p.get("reviews") or 0), eco=bool(p.get("eco")),
-        attributes=tuple(str(a) for a in p.get("attributes") or ()),
+        attributes=tuple(str(a) for a in p.get("attributes") or ()), currency=str(p.get("currency") or "USD"),
         user=str(features.get("user", "new")),
         price_sensitivity=str(features.get("price_sensitivity", "unknown")),
         engagement=str(features.get("engagement", "cold")),
@@ -152,10 +153,10 @@ def context_from_features(features: Mapping[str, Any]) -> CopyContext:
 def product_context(product: Product, slot: str | None = None) -> CopyContext:
     """A cold-start context (no persona) for a product."""
     return CopyContext(
-        product_id=product.product_id, title=product.title, noun=product.noun or product.title.split()[-1].lower(),
+        product_id=product.product_id, title=product.title, noun=" ".join(product.noun.split()),
         brand=product.brand, category=product.category, price=float(product.price),
         discount_pct=int(product.discount_pct), rating=float(product.rating), reviews=int(product.reviews),
-        eco=bool(product.eco), attributes=tuple(product.attributes), slot=slot,
+        eco=bool(product.eco), attributes=tuple(product.attributes), currency=product.currency or "USD", slot=slot,
     )
 
 
@@ -272,20 +273,66 @@ def _money(x: float) -> str:
     return f"${x:,.2f}"
 
 
+DEPARTMENTS = ("electronics", "home", "fashion", "beauty", "sports", "toys", "grocery", "garden", "general")
+
+# words of a category path or noun -> the department the student was trained on; anything else is
+# "general" (the taxonomy fallback: an unseen category still gets copy, written for any product)
+_DEPARTMENT_WORDS: dict[str, tuple[str, ...]] = {
+    "electronics": ("electronic", "audio", "computer", "phone", "camera", "tv", "television", "video game",
+                    "gaming", "headphone", "speaker", "laptop", "tablet", "smart home", "wearable", "charger"),
+    "home": ("home", "kitchen", "furniture", "bedding", "bath", "decor", "appliance", "cookware", "dining",
+             "household", "cleaning", "lighting", "storage", "mattress"),
+    "fashion": ("fashion", "apparel", "clothing", "shoe", "footwear", "accessor", "jewel", "watch", "bag",
+                "luggage", "travel", "handbag", "eyewear"),
+    "beauty": ("beauty", "skincare", "skin care", "haircare", "hair care", "makeup", "cosmetic", "fragrance",
+               "personal care", "grooming", "health", "pharmacy", "wellness"),
+    "sports": ("sport", "fitness", "outdoor", "camping", "cycling", "bike", "running", "golf", "fishing", "yoga"),
+    "toys": ("toy", "game", "puzzle", "kids", "lego", "baby"),
+    "grocery": ("grocery", "food", "coffee", "tea", "snack", "beverage", "drink", "pantry", "candy"),
+    "garden": ("garden", "patio", "lawn", "tool", "hardware", "diy", "plant"),
+}
+
+
+def department(category: str, noun: str = "") -> str:
+    """The student's department for a category path (``general`` when none matches)."""
+    parts = [p.strip().lower() for p in category.split("/") if p.strip()]
+    if parts and parts[0] in DEPARTMENTS:
+        return parts[0]
+    text = " ".join(parts) + " " + noun.lower()
+    for dep, words in _DEPARTMENT_WORDS.items():
+        if any(w in text for w in words):
+            return dep
+    return "general"
+
+
+def _buckets(ctx: CopyContext) -> list[str]:
+    deal = "none" if not ctx.discount_pct else "big" if ctx.discount_pct >= 25 else "some"
+    if ctx.reviews <= 0:
+        reviews, rated = "none", "none"
+    else:
+        reviews = "few" if ctx.reviews < 20 else "many" if ctx.reviews < 500 else "lots"
+        rated = "top" if ctx.rating >= 4.5 else "good" if ctx.rating >= 4.0 else "fair"
+    return [f"deal {deal}", f"reviews {reviews}", f"rated {rated}"]
+
+
 def build_prompt(ctx: CopyContext) -> str:
     """The compact text prompt, two lines ending in a newline; the style token follows it.
 
-    Example::
+    It holds no product fact in words (the copy names facts only through slots, filled from the
+    record, see ``models.text.slots``): the department, price band, deal/review/rating buckets,
+    the slots the record can fill, then the persona. Example::
 
-        Aurora Wireless Headphones | headphones | wireless | electronics/audio | $129.99 -20% | 4.6/5 1,234 reviews
+        electronics | premium | deal some | reviews lots | rated top | has brand noun attribute price discount
         returning, price high, engaged, affinity high, likes audio+kitchen, slot pdp
     """
-    prod = [ctx.title, ctx.noun, ", ".join(ctx.attributes) or "-", ctx.category]
-    price = _money(ctx.price) + (f" -{ctx.discount_pct}%" if ctx.discount_pct else "")
-    prod.append(price)
-    prod.append(f"{ctx.rating:.1f}/5 {ctx.reviews:,} reviews")
+    from models.text.slots import available
+
+    have = available(ctx)
+    fields = [f for f in ("brand", "noun", "attribute", "price", "discount", "reviews", "rating") if f in have]
+    prod = [department(ctx.category, ctx.noun), ctx.price_band, *_buckets(ctx)]
     if ctx.eco:
         prod.append("eco")
+    prod.append("has " + " ".join(fields))
     persona = [ctx.user, f"price {ctx.price_sensitivity}", ctx.engagement, f"affinity {ctx.affinity}"]
     if ctx.likes:
         persona.append("likes " + "+".join(ctx.likes))

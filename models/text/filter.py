@@ -7,7 +7,12 @@ product (neither brand nor product noun named),
 quotes a number the product does not support (price, sale price, discount, rating, reviews,
 numbers in the title/attributes), or makes a style claim the product cannot back (an eco claim
 on a non-eco product, a percentage-off claim without a discount). A failed copy is replaced by
-``fallback_copy(ctx)``; :class:`FilterStats` counts both for the metrics.
+``fallback_copy(ctx)``; :class:`FilterStats` counts both for the metrics, fallbacks by reason.
+
+``check_grounding(template, ctx)`` checks a slotted copy before it is filled (``models.text.slots``):
+every slot fillable from the record, no number outside a slot, no name of another product or
+brand, no capitalized name mid-sentence (the record's names come only through slots).
+``SLOT_MAX_CHARS`` caps the rendered copy per page slot.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from importlib import resources
 from pathlib import Path
 
 from core.catalog import Product
-from models.text.context import CopyContext, is_plural
+from models.text.context import CopyContext
 
 MIN_CHARS = 15
 MAX_CHARS = 220
+SLOT_MAX_CHARS = {"pdp": 220, "email": 220, "feed": 140, "cart": 120}
 MIN_WORDS = 4
 MAX_WORDS = 45
 REPEAT_NGRAM = 4
@@ -110,7 +116,7 @@ def allowed_numbers(product: Product) -> set[float]:
 
 def _noun_words(product: Product) -> set[str]:
     words: set[str] = set()
-    noun = (product.noun or product.title.split()[-1]).lower()
+    noun = (product.noun or (product.title.split() or [""])[-1]).lower()
     parts = _WORD.findall(noun)
     if parts:
         head = parts[-1]
@@ -121,9 +127,13 @@ def _noun_words(product: Product) -> set[str]:
 
 
 def mentions_product(text: str, product: Product) -> bool:
-    """Brand or product noun (singular/plural) named in the text."""
+    """Brand, (shown) title or product noun (singular/plural) named in the text."""
+    from models.text.slots import display_title
+
     low = text.lower()
     if product.brand and product.brand.lower() in low:
+        return True
+    if product.title and display_title(product.title).lower() in low:
         return True
     words = set(_WORD.findall(low))
     return bool(words & _noun_words(product))
@@ -142,15 +152,20 @@ def _repeated_ngram(words: Sequence[str], n: int = REPEAT_NGRAM) -> bool:
     return False
 
 
-def check_copy(text: str, product: Product | CopyContext, banned: Iterable[str] | None = None) -> FilterResult:
-    """Whether ``text`` is safe, well-formed copy about ``product``; the first failing rule
-    names the reason."""
+def max_chars(slot: str | None) -> int:
+    return SLOT_MAX_CHARS.get(slot or "", MAX_CHARS)
+
+
+def check_copy(text: str, product: Product | CopyContext, banned: Iterable[str] | None = None,
+               limit: int = MAX_CHARS) -> FilterResult:
+    """Whether ``text`` is safe, well-formed copy about ``product`` (at most ``limit`` characters);
+    the first failing rule names the reason."""
     if isinstance(product, CopyContext):
         product = product.to_product()
     t = text.strip()
     if len(t) < MIN_CHARS:
         return FilterResult(False, "too_short")
-    if len(t) > MAX_CHARS:
+    if len(t) > limit:
         return FilterResult(False, "too_long")
     if any(c in t for c in "\n\r\t") or any(ord(c) < 32 for c in t):
         return FilterResult(False, "multiline")
@@ -196,31 +211,87 @@ def _money(x: float) -> str:
     return f"${x:,.2f}"
 
 
-def fallback_copy(ctx: CopyContext) -> str:
-    """Deterministic, neutral (``practical``) copy built from the product fields alone.
+FALLBACK_TEMPLATES = (
+    "Meet the {title}: a {attribute} {noun}, now {sale_price} ({discount} off).",
+    "Meet the {title}, now {sale_price} ({discount} off).",
+    "Meet the {title}: a {attribute} {noun} for {price}.",
+    "Meet the {title}: a {noun} for {price}.",
+    "Meet the {title}, {price}.",
+    "Meet the {title}.",
+    "A {noun} from {brand}, {price}.",
+    "Take a look at this {noun}, {price}.",
+)
 
-    Never raises. It passes :func:`check_copy` for any product whose title and noun pass the
-    banned list; otherwise a title-free variant is tried, and the last resort is returned as is.
-    """
-    noun = ctx.noun or (ctx.title.split()[-1].lower() if ctx.title else "product")
-    attr = ctx.attributes[0] if ctx.attributes else ""
-    desc = f"{attr} {noun}".strip()
-    art = "" if is_plural(noun) else _article(desc) + " "
-    if ctx.discount_pct:
-        price_part = f"now {_money(ctx.sale_price)}, {ctx.discount_pct}% off"
-    else:
-        price_part = f"for {_money(ctx.price)}"
-    options = [
-        f"Meet the {ctx.title}: {art}{desc} {price_part}.",
-        f"Meet the {ctx.title}, {price_part}.",
-        f"{(art + desc)[:1].upper()}{(art + desc)[1:]} from {ctx.brand}, {price_part}." if ctx.brand else "",
-        f"Take a look at this {noun}, {price_part}.",
-    ]
+
+def fallback_copy(ctx: CopyContext) -> str:
+    """Deterministic, neutral (``practical``) copy built from the product fields alone, through the
+    same slot filler as the model's copy (so articles, plurals and money read right).
+
+    Never raises: the first template the record can fill that passes :func:`check_copy` at the
+    slot's length, else the shortest fillable one as is."""
+    from models.text.slots import MissingSlot, fill, values
+
+    vals = values(ctx)
     product = ctx.to_product()
-    for text in options:
-        if text and check_copy(text, product).ok:
+    filled: list[str] = []
+    for template in FALLBACK_TEMPLATES:
+        try:
+            text = fill(template, ctx, vals)
+        except MissingSlot:
+            continue
+        if check_copy(text, product, limit=max_chars(ctx.slot)).ok:
             return text
-    return options[-1]
+        filled.append(text)
+    return min(filled, key=len) if filled else f"Take a look, {vals.get('price', '')}.".replace(", .", ".")
+
+
+_CAPITAL = re.compile(r"(?<![\w'’-])([A-Z][a-z]*[A-Z0-9]?[\w'’-]*)")
+_SENTENCE_START = re.compile(r"(^|[.!?:]\s+|[\"“(]\s*)$")
+
+
+def check_grounding(template: str, ctx: CopyContext) -> FilterResult:
+    """Whether a slotted copy names only what the record holds: every slot fillable, no number
+    outside a slot, no other product's brand or noun, no capitalized name mid-sentence."""
+    from models.text.slots import SLOT_RE, available, slots_in
+
+    have = available(ctx)
+    for name in slots_in(template):
+        if name not in have:
+            return FilterResult(False, f"missing_field:{name}")
+    bare = SLOT_RE.sub("\x00", template)
+    if re.search(r"\d", bare):
+        return FilterResult(False, "invented_number")
+    low = bare.lower()
+    for name in foreign_names(ctx.to_product()):
+        if re.search(r"(?<![\w])" + re.escape(name) + r"(?![\w])", low):
+            return FilterResult(False, "other_product")
+    for m in _CAPITAL.finditer(bare):
+        if not _SENTENCE_START.search(bare[: m.start()]) and m.group(1) != "I":
+            return FilterResult(False, "ungrounded_name")
+    return FilterResult(True, None)
+
+
+@cache
+def _foreign_all() -> tuple[frozenset[str], frozenset[str]]:
+    from core.catalog import vocabulary
+
+    voc = vocabulary()
+    names = {b.lower() for b in voc["brands"]}
+    for n in voc["nouns"]:
+        head = n.lower()
+        names.add(head)
+        names.add(head + "s" if not head.endswith("s") else head[:-1])
+    return frozenset(n for n in names if len(n) >= 3), frozenset()
+
+
+def foreign_names(product: Product | None = None) -> frozenset[str]:
+    """Lower-case brands and nouns of the synthetic training catalog other than ``product``'s (the
+    names a model trained on it could spill into another product's copy)."""
+    names, _ = _foreign_all()
+    if product is None:
+        return names
+    own = {w.lower() for w in (product.brand, product.noun, *product.title.split(), *product.attributes) if w}
+    return frozenset(n for n in names if not any(n in o or o in n for o in own))
 
 
 @dataclass
@@ -231,6 +302,7 @@ class FilterStats:
     passed: int = 0
     fallbacks: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    fallback_reasons: Counter[str] = field(default_factory=Counter)  # the commonest candidate rejection
 
     def record(self, result: FilterResult) -> None:
         self.checked += 1
@@ -243,7 +315,7 @@ class FilterStats:
         return {
             "checked": self.checked, "passed": self.passed, "fallbacks": self.fallbacks,
             "pass_rate": self.passed / self.checked if self.checked else None,
-            "reasons": dict(self.reasons),
+            "reasons": dict(self.reasons), "fallback_reasons": dict(self.fallback_reasons),
         }
 
 

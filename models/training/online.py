@@ -87,7 +87,7 @@ def row_of(rec: FeedbackRecord) -> TrainRow | None:
         return None
     style = rec.style if rec.style in STYLES else classify_style(rec.text)
     p = rec.propensity
-    return TrainRow(rec.impression_id, prompt, rec.text, style, rec.clicked,
+    return TrainRow(rec.impression_id, prompt, rec.template or rec.text, style, rec.clicked,
                     p if p is not None and 0.0 < p <= 1.0 else None)
 
 

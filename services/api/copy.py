@@ -12,7 +12,10 @@ propensity) -> cache the copy, publish it once to
 passed answers 503 at once (``Retry-After: 1``); Redis unreachable answers 503.
 
 A cache hit returns the copy that was generated (and published) for that key before, same
-``copy_id``: every copy on ``livecopy.copy`` was published exactly once, when it was made.
+``copy_id``: every copy on ``livecopy.copy`` was published exactly once, when it was made. Its
+slots are filled again from the product as Redis holds it now (``CopyFlow.refill``), so a price
+change shows in the next response; a copy whose slots no longer fit (the discount ended) is made
+anew.
 
 On start-up (lifespan) the extension loads the engine (unless one is passed in), loads the
 synthetic catalog into Redis when the catalog hash is empty (``generation.load_catalog_if_empty``),
@@ -76,6 +79,8 @@ class CopyMetrics:
         self.reloads = Counter("livecopy_model_reloads", "Model updates handled, by outcome", ["outcome"], registry=r)
         self.uncached = Counter("livecopy_copy_uncached", "Cached copies dropped: the broker did not acknowledge them",
                                 registry=r)
+        self.stale = Counter("livecopy_copy_cache_stale", "Cached copies whose slots no longer fit the product "
+                             "(e.g. its discount ended): made anew", registry=r)
         self.service: CopyService | None = None
         r.register(self)  # model info, queue depth and publish failures, read at scrape time
 
@@ -97,6 +102,19 @@ class CopyMetrics:
                                 value=svc.publisher.queued())
         yield GaugeMetricFamily("livecopy_copy_publish_congested", "1 while misses are refused: the queue is full",
                                 value=float(svc.publisher.congested()))
+        stats = svc.engine.executor.filter_stats
+        yield CounterMetricFamily("livecopy_copy_candidates_checked", "Sampled candidates checked by the filter",
+                                  value=stats.checked)
+        rejected = CounterMetricFamily("livecopy_copy_candidates_rejected", "Candidates the filter rejected, by reason",
+                                       labels=["reason"])
+        for reason, n in sorted(stats.reasons.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        fallbacks = CounterMetricFamily("livecopy_copy_fallbacks", "Requests served the fallback copy (no candidate "
+                                        "passed), by the commonest rejection among their candidates", labels=["reason"])
+        for reason, n in sorted(stats.fallback_reasons.items()):
+            fallbacks.add_metric([reason], n)
+        yield fallbacks
 
     def on_batch(self, n: int, seconds: float, version: str) -> None:
         self.batch_size.observe(n)
@@ -142,8 +160,11 @@ class CopyService:
             key = self.flow.key(user_id, product_id, slot, state, self.engine.version)
             cached = await self.redis.get(key)
             if cached is not None:
-                self.metrics.served.labels("cache", "cached").inc()
-                return Response(self._for(caller, cached), media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+                fresh = self.flow.refill(cached, product)
+                if fresh is not None:
+                    self.metrics.served.labels("cache", "cached").inc()
+                    return Response(self._for(caller, fresh), media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
+                self.metrics.stale.inc()  # its slots no longer fit the product: a new copy
             wait = 0.0 if caller is OPEN else await self.limiter.take(caller.key_id, int(time.time() * 1000))
             if wait:  # uncached generation costs the engine: bounded per key (open mode has no keys to bound)
                 self.metrics.refused.labels("rate_limited").inc()

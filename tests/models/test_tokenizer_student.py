@@ -73,8 +73,9 @@ def test_save_load_round_trip(tmp_path: Path, tiny_student: StudentModel, toy_to
         a = tiny_student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         c = ls.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         assert torch.equal(a, c)
-        assert torch.equal(tiny_student.ctr_logits(b["input_ids"], b["attention_mask"]),
-                           ls.model.ctr_logits(b["input_ids"], b["attention_mask"]))
+        # the CTR head's small matmul may take another kernel on the loaded (mmapped) weights
+        torch.testing.assert_close(tiny_student.ctr_logits(b["input_ids"], b["attention_mask"]),
+                                   ls.model.ctr_logits(b["input_ids"], b["attention_mask"]), rtol=1e-5, atol=1e-7)
     assert load_tokenizer(out)("a lamp").input_ids == toy_tokenizer("a lamp").input_ids
     # fp16 storage (the shipped default) halves the file and stays close
     out16 = save_student(ls, None, tmp_path / "m16", storage_dtype=torch.float16)

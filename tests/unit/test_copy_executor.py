@@ -15,6 +15,7 @@ from engine.executor import CopyRequest, StudentExecutor, load_executor, smoke_c
 from engine.serving import CopyEngine
 from models.generate import Candidate
 from models.text.context import context_from_features, product_context
+from models.text.slots import fill
 from tests.copygen import copy_settings, save_tiny_student
 
 CAT = Catalog.generate(60, seed=11)
@@ -41,9 +42,8 @@ class ScriptedGenerate:
 
     def __call__(self, model: Any, tok: Any, prompts: list[str], k: int, **kw: Any) -> list[list[Candidate]]:
         out = []
-        for r in self.reqs[: len(prompts)]:
-            p = r.ctx
-            good = f"The {p.title} is a {p.noun} built to last, rated {p.rating:.1f}/5."
+        for _ in self.reqs[: len(prompts)]:
+            good = "The {title} is a {noun} built to last, rated {rating} stars."
             group = []
             for j in range(k):
                 ok = not self.none_good and (self.all_good or j == 1)
@@ -64,6 +64,8 @@ def test_only_filtered_candidates_are_chosen_with_a_propensity(model_dir: Path, 
     for req, res in zip(reqs, results, strict=True):
         assert res.product_id == req.product_id and res.user_id == req.user_id
         assert res.text.startswith("The ") and res.policy == policy
+        assert res.template == "The {title} is a {noun} built to last, rated {rating} stars."
+        assert res.text == fill(res.template, req.ctx) and req.ctx.title in res.text  # filled from the record
         assert res.propensity == pytest.approx(1.0)  # one eligible candidate: any policy must pick it
         assert res.score == pytest.approx(0.2) and res.passed == 1 and res.candidates == 3
         assert res.model_version == "v1" and res.model == "livecopy-student" and res.slot == "pdp"
@@ -172,8 +174,8 @@ def test_a_shoppers_style_response_steers_the_choice_but_not_the_logged_score(mo
 
     def scripted(model: Any, tok: Any, prompts: list[str], k: int, **kw: Any) -> list[list[Candidate]]:
         out = []
-        for r in reqs[: len(prompts)]:
-            text = f"The {r.ctx.title} is a {r.ctx.noun} built to last, rated {r.ctx.rating:.1f}/5."
+        for _ in reqs[: len(prompts)]:
+            text = "The {title} is a {noun} built to last, rated {rating} stars."
             out.append([Candidate(text=text, style=st, logprob=-1.0, token_ids=[1], ctr=ctr,
                                   ctr_features=np.zeros(8, np.float32))
                         for st, ctr in (("quality", 0.2), ("eco", 0.1), ("urgency", 0.2), ("social_proof", 0.2))])

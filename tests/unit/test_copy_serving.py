@@ -159,3 +159,40 @@ def test_hot_reload_swaps_between_batches_refuses_bad_versions_and_drops_nothing
         assert isinstance(engine.executor, StudentExecutor)
     finally:
         engine.stop()
+
+
+def _cached(text: str, template: str | None, policy: str, slot: str | None = "pdp") -> bytes:
+    import orjson
+
+    return orjson.dumps({"copy_id": "c-1", "user_id": "u", "product_id": "p", "text": text, "template": template,
+                         "policy": policy, "slot": slot})
+
+
+def test_a_cached_copy_is_refilled_from_the_product_as_it_is_now() -> None:
+    import dataclasses
+
+    import orjson
+
+    from services.copyflow import CopyFlow
+
+    p = CAT.products[0]
+    p = dataclasses.replace(p, price=153.99, discount_pct=20)
+    cheaper = dataclasses.replace(p, price=99.0)
+    template = "Save {discount} on the {title}, now {sale_price}."
+    first = StudentExecutor.render(template, product_context(p, "pdp"))[0]
+    assert "$123.19" in first
+    # same record: the cached bytes as they are
+    cached = _cached(first, template, "thompson")
+    assert CopyFlow.refill(cached, p) == cached
+    # the price changed: the same template with the new price
+    now = orjson.loads(CopyFlow.refill(cached, cheaper) or b"{}")
+    assert now["text"] == f"Save 20% on the {p.title}, now $79.20." and now["copy_id"] == "c-1"
+    # the discount ended: the copy no longer fits the record, a new one is made
+    assert CopyFlow.refill(cached, dataclasses.replace(p, discount_pct=0)) is None
+    # the fallback copy is re-made from the record
+    fb = orjson.loads(CopyFlow.refill(_cached("Meet the X, $153.99.", None, "fallback"), cheaper) or b"{}")
+    assert "$79.20" in fb["text"] and "153.99" not in fb["text"]
+    # an unslotted copy with a fact baked in is kept only while the fact holds
+    baked = _cached(f"The {p.title}, now just $123.19 with 20% off.", None, "thompson")
+    assert CopyFlow.refill(baked, p) == baked
+    assert CopyFlow.refill(baked, cheaper) is None

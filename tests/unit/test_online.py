@@ -48,7 +48,7 @@ def favoured_score_gap(t: OnlineTrainer) -> float:
     from models.text.context import build_prompt, context_from_features
 
     prompts = [build_prompt(context_from_features(r.features)) for r in recs]
-    scores = t.score(prompts, [r.text for r in recs], [r.style for r in recs])
+    scores = t.score(prompts, [r.template or r.text for r in recs], [r.style for r in recs])
     fav = [s for s, r in zip(scores, recs, strict=True) if r.style == FAV]
     other = [s for s, r in zip(scores, recs, strict=True) if r.style != FAV]
     return sum(fav) / len(fav) - sum(other) / len(other)
@@ -70,7 +70,7 @@ def test_clicked_style_gets_likelier_and_scores_higher_and_a_version_is_publishe
             published.append(mv)
     share1, gap1 = favoured_share(t, prompts), favoured_score_gap(t)
     assert share1 > share0 + 0.1, (share0, share1)
-    assert gap1 > gap0 + 0.005, (gap0, gap1)
+    assert gap1 > gap0 + 0.002, (gap0, gap1)
     assert published, t.last_eval
     last = published[-1]
     reg = Registry(tmp_path / "registry", last.name)
@@ -102,7 +102,7 @@ def test_processor_trains_publishes_announces_and_rejects_bad_records(tmp_path: 
     for name, n in topics.partition_counts().items():
         cluster.create(name, n)
     producer = FakeProducer(cluster)
-    trainer = OnlineTrainer(base_dir, trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0))
+    trainer = OnlineTrainer(base_dir, trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0, max_kl=2.0))
     proc = TrainerProcessor(trainer, producer, topics)
     recs = [Record(topics.feedback, 0, i, r.copy_id.encode(), r.model_dump_json().encode())
             for i, r in enumerate(feedback_records(400, style_ctr(FAV), seed=3))]
@@ -200,7 +200,7 @@ def test_a_promotion_whose_announcement_was_cut_off_is_announced_by_the_next_tra
     cluster = FakeCluster()
     for name, n in topics.partition_counts().items():
         cluster.create(name, n)
-    cfg = trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0)
+    cfg = trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0, max_kl=2.0)
     producer = FakeProducer(cluster)
     first = TrainerProcessor(OnlineTrainer(base_dir, cfg), producer, topics)
     assert first.unannounced == []  # a fresh registry's base serves from the start: nothing to announce
