@@ -152,6 +152,18 @@ def _repeated_ngram(words: Sequence[str], n: int = REPEAT_NGRAM) -> bool:
     return False
 
 
+def _without_own_facts(low: str, product: Product) -> str:
+    """Lower-case ``low`` with the record's own title, brand, noun and attributes blanked out: the
+    words the copy rules judge are the model's, not the product's name."""
+    from models.text.slots import display_title
+
+    own = {x.lower().replace("\u2019", "'").strip() for x in (product.title, display_title(product.title),
+                                                              product.brand, product.noun, *product.attributes)}
+    for phrase in sorted((x for x in own if x), key=len, reverse=True):
+        low = low.replace(phrase, " ")
+    return low
+
+
 def max_chars(slot: str | None) -> int:
     return SLOT_MAX_CHARS.get(slot or "", MAX_CHARS)
 
@@ -174,10 +186,11 @@ def check_copy(text: str, product: Product | CopyContext, banned: Iterable[str] 
     if _LINK.search(t):
         return FilterResult(False, "link_or_hashtag")
     low = t.lower().replace("\u2019", "'")
-    if _FIRST_PERSON.search(low):
+    model_words = _without_own_facts(low, product)  # "Miracle-Gro", "Massage Gun", "100% Whey" are the record's
+    if _FIRST_PERSON.search(model_words):
         return FilterResult(False, "first_person")
     entries = tuple(banned) if banned is not None else _default_banned()
-    m = _banned_regex(tuple(e.lower() for e in entries)).search(low) if entries else None
+    m = _banned_regex(tuple(e.lower() for e in entries)).search(model_words) if entries else None
     if m:
         return FilterResult(False, f"banned:{m.group(0)}")
     words = _WORD.findall(low)

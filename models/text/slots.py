@@ -249,7 +249,7 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
                 out = [before[:start] + (_cap(a) if art.group(2)[0].isupper() else a) + " "]
                 before = out[0]
         the = re.search(r"(^|\s)(the|The)\s$", before)
-        if the and v.lower().startswith("the "):
+        if the and re.match(r"^[\"“‘']?the\s", v.lower()):
             out = [before[: the.start(2)]]
             v = _cap(v) if the.group(2) == "The" else v
             before = out[0]

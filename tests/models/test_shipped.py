@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from core.catalog import Product
 from core.styles import STYLES, classify_style
+from engine.executor import StudentExecutor
 from models.corpus import CorpusConfig, build_corpus
-from models.generate import generate_candidates, score_ctr, style_distribution
+from models.generate import generate_candidates, style_distribution
 from models.paths import shipped_student_dir
 from models.student import LoadedStudent, load_student
-from models.text.context import CopyContext, build_prompt, context_from_features
-from models.text.filter import check_copy
+from models.text.context import CopyContext, build_prompt, context_from_features, product_context
+from models.text.slots import SLOT_RE, SLOTS, available, slot_token, slots_in
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +39,43 @@ def heldout_contexts() -> list[CopyContext]:
     return [context_from_features(r.features) for r in corpus.heldout if r.lm]
 
 
-def test_shipped_student_writes_on_product_copy_that_passes_the_filter(
+def test_shipped_student_writes_grounded_copy_that_passes_the_filter(
     shipped: LoadedStudent, heldout_contexts: list[CopyContext]
 ) -> None:
     ctxs = heldout_contexts[:12]
-    groups = generate_candidates(shipped.model, shipped.tokenizer, [build_prompt(c) for c in ctxs], k=2, seed=0)
+    groups = generate_candidates(shipped.model, shipped.tokenizer, [build_prompt(c) for c in ctxs], k=2, seed=0,
+                                 slots_ok=[available(c) for c in ctxs])
     cands = [(c, cand) for c, g in zip(ctxs, groups, strict=True) for cand in g]
-    passed = [cand for c, cand in cands if check_copy(cand.text, c).ok]
-    assert len(passed) >= 0.75 * len(cands)
+    shown = [(cand, *StudentExecutor.render(cand.text, c)) for c, cand in cands]
+    passed = [(cand, text) for cand, text, res in shown if res.ok]
+    assert len(passed) >= 0.9 * len(cands)
+    assert all(SLOT_RE.search(cand.text) for cand, _ in passed)  # it writes slots, not facts
     # the style token the model chose is the style a reader sees in the text
-    agree = sum(classify_style(cand.text) == cand.style for cand in passed)
+    agree = sum(classify_style(text) == cand.style for cand, text in passed)
     assert agree >= 0.8 * len(passed)
+
+
+def test_shipped_student_on_a_product_unlike_its_training_catalog(shipped: LoadedStudent) -> None:
+    """A category, noun and brand it never saw, no reviews, no attributes: constrained decoding
+    never writes a slot the record cannot fill, and the copy passes."""
+    ctx = product_context(Product("aq-1", "Fluval Flex 57L Aquarium Kit", "pets/aquarium", "Fluval", 189.99,
+                                  noun="aquarium kit"))
+    assert not {"reviews", "rating", "discount", "attribute"} & available(ctx)
+    ctxs = [ctx.with_persona(user=u) for u in ("new", "returning")] * 4
+    groups = generate_candidates(shipped.model, shipped.tokenizer, [build_prompt(c) for c in ctxs], k=4, seed=1,
+                                 slots_ok=[available(c) for c in ctxs])
+    cands = [cand for g in groups for cand in g]
+    assert not any(set(slots_in(c.text)) - available(ctx) for c in cands)
+    ok = [StudentExecutor.render(c.text, ctx) for c in cands]
+    assert sum(res.ok for _, res in ok) >= 0.9 * len(cands)
+    assert len({text for text, res in ok if res.ok}) >= 8
+
+
+def test_shipped_student_is_the_grounded_fine_tune(shipped: LoadedStudent) -> None:
+    m = shipped.meta
+    assert m.version == "2.0.0" and m.parent_version == "1.0.0"
+    assert m.tokenizer["slots"] is True and m.training["kind"] == "student-finetune"
+    assert all(slot_token(s) in shipped.tokenizer.get_vocab() for s in SLOTS)
 
 
 def test_persona_moves_the_style_distribution(shipped: LoadedStudent, heldout_contexts: list[CopyContext]) -> None:
@@ -57,18 +85,3 @@ def test_persona_moves_the_style_distribution(shipped: LoadedStudent, heldout_co
     d_cheap, d_new = style_distribution(shipped.model, shipped.tokenizer, [build_prompt(cheap), build_prompt(new)])
     assert d_cheap["discount"] > d_new["discount"]
     assert d_new["social_proof"] > d_cheap["social_proof"]
-
-
-def test_ctr_head_prefers_on_product_copy(shipped: LoadedStudent, heldout_contexts: list[CopyContext]) -> None:
-    """Copy about another product (the corpus's mismatch rows) scores below copy about this one, over
-    held-out products on average."""
-    ctxs = heldout_contexts[:40]
-    prompts, copies = [], []
-    for i, a in enumerate(ctxs):
-        b = next(c for c in ctxs[i + 1 :] + ctxs[:i] if c.category != a.category)
-        prompts += [build_prompt(a)] * 2
-        copies += [f"Meet the {a.title}, yours for ${a.price:,.2f}.", f"Meet the {b.title}, yours for ${b.price:,.2f}."]
-    p = score_ctr(shipped.model, shipped.tokenizer, prompts, copies)
-    own, other = p[0::2], p[1::2]
-    assert all(0.0 < x < 1.0 for x in p)
-    assert sum(own) > sum(other)

@@ -60,6 +60,21 @@ def test_no_double_article_and_one_full_stop() -> None:
     c = ctx_of(title="The North Face Denali Jacket", brand="The North Face", noun="fleece jacket")
     assert fill("Meet the {title}.", c) == "Meet The North Face Denali Jacket."
     assert fill("Meet the {title}.", ctx_of(title="Yahoo Co.")) == "Meet the Yahoo Co."
+    quoted = ctx_of(title='"The Original" Snuggie Wearable Blanket', noun="wearable blanket")
+    assert fill("Shoppers love the {title}.", quoted) == 'Shoppers love "The Original" Snuggie Wearable Blanket.'
+    assert check_copy(fill("Shoppers love the {title}.", quoted), quoted).ok
+
+
+def test_the_records_own_words_are_not_judged_as_the_models() -> None:
+    """A banned word inside the product's name ("Miracle-Gro", "Massage Gun", "100% Whey") is the
+    record's, not a claim of the copy; the same word written by the model is still refused."""
+    for title, brand, noun in (("Miracle-Gro Indoor Potting Mix", "Miracle-Gro", "potting mix"),
+                               ("Theragun Mini Massage Gun", "Therabody", "massage gun"),
+                               ("Gold Standard 100% Whey Protein", "Optimum Nutrition", "protein powder")):
+        c = ctx_of(title=title, brand=brand, noun=noun, attributes=())
+        assert check_copy(f"Meet the {title}, loved by shoppers.", c).ok, title
+    c = ctx_of(title="Miracle-Gro Indoor Potting Mix", brand="Miracle-Gro", noun="potting mix", attributes=())
+    assert check_copy("The Miracle-Gro Indoor Potting Mix works like a miracle.", c).reason == "banned:miracle"
 
 
 def test_money_and_numbers_formatted_per_record() -> None:
