@@ -57,6 +57,7 @@ class TopicSettings(Section):
     copy_: str = Field("", alias="copy")
     feedback: str = ""
     model_updates: str = ""
+    catalog: str = ""  # compacted, keyed by product id (`livecopy worker catalog` keeps Redis from it)
     events_partitions: int = 8
     default_partitions: int = 4
     replication_factor: int = 1

@@ -27,6 +27,7 @@ class Topics:
     copy: str
     feedback: str
     model_updates: str
+    catalog: str = "livecopy.catalog"
     events_partitions: int = 8
     default_partitions: int = 4
     replication_factor: int = 1
@@ -40,6 +41,7 @@ class Topics:
             copy=t.copy_ or f"{t.prefix}copy",
             feedback=t.feedback or f"{t.prefix}feedback",
             model_updates=t.model_updates or f"{t.prefix}model-updates",
+            catalog=t.catalog or f"{t.prefix}catalog",
             events_partitions=t.events_partitions,
             default_partitions=t.default_partitions,
             replication_factor=t.replication_factor,
@@ -53,13 +55,15 @@ class Topics:
             self.copy: self.default_partitions,
             self.feedback: self.default_partitions,
             self.model_updates: self.default_partitions,
+            self.catalog: self.default_partitions,
         }
 
     def configs(self) -> dict[str, dict[str, str]]:
         """Topic configs set at creation: model-updates is compacted (keyed by model name), so the
         newest version of every model stays readable however old it is (a generator starting
-        next month still finds it); the others keep the broker's retention."""
-        return {self.model_updates: {"cleanup.policy": "compact"}}
+        next month still finds it); catalog too (keyed by product id: the newest record of every
+        product, a tombstone deletes it); the others keep the broker's retention."""
+        return {self.model_updates: {"cleanup.policy": "compact"}, self.catalog: {"cleanup.policy": "compact"}}
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""``livecopy worker profile|generator|feedback|responses|trainer``: the long-running stream workers."""
+"""``livecopy worker profile|catalog|generator|feedback|responses|trainer``: the long-running stream workers."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def worker_profile(ctx: Ctx, metrics_port: int | None, max_batch: int | None) ->
     from services.workers.profile import run_profile_worker
 
     run_profile_worker(ctx.settings, max_batch=max_batch, metrics_port=metrics_port)
+
+
+@worker.command("catalog")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port.")
+@pass_ctx
+def worker_catalog(ctx: Ctx, metrics_port: int | None) -> None:
+    """Consume the compacted catalog topic into the Redis catalog the copy service reads."""
+    from services.workers.catalog import run_catalog_worker
+
+    run_catalog_worker(ctx.settings, metrics_port=metrics_port)
 
 
 @worker.command("generator")

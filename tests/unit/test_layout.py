@@ -118,7 +118,7 @@ def test_one_serve_and_each_command_name_once() -> None:
     assert "serve" in root.commands and "worker" in root.commands
     worker = root.commands["worker"]
     assert isinstance(worker, click.Group)
-    assert set(worker.commands) == {"profile", "generator", "feedback", "responses", "trainer"}
+    assert set(worker.commands) == {"profile", "catalog", "generator", "feedback", "responses", "trainer"}
     defined = [c for c in calls(modules("livecopy"), "command") if c.startswith("livecopy/cli/")]
     assert defined  # the commands are defined in livecopy/cli alone
     assert not [c for c in calls(PRODUCT, "command") if not c.startswith("livecopy/cli/")]
