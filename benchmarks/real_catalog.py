@@ -47,7 +47,7 @@ from core.catalog import Catalog, Product, vocabulary
 from core.settings import CopySettings
 from engine.executor import CopyRequest, CopyResult, load_executor
 from models.paths import shipped_student_dir
-from models.text.context import CopyContext, build_prompt, product_context
+from models.text.context import CopyContext, product_context
 from models.text.filter import fallback_copy, max_chars
 from models.text.slots import values
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -40,8 +41,19 @@ def _text(row: Mapping[str, Any], name: str, limit: int, *, required: bool = Fal
     return v
 
 
-def _number(row: Mapping[str, Any], name: str, default: float, lo: float, hi: float, *, integer: bool = False,
-            required: bool = False) -> float:
+_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d*)?$")  # "1,299.00"; "1.299,00" is refused, not misread
+
+
+def _number(
+    row: Mapping[str, Any],
+    name: str,
+    default: float,
+    lo: float,
+    hi: float,
+    *,
+    integer: bool = False,
+    required: bool = False,
+) -> float:
     v = row.get(name)
     if v is None or (isinstance(v, str) and not v.strip()):
         if required:
@@ -50,15 +62,21 @@ def _number(row: Mapping[str, Any], name: str, default: float, lo: float, hi: fl
     if isinstance(v, bool):
         raise Rejection("wrong_type", f"{name} must be a number, not a boolean")
     if isinstance(v, str):  # CSV cells
+        cell = v.strip()
+        if _THOUSANDS.match(cell):
+            cell = cell.replace(",", "")
         try:
-            v = float(v.strip().replace(",", "")) if not integer else int(float(v.strip().replace(",", "")))
+            v = float(cell)
         except ValueError:
-            raise Rejection("wrong_type", one_line(f"{name} must be a number, not {v[:40]!r}")) from None
+            raise Rejection("wrong_type", one_line(f"{name} must be a number, not {cell[:40]!r}")) from None
     if not isinstance(v, (int, float)):
         raise Rejection("wrong_type", f"{name} must be a number, not {type(v).__name__}")
-    x = float(v)
+    try:
+        x = float(v)
+    except OverflowError:
+        x = math.inf
     if not math.isfinite(x) or not lo <= x <= hi:
-        raise Rejection("out_of_range", f"{name} {v} is outside [{lo:g}, {hi:g}]")
+        raise Rejection("out_of_range", one_line(f"{name} {v!s:.40} is outside [{lo:g}, {hi:g}]"))
     if integer and x != int(x):
         raise Rejection("wrong_type", f"{name} must be a whole number, not {v}")
     return x
@@ -70,15 +88,22 @@ def decode_product(row: Any) -> Product:
         raise Rejection("not_object", f"a product is a JSON object, not {type(row).__name__}")
     unknown = sorted(str(k) for k in row if k not in _FIELDS)
     if unknown:  # a typo ("prize") must not be lost without a word
-        raise Rejection("unknown_field", one_line(f"unknown field(s) {', '.join(unknown)}; fields are "
-                                                  f"{', '.join(sorted(_FIELDS))}"))
+        raise Rejection(
+            "unknown_field", one_line(f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(sorted(_FIELDS))}")
+        )
     pid = row.get("product_id")
-    if not isinstance(pid, str) or not _ID.match(pid):
-        raise Rejection("missing_field" if not pid else "bad_format",
-                        one_line(f"product_id must be 1-128 printable characters without spaces, not {pid!r:.60}"))
+    if pid is None or pid == "":
+        raise Rejection("missing_field", "product_id is required")
+    if not isinstance(pid, str):
+        raise Rejection("wrong_type", f"product_id must be a string, not {type(pid).__name__}")
+    if not _ID.match(pid):
+        raise Rejection(
+            "bad_length" if len(pid) > 128 else "bad_format",
+            one_line(f"product_id must be 1-128 printable characters without spaces, not {pid!r:.60}"),
+        )
     title = _text(row, "title", 1000, required=True)
-    category = _text(row, "category", 200, required=True).lower()
-    if any(not part.strip() for part in category.split("/")):
+    category = "/".join(part.strip() for part in _text(row, "category", 200, required=True).lower().split("/"))
+    if any(not part for part in category.split("/")):
         raise Rejection("bad_format", f"category {category!r} must be 'top' or 'top/sub'")
     attrs = row.get("attributes")
     if attrs is None or attrs == "":
@@ -91,7 +116,9 @@ def decode_product(row: Any) -> Product:
         raise Rejection("wrong_type", "attributes must be a list of strings")
     if len(attributes) > 32 or any(len(a) > 80 for a in attributes):
         raise Rejection("bad_length", "at most 32 attributes of at most 80 characters")
-    eco = row.get("eco", False)
+    eco = row.get("eco")
+    if eco is None:
+        eco = False
     if isinstance(eco, str):
         if eco.strip().lower() not in _TRUE | _FALSE:
             raise Rejection("wrong_type", one_line(f"eco must be true or false, not {eco[:20]!r}"))
@@ -102,11 +129,18 @@ def decode_product(row: Any) -> Product:
     if not _CURRENCY.match(currency):
         raise Rejection("bad_format", f"currency {currency!r} must be an ISO 4217 code such as USD")
     return Product(
-        product_id=pid, title=title, category=category, brand=_text(row, "brand", 200),
-        price=round(_number(row, "price", 0.0, 0.01, 1e7, required=True), 2), attributes=attributes,
-        rating=_number(row, "rating", 0.0, 0.0, 5.0), reviews=int(_number(row, "reviews", 0, 0, 1e9, integer=True)),
-        eco=eco, discount_pct=int(_number(row, "discount_pct", 0, 0, 95, integer=True)),
-        noun=_text(row, "noun", 200), currency=currency,
+        product_id=pid,
+        title=title,
+        category=category,
+        brand=_text(row, "brand", 200),
+        price=round(_number(row, "price", 0.0, 0.01, 1e7, required=True), 2),
+        attributes=attributes,
+        rating=_number(row, "rating", 0.0, 0.0, 5.0),
+        reviews=int(_number(row, "reviews", 0, 0, 1e9, integer=True)),
+        eco=eco,
+        discount_pct=int(_number(row, "discount_pct", 0, 0, 95, integer=True)),
+        noun=_text(row, "noun", 200),
+        currency=currency,
     )
 
 
@@ -122,18 +156,28 @@ def decode_product_json(key: bytes | None, value: bytes | None) -> Product:
         raise Rejection("not_json", one_line(str(exc))) from None
     product = decode_product(row)
     if key is not None and key != product.product_id.encode():
-        raise Rejection("key_mismatch", one_line(f"record key {key[:80]!r} differs from product_id "
-                                                 f"{product.product_id!r}"))
+        raise Rejection(
+            "key_mismatch", one_line(f"record key {key[:80]!r} differs from product_id {product.product_id!r}")
+        )
     return product
 
 
 def parse_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, row, parse error) of a catalog file: JSON lines (``.jsonl``/``.json``/``.ndjson``)
-    or CSV with a header row (``.csv``); blank lines are skipped."""
+    """(line number, row, parse error) of a catalog file: JSON lines (``.jsonl``/``.json``/``.ndjson``; a
+    ``.json`` file may also hold one array of products) or CSV with a header row (``.csv``). Blank lines
+    are skipped; a file that is not UTF-8 yields its first undecodable line as an error and ends."""
     p = Path(path)
+    data = p.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        yield line, None, f"not UTF-8 (byte {data[exc.start]:#04x}); save the file as UTF-8"
+        return
     if p.suffix.lower() == ".csv":
-        text = p.read_text(encoding="utf-8-sig")
-        reader = csv.DictReader(io.StringIO(text))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
             line = reader.line_num
             if None in row:
@@ -141,11 +185,39 @@ def parse_rows(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                 continue
             yield line, {k.strip(): v for k, v in row.items() if k is not None and v is not None and v != ""}, None
         return
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield n, orjson.loads(raw), None
-            except orjson.JSONDecodeError as exc:
-                yield n, None, one_line(str(exc), 200)
+    if text.lstrip().startswith("["):
+        yield from _json_array(text)
+        return
+    for n, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            yield n, orjson.loads(raw), None
+        except orjson.JSONDecodeError as exc:
+            yield n, None, one_line(str(exc), 200)
+
+
+def _json_array(text: str) -> Iterator[tuple[int, Any, str | None]]:
+    """The elements of one JSON array, each with the line it starts on; a syntax error ends it."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    i = ws.match(text, text.index("[") + 1).end()  # type: ignore[union-attr]
+    if text.startswith("]", i):
+        return
+    while True:
+        line = text.count("\n", 0, i) + 1
+        try:
+            row, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as exc:
+            yield exc.lineno, None, one_line(exc.msg, 200)
+            return
+        yield line, row, None
+        i = ws.match(text, i).end()  # type: ignore[union-attr]
+        if text.startswith("]", i):
+            if text[i + 1 :].strip():
+                yield text.count("\n", 0, i) + 1, None, "text after the closing ]"
+            return
+        if not text.startswith(",", i):
+            yield text.count("\n", 0, i) + 1, None, "expected , or ] between products"
+            return
+        i = ws.match(text, i + 1).end()  # type: ignore[union-attr]

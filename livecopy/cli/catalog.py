@@ -27,14 +27,19 @@ def _keys(ctx: Ctx) -> Any:
 
 @catalog.command("load")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--redis", "direct", is_flag=True,
-              help="Write Redis directly (one node, no catalog worker) instead of publishing to the catalog topic.")
+@click.option(
+    "--redis/--topic",
+    "direct",
+    default=False,
+    help="--topic (default): publish to the catalog topic (the catalog worker keeps Redis from it); "
+    "--redis: write Redis directly (one node, no catalog worker).",
+)
 @click.option("--allow-bad", is_flag=True, help="Exit 0 even when some rows were rejected.")
 @pass_ctx
 def catalog_load(ctx: Ctx, path: Path, direct: bool, allow_bad: bool) -> None:
-    """Validate every row of PATH (.jsonl/.json/.ndjson or .csv with a header), report each bad row with
-    its reason, and load the good ones: to the compacted catalog topic keyed by product id (the
-    catalog worker keeps Redis from it), or straight into Redis with --redis."""
+    """Validate every row of PATH (JSON lines or one JSON array: .jsonl/.json/.ndjson; .csv with a header
+    row), report each bad row with its reason, and load the good ones: to the compacted catalog topic
+    keyed by product id (the catalog worker keeps Redis from it), or straight into Redis with --redis."""
     from core.catalog import Product
     from core.catalog_io import decode_product, parse_rows
     from core.wire import Rejection
@@ -44,7 +49,7 @@ def catalog_load(ctx: Ctx, path: Path, direct: bool, allow_bad: bool) -> None:
     for line, row, err in parse_rows(path):
         try:
             if err is not None:
-                raise Rejection("not_json" if path.suffix.lower() != ".csv" else "bad_row", err)
+                raise Rejection("bad_format" if path.suffix.lower() == ".csv" else "not_json", err)
             p = decode_product(row)
         except Rejection as rej:
             bad += 1
@@ -110,7 +115,7 @@ def catalog_delete(ctx: Ctx, product_ids: tuple[str, ...], direct: bool) -> None
     if direct:
         from stream.redis_io import redis_client
 
-        n = int(redis_client(ctx.settings.redis).hdel(_keys(ctx).catalog, *product_ids))  # type: ignore[arg-type]
+        n = int(redis_client(ctx.settings.redis).hdel(_keys(ctx).catalog, *product_ids))
     else:
         n = _publish(ctx, [], product_ids)
     click.echo(f"deleted {n} products", err=True)
@@ -127,7 +132,7 @@ def catalog_show(ctx: Ctx, product_id: str) -> None:
     if raw is None:
         click.echo(f"no product {product_id!r} in {_keys(ctx).catalog}", err=True)
         sys.exit(1)
-    click.echo(json.dumps(json.loads(raw), ensure_ascii=False, indent=2))  # type: ignore[arg-type]
+    click.echo(json.dumps(json.loads(raw), ensure_ascii=False, indent=2))
 
 
 @catalog.command("stats")
@@ -137,17 +142,16 @@ def catalog_stats(ctx: Ctx) -> None:
     from stream.copy_store import read_catalog
     from stream.redis_io import redis_client
 
-    cat = read_catalog(redis_client(ctx.settings.redis), _keys(ctx))
-    products = list(cat)
+    products = list(read_catalog(redis_client(ctx.settings.redis), _keys(ctx)))
     cats = Counter(p.category for p in products)
     out = {
-        "products": len(products), "categories": len(cats),
-        "currencies": dict(Counter(p.currency for p in products)),
-        "unrated": sum(1 for p in products if p.reviews <= 0),
+        "products": len(products),
+        "categories": dict(cats.most_common()),  # every category with its count, largest first
+        "currencies": dict(Counter(p.currency for p in products).most_common()),
+        "unrated": sum(1 for p in products if p.rating <= 0 or p.reviews <= 0),  # copy cites no rating for these
         "on_discount": sum(1 for p in products if p.discount_pct),
         "without_brand": sum(1 for p in products if not p.brand),
         "without_noun": sum(1 for p in products if not p.noun),
-        "top_categories": dict(cats.most_common(10)),
     }
     click.echo(json.dumps(out, ensure_ascii=False, indent=2))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from core.catalog import Catalog, Product
+from core.catalog import Catalog, Product, _title_case
 
 # top/sub -> (nouns, attributes, (low, high) price)
 _TAXONOMY: dict[str, tuple[list[str], list[str], tuple[float, float]]] = {
@@ -31,7 +31,7 @@ _TAXONOMY: dict[str, tuple[list[str], list[str], tuple[float, float]]] = {
     ),
     "music/instruments": (
         ["ukulele", "acoustic guitar", "digital piano", "cajon", "harmonica"],
-        ["solid-spruce", "weighted-key", "beginner-friendly", "hand-tuned", "travel-sized"],
+        ["solid-spruce", "weighted-key", "beginner-friendly", "hand-tuned", "left-handed"],
         (19, 900),
     ),
     "baby/nursery": (
@@ -46,12 +46,12 @@ _TAXONOMY: dict[str, tuple[list[str], list[str], tuple[float, float]]] = {
     ),
     "health/first-aid": (
         ["first aid kit", "instant cold packs", "elastic bandage", "digital thermometer", "pill organizer"],
-        ["latex-free", "waterproof-case", "fast-reading", "7-day", "compact-size"],
+        ["latex-free", "hospital-grade", "fast-reading", "7-day", "sterile"],
         (5, 70),
     ),
     "travel/luggage": (
         ["carry-on suitcase", "packing cubes", "duffel bag", "luggage scale", "travel pillow"],
-        ["hardshell", "expandable-zip", "TSA-approved", "spinner-wheel", "ultra-light"],
+        ["hardshell", "lockable", "TSA-approved", "spinner-wheel", "featherweight"],
         (14, 420),
     ),
     "kitchen/baking": (
@@ -98,12 +98,22 @@ _BRANDS: dict[str, list[str]] = {
 }
 
 
-def _title_case(text: str) -> str:
-    return " ".join("-".join(p[:1].upper() + p[1:] for p in w.split("-")) for w in text.split(" "))
+_ECO_WORDS = ("biodegradable", "reusable", "bamboo", "refillable")
+_SUFFIXES = ("2", "Pro", "Plus", "Deluxe", "Mini", "XL", "Classic", "Go")
+
+
+def disjoint_vocabulary() -> dict[str, frozenset[str]]:
+    """This generator's words: ``brands``, ``nouns`` and ``attributes`` (as written)."""
+    return {
+        "brands": frozenset(b for bs in _BRANDS.values() for b in bs),
+        "nouns": frozenset(n for nouns, _, _ in _TAXONOMY.values() for n in nouns),
+        "attributes": frozenset(a for _, attrs, _ in _TAXONOMY.values() for a in attrs),
+    }
 
 
 def generate_disjoint(n: int = 600, seed: int = 11) -> Catalog:
-    """``n`` products (ids ``dj-00001``...), deterministic from ``seed``."""
+    """``n`` products (ids ``dj-00001``...), deterministic from ``seed``; built, priced and rated the way
+    ``Catalog.generate`` does, plus about 10% unrated (rating 0, reviews 0) and 5% without attributes."""
     rng = random.Random(seed)
     cats = list(_TAXONOMY)
     products: list[Product] = []
@@ -115,24 +125,37 @@ def generate_disjoint(n: int = 600, seed: int = 11) -> Catalog:
         nouns, attrs, (lo, hi) = _TAXONOMY[cat]
         brand = rng.choice(_BRANDS[cat.split("/")[0]])
         noun = rng.choice(nouns)
-        chosen: tuple[str, ...] = () if rng.random() < 0.05 else tuple(rng.sample(attrs, 1 if rng.random() < 0.6
-                                                                                   else 2))
-        title = " ".join([brand, *(_title_case(a) for a in chosen), _title_case(noun)])
+        k = 0 if rng.random() < 0.05 else 1 if rng.random() < 0.6 else 2
+        chosen = tuple(rng.sample(attrs, k))
+        shown = [a for a in chosen if a.lower() not in noun.lower()]
+        title = " ".join([brand, *(_title_case(a) for a in shown), _title_case(noun)])
         if title in seen:
-            title = f"{title} {rng.choice(['2', 'Pro', 'Plus', 'Deluxe', 'Mini', 'XL', 'Classic'])}"
+            title = f"{title} {rng.choice(_SUFFIXES)}"
             if title in seen:
                 continue
         seen.add(title)
-        price = max(round(lo * (hi / lo) ** rng.random()) - 0.01, 2.99)
-        unrated = rng.random() < 0.1
-        products.append(Product(
-            product_id=f"dj-{len(products) + 1:05d}", title=title, category=cat, brand=brand, price=price,
-            attributes=chosen,
-            rating=0.0 if unrated else round(min(5.0, max(2.8, rng.gauss(4.3, 0.4))), 1),
-            reviews=0 if unrated else min(int(rng.paretovariate(1.1) * 15), 40_000),
-            eco=any(a in ("biodegradable", "reusable", "bamboo", "refillable") for a in chosen) or rng.random() < 0.06,
-            discount_pct=rng.choice([10, 15, 20, 25, 30, 40, 50]) if rng.random() < 0.4 else 0,
-            noun=noun,
-        ))
-    rng.shuffle(products)
+        # log-uniform price in the band, rounded like a shop would
+        price = max(round(lo * (hi / lo) ** rng.random()) - 0.01, 1.99)
+        eco = any(a in _ECO_WORDS for a in chosen) or rng.random() < 0.08
+        discount = rng.choice([0, 0, 0, 10, 15, 20, 25, 30, 40]) if rng.random() < 0.45 else 0
+        rating = round(min(5.0, max(3.1, rng.gauss(4.3, 0.35))), 1)
+        reviews = min(int(rng.paretovariate(1.1) * 20), 25_000)
+        if rng.random() < 0.1:  # new listing: not rated yet
+            rating, reviews = 0.0, 0
+        products.append(
+            Product(
+                product_id=f"dj-{len(products) + 1:05d}",
+                title=title,
+                category=cat,
+                brand=brand,
+                price=price,
+                attributes=chosen,
+                rating=rating,
+                reviews=reviews,
+                eco=eco,
+                discount_pct=discount,
+                noun=noun,
+            )
+        )
+    rng.shuffle(products)  # popularity rank independent of category
     return Catalog(products)

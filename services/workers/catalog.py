@@ -51,16 +51,22 @@ class CatalogProcessor:
         return self.store.ping()
 
 
-def build_catalog_loop(settings: Settings, *, metrics: WorkerMetrics | None = None, group_suffix: str = "",
-                       **consumer_overrides: Any) -> BatchLoop:
+def build_catalog_loop(
+    settings: Settings, *, metrics: WorkerMetrics | None = None, group_suffix: str = "", **consumer_overrides: Any
+) -> BatchLoop:
     topics = Topics.from_settings(settings.topics)
     keys = CopyKeys(settings.redis.key_prefix, settings.generation.catalog_key)
     processor = CatalogProcessor(RedisCatalogStore(redis_client(settings.redis), keys.catalog), metrics=metrics)
     overrides = {"auto.offset.reset": "earliest", **consumer_overrides}  # a new group reads the whole catalog
     return BatchLoop(
-        group_consumer(settings, GROUP, group_suffix, **overrides), Producer(producer_config(settings.kafka)),
-        processor, topics=[topics.catalog], dlq_topic=topics.dlq, max_batch=settings.worker.max_batch,
-        metrics=metrics, **loop_options(settings.worker),
+        group_consumer(settings, GROUP, group_suffix, **overrides),
+        Producer(producer_config(settings.kafka)),
+        processor,
+        topics=[topics.catalog],
+        dlq_topic=topics.dlq,
+        max_batch=settings.worker.max_batch,
+        metrics=metrics,
+        **loop_options(settings.worker),
     )
 
 

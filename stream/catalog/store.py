@@ -63,7 +63,7 @@ class RedisCatalogStore:
 
     def get(self, product_id: str) -> Product | None:
         raw = self.client.hget(self.key, product_id)
-        return Product.from_dict(orjson.loads(raw)) if raw else None  # type: ignore[arg-type]
+        return Product.from_dict(orjson.loads(raw)) if raw else None
 
     def ping(self) -> bool:
         try:
