@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -248,6 +248,48 @@ class GeneratorSettings(Section):
     max_event_age_s: float = 300.0  # older product views are skipped (their pages are gone)
 
 
+class PublishableKey(Section):
+    """One publishable key of ``POST /v1/events`` (``collector.publishable_keys``): public, it sits in the
+    site's pages. It writes only the events of the shopper a signed shopper token names, from the
+    origins listed, within its rates (token buckets per API process, in events per second)."""
+
+    site: str  # the site whose shopper tokens it takes (``collector.site_secrets[site]``)
+    origins: list[str] = Field(default_factory=list)  # exact page origins ("https://shop.example"); "*": any
+    rate_per_s: float = 500.0  # events/s for the whole key (0: no limit)
+    burst: int = 2000
+    ip_rate_per_s: float = 20.0  # events/s per client IP with this key (0: no limit)
+    ip_burst: int = 200
+
+
+class CollectorSettings(Section):
+    """``POST /v1/events``, the HTTP collector (``LIVECOPY_COLLECTOR__...``; services/api/events.py).
+    Browsers use a publishable key + a shopper token (HMAC-SHA256 with the site's secret, issued by the
+    site's backend: ``livecopy keys shopper-token``); servers an API key with the ``events`` scope."""
+
+    publishable_keys: dict[str, PublishableKey] = Field(default_factory=dict)  # key -> its site, origins, rates
+    site_secrets: dict[str, str] = Field(default_factory=dict)  # site -> secret of its shopper tokens
+    max_token_ttl_s: int = 7 * 24 * 3600  # a shopper token expiring further ahead than this is refused
+    max_body_bytes: int = 256 * 1024  # over it: 413
+    max_batch: int = 500  # events per request; over it: 413
+    ack_timeout_s: float = 5.0  # the broker acknowledges every written event within this, else 503
+    served_ttl_s: int = 2 * 24 * 3600  # copy ids served to a shopper, remembered (0: impressions not checked)
+    served_max: int = 200  # ... the newest this many per shopper
+    dedupe_ttl_s: int = 24 * 3600  # event ids the collector wrote, remembered per shopper (a retry is not re-sent)
+    dedupe_max: int = 500  # ... the newest this many per shopper
+    max_buckets: int = 100_000  # rate buckets kept in memory per API process (the least recent dropped)
+    forwarded_hops: int = 0  # proxies in front: the client IP is this many entries from the right of X-Forwarded-For
+
+    @model_validator(mode="after")
+    def _every_key_has_its_sites_secret(self) -> CollectorSettings:
+        missing = sorted({k.site for k in self.publishable_keys.values()} - set(self.site_secrets))
+        if missing:
+            raise ValueError(f"collector.site_secrets has no secret for site {', '.join(missing)}")
+        short = sorted(site for site, secret in self.site_secrets.items() if len(secret) < 16)
+        if short:
+            raise ValueError(f"collector.site_secrets: the secret of {', '.join(short)} is under 16 characters")
+        return self
+
+
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -288,6 +330,7 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
     responses: ResponseSettings = Field(default_factory=ResponseSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    collector: CollectorSettings = Field(default_factory=CollectorSettings)
     log_level: str = "INFO"
 
     @classmethod

@@ -30,7 +30,7 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="Who holds it (e.g. shop-frontend).")
 @click.option("--scope", "scopes", multiple=True, required=True,
-              type=click.Choice(["copy", "profile:read", "admin", "debug"]), help="Repeat for several.")
+              type=click.Choice(["copy", "profile:read", "admin", "debug", "events"]), help="Repeat for several.")
 @pass_ctx
 def keys_create(ctx: Ctx, name: str, scopes: tuple[str, ...]) -> None:
     """Create a key; it is printed once (only its SHA-256 is stored)."""
@@ -64,6 +64,29 @@ def keys_revoke(ctx: Ctx, key_id: str) -> None:
     if not _store(ctx).revoke(key_id):
         raise click.ClickException(f"no active key {key_id!r}")
     click.echo(f"revoked {key_id}")
+
+
+@keys.command("shopper-token")
+@click.option("--user", "user_id", required=True, help="The shopper's user id.")
+@click.option("--site", default=None, help="Site whose secret signs it (default: the only one).")
+@click.option("--ttl", "ttl_s", type=int, default=24 * 3600, show_default=True, help="Seconds until it expires.")
+@pass_ctx
+def keys_shopper_token(ctx: Ctx, user_id: str, site: str | None, ttl_s: int) -> None:
+    """A signed shopper token: a page with it may report USER's events to POST /v1/events (a site's
+    backend signs its own: stream/access/shopper_token.py gives the format)."""
+    from stream.access.shopper_token import sign_shopper_token
+
+    secrets = ctx.settings.collector.site_secrets
+    if site is None:
+        if len(secrets) != 1:
+            raise click.ClickException(f"name the site (--site): collector.site_secrets has {len(secrets)}")
+        site = next(iter(secrets))
+    if site not in secrets:
+        raise click.ClickException(f"no secret for site {site!r} in collector.site_secrets")
+    try:
+        click.echo(sign_shopper_token(secrets[site], user_id, ttl_s))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 COMMANDS = [keys]

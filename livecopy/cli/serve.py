@@ -27,6 +27,9 @@ def serve(ctx: Ctx, host: str | None, port: int | None, no_copy: bool) -> None:
 
         ctx.apply_torch_threads()
         extensions.append(copy_extension(s))
+    from services.api.events import events_extension
+
+    extensions.append(events_extension(s))  # POST /v1/events (the collector) and GET /v1/tracker.js
     app = create_app(s, extensions=extensions)
     tune_gc_for_latency()
     uvicorn.Server(server_config(app, s.api, host=host, port=port)).run()

@@ -51,6 +51,7 @@ from services.api.state import state_of
 from services.copyflow import CopyFlow
 from stream.access.keys import ApiKey
 from stream.access.ratelimit import RateLimiter, retry_after
+from stream.collector.store import CollectorStore
 from stream.copy_store import AsyncCatalog, CopyKeys, CopyPublisher, PublishBacklog, ensure_catalog
 from stream.kafka_io import producer_config
 from stream.model_updates import ModelUpdateFollower
@@ -143,6 +144,8 @@ class CopyService:
         metrics.service = self
         self._drop_if_same = redis_client.register_script(_DEL_IF_SAME)
         self._watching: set[asyncio.Task[None]] = set()  # cached copies whose delivery is not yet known
+        # every copy served, per shopper: POST /v1/events takes impressions and clicks of these alone
+        self.served = CollectorStore(redis_client, settings.redis.key_prefix, settings.collector)
 
     async def get_copy(self, request: Request, user_id: str, product_id: str, slot: str | None) -> Response:
         if not is_user_id(user_id):
@@ -162,6 +165,7 @@ class CopyService:
             if cached is not None:
                 fresh = self.flow.refill(cached, product)
                 if fresh is not None:
+                    await self.served.record_served(user_id, orjson.loads(fresh)["copy_id"], int(time.time() * 1000))
                     self.metrics.served.labels("cache", "cached").inc()
                     return Response(self._for(caller, fresh), media_type=JSON, headers={"X-Livecopy-Cache": "hit"})
                 self.metrics.stale.inc()  # its slots no longer fit the product: a new copy
@@ -220,6 +224,7 @@ class CopyService:
             task = asyncio.ensure_future(self._uncache_if_undelivered(key, body, delivered))
             self._watching.add(task)
             task.add_done_callback(self._watching.discard)
+        await self.served.record_served(user_id, copy.copy_id, int(time.time() * 1000))
         self.metrics.served.labels("generated", res.policy).inc()
         return Response(self._for(caller, body), media_type=JSON, headers={"X-Livecopy-Cache": "miss"})
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from services.api.app import ApiMetrics
     from services.api.copy import CopyService
     from services.api.dashboard import Sampler
+    from services.api.events import EventCollector
     from stream.model_updates import ModelUpdateFollower
     from stream.profile.store import AsyncProfileReader
 
@@ -39,6 +40,7 @@ class AppState:
     copy_follower: ModelUpdateFollower | None = None
     copy_owns_engine: bool = False
     dashboard: Sampler | None = None
+    events: EventCollector | None = None  # POST /v1/events (services.api.events)
     keys_cache: KeyCache = field(default_factory=lambda: KeyCache({}))  # API keys seen lately (services.api.auth)
 
     def require_redis(self) -> aredis.Redis:

@@ -13,7 +13,7 @@ import orjson
 import redis
 import redis.asyncio as aredis
 
-SCOPES = ("copy", "profile:read", "admin", "debug")
+SCOPES = ("copy", "profile:read", "admin", "debug", "events")  # events: POST /v1/events for any shopper
 KEY_PREFIX = "lck_"
 
 
