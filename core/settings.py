@@ -72,6 +72,14 @@ class RedisSettings(Section):
     # appendfsync always is an acknowledged write on disk (docs/durability.md). warn: log at start when
     # Redis says otherwise; require: refuse to start; off: do not ask (CONFIG may be disabled).
     durability: Literal["warn", "require", "off"] = "warn"
+    # Redis Cluster: ``url`` names any one node (the others are discovered); every process builds a
+    # RedisCluster client. Keys are hash-tagged per shopper (or feedback shard), so each script stays in one slot.
+    cluster: bool = False
+    # After each batch of script calls, WAIT until this many replicas of every Redis node written hold the
+    # batch (at most wait_timeout_ms), before the worker commits its offsets; fewer: the batch is retried.
+    # 1 on a cluster with replicas: a master failover then loses no committed effect (docs/durability.md).
+    wait_replicas: int = Field(0, ge=0)
+    wait_timeout_ms: int = Field(1000, ge=1)
 
 
 class ProfileSettings(Section):

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
 
 from core.settings import CollectorSettings
 from stream.redis_io import TRANSIENT_REDIS_ERRORS
@@ -101,9 +102,16 @@ class CollectorStore:
         users = [u for u, ids in written.items() if ids]
         if not users:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for u in users:
-            await self._remember(keys=[self.keys.collected(u)],
-                                 args=[now_ms, self.cfg.dedupe_ttl_s * 1000, self.cfg.dedupe_max, *written[u]],
-                                 client=pipe)
-        await pipe.execute()
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for u in users:
+                await self._remember(keys=[self.keys.collected(u)],
+                                     args=[now_ms, self.cfg.dedupe_ttl_s * 1000, self.cfg.dedupe_max, *written[u]],
+                                     client=pipe)
+            try:
+                await pipe.execute()
+                return
+            except NoScriptError:  # a Redis Cluster pipeline does not load scripts: load it (every master), redo
+                if attempt:
+                    raise
+                await self.client.script_load(_REMEMBER)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import redis
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from core.contracts import Event, Profile
@@ -21,6 +20,7 @@ from livecopy import EventProducer
 from stream.kafka_io import BatchLoop, consumer_config
 from stream.profile.logic import render, replay
 from stream.profile.store import RedisProfileStore
+from stream.redis_io import redis_client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def read_topic(settings: Settings, topic: str, expect: int, timeout: float = 30.
 
 
 def store_for(settings: Settings) -> RedisProfileStore:
-    return RedisProfileStore(redis.Redis.from_url(settings.redis.url), settings.profile, settings.redis.key_prefix)
+    return RedisProfileStore(redis_client(settings.redis), settings.profile, settings.redis.key_prefix)
 
 
 def expected_profiles(settings: Settings, events: Iterable[Event]) -> dict[str, Profile]:
@@ -159,6 +159,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LIVECOPY_WORKER__RETRY_BACKOFF_INITIAL_S": str(settings.worker.retry_backoff_initial_s),
         "LIVECOPY_WORKER__RETRY_BACKOFF_MAX_S": str(settings.worker.retry_backoff_max_s),
         "LIVECOPY_REDIS__SOCKET_TIMEOUT_S": str(settings.redis.socket_timeout_s),
+        "LIVECOPY_REDIS__CLUSTER": str(settings.redis.cluster).lower(),
+        "LIVECOPY_REDIS__WAIT_REPLICAS": str(settings.redis.wait_replicas),
+        "LIVECOPY_REDIS__WAIT_TIMEOUT_MS": str(settings.redis.wait_timeout_ms),
         "LIVECOPY_API__AUTH": settings.api.auth,
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
