@@ -190,6 +190,18 @@ class TrainerSettings(Section):
     registry_dir: Path = Path("registry")
     model_name: str = "livecopy-student"
     base_dir: Path | None = None  # first version when the registry is empty (None: models.student_dir/shipped)
+    # head: each version refits the CTR head, its Thompson posterior and the style policy on the trunk's
+    # embeddings logged with the feedback (seconds on a CPU; the trunk and the LM stay as they are);
+    # full: gradient fine-tuning of the whole student (trunk, LM and heads; for a GPU).
+    mode: Literal["head", "full"] = "head"
+    refit_every: int = Field(2000, ge=1)  # head: new feedback records between refits (each one evaluated)
+    window: int = Field(40_000, ge=1)  # head: the newest training records a refit learns from
+    head_epochs: int = Field(3, ge=1)
+    head_lr: float = 3e-3
+    head_batch: int = Field(256, ge=1)
+    prior_std: float = 0.1  # head: prior std of the CTR head's last layer (the Thompson posterior)
+    style_temperature: float = Field(0.3, gt=0)  # head: p(style) ∝ p0(style | prompt) exp(Q / this)
+    max_style_kl: float = 2.0  # head: publish when mean KL(serving || candidate) of p(style) <= this
     batch_size: int = 32
     lr: float = 5e-5
     ctr_weight: float = 1.0
@@ -227,10 +239,13 @@ class CopySettings(Section):
     epsilon: float = 0.1
     mc_draws: int = 200  # Thompson draws used to estimate the propensity
     seed: int = 0
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    # continuous: requests join the running decode at the next step, leave at their EOS, deadlines checked every
+    # step (engine/continuous.py); static: a batch runs from prefill to its last EOS (engine/batching.py).
+    engine: Literal["static", "continuous"] = "continuous"
+    max_batch_size: int = 32  # requests in one batch (static) or decoding together (continuous)
+    max_wait_ms: float = 5.0  # static only: how long the oldest request waits for company
     max_queue: int = 256
-    timeout_ms: float = 2000.0
+    timeout_ms: float = 2000.0  # static: deadline to start; continuous: deadline of the whole request
     cache_ttl_s: int = 3600
     catalog_key: str = "catalog"  # Redis hash (under redis.key_prefix): product_id -> product JSON
     load_catalog_if_empty: bool = True  # serve: load the synthetic catalog when Redis has none

@@ -32,13 +32,23 @@ import numpy as np
 import torch
 
 from core.catalog import Product
-from core.contracts import MAX_COPY_CHARS, GeneratedCopy, now_rfc3339
+from core.contracts import MAX_COPY_CHARS, Embedding, GeneratedCopy, now_rfc3339
 from core.settings import CopySettings
 from core.styles import STYLES, StyleResponse
 from engine.policy import Chooser, Posterior
-from models.generate import Candidate, generate_candidates, score_ctr_with_features
-from models.sequences import encode_text
-from models.student import LoadedStudent, load_student, resolve_device
+from models import cascade
+from models.continuous import ContinuousDecoder, FinishedGroup
+from models.generate import (
+    Candidate,
+    DecodeOutput,
+    candidates_from,
+    generate_candidates,
+    request_biases,
+    score_ctr_with_features,
+)
+from models.sequences import encode_text, special_ids
+from models.student import LoadedStudent, load_student, resolve_device, trunk_of
+from models.style_policy import StylePolicy
 from models.text.context import CopyContext, build_prompt, product_context
 from models.text.filter import FilterResult, FilterStats, check_copy, check_grounding, fallback_copy, max_chars
 from models.text.slots import MissingSlot, available, fill, values
@@ -84,6 +94,7 @@ class CopyResult:
     passed: int = 0
     created_at: str = field(default_factory=now_rfc3339)
     template: str | None = None  # the slotted copy ``text`` was filled from (None: the fallback)
+    embedding: Embedding | None = None  # the trunk's hidden state at EOS (for the trainer's head refit)
 
     def to_copy(self) -> GeneratedCopy:
         """The contract record (``livecopy.copy`` and the GET /v1/copy body)."""
@@ -91,7 +102,7 @@ class CopyResult:
             copy_id=self.copy_id, user_id=self.user_id, product_id=self.product_id, text=self.text,
             model=self.model, model_version=self.model_version, score=self.score, policy=self.policy,
             created_at=self.created_at, propensity=self.propensity, slot=self.slot, style=self.style,
-            features=self.features, template=self.template,
+            features=self.features, template=self.template, embedding=self.embedding,
         )
 
 
@@ -108,6 +119,15 @@ def new_copy_id() -> str:
 
 
 _STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the continuous decoder: its prompt, the prompt's ids, its style factors."""
+
+    prompt: str
+    ids: list[int]
+    factors: np.ndarray | None
 
 
 class StudentExecutor:
@@ -130,6 +150,8 @@ class StudentExecutor:
         self.name = name or student.meta.name
         self.chooser = Chooser(cfg.policy, epsilon=cfg.epsilon, mc_draws=cfg.mc_draws)
         self.posterior = posterior if posterior is not None else _posterior_for(student)
+        self.style_policy = StylePolicy.load(student.path) if student.path is not None else None
+        self.trunk = trunk_of(student.meta)  # logged with each copy's embedding
         self.rng = np.random.default_rng(cfg.seed)
         self._seed = cfg.seed
         self.filter_stats = FilterStats()
@@ -152,57 +174,127 @@ class StudentExecutor:
             prompts = [self._fit(r.ctx) for r in requests]
             factors = [self._style_factors(r) for r in requests]
             extra: dict[str, Any] = {}
-            if any(f is not None for f in factors):
-                t = self.cfg.style_response_temperature
-                extra["style_bias"] = [None if f is None else {st: float(v) / t for st, v in zip(STYLES, f[0],
-                                                                                             strict=True)}
-                                       for f in factors]
+            bias = [self._style_bias(r, f) for r, f in zip(requests, factors, strict=True)]
+            if any(b is not None for b in bias):
+                extra["style_bias"] = bias
             groups = self.generate(
                 self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                 top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed,
                 slots_ok=[available(r.ctx) for r in requests], **extra,
             )
-            results: list[CopyResult | None] = []
-            fallbacks: list[int] = []
-            for i, (req, group) in enumerate(zip(requests, groups, strict=True)):
-                ok = np.zeros(len(group), bool)
-                shown: list[str] = []
-                rejected: Counter[str] = Counter()
-                for j, cand in enumerate(group):
-                    text, res = self.render(cand.text, req.ctx)
-                    shown.append(text)
-                    self.filter_stats.record(res)
-                    ok[j] = res.ok
-                    if not res.ok:
-                        rejected[(res.reason or "unknown").split(":", 1)[0]] += 1
-                if not ok.any():
-                    self.filter_stats.fallbacks += 1
-                    why = rejected.most_common(1)[0][0] if rejected else "no_candidate"
-                    self.filter_stats.fallback_reasons[why] += 1
-                    fallbacks.append(i)
-                    results.append(None)
-                    continue
-                scores = np.array([c.ctr if c.ctr is not None else 0.5 for c in group], dtype=np.float64)
-                feats = np.stack([
-                    c.ctr_features if c.ctr_features is not None else np.zeros(1, np.float32) for c in group
-                ])
-                posterior = self.posterior if self.posterior is not None and feats.shape[1] + 1 == \
-                    self.posterior.dim else None
-                chooser = self.chooser
-                if chooser.policy == "thompson" and posterior is None:
-                    chooser = Chooser("greedy")
-                f = factors[i]
-                offsets = None if f is None else np.stack(
-                    [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
-                choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
-                cand = group[choice.index]
-                results.append(self._result(req, shown[choice.index], cand.style, choice.score, choice.propensity,
-                                            chooser.policy, len(group), int(ok.sum()), template=cand.text))
-            if fallbacks:
-                self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
-            self.copies += len(requests)
+            return self._choose_all(requests, prompts, factors, groups)
+
+    def _style_bias(self, req: CopyRequest, factors: np.ndarray | None) -> dict[str, float] | None:
+        """Logits added to the style tokens: the version's style policy, plus the shopper's style
+        response (its first Thompson draw / ``style_response_temperature``)."""
+        out = dict.fromkeys(STYLES, 0.0)
+        if self.style_policy is not None:
+            out = self.style_policy.bias(req.ctx)
+        if factors is not None:
+            t = self.cfg.style_response_temperature
+            out = {st: out[st] + float(v) / t for st, v in zip(STYLES, factors[0], strict=True)}
+        return out if (self.style_policy is not None or factors is not None) else None
+
+    def _choose_all(self, requests: Sequence[CopyRequest], prompts: Sequence[str],
+                    factors: Sequence[np.ndarray | None], groups: Sequence[Sequence[Candidate]]) -> list[CopyResult]:
+        """Filter, policy and fallback of decoded candidate groups (one per request)."""
+        results: list[CopyResult | None] = []
+        fallbacks: list[int] = []
+        for i, (req, group) in enumerate(zip(requests, groups, strict=True)):
+            res = self._choose(req, group, factors[i])
+            if res is None:
+                fallbacks.append(i)
+            results.append(res)
+        if fallbacks:
+            self._fill_fallbacks(requests, prompts, fallbacks, results, len(groups[0]) if groups else 0)
+        self.copies += len(requests)
         return [r for r in results if r is not None]
+
+    def _choose(self, req: CopyRequest, group: Sequence[Candidate], f: np.ndarray | None) -> CopyResult | None:
+        """The chosen copy of one request's candidates; None when none passed the filter (counted)."""
+        ok = np.zeros(len(group), bool)
+        shown: list[str] = []
+        rejected: Counter[str] = Counter()
+        for j, cand in enumerate(group):
+            text, res = self.render(cand.text, req.ctx)
+            shown.append(text)
+            self.filter_stats.record(res)
+            ok[j] = res.ok
+            if not res.ok:
+                rejected[(res.reason or "unknown").split(":", 1)[0]] += 1
+        if not ok.any():
+            self.filter_stats.fallbacks += 1
+            why = rejected.most_common(1)[0][0] if rejected else "no_candidate"
+            self.filter_stats.fallback_reasons[why] += 1
+            return None
+        scores = np.array([c.ctr if c.ctr is not None else 0.5 for c in group], dtype=np.float64)
+        feats = np.stack([
+            c.ctr_features if c.ctr_features is not None else np.zeros(1, np.float32) for c in group
+        ])
+        posterior = self.posterior if self.posterior is not None and feats.shape[1] + 1 == \
+            self.posterior.dim else None
+        chooser = self.chooser
+        if chooser.policy == "thompson" and posterior is None:
+            chooser = Chooser("greedy")
+        offsets = None if f is None else np.stack(
+            [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
+        choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
+        cand = group[choice.index]
+        return self._result(req, shown[choice.index], cand.style, choice.score, choice.propensity,
+                            chooser.policy, len(group), int(ok.sum()), template=cand.text, hidden=cand.hidden)
+
+    # -- the continuous engine's three parts: prepare, decode (engine.continuous), finish -------------
+    @property
+    def supports_continuous(self) -> bool:
+        """Whether :meth:`decoder` can run this model (a GPT-2 trunk, the default generate function)."""
+        return self.generate is generate_candidates and cascade.supports(self.student.model)
+
+    def decoder(self, *, static_shapes: bool | None = None) -> ContinuousDecoder:
+        """A fresh running batch for this model, with this executor's sampling settings (static shapes
+        on CUDA by default: every step attends over the preallocated columns, no host sync for lengths)."""
+        if static_shapes is None:
+            static_shapes = self.device.type == "cuda"
+        with self._lock:
+            self._seed += 1
+            seed = self._seed
+        sid = special_ids(self.student.tokenizer)
+        return ContinuousDecoder(
+            self.student.model, eos_id=sid.eos, pad_id=sid.pad, k=self.cfg.candidates,
+            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+            top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
+            static_shapes=static_shapes,
+        )
+
+    def prepare(self, requests: Sequence[CopyRequest]) -> tuple[list[Prepared], torch.Tensor, torch.Tensor]:
+        """Per request: its prompt (fitted), token ids and style factors; and the decode constraints
+        (first-token bias (n, V), bans after the first token (n, V)) as ``models.generate`` builds them."""
+        with self._lock:
+            prompts = [self._fit(r.ctx) for r in requests]
+            factors = [self._style_factors(r) for r in requests]
+        ids = encode_text(self.student.tokenizer, prompts)
+        first, ban = request_biases(
+            self.student.model, self.student.tokenizer, len(requests),
+            style_bias=[self._style_bias(r, f) for r, f in zip(requests, factors, strict=True)],
+            slots_ok=[available(r.ctx) for r in requests])
+        return [Prepared(p, i, f) for p, i, f in zip(prompts, ids, factors, strict=True)], first, ban
+
+    def finish(self, items: Sequence[tuple[CopyRequest, Prepared, FinishedGroup]]) -> list[CopyResult]:
+        """The chosen copy of each decoded request (candidates, CTR at EOS, filter, policy, fallback)."""
+        if not items:
+            return []
+        k = self.cfg.candidates
+        hidden = [g.eos_hidden for _, _, g in items]
+        out = DecodeOutput(
+            tokens=[t for _, _, g in items for t in g.tokens], logprob=[x for _, _, g in items for x in g.logprob],
+            sample_logprob=[x for _, _, g in items for x in g.sample_logprob],
+            finished=[x for _, _, g in items for x in g.finished],
+            eos_hidden=None if any(h is None for h in hidden) else torch.cat([h for h in hidden if h is not None]),
+        )
+        groups = candidates_from(self.student.model, self.student.tokenizer, out, len(items), k)
+        with self._lock:
+            return self._choose_all([r for r, _, _ in items], [p.prompt for _, p, _ in items],
+                                    [p.factors for _, p, _ in items], groups)
 
     @staticmethod
     def render(template: str, ctx: CopyContext) -> tuple[str, FilterResult]:
@@ -263,7 +355,7 @@ class StudentExecutor:
 
     def _result(
         self, req: CopyRequest, text: str, style: str | None, score: float, propensity: float, policy: str,
-        k: int, passed: int, template: str | None = None,
+        k: int, passed: int, template: str | None = None, hidden: np.ndarray | None = None,
     ) -> CopyResult:
         score = float(score)
         if not math.isfinite(score):
@@ -273,6 +365,7 @@ class StudentExecutor:
             style=style, score=min(1.0, max(0.0, score)), propensity=float(propensity), policy=policy,
             model=self.name, model_version=self.version, slot=req.slot, features=request_features(req),
             candidates=k, passed=passed, template=template.strip() if template is not None else None,
+            embedding=None if hidden is None else Embedding.pack(hidden, self.trunk),
         )
 
 

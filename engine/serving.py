@@ -1,11 +1,13 @@
-"""The copy engine: a `BatchingEngine` over a `StudentExecutor`, plus hot reload.
+"""The copy engine: a `ContinuousEngine` (or, with ``generation.engine=static``, a `BatchingEngine`)
+over a `StudentExecutor`, plus hot reload.
 
 ``CopyEngine.submit`` queues one request (Future of a ``CopyResult``); ``CopyEngine.apply_update``
 takes a ``ModelVersion`` (a ``livecopy.model-updates`` record), loads that checkpoint beside the
 serving one (on the caller's thread, not the engine's), smoke-checks it, and swaps it in between
-two batches: the batch in flight finishes on the old model, queued requests run on the new one,
-nothing is dropped. A version that fails to load or fails the smoke check is refused and the old
-one keeps serving. ``pick_update`` (pure) decides which record of a batch of updates to apply.
+two batches (static engine) or two steps (continuous engine, ``generation.engine``): what is in
+flight finishes on the old model, queued requests run on the new one, nothing is dropped. A
+version that fails to load or fails the smoke check is refused and the old one keeps serving.
+``pick_update`` (pure) decides which record of a batch of updates to apply.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from core.contracts import ModelVersion
 from core.settings import CopySettings, Settings
 from engine.batching import BatchConfig, BatchingEngine
+from engine.continuous import ContinuousEngine
 from engine.executor import CopyRequest, CopyResult, SmokeCheckFailed, StudentExecutor, load_executor, smoke_check
 from models.paths import shipped_student_dir
 
@@ -78,12 +81,15 @@ class CopyEngine:
         self.cfg = cfg
         self.loader = loader
         self.on_reload = on_reload
-        self.batching: BatchingEngine[CopyRequest, CopyResult] = BatchingEngine(
-            executor,
-            BatchConfig(max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue,
-                        default_timeout_ms=cfg.timeout_ms),
-            on_batch=on_batch,
-        )
+        bcfg = BatchConfig(max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms, max_queue=cfg.max_queue,
+                           default_timeout_ms=cfg.timeout_ms)
+        self.batching: BatchingEngine[CopyRequest, CopyResult] | ContinuousEngine[CopyRequest, CopyResult]
+        if cfg.engine == "continuous" and executor.supports_continuous:
+            self.batching = ContinuousEngine(executor, bcfg, on_batch=on_batch)
+        else:
+            if cfg.engine == "continuous":
+                log.warning("%s cannot decode continuously (not a GPT-2 trunk): static batching", executor.name)
+            self.batching = BatchingEngine(executor, bcfg, on_batch=on_batch)
         self.reloads = ReloadLog()
         self._reload_lock = threading.Lock()
         self._serving: StudentExecutor = executor  # the newest accepted executor
@@ -122,7 +128,8 @@ class CopyEngine:
         """Queue one request; the Future resolves to its ``CopyResult`` (or raises
         ``DeadlineExceeded`` / the executor's error). Raises ``engine.batching.Overloaded`` at once
         when the queue is full and ``EngineStopped`` after :meth:`stop`. ``timeout_ms`` (default
-        ``timeout_ms`` of the settings) is the deadline for starting to run it."""
+        ``timeout_ms`` of the settings) is the deadline for starting to run it (static engine) or
+        for its answer (continuous engine: checked at every decode step)."""
         return self.batching.submit(request, timeout_ms)
 
     def generate(self, requests: Sequence[CopyRequest], timeout_s: float = 60.0) -> list[CopyResult]:

@@ -194,8 +194,10 @@ class ContinuousDecoder:
         else:
             width = max(self.pk[0].shape[2], keys[0].shape[2])
 
-            self.pk = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pk, keys, strict=True)]
-            self.pv = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pv, values, strict=True)]
+            self.pk = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pk, keys,
+                                                                                             strict=True)]
+            self.pv = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pv, values,
+                                                                                             strict=True)]
             self.p_bias = torch.cat([_pad_bias(self.p_bias, width, neg), _pad_bias(bias_new, width, neg)])
         p0 = len(self.prompt_gid)
         self.prompt_gid.extend(int(g) for g in gids)

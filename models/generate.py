@@ -62,6 +62,7 @@ class Candidate:
     finished: bool = True
     ctr: float | None = None
     ctr_features: np.ndarray | None = field(default=None, repr=False)
+    hidden: np.ndarray | None = field(default=None, repr=False)  # the trunk's final hidden state at EOS
 
 
 @dataclass
@@ -397,6 +398,35 @@ def split_style(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str | None, s
     return style, tokenizer.decode(body, skip_special_tokens=True).strip()
 
 
+def request_biases(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    *,
+    styles: Sequence[str] | None = None,
+    style_bias: Sequence[Mapping[str, float] | None] | None = None,
+    slots_ok: Sequence[frozenset[str] | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, what :func:`generate_candidates` constrains: (first-token bias (n, V) float: -inf
+    outside ``styles``, plus the style tilt; banned after the first token (n, V) bool: special
+    tokens, spelled numbers, the slots the record cannot fill). For :mod:`models.continuous`."""
+    sid = special_ids(tokenizer)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    first = torch.full((n, vocab), float("-inf"))
+    first[:, [sid.styles[s] for s in (styles or STYLES)]] = 0.0
+    if style_bias is not None:
+        for i, b in enumerate(style_bias):
+            for name, v in (b or {}).items():
+                first[i, sid.styles[name]] += float(v)
+    ban = torch.zeros((n, vocab), dtype=torch.bool)
+    ban[:, [b for b in _banned_after_first(tokenizer, sid) if b < vocab]] = True
+    if slots_ok is not None:
+        rows = slot_bans(tokenizer, slots_ok, vocab)
+        if rows is not None:
+            ban |= rows
+    return first, ban
+
+
 def generate_candidates(
     model: Any,
     tokenizer: Any,
@@ -440,16 +470,25 @@ def generate_candidates(
         banned_rows=None if slots_ok is None else slot_bans(
             tokenizer, slots_ok, int(model.get_input_embeddings().weight.shape[0])),
     )
+    return candidates_from(model, tokenizer, out, len(prompts), k, want_hidden)
+
+
+def candidates_from(model: Any, tokenizer: Any, out: DecodeOutput, n_prompts: int, k: int,
+                    want_hidden: bool = True) -> list[list[Candidate]]:
+    """The candidates of a decode (rows ``i*k .. i*k+k-1`` of prompt ``i``): text, style, CTR at EOS."""
+    sid = special_ids(tokenizer)
     ctr_p: list[float] | None = None
     feats: np.ndarray | None = None
-    if want_hidden and out.eos_hidden is not None:
+    hidden: np.ndarray | None = None
+    if want_hidden and out.eos_hidden is not None and _has_ctr(model):
+        hidden = out.eos_hidden.float().cpu().numpy()
         with torch.no_grad(), autocast_for(_model_device(model)):
-            logit, f = model.ctr_from_hidden(out.eos_hidden)
+            logit, f = model.ctr_from_hidden(out.eos_hidden.to(_model_device(model)))
         ctr_p = torch.sigmoid(logit.float()).tolist()
         feats = f.float().cpu().numpy()
     result: list[list[Candidate]] = []
     texts = tokenizer.batch_decode([t[1:] for t in out.tokens], skip_special_tokens=True)
-    for i in range(len(prompts)):
+    for i in range(n_prompts):
         group = []
         for j in range(k):
             r = i * k + j
@@ -461,6 +500,7 @@ def generate_candidates(
                     sample_logprob=out.sample_logprob[r], finished=out.finished[r],
                     ctr=None if ctr_p is None else ctr_p[r],
                     ctr_features=None if feats is None else feats[r],
+                    hidden=None if hidden is None else hidden[r],
                 )
             )
         result.append(group)

@@ -1,0 +1,334 @@
+"""Continuous (iteration-level) batching: requests join the running decode at the next step.
+
+The static engine (:mod:`engine.batching`) runs a batch from prefill to its last EOS; a request
+that arrives a step later waits for the whole batch, then for its own. :class:`ContinuousEngine`
+runs vLLM's engine loop on one thread that owns the model. Each iteration:
+
+1. **swap**: a new executor (hot reload) takes the admissions from now on; the rows already
+   decoding finish on the old one, stepped beside the new batch (nothing dropped, no pause).
+2. **admit**: queued requests whose deadline passed are answered ``DeadlineExceeded``; then up to
+   ``max_batch_size`` minus the running requests are taken, oldest first, prepared (prompt, bans,
+   style tilt), prefilled and added to the running batch (``models.continuous.ContinuousDecoder``).
+3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
+   ended is finished (CTR head, filter, policy) and answered at once.
+4. **deadlines**: a running request past its deadline is answered ``DeadlineExceeded`` (503) now
+   and its rows leave the batch; a cancelled one leaves too.
+
+The queue is bounded (``max_queue``: ``Overloaded`` at once). Isolation as in the static engine:
+a request that fails to prepare, to prefill or to finish fails alone; a step that fails (the whole
+running batch) reruns its requests one by one on the executor's static path, so one request's
+input cannot fail the others. ``timeout_ms`` is the deadline of the whole request (queue and
+decode), not only of its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+from engine.batching import (
+    BatchConfig,
+    BatchScheduler,
+    DeadlineExceeded,
+    EngineStats,
+    EngineStopped,
+    Job,
+    Overloaded,
+)
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+Req_contra = TypeVar("Req_contra", contravariant=True)
+
+
+class Decoder(Protocol):
+    """A running batch (``models.continuous.ContinuousDecoder``)."""
+
+    def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
+              ban: torch.Tensor) -> None: ...
+
+    def step(self) -> list[Any]: ...  # FinishedGroup (gid, ...)
+
+    def drop(self, gids: Sequence[int]) -> None: ...
+
+
+class ContinuousExecutor(Protocol[Req_contra, Res]):
+    """What the continuous engine needs of an executor (``engine.executor.StudentExecutor``)."""
+
+    version: str
+
+    def run(self, requests: Sequence[Req_contra]) -> list[Res]: ...
+
+    def decoder(self) -> Decoder: ...
+
+    def prepare(self, requests: Sequence[Req_contra]) -> tuple[list[Any], torch.Tensor, torch.Tensor]: ...
+
+    def finish(self, items: Sequence[tuple[Req_contra, Any, Any]]) -> list[Res]: ...
+
+
+@dataclass
+class _Running(Generic[Req, Res]):
+    job: Job[Req, Res]
+    prepared: Any
+
+
+@dataclass
+class _Session(Generic[Req, Res]):
+    """One running batch on one executor."""
+
+    executor: ContinuousExecutor[Req, Res]
+    decoder: Decoder
+    jobs: dict[int, _Running[Req, Res]] = field(default_factory=dict)
+
+
+class ContinuousEngine(Generic[Req, Res]):
+    """Same interface as :class:`engine.batching.BatchingEngine` (submit, stop, swap_executor, stats)."""
+
+    def __init__(
+        self,
+        executor: ContinuousExecutor[Req, Res],
+        cfg: BatchConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[int, float, str], None] | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg or BatchConfig()
+        self.scheduler: BatchScheduler[Req, Res] = BatchScheduler(self.cfg)
+        self.executor = executor
+        self._next_executor: ContinuousExecutor[Req, Res] | None = None
+        self.clock = clock
+        self.on_batch = on_batch
+        self.on_step = on_step  # after every step (tests: a fake clock)
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._sessions: list[_Session[Req, Res]] = []  # the last one takes admissions when on self.executor
+        self._gid = 0
+
+    @property
+    def version(self) -> str:
+        return self.executor.version
+
+    def start(self) -> ContinuousEngine[Req, Res]:
+        self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the queue drains and the running requests finish (accepted ones are answered)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def submit(self, request: Req, timeout_ms: float | None = None) -> Future[Res]:
+        now = self.clock()
+        t = self.cfg.default_timeout_ms if timeout_ms is None else timeout_ms
+        job: Job[Req, Res] = Job(request, now, now + t / 1000.0)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("engine is stopping")
+            try:
+                self.scheduler.submit(job)
+            except Overloaded:
+                self.stats.rejected += 1
+                raise
+            self._cond.notify()
+        return job.future
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler.queue)
+
+    def running(self) -> int:
+        """Requests decoding now."""
+        return sum(len(s.jobs) for s in self._sessions)
+
+    def swap_executor(self, executor: ContinuousExecutor[Req, Res]) -> None:
+        """Admit on ``executor`` from the next step on; rows already decoding finish on the old one."""
+        with self._cond:
+            self._next_executor = executor
+            self._cond.notify()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = self.clock()
+                expired: list[Job[Req, Res]] = []
+                while True:
+                    if self._next_executor is not None:
+                        old, self.executor, self._next_executor = self.executor, self._next_executor, None
+                        log.info("now admitting on %s (was %s)", self.executor.version, old.version)
+                    running = self.running()
+                    room = self.cfg.max_batch_size - running
+                    batch: list[Job[Req, Res]] = []
+                    if room > 0 and self.scheduler.queue:
+                        batch, gone = self._take(room, now)
+                        expired += gone
+                    if batch or expired or running:
+                        break
+                    if self._stopping and not self.scheduler.queue:
+                        return
+                    wait = self.scheduler.wait_time(now)
+                    self._cond.wait(timeout=None if wait is None else max(wait, 0.001))
+                    now = self.clock()
+                executor = self.executor
+            for job in expired:
+                self.stats.expired += 1
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            if batch:
+                self._admit(executor, batch)
+            for session in list(self._sessions):
+                self._step(session)
+            self._deadlines(self.clock())
+            self._sessions = [s for s in self._sessions if s.jobs or (s is self._sessions[-1]
+                                                                     and s.executor is self.executor)]
+            if self.on_step:
+                self.on_step()
+
+    def _take(self, room: int, now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]]]:
+        batch: list[Job[Req, Res]] = []
+        expired: list[Job[Req, Res]] = []
+        q = self.scheduler.queue
+        while q and len(batch) < room:
+            job = q.popleft()
+            if job.future.cancelled():
+                continue
+            (expired if job.deadline <= now else batch).append(job)
+        return batch, expired
+
+    def _session(self, executor: ContinuousExecutor[Req, Res]) -> _Session[Req, Res]:
+        if not self._sessions or self._sessions[-1].executor is not executor:
+            self._sessions.append(_Session(executor, executor.decoder()))
+        return self._sessions[-1]
+
+    def _admit(self, executor: ContinuousExecutor[Req, Res], batch: list[Job[Req, Res]]) -> None:
+        if not getattr(executor, "supports_continuous", True):  # e.g. a non-GPT-2 model hot-swapped in
+            try:
+                results = executor.run([j.request for j in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"executor returned {len(results)} results for {len(batch)} requests")
+            except Exception:
+                for job in batch:
+                    self._run_alone(executor, job)
+                return
+            for job, res in zip(batch, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(res)
+                self.stats.requests += 1
+            return
+        try:
+            session = self._session(executor)
+        except Exception as exc:
+            log.exception("no decoder on %s", executor.version)
+            for job in batch:
+                self._fail(job, exc)
+            return
+        try:
+            self._admit_into(session, batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("request failed to start on %s", executor.version)
+                self._fail(batch[0], exc)
+                return
+            log.warning("admitting %d requests failed on %s (%s: %s); admitting them one by one", len(batch),
+                        executor.version, type(exc).__name__, exc)
+            self.stats.failed_batches += 1
+            for job in batch:
+                self._admit(executor, [job])
+
+    def _admit_into(self, session: _Session[Req, Res], batch: list[Job[Req, Res]]) -> None:
+        prepared, first, ban = session.executor.prepare([j.request for j in batch])
+        gids = list(range(self._gid, self._gid + len(batch)))
+        session.decoder.admit(gids, [p.ids for p in prepared], first, ban)
+        self._gid += len(batch)
+        for gid, job, p in zip(gids, batch, prepared, strict=True):
+            session.jobs[gid] = _Running(job, p)
+
+    def _step(self, session: _Session[Req, Res]) -> None:
+        if not session.jobs:
+            return
+        started = self.clock()
+        n = len(session.jobs)
+        try:
+            finished = session.decoder.step()
+        except Exception as exc:
+            # the running batch is lost: its requests run again one by one on the static path
+            self.stats.failed_batches += 1
+            log.warning("a step of %d requests failed on %s (%s: %s); running them one by one", n,
+                        session.executor.version, type(exc).__name__, exc)
+            jobs = [r.job for r in session.jobs.values()]
+            session.jobs.clear()
+            if session in self._sessions:
+                self._sessions.remove(session)
+            for job in jobs:
+                self._run_alone(session.executor, job)
+            return
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(n)
+        done = [(session.jobs.pop(g.gid), g) for g in finished if g.gid in session.jobs]
+        if done:
+            self._finish(session.executor, done)
+        if self.on_batch:
+            self.on_batch(n, self.clock() - started, session.executor.version)
+
+    def _finish(self, executor: ContinuousExecutor[Req, Res], done: list[tuple[_Running[Req, Res], Any]]) -> None:
+        try:
+            results = executor.finish([(r.job.request, r.prepared, g) for r, g in done])
+            if len(results) != len(done):
+                raise RuntimeError(f"executor finished {len(results)} of {len(done)} requests")
+        except Exception as exc:
+            if len(done) == 1:
+                log.exception("request failed on %s", executor.version)
+                self._fail(done[0][0].job, exc)
+                return
+            for item in done:
+                self._finish(executor, [item])
+            return
+        for (r, _), res in zip(done, results, strict=True):
+            if not r.job.future.done():
+                r.job.future.set_result(res)
+            self.stats.requests += 1
+
+    def _run_alone(self, executor: ContinuousExecutor[Req, Res], job: Job[Req, Res]) -> None:
+        if job.future.done():
+            return
+        try:
+            res = executor.run([job.request])
+            if len(res) != 1:
+                raise RuntimeError(f"executor returned {len(res)} results for 1 request")
+        except Exception as exc:
+            log.exception("request failed on %s", executor.version)
+            self._fail(job, exc)
+            return
+        job.future.set_result(res[0])
+        self.stats.requests += 1
+
+    def _deadlines(self, now: float) -> None:
+        for session in self._sessions:
+            late = [g for g, r in session.jobs.items() if r.job.deadline <= now or r.job.future.cancelled()]
+            if not late:
+                continue
+            session.decoder.drop(late)
+            for g in late:
+                job = session.jobs.pop(g).job
+                if not job.future.done():
+                    self.stats.expired += 1
+                    job.future.set_exception(DeadlineExceeded("deadline passed during generation"))
+
+    @staticmethod
+    def _fail(job: Job[Req, Res], exc: BaseException) -> None:
+        if not job.future.done():
+            job.future.set_exception(exc)
