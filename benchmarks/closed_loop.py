@@ -6,9 +6,11 @@
 Shoppers of the default hidden population (livecopy/sim/default_population.yaml) browse, see
 copy, click with the hidden model's probability. Per impression the student's candidates (K=4
 drawn from a pooled sample per product x persona bucket x slot) are offered to four policies:
-random, static (shipped CTR head, Thompson), online (a CTR head re-fitted on the clicks of what
-it showed), oracle (best candidate under the hidden model). The online policy's copy is the one
-shown; the others are scored by the expected hidden CTR of their choice on the same impression.
+random, static (shipped CTR head, Thompson), online (the versions the online trainer publishes:
+`models.training.online.OnlineTrainer` with the trainer worker's settings and gate, fed the
+feedback records of what it showed), oracle (best candidate under the hidden model). The online
+policy's copy is the one shown; the others are scored by the expected hidden CTR of their choice
+on the same impression.
 Prints the CTR of each policy over the last 20% of the run, online/static and the share of the
 static->oracle gap the online policy recovers. In-process (no Kafka): see docs/demo.md for the
 real-service demo.
@@ -38,13 +40,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--k", type=int, default=4, help="Candidates per impression.")
     ap.add_argument("--per-style", type=int, default=2, help="Copies sampled per style and pool key.")
-    ap.add_argument("--style-temperature", type=float, default=0.3,
-                    help="Online style policy: p0(style) * exp(Q / this); smaller moves further from the prior.")
+    ap.add_argument("--style-temperature", type=float, default=None,
+                    help="The trainer's style policy: p0(style) * exp(Q / this) (default: trainer.style_temperature).")
     ap.add_argument("--user-styles", type=float, default=None,
                     help="Prior strength of each shopper's style response learnt by the online policy "
                          "(engine.policy.StyleResponse); default: the copy service's "
                          "generation.style_response_strength (3); 0: off (the CTR head alone).")
-    ap.add_argument("--update-every", type=int, default=2000, help="Feedback records between online updates.")
+    ap.add_argument("--update-every", type=int, default=None,
+                    help="Feedback records between the trainer's refits (default: trainer.refit_every).")
     ap.add_argument("--window", type=int, default=0, help="Plot window (default: impressions / 50).")
     ap.add_argument("--student", default=None, help="Student checkpoint (default: the shipped one).")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
@@ -52,20 +55,25 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--json", default=None, help="Write the summary JSON here.")
     args = ap.parse_args(argv)
 
+    import tempfile
+
     import torch
+    from transformers.utils import logging as hf_logging
 
     from core.catalog import Catalog
-    from core.settings import CopySettings, ResponseSettings
-    from livecopy.sim.arms import ARMS, EXTRA_ARMS, ClosedLoopArms, HeadLearner, ProfileBook
+    from core.settings import CopySettings, ResponseSettings, TrainerSettings
+    from livecopy.sim.arms import ARMS, EXTRA_ARMS, ClosedLoopArms, ProfileBook
     from livecopy.sim.population import Population, load_population
     from livecopy.sim.report import plot, summary, table, version_changes
     from livecopy.sim.shoppers import ShopperSim, run_sessions
     from models.paths import shipped_student_dir
     from models.student import load_student
+    from models.training.online import OnlineTrainer
 
     if args.user_styles is None:
         args.user_styles = CopySettings().style_response_strength
     responses = ResponseSettings()  # how `livecopy worker responses` ages the evidence
+    hf_logging.disable_progress_bar()  # a version loaded and saved per refit
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -77,11 +85,19 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     pop = Population.build(cfg, catalog)
     student = load_student(args.student or shipped_student_dir(), device="cpu")
     book = ProfileBook(pop.catalog)
-    learner = HeadLearner(student.model.ctr_head, update_every=args.update_every, seed=args.seed)
-    arms = ClosedLoopArms(student, book, cfg, k=args.k, per_style=args.per_style, seed=args.seed,
-                          learner=learner, style_temperature=args.style_temperature,
-                          user_style_strength=args.user_styles,
-                          user_style_half_life_ms=responses.half_life_ms)
+    # The trainer worker's class with its default settings; its registry in a temp dir.
+    registry = tempfile.TemporaryDirectory(prefix="livecopy-closed-loop-")
+    over: dict[str, object] = {"registry_dir": Path(registry.name)}
+    if args.update_every is not None:
+        over["refit_every"] = args.update_every
+    if args.style_temperature is not None:
+        over["style_temperature"] = args.style_temperature
+    tcfg = TrainerSettings().model_copy(update=over)
+    trainer = OnlineTrainer(args.student or shipped_student_dir(), tcfg, seed=args.seed)
+    copy_cfg = CopySettings()
+    arms = ClosedLoopArms(student, book, cfg, trainer, k=args.k, per_style=args.per_style, seed=args.seed,
+                          user_style_strength=args.user_styles, user_style_half_life_ms=responses.half_life_ms,
+                          user_style_temperature=copy_cfg.style_response_temperature)
     sim = ShopperSim(pop, seed=args.seed)
 
     t0 = time.monotonic()
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             w = arms.stats
             print(f"  {n:>7,} impressions  {now - t0:6.0f} s  pools {len(arms.pools):,} ({arms.generated:,} copies)  "
                   + "  ".join(f"{a} {w.ctr(a, n - 10_000):.4f}" for a in ARMS)
-                  + f"  [{learner.version}]", flush=True)
+                  + f"  [{arms.served.version}, {len(arms.versions) - 1} versions]", flush=True)
             last[0] = now
 
     shown = run_sessions(sim, arms, book.apply, impressions=args.impressions, concurrency=64, on_outcome=progress)
@@ -111,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "seed": args.seed, "population": cfg.name,
         "catalog_file": args.catalog_file, "users": cfg.users, "catalog": cfg.catalog_size, "k": args.k,
         "per_style": args.per_style,
-        "style_temperature": args.style_temperature, "update_every": args.update_every,
+        "trainer_mode": tcfg.mode, "style_temperature": tcfg.style_temperature, "refit_every": tcfg.refit_every,
         "user_style_strength": args.user_styles, "user_style_half_life_days": responses.half_life_days,
-        "online_versions": learner.updates,
+        "online_versions": len(arms.versions) - 1, "trainer_refits": trainer.refits,
         "pool_keys": len(arms.pools), "copies_generated": arms.generated, "seconds": round(elapsed, 1),
         "student_version": student.meta.version,
         "style_share_last": {a: {k: v / max(1, sum(st.styles[a].values())) for k, v in st.styles[a].items()}
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"online realised CTR (clicks / impressions shown) over the last 20%: {s['online_realised_ctr_last']:.4f}")
     s["simulated_days"] = max(0, sim_span[1] - sim_span[0]) / 86_400_000
     print(f"{shown:,} impressions in {elapsed:.0f} s ({s['simulated_days']:.1f} simulated days); "
-          f"{learner.updates} online versions; "
+          f"{len(arms.versions) - 1} versions published by the online trainer ({trainer.refits} refits gated); "
           f"{len(arms.pools):,} pool keys, {arms.generated:,} copies generated by student {student.meta.version}")
     ro = st.ctr("rerank_only", s["tail_from"])
     print(f"diagnostic: online CTR head re-ranking the static candidates only: {ro:.4f} "

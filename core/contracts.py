@@ -8,10 +8,11 @@ milliseconds (`Event.ts`), whichever of the two allowed forms arrived.
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -175,6 +176,30 @@ class Event(BaseModel):
         return d
 
 
+class Embedding(BaseModel):
+    """The trunk's hidden state at the copy's EOS, as the generator computed it when it scored the copy
+    (float16, base64): the online trainer's CTR-head refit reads it instead of re-running the trunk.
+    ``trunk``: the version whose trunk weights produced it (head-only versions keep their parent's)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    trunk: str
+    dtype: Literal["float16"] = "float16"
+    data: Annotated[str, StringConstraints(max_length=16_384)]
+
+    @classmethod
+    def pack(cls, vector: Any, trunk: str) -> Embedding:
+        import numpy as np
+
+        return cls(trunk=trunk, data=base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode("ascii"))
+
+    def vector(self) -> Any:
+        """The vector as float32 (numpy)."""
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(self.data), dtype="<f2").astype(np.float32)
+
+
 class GeneratedCopy(BaseModel):
     """`livecopy.copy` record and the body of `GET /v1/copy`."""
 
@@ -195,6 +220,7 @@ class GeneratedCopy(BaseModel):
     style: str | None = None
     features: dict[str, Any] | None = None
     template: Annotated[str, StringConstraints(max_length=MAX_COPY_CHARS)] | None = None  # slotted form of text
+    embedding: Embedding | None = None  # internal: kept with the copy for the trainer, never in an HTTP answer
 
 
 class FeedbackRecord(BaseModel):
@@ -219,6 +245,7 @@ class FeedbackRecord(BaseModel):
     style: str | None = None
     template: str | None = None  # the copy's slotted form (what a slotted model learns from)
     slot: str | None = None
+    embedding: Embedding | None = None  # the trunk's hidden state at EOS when the copy was scored
 
 
 class Profile(BaseModel):

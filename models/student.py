@@ -32,7 +32,7 @@ from models.paths import shipped_student_dir
 
 __all__ = [
     "META_FILE", "CTRHead", "LoadedStudent", "ModelMeta", "StudentConfig", "StudentModel", "StudentOutput",
-    "load_student", "save_student", "shipped_student_dir",
+    "load_student", "save_student", "shipped_student_dir", "trunk_of",
 ]
 
 META_FILE = "livecopy.json"
@@ -224,6 +224,12 @@ class ModelMeta:
         tmp = p.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, p)
+
+
+def trunk_of(meta: ModelMeta) -> str:
+    """The version whose trunk (everything but the CTR head and the style policy) this checkpoint
+    carries: its own, or for a version the online trainer refitted heads-only, its ancestor's."""
+    return str(meta.training.get("trunk") or meta.version)
 
 
 @dataclass

@@ -7,15 +7,18 @@ Every impression is answered by all four policies at once, on the same candidate
   CTR head (static or updated) can re-score them without running the trunk; each impression draws
   ``k`` of them (as the copy service samples K candidates per request);
 * ``random`` picks one uniformly, ``static`` picks with the shipped CTR head and its Thompson
-  posterior (:class:`engine.policy.Chooser`), ``online`` picks with a CTR head that keeps learning
-  from the clicks on what it showed (:class:`HeadLearner`) and with each shopper's style response
-  (:class:`engine.policy.StyleResponse`, as the copy service does), ``oracle`` picks the best
-  candidate under the hidden click model (only the simulator knows it).
+  posterior (:class:`engine.policy.Chooser`), ``online`` serves the version the online trainer
+  last published -- :class:`models.training.online.OnlineTrainer`, the class, settings and gate
+  `livecopy worker trainer` runs, fed the feedback records the joiner would write -- with its CTR
+  head, posterior and style policy, loaded from the registry as the generator loads them, and each
+  shopper's style response (:class:`core.styles.StyleResponse`, as the copy service does);
+  ``oracle`` picks the best candidate under the hidden click model (only the simulator knows it).
 
 Only the online policy's copy is *shown*: the shopper clicks (or not) on it, its events flow on,
-and the learner trains on it. The other policies are scored counterfactually with the expected
-hidden CTR of what they would have shown (no sampling noise, same impressions). The learner never
-sees the hidden model: only (features of the shown copy, clicked, propensity).
+and the trainer learns from its feedback record. The other policies are scored counterfactually
+with the expected hidden CTR of what they would have shown (no sampling noise, same impressions).
+The trainer never sees the hidden model: only feedback records (features, copy, style, clicked,
+propensity, and the trunk's embedding the generator logs with each copy).
 
 Pooling is the speed trade-off that makes 100,000+ impressions feasible on two CPU cores: the
 student writes copy for a representative shopper of each bucket (the first one seen), not for
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,18 +39,20 @@ import numpy as np
 import torch
 
 from core.catalog import Catalog
-from core.contracts import Event
+from core.contracts import Embedding, Event, FeedbackRecord, format_ts
 from core.settings import ProfileSettings
 from core.styles import STYLES, StyleResponse, classify_style
-from engine.executor import StudentExecutor
+from engine.executor import StudentExecutor, _posterior_for
 from engine.policy import Chooser, Posterior
 from livecopy.sim.population import PopulationConfig, click_probability
 from livecopy.sim.shoppers import CopyAsk, ShownCopy
 from models.generate import _banned_after_first, decode, slot_bans, style_distribution
 from models.sequences import encode_text, special_ids
-from models.student import LoadedStudent
+from models.student import LoadedStudent, load_student, trunk_of
+from models.style_policy import StylePolicy
 from models.text.context import CopyContext, build_prompt, context_from_profile
 from models.text.slots import available
+from models.training.online import OnlineTrainer
 from stream.profile.logic import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
@@ -88,6 +92,7 @@ class Pooled:
     texts, styles, hidden states at EOS (n, d), filter verdicts, and the student's p(style | prompt)."""
 
     texts: list[str]
+    templates: list[str]  # the slotted copies the texts were filled from (what the generator logs)
     styles: list[str]  # the style token each copy was written under
     seen: list[str]  # the style a reader sees in the text (core.styles.classify_style)
     hidden: np.ndarray
@@ -146,7 +151,7 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
         ok = np.array([bool(t) and res.ok for t, res in rendered], dtype=bool)
         d = {k: v for k, v in dists[i].items() if v >= min_style_p}
         z = sum(d.values())
-        pools.append(Pooled(tx, written, [classify_style(t) for t in tx], hidden[idx], ok,
+        pools.append(Pooled(tx, [texts[j] for j in idx], written, [classify_style(t) for t in tx], hidden[idx], ok,
                             {k: v / z for k, v in d.items()}, version))
     return pools
 
@@ -170,63 +175,15 @@ class CtrHeadScorer:
         return torch.sigmoid(logit).double().numpy(), f.double().numpy()
 
 
-class HeadLearner:
-    """The minimal online learner: re-fits the CTR head on the feedback of what it showed
-    (hidden state at EOS, clicked), every ``update_every`` impressions, on a sliding window;
-    the Thompson posterior's precision is the Laplace one of the window. The trunk and the
-    language model stay frozen, so the candidates do not change (only which one is chosen)."""
+class ServedVersion:
+    """What the generator serves of a version: its CTR head and Thompson posterior, its style policy,
+    loaded from the checkpoint with the copy service's own loaders."""
 
-    def __init__(self, head: torch.nn.Module, *, update_every: int = 2000, window: int = 40_000, epochs: int = 3,
-                 lr: float = 3e-3, batch: int = 256, seed: int = 0, prior_std: float = 0.1) -> None:
-        self.scorer = CtrHeadScorer(copy.deepcopy(head), prior_std=prior_std)
-        self.update_every = update_every
-        self.window = window
-        self.epochs = epochs
-        self.lr = lr
-        self.batch = batch
-        self.gen = torch.Generator().manual_seed(seed)
-        self.hidden: deque[np.ndarray] = deque(maxlen=window)  # the sliding window of feedback
-        self.clicked: deque[float] = deque(maxlen=window)
-        self.pending = 0
-        self.updates = 0
-
-    @property
-    def version(self) -> str:
-        return f"online-{self.updates}"
-
-    def observe(self, hidden: np.ndarray, clicked: bool) -> bool:
-        """Log one feedback record; returns True when this triggered an update (a new version)."""
-        self.hidden.append(hidden.astype(np.float32))
-        self.clicked.append(1.0 if clicked else 0.0)
-        self.pending += 1
-        if self.pending >= self.update_every:
-            self.fit()
-            return True
-        return False
-
-    def fit(self) -> None:
-        self.pending = 0
-        x = torch.from_numpy(np.stack(self.hidden))
-        y = torch.tensor(self.clicked)
-        head = self.scorer.head
-        head.train()
-        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=1e-4)
-        n = len(y)
-        for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=self.gen)
-            for i in range(0, n, self.batch):
-                idx = perm[i : i + self.batch]
-                logit, _ = head(x[idx])
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        head.eval()
-        post = self.scorer._prior()
-        probs, feats = self.scorer.score(x.numpy())
-        post.observe(feats, probs)
-        self.scorer.posterior = post
-        self.updates += 1
+    def __init__(self, student: LoadedStudent) -> None:
+        self.version = student.meta.version
+        self.trunk = trunk_of(student.meta)
+        self.scorer = CtrHeadScorer(student.model.ctr_head, _posterior_for(student))
+        self.style_policy = StylePolicy.load(student.path) if student.path is not None else None
 
 
 @dataclass
@@ -263,24 +220,22 @@ class ArmStats:
 
 
 class ClosedLoopArms:
-    """The copy source of the closed-loop benchmark: answers asks with the online policy's copy
-    and records what every policy would have earned.
+    """The copy source of the closed-loop benchmark: answers asks with the online policy's copy,
+    records what every policy would have earned, and feeds the online trainer.
 
     Candidates: ``k`` per impression, drawn the way the student samples them -- a style from
     p(style | prompt), then a copy written under it. ``static`` and ``random`` draw with the
-    shipped student's p(style | prompt); ``online`` draws with the online style policy
-    p0(style | prompt) * exp(Q(style) / style_temperature) (normalised), where Q is the mean
-    log-CTR its current CTR head predicts for that style's copies -- the closed form of a
-    KL-anchored policy improvement of the style token, i.e. what the trainer's click-weighted
-    likelihood moves the language model towards. ``oracle`` picks the best eligible copy of the
-    whole pool under the hidden model (the ceiling for anything choosing among these copies);
-    ``rerank_only`` (diagnostic) is the online CTR head choosing among the static candidates.
+    shipped student's p(style | prompt); ``online`` draws with it tilted as the copy service tilts
+    the style tokens: by the served version's style policy and the shopper's style response.
+    ``oracle`` picks the best eligible copy of the whole pool under the hidden model (the ceiling
+    for anything choosing among these copies); ``rerank_only`` (diagnostic) is the served CTR head
+    choosing among the static candidates.
     """
 
-    def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, *, k: int = 4,
-                 per_style: int = 2, seed: int = 0, learner: HeadLearner | None = None, gen_batch: int = 32,
-                 max_new_tokens: int = 40, style_temperature: float = 0.3,
-                 user_style_strength: float = 0.0, user_style_half_life_ms: float = 0.0) -> None:
+    def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, trainer: OnlineTrainer,
+                 *, k: int = 4, per_style: int = 2, seed: int = 0, gen_batch: int = 32, max_new_tokens: int = 40,
+                 user_style_strength: float = 0.0, user_style_half_life_ms: float = 0.0,
+                 user_style_temperature: float = 0.3, feedback_batch: int = 128) -> None:
         self.student = student
         self.book = book
         self.pop_cfg = pop_cfg
@@ -290,23 +245,25 @@ class ClosedLoopArms:
         self.seed = seed
         self.gen_batch = gen_batch
         self.max_new_tokens = max_new_tokens
-        self.style_temperature = style_temperature
-        # > 0: the online policy also learns each shopper's response to copy styles (StyleResponse)
+        # > 0: the online policy also uses each shopper's response to copy styles (StyleResponse)
         self.user_style_strength = user_style_strength
         self.user_style_half_life_ms = user_style_half_life_ms  # as `livecopy worker responses` ages them
+        self.user_style_temperature = user_style_temperature  # as the copy service tilts the style tokens
         self.responses: dict[str, StyleResponse] = {}
         self.static = CtrHeadScorer(copy.deepcopy(student.model.ctr_head))
-        self.learner = learner or HeadLearner(student.model.ctr_head, seed=seed)
+        self.trainer = trainer
+        self.served = ServedVersion(student)
+        self.versions: list[str] = [self.served.version]
+        self.feedback_batch = feedback_batch  # records per trainer.update (what one poll of the worker takes)
+        self._records: list[FeedbackRecord] = []
         self.thompson = Chooser("thompson", mc_draws=20)
         self.pools: dict[tuple[str, ...], Pooled] = {}
         self.stats = ArmStats()
         self.generated = 0
-        self._shown: dict[int, tuple[np.ndarray, str, str, float]] = {}  # hidden, user, style, score
-        # CTR-head scores of each pool: the static head never changes, the online one only when the
-        # learner updates (scores are cached per learner version)
+        self._shown: dict[int, FeedbackRecord] = {}
+        # CTR-head scores of each pool: the static head never changes, the served one per version
         self._static_scores: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._online_scores: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
-        self._online_scored_at = self.learner.updates
 
     def _ensure_pools(self, ctxs: Sequence[CopyContext]) -> None:
         missing: dict[tuple[str, ...], CopyContext] = {}
@@ -332,28 +289,29 @@ class ClosedLoopArms:
         picks = self.rng.choice(len(names), size=self.k, p=w)
         return np.array([int(self.rng.choice(pool.groups[names[j]])) for j in picks])
 
-    def online_style_p(self, pool: Pooled, scores: np.ndarray, offsets: np.ndarray | None = None) -> dict[str, float]:
-        logs = np.log(np.clip(scores, 1e-6, 1.0))
-        if offsets is not None:  # the shopper's own style response (log multipliers per copy)
-            logs = logs + offsets
-        q = {st: float(np.mean(logs[ix])) for st, ix in pool.groups.items()}
-        top = max(q.values())
-        w = {st: pool.style_p.get(st, 0.0) * math.exp((q[st] - top) / self.style_temperature) for st in q}
+    def online_style_p(self, pool: Pooled, ctx: CopyContext, factors: np.ndarray | None) -> dict[str, float]:
+        """The student's p(style | prompt) with the logits the copy service adds to the style tokens:
+        the served style policy's, and the shopper's style response (first draw / temperature)."""
+        bias = self.served.style_policy.bias(ctx) if self.served.style_policy is not None else {}
+        if factors is not None:
+            for st, v in zip(STYLES, factors[0], strict=True):
+                bias[st] = bias.get(st, 0.0) + float(v) / self.user_style_temperature
+        if not bias:
+            return pool.style_p
+        top = max(bias.get(st, 0.0) for st in pool.style_p)
+        w = {st: p * math.exp(bias.get(st, 0.0) - top) for st, p in pool.style_p.items()}
         z = sum(w.values()) or 1.0
         return {st: v / z for st, v in w.items()}
 
     def _scores(self, key: tuple[str, ...], pool: Pooled) -> tuple[tuple[np.ndarray, np.ndarray],
                                                                      tuple[np.ndarray, np.ndarray]]:
-        """(static, online) CTR-head (scores, features) of ``pool``, each computed once per head version."""
-        if self._online_scored_at != self.learner.updates:
-            self._online_scores.clear()
-            self._online_scored_at = self.learner.updates
+        """(static, served) CTR-head (scores, features) of ``pool``, each computed once per head version."""
         s = self._static_scores.get(key)
         if s is None:
             s = self._static_scores[key] = self.static.score(pool.hidden)
         o = self._online_scores.get(key)
         if o is None:
-            o = self._online_scores[key] = self.learner.scorer.score(pool.hidden)
+            o = self._online_scores[key] = self.served.scorer.score(pool.hidden)
         return s, o
 
     def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
@@ -367,49 +325,77 @@ class ClosedLoopArms:
                                for t, st in zip(pool.texts, pool.seen, strict=True)])
             (s_scores, s_feats), (o_scores, o_feats) = self._scores(key, pool)
             s_idx = self._draw(pool, pool.style_p)
-            offsets = self._user_offsets(ask.shopper.user_id, pool, ask.ts_ms)
-            o_idx = self._draw(pool, self.online_style_p(pool, o_scores, None if offsets is None else offsets[0]))
-            o_off = None if offsets is None else offsets[:, o_idx]
+            factors = self._user_factors(ask.shopper.user_id, ask.ts_ms)
+            o_idx = self._draw(pool, self.online_style_p(pool, ctx, factors))
+            o_off = None if factors is None else factors[:, [_STYLE_INDEX[pool.styles[i]] for i in o_idx]]
             eligible = np.concatenate(list(pool.groups.values()))
-            post_s, post_o = self.static.posterior, self.learner.scorer.posterior
+            post_s, post_o = self.static.posterior, self.served.scorer.posterior
+            online = self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng, offsets=o_off)
             picks = {
                 "random": int(s_idx[self.rng.integers(len(s_idx))]),
                 "static": int(s_idx[self.thompson.choose(s_feats[s_idx], s_scores[s_idx], post_s, self.rng).index]),
-                "online": int(o_idx[self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng,
-                                                         offsets=o_off).index]),
+                "online": int(o_idx[online.index]),
                 "oracle": int(eligible[np.argmax(p_true[eligible])]),
                 "rerank_only": int(s_idx[self.thompson.choose(o_feats[s_idx], o_scores[s_idx], post_o,
                                                               self.rng).index]),
             }
             j = picks["online"]
-            out.append(ShownCopy(
-                copy_id=f"c-sim-{ask.seq}", text=pool.texts[j], model_version=self.learner.version,
+            shown = ShownCopy(
+                copy_id=f"c-sim-{ask.seq}", text=pool.texts[j], model_version=self.served.version,
                 policy="thompson", style=pool.seen[j], arm_p={a: float(p_true[i]) for a, i in picks.items()},
                 arm_style={a: pool.seen[i] for a, i in picks.items()},
-            ))
-            # the style response is kept per style *token* (what the copy service knows of a copy)
-            self._shown[ask.seq] = (pool.hidden[j], ask.shopper.user_id, pool.styles[j], float(o_scores[j]))
+            )
+            out.append(shown)
+            # the record the joiner would write for this impression (clicked is set on feedback)
+            self._shown[ask.seq] = FeedbackRecord(
+                impression_id=f"i-sim-{ask.seq}", copy_id=shown.copy_id, user_id=ask.shopper.user_id,
+                product_id=ask.product.product_id, model_version=self.served.version, text=pool.texts[j],
+                clicked=False, impression_ts=format_ts(ask.ts_ms), features=ctx.features(),
+                model=self.student.meta.name, policy="thompson", propensity=online.propensity,
+                score=float(o_scores[j]), style=pool.styles[j], template=pool.templates[j], slot=ask.slot,
+                embedding=Embedding.pack(pool.hidden[j], self.served.trunk),
+            )
         return out
 
-    def _user_offsets(self, user_id: str, pool: Pooled, now_ms: int) -> np.ndarray | None:
-        """(draws, pool size) logit offsets from the shopper's style response, one Thompson
-        sample per draw (row 0 also tilts the style draw); None when not learning them."""
+    def _user_factors(self, user_id: str, now_ms: int) -> np.ndarray | None:
+        """(draws, len(STYLES)) log multipliers of the shopper's style response, one Thompson sample
+        per draw (row 0 also tilts the style draw); None when not used."""
         if self.user_style_strength <= 0:
             return None
         resp = self.responses.get(user_id)
         if resp is None:
             return None
         resp = resp.aged(now_ms, self.user_style_half_life_ms)  # as the copy service reads it
-        lf = resp.log_factors(list(STYLES), self.user_style_strength, self.rng, self.thompson.mc_draws + 1)
-        return lf[:, [_STYLE_INDEX[st] for st in pool.styles]]
+        return resp.log_factors(list(STYLES), self.user_style_strength, self.rng, self.thompson.mc_draws + 1)
 
     def feedback(self, ask: CopyAsk, shown: ShownCopy) -> None:
-        """The outcome of one impression: statistics, and the learner's feedback record."""
+        """The outcome of one impression: statistics, the shopper's style response, and the trainer's record."""
         assert shown.arm_p is not None and shown.arm_style is not None
         self.stats.add(shown.arm_p, shown.clicked, shown.model_version, shown.arm_style)
-        hidden, user, style, score = self._shown.pop(ask.seq)
-        if self.user_style_strength > 0:
-            resp = self.responses.setdefault(user, StyleResponse.empty())
+        rec = self._shown.pop(ask.seq).model_copy(update={"clicked": shown.clicked})
+        if self.user_style_strength > 0:  # as `livecopy worker responses` keeps it
+            resp = self.responses.setdefault(rec.user_id, StyleResponse.empty())
             resp.decay_to(ask.ts_ms, self.user_style_half_life_ms)
-            resp.observe(style, score, shown.clicked)
-        self.learner.observe(hidden, shown.clicked)
+            resp.observe(str(rec.style), float(rec.score or 0.0), shown.clicked)
+        self._records.append(rec)
+        if len(self._records) >= self.feedback_batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the pending records to the trainer (one poll's worth), then publish and swap as the
+        trainer worker and the generator would."""
+        recs, self._records = self._records, []
+        if recs:
+            self.trainer.update(recs)
+        mv = self.trainer.maybe_publish()
+        if mv is None:
+            return
+        student = load_student(mv.path, device="cpu")
+        served = ServedVersion(student)
+        if served.trunk != self.served.trunk:  # a full fine-tune: new copies from the new student
+            self.student = student
+            self.pools.clear()
+            self._static_scores.clear()
+        self.served = served
+        self._online_scores.clear()
+        self.versions.append(served.version)

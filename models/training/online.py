@@ -9,6 +9,14 @@ API (used by ``livecopy worker trainer``, the tests and benchmarks/trainer.py)::
     trainer.serving_version                # the version last published (or loaded)
     trainer.last_eval                      # EvalReport of the last evaluation (why it did or did not publish)
 
+Two modes (``trainer.mode``). ``head`` (the default, seconds on a CPU): every ``refit_every``
+records, the CTR head is refitted on the newest ``window`` training rows from the trunk's
+embedding at EOS that the generator logged with each copy (recomputed when absent or from another
+trunk), its Thompson posterior is the Laplace one of that window, and the style policy
+(:class:`models.style_policy.StylePolicy`) is fitted to the refitted head's log-CTR of each shown
+copy; the candidate is gated like a full one (held-out log-loss, KL of p(style), SNIPS) and a
+version keeps its parent's trunk (``training.trunk``). ``full``: the gradient fine-tune below.
+
 Start: the registry's current version when there is one (a restarted trainer resumes from what
 serves), else ``student_dir`` (default ``cfg.base_dir``, else the shipped student) is imported as
 the first version.
@@ -44,10 +52,11 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from core.contracts import FeedbackRecord, ModelVersion
@@ -55,10 +64,20 @@ from core.settings import TrainerSettings
 from core.styles import STYLES, classify_style
 from models.generate import score_ctr, style_distribution
 from models.paths import shipped_student_dir
+from models.posterior import Posterior
 from models.registry import Registry
 from models.sequences import encode_pairs
-from models.student import ModelMeta, StudentModel, load_student, new_version, resolve_device, save_student
-from models.text.context import build_prompt, context_from_features
+from models.student import (
+    ModelMeta,
+    StudentModel,
+    load_student,
+    new_version,
+    resolve_device,
+    save_student,
+    trunk_of,
+)
+from models.style_policy import StylePolicy
+from models.text.context import CopyContext, build_prompt, context_from_features
 from models.training.common import auc
 from models.training.losses import ctr_loss, kd_loss
 from models.training.offpolicy import OffPolicyEstimate, estimate
@@ -77,18 +96,36 @@ class TrainRow:
     style: str
     clicked: bool
     propensity: float | None
+    ctx: CopyContext | None = None
+    embedding: np.ndarray | None = None  # the trunk's hidden state at EOS (head mode)
+    trunk: str | None = None  # the trunk that embedding came from
 
 
 def row_of(rec: FeedbackRecord) -> TrainRow | None:
     """The training row of a feedback record; None when its features cannot rebuild the prompt."""
     try:
-        prompt = build_prompt(context_from_features(rec.features))
+        ctx = context_from_features(rec.features)
+        prompt = build_prompt(ctx)
     except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):  # e.g. int(inf) from a 1e400
         return None
     style = rec.style if rec.style in STYLES else classify_style(rec.text)
     p = rec.propensity
+    emb: np.ndarray | None = None
+    if rec.embedding is not None:
+        try:
+            emb = rec.embedding.vector()
+        except ValueError:  # not base64 of float16: recomputed
+            emb = None
+        if emb is not None and not np.all(np.isfinite(emb)):
+            emb = None
     return TrainRow(rec.impression_id, prompt, rec.template or rec.text, style, rec.clicked,
-                    p if p is not None and 0.0 < p <= 1.0 else None)
+                    p if p is not None and 0.0 < p <= 1.0 else None, ctx, emb,
+                    rec.embedding.trunk if emb is not None and rec.embedding is not None else None)
+
+
+def _vec(row: TrainRow) -> np.ndarray:
+    assert row.embedding is not None
+    return row.embedding
 
 
 def is_heldout(impression_id: str, fraction: float) -> bool:
@@ -174,6 +211,11 @@ class OnlineTrainer:
         self.records_trained = 0
         self.last_eval: EvalReport | None = None
         self.published: list[ModelVersion] = []
+        # head mode: the training window, and the refitted (CTR head, posterior, style policy) awaiting the gate
+        self._window: deque[TrainRow] = deque(maxlen=cfg.window)
+        self._since_refit = 0
+        self.refits = 0
+        self._candidate: tuple[torch.nn.Module, Posterior, StylePolicy] | None = None
 
     # -- state -----------------------------------------------------------------------------------
     def _load(self, version: str) -> None:
@@ -187,6 +229,12 @@ class OnlineTrainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         self._serving_cache: dict[str, float] = {}  # impression_id -> the serving version's CTR probability
         self.steps_since_eval = 0
+        path = self.registry.path_of(version)
+        self.trunk = trunk_of(self.meta)
+        self.style_policy = StylePolicy.load(path)
+        self.posterior = Posterior.load(path)
+        self._p0: dict[str, dict[str, float]] = {}  # impression_id -> the LM's p(style | prompt) (head mode)
+        self._candidate = None
 
     def _frozen_copy(self) -> StudentModel:
         m = copy.deepcopy(self.model).eval()
@@ -214,7 +262,10 @@ class OnlineTrainer:
         return False
 
     def update(self, records: Sequence[FeedbackRecord]) -> UpdateReport:
-        """Take feedback records; train one step per full mini-batch of ``batch_size`` rows."""
+        """Take feedback records; ``full``: train one step per full mini-batch of ``batch_size`` rows;
+        ``head``: refit the heads every ``refit_every`` training rows."""
+        if self.cfg.mode == "head":
+            return self._update_head(records)
         t0 = time.perf_counter()
         rep = UpdateReport(records=len(records))
         for rec in records:
@@ -304,6 +355,207 @@ class OnlineTrainer:
         self.records_trained += len(rows)
         return float(loss.detach()), float(l_ctr.detach()), float(l_lm.detach()), float(kl.detach())
 
+    # -- head mode -------------------------------------------------------------------------------
+    def _update_head(self, records: Sequence[FeedbackRecord]) -> UpdateReport:
+        t0 = time.perf_counter()
+        rep = UpdateReport(records=len(records))
+        rows: list[TrainRow] = []
+        for rec in records:
+            if self._dedupe(rec.impression_id):
+                rep.duplicates += 1
+                continue
+            row = row_of(rec)
+            if row is None:
+                rep.skipped += 1
+                continue
+            rows.append(row)
+        rows = self._with_embeddings(rows)
+        train = 0
+        for row in rows:
+            if is_heldout(row.impression_id, self.cfg.heldout_fraction):
+                self.heldout.append(row)
+                rep.heldout += 1
+            else:
+                self._window.append(row)
+                train += 1
+                rep.clicks += row.clicked
+        self._since_refit += train
+        self.records_trained += train
+        if self._since_refit >= self.cfg.refit_every and self._window:
+            with self._own_rng():
+                rep.steps, rep.ctr_loss = self._refit()
+            rep.loss = rep.ctr_loss
+        rep.pending = self._since_refit
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    @torch.no_grad()
+    def _with_embeddings(self, rows: list[TrainRow]) -> list[TrainRow]:
+        """Rows whose logged embedding is missing or from another trunk get one from this trunk."""
+        todo = [i for i, r in enumerate(rows) if r.embedding is None or r.trunk != self.trunk
+                or r.embedding.shape != (self.model.config.n_embd,)]
+        if not todo:
+            return rows
+        out = list(rows)
+        self.model.eval()
+        try:
+            for i in range(0, len(todo), EVAL_BATCH):
+                part = [rows[j] for j in todo[i:i + EVAL_BATCH]]
+                b = self._batch(part)
+                rix = torch.arange(b["input_ids"].shape[0], device=self.device)
+                with self._autocast():
+                    o = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=1,
+                                   return_hidden=True)
+                assert o.hidden_states is not None
+                h = o.hidden_states[rix, b["eos_index"]].float().cpu().numpy()
+                for j, v in zip(todo[i:i + EVAL_BATCH], h, strict=True):
+                    out[j] = replace(rows[j], embedding=v, trunk=self.trunk)
+        finally:
+            self.model.train()
+        return out
+
+    def _refit(self) -> tuple[int, float]:
+        """A candidate (CTR head, posterior, style policy) from the window; returns (optimizer steps, mean loss)."""
+        cfg = self.cfg
+        self._since_refit = 0
+        rows = list(self._window)
+        x = torch.from_numpy(np.stack([_vec(r) for r in rows]).astype(np.float32)).to(self.device)
+        y = torch.tensor([float(r.clicked) for r in rows], device=self.device)
+        head = copy.deepcopy(self.model.ctr_head).float()
+        head.train()
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.head_lr, weight_decay=1e-4)
+        steps, total = 0, 0.0
+        for _ in range(cfg.head_epochs):
+            perm = torch.randperm(len(rows))
+            for i in range(0, len(rows), cfg.head_batch):
+                idx = perm[i:i + cfg.head_batch].to(self.device)
+                logit, _ = head(x[idx])
+                loss = ctr_loss(logit, y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                total += float(loss.detach())
+        head.eval()
+        for p in head.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            logit, feats = head(x)
+        probs = torch.sigmoid(logit).double().cpu().numpy()
+        post = Posterior.of_head(head, cfg.prior_std)
+        post.observe(feats.double().cpu().numpy(), probs)
+        policy = StylePolicy.fit([r.ctx for r in rows if r.ctx is not None],
+                                 [r.style for r in rows if r.ctx is not None],
+                                 np.log(np.clip(probs, 1e-6, 1.0))[[r.ctx is not None for r in rows]],
+                                 temperature=cfg.style_temperature)
+        self._candidate = (head, post, policy)
+        self.refits += 1
+        self.steps += steps
+        self.steps_since_eval += steps
+        return steps, total / max(1, steps)
+
+    def style_probs_of(self, rows: Sequence[TrainRow], policy: StylePolicy | None) -> list[dict[str, float]]:
+        """p(style | prompt) as serving samples it: the LM's, tilted by ``policy`` (cached per impression)."""
+        todo = [r for r in rows if r.impression_id not in self._p0]
+        if todo:
+            self.model.eval()
+            try:
+                for r, d in zip(todo, style_distribution(self.model, self.tokenizer, [r.prompt for r in todo]),
+                                strict=True):
+                    self._p0[r.impression_id] = d
+            finally:
+                self.model.train()
+        keep = {r.impression_id for r in self.heldout}
+        if len(self._p0) > 2 * max(1, len(keep)):
+            self._p0 = {k: v for k, v in self._p0.items() if k in keep}
+        out = []
+        for r in rows:
+            p0 = self._p0[r.impression_id]
+            out.append(policy.tilt(r.ctx, p0) if policy is not None and r.ctx is not None else p0)
+        return out
+
+    def _evaluate_head(self) -> EvalReport:
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        assert self._candidate is not None
+        head, _, policy = self._candidate
+        rows = [r for r in self.heldout if r.embedding is not None and r.trunk == self.trunk]
+        y = [r.clicked for r in rows]
+        cand_p: list[float] = []
+        serv_p: list[float] = []
+        if rows:
+            x = torch.from_numpy(np.stack([_vec(r) for r in rows]).astype(np.float32)).to(self.device)
+            with torch.no_grad():
+                cand_p = torch.sigmoid(head(x)[0]).tolist()
+                serv_p = torch.sigmoid(self.model.ctr_head.float()(x)[0]).tolist()
+        serv_d = self.style_probs_of(rows, self.style_policy)
+        cand_d = self.style_probs_of(rows, policy)
+        kls = [sum(p * math.log(p / max(c.get(st, 0.0), 1e-12)) for st, p in s_.items() if p > 0)
+               for s_, c in zip(serv_d, cand_d, strict=True)]
+        kl = float(np.mean(kls)) if kls else float("nan")
+        ope = ope_serving = None
+        logged = [i for i, r in enumerate(rows) if r.propensity is not None]
+        if logged:
+            rewards = [float(rows[i].clicked) for i in logged]
+            ope = estimate(rewards, [cand_d[i][rows[i].style] / float(rows[i].propensity or 1.0) for i in logged],
+                           clip=cfg.ips_clip)
+            ope_serving = estimate(rewards, [serv_d[i][rows[i].style] / float(rows[i].propensity or 1.0)
+                                             for i in logged], clip=cfg.ips_clip)
+        rep = EvalReport(
+            n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
+            candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
+            offpolicy_serving=ope_serving, publish=False,
+        )
+        self._gate(rep, cfg.max_style_kl, "KL of p(style) to serving")
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def _gate(self, rep: EvalReport, max_kl: float, kl_name: str) -> None:
+        cfg = self.cfg
+        ope = rep.offpolicy
+        if rep.n < cfg.min_heldout:
+            rep.reasons.append(f"held-out slice has {rep.n} rows < min_heldout {cfg.min_heldout}")
+        else:
+            if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance:
+                rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
+                                   f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance}")
+            if not rep.kl <= max_kl:
+                rep.reasons.append(f"{kl_name} {rep.kl:.4f} nats > {max_kl}")
+            if cfg.min_snips_ratio > 0:
+                if ope is None or ope.n == 0:
+                    rep.reasons.append("no logged propensities for the SNIPS gate")
+                elif not ope.snips >= cfg.min_snips_ratio * ope.logged_ctr:
+                    rep.reasons.append(f"SNIPS CTR {ope.snips:.4f} < {cfg.min_snips_ratio} x logged "
+                                       f"{ope.logged_ctr:.4f}")
+        rep.publish = not rep.reasons
+
+    def _publish_head(self, ev: EvalReport, ope_txt: str) -> ModelVersion:
+        assert self._candidate is not None
+        head, post, policy = self._candidate
+        self._candidate = None
+        version = new_version()
+        parent = self.serving_version
+        self.model.ctr_head.load_state_dict(head.state_dict())
+        training = {"kind": "online-head", "trunk": self.trunk, "refits": self.refits,
+                    "records_trained": self.records_trained, "window": len(self._window),
+                    "config": self.cfg.model_dump(mode="json")}
+        meta = ModelMeta(name=self.cfg.model_name, version=version, parent_version=parent,
+                         tokenizer=self.meta.tokenizer, data_hash=None, metrics=ev.metrics(), training=training)
+        path = self.registry.path_of(version)
+        save_student(self.model, self.tokenizer, path, meta)
+        post.save(path)
+        policy.save(path)
+        mv = self.registry.add(version, parent, ev.metrics(), promote=True,
+                               reason=f"online trainer (head): logloss {ev.candidate_logloss:.4f} <= "
+                                      f"{ev.serving_logloss:.4f}, KL(style) {ev.kl:.4f}")
+        self.meta = meta
+        self.serving_version = version
+        self.style_policy, self.posterior = policy, post
+        self.published.append(mv)
+        log.info("published %s (parent %s, heads only): held-out logloss %.4f vs %.4f, KL(style) %.4f, %s", version,
+                 parent, ev.candidate_logloss, ev.serving_logloss, ev.kl, ope_txt)
+        return mv
+
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def _ctr_probs(self, model: StudentModel, rows: Sequence[TrainRow]) -> list[float]:
@@ -375,21 +627,7 @@ class OnlineTrainer:
             candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
             offpolicy_serving=ope_serving, publish=False,
         )
-        if rep.n < cfg.min_heldout:
-            rep.reasons.append(f"held-out slice has {rep.n} rows < min_heldout {cfg.min_heldout}")
-        else:
-            if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance:
-                rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
-                                   f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance}")
-            if not rep.kl <= cfg.max_kl:
-                rep.reasons.append(f"KL to serving {rep.kl:.4f} nats/token > max_kl {cfg.max_kl}")
-            if cfg.min_snips_ratio > 0:
-                if ope is None or ope.n == 0:
-                    rep.reasons.append("no logged propensities for the SNIPS gate")
-                elif not ope.snips >= cfg.min_snips_ratio * ope.logged_ctr:
-                    rep.reasons.append(f"SNIPS CTR {ope.snips:.4f} < {cfg.min_snips_ratio} x logged "
-                                       f"{ope.logged_ctr:.4f}")
-        rep.publish = not rep.reasons
+        self._gate(rep, cfg.max_kl, "KL to serving per copy token")
         rep.seconds = time.perf_counter() - t0
         return rep
 
@@ -420,9 +658,13 @@ class OnlineTrainer:
         ModelVersion record (the caller announces it on ``livecopy.model-updates``)."""
         if self.follow_registry():
             return None
-        if self.steps_since_eval == 0 or (self.steps_since_eval < self.cfg.eval_every and not force_eval):
+        head = self.cfg.mode == "head"
+        if head:
+            if self._candidate is None:
+                return None
+        elif self.steps_since_eval == 0 or (self.steps_since_eval < self.cfg.eval_every and not force_eval):
             return None
-        ev = self.evaluate()
+        ev = self._evaluate_head() if head else self.evaluate()
         self.last_eval = ev
         self.steps_since_eval = 0
         ope = ev.offpolicy
@@ -431,8 +673,9 @@ class OnlineTrainer:
                    f"{ope.logged_ctr:.4f}, ess {ope.ess:.0f}/{ope.n}" if ope is not None else "no propensities")
         if not ev.publish:
             log.info("not publishing after %d steps: %s (%s)", self.steps, "; ".join(ev.reasons), ope_txt)
+            self._candidate = None
             return None
-        return self._publish(ev, ope_txt)
+        return self._publish_head(ev, ope_txt) if head else self._publish(ev, ope_txt)
 
     def _publish(self, ev: EvalReport, ope_txt: str) -> ModelVersion:
         version = new_version()

@@ -230,11 +230,12 @@ class CopyService:
 
     @staticmethod
     def _for(caller: ApiKey, body: bytes) -> bytes:
-        """What the caller may see: a page needs the copy, not the shopper's features (``debug`` scope)."""
-        if caller.allows("debug"):
-            return body
+        """What the caller may see: a page needs the copy, not the shopper's features (``debug`` scope); the
+        trunk's embedding kept for the trainer is never shown."""
         doc = orjson.loads(body)
-        doc.pop("features", None)
+        doc.pop("embedding", None)
+        if not caller.allows("debug"):
+            doc.pop("features", None)
         return orjson.dumps(doc)
 
     async def _uncache_if_undelivered(self, key: str, body: bytes, delivered: Future[None]) -> None:

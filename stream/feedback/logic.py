@@ -219,7 +219,7 @@ def feedback_record(c: Claimed) -> FeedbackRecord:
         click_ts=format_ts(s.click_ts) if clicked and s.click_ts is not None else None,
         features=copy.features or {}, model=copy.model, policy=copy.policy, propensity=copy.propensity,
         score=copy.score, style=copy.style, slot=s.slot if s.slot is not None else copy.slot,
-        template=copy.template,
+        template=copy.template, embedding=copy.embedding,
     )
 
 

@@ -1,0 +1,109 @@
+"""The style policy a version ships: per context and style, a tilt of the style token's logit.
+
+``Q(style | context) = sum of w[key, style]`` over the context's keys (department, price band,
+deal, reviews, price sensitivity, new/returning, engagement, eco, slot, liked categories) is a
+linear estimate of the log-CTR of that style's copy there. Serving adds ``(Q - max Q) / temperature``
+to the style tokens' first-step logits (``p(style) ∝ p0(style | prompt) * exp(Q / temperature)``:
+the closed form of a KL-anchored improvement of the student's style choice). Saved as
+``style_policy.safetensors`` in the version's checkpoint (keys in the file's metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from core.styles import STYLES
+from models.text.context import CopyContext, _buckets, department
+
+STYLE_POLICY_FILE = "style_policy.safetensors"
+
+
+def context_keys(ctx: CopyContext) -> list[str]:
+    """The sparse features of a context the style policy reads (what the prompt says, in buckets)."""
+    keys = [
+        "bias", f"dept={department(ctx.category, ctx.noun)}", f"band={ctx.price_band}",
+        *(b.replace(" ", "=", 1) for b in _buckets(ctx)), f"eco={int(ctx.eco)}", f"user={ctx.user}",
+        f"ps={ctx.price_sensitivity}", f"eng={ctx.engagement}", f"eco_minded={int(ctx.eco_minded)}",
+        f"slot={ctx.slot}",
+    ]
+    keys += [f"likes={x}" for x in ctx.likes[:4]]
+    return keys
+
+
+@dataclass
+class StylePolicy:
+    """``weight[key][style]``: the linear Q; ``temperature``: how far serving moves from p0."""
+
+    keys: list[str]
+    weight: np.ndarray  # (len(keys), len(STYLES))
+    temperature: float
+    rows: int = 0  # feedback rows it was fitted on
+
+    def __post_init__(self) -> None:
+        self._index = {k: i for i, k in enumerate(self.keys)}
+
+    def q(self, ctx: CopyContext) -> np.ndarray:
+        ix = [self._index[k] for k in context_keys(ctx) if k in self._index]
+        return self.weight[ix].sum(axis=0) if ix else np.zeros(len(STYLES))
+
+    def bias(self, ctx: CopyContext) -> dict[str, float]:
+        """The logits added to each style token for ``ctx`` (0 for the best style, negative for the others)."""
+        q = self.q(ctx)
+        return {st: float((v - q.max()) / self.temperature) for st, v in zip(STYLES, q, strict=True)}
+
+    def tilt(self, ctx: CopyContext, p0: Mapping[str, float]) -> dict[str, float]:
+        """``p0`` (the student's p(style | prompt)) tilted as serving tilts it."""
+        b = self.bias(ctx)
+        w = {st: p * float(np.exp(b.get(st, 0.0))) for st, p in p0.items()}
+        z = sum(w.values()) or 1.0
+        return {st: v / z for st, v in w.items()}
+
+    @classmethod
+    def fit(cls, contexts: Sequence[CopyContext], styles: Sequence[str], targets: Sequence[float], *,
+            temperature: float, ridge: float = 20.0) -> StylePolicy:
+        """Per style, ridge regression of ``targets`` (e.g. the CTR head's log-CTR of each shown copy) on the
+        context keys, shrunk towards the mean target of all rows (a style seldom shown keeps the average)."""
+        keys = sorted({k for c in contexts for k in context_keys(c)})
+        index = {k: i for i, k in enumerate(keys)}
+        y = np.asarray(targets, dtype=np.float64)
+        mean = float(y.mean()) if len(y) else 0.0
+        w = np.zeros((len(keys), len(STYLES)))
+        w[index["bias"], :] = mean if "bias" in index else 0.0
+        rows = [[index[k] for k in context_keys(c)] for c in contexts]
+        for s, st in enumerate(STYLES):
+            sel = [i for i, x in enumerate(styles) if x == st]
+            if not sel:
+                continue
+            x = np.zeros((len(sel), len(keys)))
+            for r, i in enumerate(sel):
+                x[r, rows[i]] = 1.0
+            a = x.T @ x + ridge * np.eye(len(keys))
+            sol = np.linalg.solve(a, x.T @ (y[sel] - mean))
+            w[:, s] += sol
+        return cls(keys, w, temperature, len(y))
+
+    def save(self, directory: str | Path) -> None:
+        meta = {"keys": json.dumps(self.keys), "styles": json.dumps(list(STYLES)),
+                "temperature": repr(self.temperature), "rows": str(self.rows)}
+        save_file({"weight": self.weight.astype(np.float32)}, str(Path(directory) / STYLE_POLICY_FILE), metadata=meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StylePolicy | None:
+        path = Path(directory) / STYLE_POLICY_FILE
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta: dict[str, Any] = f.metadata() or {}
+        if json.loads(meta.get("styles", "[]")) != list(STYLES):
+            raise ValueError(f"{path}: styles {meta.get('styles')} differ from {list(STYLES)}")
+        weight = load_file(str(path))["weight"].astype(np.float64)
+        return cls(json.loads(meta["keys"]), weight, float(meta["temperature"]), int(meta.get("rows", 0)))
