@@ -307,31 +307,60 @@ def _switch(ctx: Ctx, change: Callable[[Any], Any], done: str, no_announce: bool
         _announce(ctx, mv)
 
 
-_KEY_METRICS = ("heldout_n", "heldout_ctr_logloss", "parent_heldout_ctr_logloss", "kl_to_parent", "ope_snips",
+_KEY_METRICS = ("ctr_auc_heldout", "heldout_copy_ppl",
+                "heldout_n", "heldout_ctr_logloss", "parent_heldout_ctr_logloss", "kl_to_parent", "ope_snips",
                 "ope_ips", "ope_logged_ctr")
 
 
+def _base(ctx: Ctx) -> dict[str, Any] | None:
+    """The base checkpoint (trainer.base_dir, else models.student_dir, else the shipped student): what serves
+    while the registry has no version, and what the online trainer imports as its first. None if unreadable."""
+    t, ms = ctx.settings.trainer, ctx.settings.models
+    path = Path(t.base_dir or ms.student_dir or shipped_student_dir())
+    try:
+        meta = json.loads((path / "livecopy.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    shipped = path.resolve() == shipped_student_dir().resolve()
+    return {"name": meta.get("name"), "version": str(meta.get("version")), "parent_version": meta.get("parent_version"),
+            "created_at": str(meta.get("created_at", "")), "path": str(path), "metrics": meta.get("metrics") or {},
+            "status": "shipped" if shipped else "base"}
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics[k]}"
+                    for k in _KEY_METRICS if metrics.get(k) is not None)
+
+
 @models_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (versions, current, history).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (base, versions, current, history).")
 @pass_ctx
 def models_list(ctx: Ctx, as_json: bool) -> None:
-    """Versions with parent, status and held-out metrics; * marks the serving one."""
+    """The base checkpoint (the shipped student unless configured) and the registry's versions with parent,
+    status and held-out metrics; * marks the serving one (the base while the registry has none)."""
     reg = _registry(ctx)
     versions = reg.versions()
     cur = reg.current()
+    base = _base(ctx)
     if as_json:
-        click.echo(json.dumps({"name": reg.name, "current": cur, "versions": [v.__dict__ for v in versions],
-                               "history": reg.history()}, indent=2, default=str))
-        return
-    if not versions:
-        click.echo(f"no versions of {reg.name} in {reg.root}")
+        click.echo(json.dumps({"name": reg.name, "current": cur, "base": base,
+                               "versions": [v.__dict__ for v in versions], "history": reg.history()},
+                              indent=2, default=str))
         return
     click.echo(f"{'':1} {'version':24} {'parent':24} {'status':9} {'created':20} metrics")
+    if base is not None:
+        serving = cur is None  # nothing promoted: the copy service and the generator load the base
+        click.echo(f"{'*' if serving else ' '} {base['version']:24} {base['parent_version'] or '-':24} "
+                   f"{base['status']:9} {base['created_at'][:19]:20} {_metrics_text(base['metrics'])}".rstrip())
+        click.echo(f"  ({'shipped base' if base['status'] == 'shipped' else 'base'}: {base['path']})")
+    if not versions:
+        serves = "" if base is None else \
+            f": the {'shipped ' if base['status'] == 'shipped' else ''}base {base['version']} serves"
+        click.echo(f"no registry versions of {reg.name} in {reg.root} yet{serves}")
+        return
     for v in versions:
-        m = " ".join(f"{k}={v.metrics[k]:.4g}" if isinstance(v.metrics.get(k), float) else f"{k}={v.metrics[k]}"
-                     for k in _KEY_METRICS if v.metrics.get(k) is not None)
         click.echo(f"{'*' if v.version == cur else ' '} {v.version:24} {v.parent_version or '-':24} {v.status:9} "
-                   f"{v.created_at[:19]:20} {m}")
+                   f"{v.created_at[:19]:20} {_metrics_text(v.metrics)}".rstrip())
 
 
 @models_group.command("promote")
