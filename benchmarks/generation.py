@@ -1,30 +1,34 @@
-"""Copy generation: unbatched vs micro-batched, in one run, on the shipped student.
+"""Copy generation: the static and the continuous engine (and unbatched), in one run, on the shipped student.
 
-    python benchmarks/generation.py [--device cpu|cuda] [--loads 1,3,6,12,24] [--duration 10]
-                                    [--max-batch 32] [--max-wait-ms 10] [--json-out report.json]
+    python benchmarks/generation.py [--device cpu|cuda] [--engines static,continuous[,unbatched]]
+                                    [--load-fraction 0.5] [--loads 1,3,6] [--duration 20]
+                                    [--deadline-ms 300] [--max-batch 32] [--json-out report.json]
 
-The engine under test is the serving one (``engine.serving.CopyEngine``: bounded queue,
-scheduler, ``StudentExecutor`` with K sampled candidates, CTR head, filter, Thompson policy).
-"Unbatched" is the same engine with ``max_batch_size=1`` (each request still decodes its K
-candidates together, as the real executor does); "micro-batched" uses ``--max-batch`` /
-``--max-wait-ms``.
+The engine under test is the serving one (``engine.serving.CopyEngine``: bounded queue, K sampled
+candidates, CTR head, filter, Thompson policy) with ``generation.engine``:
 
-Two measurements per mode:
+* **static** (``engine/batching.py``): micro-batches of up to ``--max-batch`` requests
+  (``--max-wait-ms`` for company), each run from prefill to its last EOS;
+* **continuous** (``engine/continuous.py``): up to ``--max-batch`` requests decode together, a new
+  one joins at the next step, a finished one is answered at once;
+* **unbatched** (only when listed): the static engine with ``max_batch_size=1``.
+
+Measurements, all engines back to back in one process:
 
 * **burst** (saturation): ``--burst`` requests submitted at once; copies/s = n / wall time.
-* **open loop** at each offered load (Poisson arrivals, ``--duration`` s): achieved copies/s,
-  p50/p99 latency of completed requests (submit -> result), and how many were refused
-  (queue full) or expired (deadline ``--timeout-ms`` passed while queued). Offered loads above
-  what a mode sustains show up as expired/refused requests, not as an ever-growing queue.
+* **open loop** (Poisson arrivals, ``--duration`` s) at ``--load-fraction`` of the static engine's
+  saturated copies/s (the same offered load for every engine), and at each of ``--loads``:
+  achieved copies/s, p50/p99 latency (submit -> result), refused and expired requests. The
+  report prints continuous p99 / static p99 at that load (target: <= 1/3).
+* **deadlines** (``--deadline-ms`` > 0): open loop at 1.5x the static saturated rate with that
+  deadline: how late the 503 answers (``DeadlineExceeded``) come after their deadline (p99, max;
+  target: within 100 ms). The continuous engine checks deadlines at every step; the static one only
+  before a batch starts, so a request that started in time is answered when its batch ends.
 
-The report ends with the batching ratios: burst throughput, and achieved throughput at the
-highest load where batching's p99 is equal or better than unbatched p99. On CUDA it also prints
-the highest achieved copies/s with p99 <= 50 ms. On the CPU it also prints the arithmetic
-ceiling of batching, measured in the same run: one full batch on the micro-batched executor under
-``torch.profiler``, the time its matrix products take (linear layers, LM head, attention), and
-the copies/s and ratio over the unbatched burst that batch would give if everything else in it
-were free. Timings on a shared CPU are noisy: ratios come from one run, with both modes measured
-back to back.
+On the CPU it also prints the arithmetic ceiling of static batching: one full batch under
+``torch.profiler``, the time its matrix products take. On CUDA: the highest copies/s with p99 <=
+``--slo-ms``. Timings on a shared CPU are noisy: ratios come from one run, engines measured back to
+back.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Run:
     def __init__(self, engine: CopyEngine) -> None:
         self.engine = engine
         self.lat: list[float] = []
+        self.late: list[float] = []  # DeadlineExceeded answers: seconds after the deadline
         self.expired = 0
         self.failed = 0
         self.first_done = float("inf")
@@ -99,6 +104,7 @@ class Run:
 
     def submit(self, req: CopyRequest, timeout_ms: float | None = None) -> bool:
         t0 = time.perf_counter()
+        budget = (timeout_ms if timeout_ms is not None else self.engine.cfg.timeout_ms) / 1000.0
         try:
             fut: Future[Any] = self.engine.submit(req, timeout_ms)
         except Overloaded:
@@ -116,6 +122,7 @@ class Run:
                     self.last_done = max(self.last_done, t1)
                 elif type(f.exception()).__name__ == "DeadlineExceeded":
                     self.expired += 1
+                    self.late.append(t1 - t0 - budget)
                 else:
                     self.failed += 1
                 self.pending -= 1
@@ -145,7 +152,7 @@ def burst(engine: CopyEngine, reqs: list[CopyRequest], mode: str) -> Point:
 
 
 def open_loop(engine: CopyEngine, reqs: list[CopyRequest], mode: str, load: float, duration: float,
-              seed: int) -> Point:
+              seed: int, timeout_ms: float | None = None, late: list[float] | None = None) -> Point:
     engine.batching.stats.batch_sizes.clear()
     rng = random.Random(seed)
     run = Run(engine)
@@ -160,9 +167,11 @@ def open_loop(engine: CopyEngine, reqs: list[CopyRequest], mode: str, load: floa
         if delay > 0:
             time.sleep(delay)
         submitted += 1
-        if not run.submit(reqs[submitted % len(reqs)]):
+        if not run.submit(reqs[submitted % len(reqs)], timeout_ms):
             refused += 1
     run.idle.wait()
+    if late is not None:
+        late.extend(run.late)
     # achieved rate over the offered window (completions after it count: they were accepted in it)
     span = max(duration, (run.last_done - start) if run.lat else duration)
     sizes = list(engine.batching.stats.batch_sizes)
@@ -197,88 +206,121 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=shipped_student_dir())
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--loads", default=None, help="Offered requests/s, comma-separated (default per device).")
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--engines", default="static,continuous",
+                    help="Comma-separated: static, continuous, unbatched (static with max_batch_size=1).")
+    ap.add_argument("--engine", choices=["static", "continuous"], default=None, help="Only this engine.")
+    ap.add_argument("--load-fraction", type=float, default=0.5,
+                    help="Open-loop load as a fraction of the static engine's saturated copies/s (0: none).")
+    ap.add_argument("--loads", default="", help="More offered requests/s, comma-separated.")
+    ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--burst", type=int, default=None, help="Requests in the saturation burst.")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--timeout-ms", type=float, default=5000.0)
+    ap.add_argument("--deadline-ms", type=float, default=300.0, help="Deadline of the overload run (0: no run).")
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default 1 on CPU: on a shared 2-core box 2 threads ran 3-10x slower)")
     ap.add_argument("--slo-ms", type=float, default=50.0, help="p99 target reported on CUDA")
+    ap.add_argument("--ceiling", action="store_true", help="CPU: profile one static batch's matrix products.")
     ap.add_argument("--json-out", type=Path, default=None)
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     threads = a.threads if a.threads is not None else (0 if cuda else 1)
     if threads:
         torch.set_num_threads(threads)
-    loads = [float(x) for x in (a.loads or ("25,50,100,200,400,800" if cuda else "1,3,6,12,24")).split(",")]
-    # The unbatched burst runs one request at a time: 512 of them on a GPU took minutes, 128 keep a run short.
-    n_burst = a.burst or (128 if cuda else 64)
+    names = [a.engine] if a.engine else [x.strip() for x in a.engines.split(",") if x.strip()]
+    extra_loads = [float(x) for x in a.loads.split(",") if x.strip()]
+    n_burst = a.burst or (256 if cuda else 96)
     base = dict(device=a.device, candidates=a.candidates, max_new_tokens=a.max_new_tokens, policy="thompson",
                 timeout_ms=a.timeout_ms, max_queue=4096)
-    modes = {
-        "unbatched": CopySettings(**base, max_batch_size=1, max_wait_ms=0.0),
-        "micro-batched": CopySettings(**base, max_batch_size=a.max_batch, max_wait_ms=a.max_wait_ms),
+    all_modes = {
+        "unbatched": CopySettings(**base, engine="static", max_batch_size=1, max_wait_ms=0.0),
+        "static": CopySettings(**base, engine="static", max_batch_size=a.max_batch, max_wait_ms=a.max_wait_ms),
+        "continuous": CopySettings(**base, engine="continuous", max_batch_size=a.max_batch),
     }
+    modes = {m: all_modes[m] for m in names}
     dev = torch.cuda.get_device_name(0) if cuda else machine()
     isa = "" if cuda else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"
     print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}{isa}")
     print(f"model: {a.model.name}; K={a.candidates} candidates, <= {a.max_new_tokens} new tokens, thompson; "
           f"{'bf16 autocast' if cuda else 'fp32'}; deadline {a.timeout_ms:g} ms")
-    print(f"micro-batched: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; unbatched: max_batch_size=1")
+    print(f"static: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; continuous: up to {a.max_batch} "
+          "requests decoding together")
     reqs = make_requests(max(n_burst, 256))
     points: list[Point] = []
+    late: dict[str, list[float]] = {}
     ceiling: tuple[float, float] | None = None
     print(f"\n{'mode':13} {'load':>8} {'sent':>6} {'done':>6} {'refuse':>6} {'expire':>6} "
           f"{'copies/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'batch':>7}")
-    for mode, cfg in modes.items():
-        engine = engine_for(a.model, cfg)
-        try:
+    engines = {}
+    try:
+        for mode, cfg in modes.items():
+            engines[mode] = engine = engine_for(a.model, cfg)
             engine.generate(reqs[:8])  # warm-up (allocator, kernels)
-            points.append(burst(engine, reqs[:n_burst], mode))
+            points.append(burst(engine, reqs[:n_burst] if mode != "unbatched" else reqs[: n_burst // 3], mode))
             print(fmt(points[-1]), flush=True)
-            for i, load in enumerate(loads):
+        sat = {p.mode: p.copies_per_s for p in points}
+        ref = sat.get("static") or max(sat.values())
+        loads = ([round(a.load_fraction * ref, 2)] if a.load_fraction > 0 else []) + extra_loads
+        for i, load in enumerate(loads):
+            for mode, engine in engines.items():
                 points.append(open_loop(engine, reqs, mode, load, a.duration, seed=i))
                 print(fmt(points[-1]), flush=True)
-            if mode == "micro-batched" and not cuda:
-                ceiling = matmul_time(engine, reqs[:a.max_batch])
-        finally:
+        if a.deadline_ms > 0:
+            over = round(1.5 * ref, 2)
+            print(f"\noverload {over:g}/s with a {a.deadline_ms:g} ms deadline:")
+            for mode, engine in engines.items():
+                late[mode] = []
+                points.append(open_loop(engine, reqs, f"{mode}/dl", over, min(a.duration, 10.0), seed=99,
+                                        timeout_ms=a.deadline_ms, late=late[mode]))
+                print(fmt(points[-1]), flush=True)
+        if a.ceiling and not cuda and "static" in engines:
+            ceiling = matmul_time(engines["static"], reqs[:a.max_batch])
+    finally:
+        for engine in engines.values():
             engine.stop()
     by = {(p.mode, p.load): p for p in points}
-    ub, mb = by[("unbatched", 0.0)], by[("micro-batched", 0.0)]
-    print(f"\nburst throughput: unbatched {ub.copies_per_s:.2f} copies/s, micro-batched {mb.copies_per_s:.2f} "
-          f"copies/s -> {mb.copies_per_s / ub.copies_per_s:.1f}x")
+    summary: dict[str, Any] = {"saturated": sat}
+    print("\nsaturated (burst) copies/s: " + ", ".join(f"{m} {v:.2f}" for m, v in sat.items()))
+    if "static" in sat and "continuous" in sat:
+        summary["burst_ratio"] = sat["continuous"] / sat["static"]
+        print(f"  continuous / static: {summary['burst_ratio']:.2f}x")
+    if loads and ("static", loads[0]) in by and ("continuous", loads[0]) in by:
+        st, co = by[("static", loads[0])], by[("continuous", loads[0])]
+        ratio = co.p99_ms / max(st.p99_ms, 1e-9)
+        summary["p99_at_load"] = {"load": loads[0], "static_ms": st.p99_ms, "continuous_ms": co.p99_ms,
+                                  "ratio": ratio}
+        print(f"open loop at {loads[0]:g}/s ({a.load_fraction:g} x static saturation): p99 static {st.p99_ms:.0f} ms, "
+              f"continuous {co.p99_ms:.0f} ms -> {ratio:.2f} (target <= 0.33: "
+              f"{'met' if ratio <= 1 / 3 else 'missed'}); p50 {st.p50_ms:.0f} vs {co.p50_ms:.0f} ms")
+    for mode, xs in late.items():
+        if xs:
+            p99, worst = percentile(xs, 0.99) * 1e3, max(xs) * 1e3
+            summary.setdefault("deadline_late_ms", {})[mode] = {"n": len(xs), "p99": p99, "max": worst}
+            print(f"{mode}: {len(xs)} deadline answers, {p99:.0f} ms (p99) / {worst:.0f} ms (max) after the deadline "
+                  f"(target <= 100 ms: {'met' if worst <= 100 else 'missed'})")
+        else:
+            print(f"{mode}: no deadline answers")
     if ceiling is not None:
         wall, mm = ceiling
         top = a.max_batch / mm
-        print(f"arithmetic ceiling: a batch of {a.max_batch} (profiled) spends {mm:.2f} of {wall:.2f} s in matrix "
-              f"products; with all else free it would give {top:.1f} copies/s -> "
-              f"{top / ub.copies_per_s:.1f}x the unbatched burst")
-    best = None
-    for load in loads:
-        u, m = by[("unbatched", load)], by[("micro-batched", load)]
-        if m.p99_ms <= u.p99_ms:
-            best = (load, u, m)
-    if best:
-        load, u, m = best
-        print(f"open loop, highest load with micro-batched p99 <= unbatched p99 ({load:g}/s offered): "
-              f"{m.copies_per_s:.2f} vs {u.copies_per_s:.2f} copies/s -> "
-              f"{m.copies_per_s / max(u.copies_per_s, 1e-9):.1f}x (p99 {m.p99_ms:.0f} vs {u.p99_ms:.0f} ms)")
+        print(f"arithmetic ceiling: a static batch of {a.max_batch} (profiled) spends {mm:.2f} of {wall:.2f} s in "
+              f"matrix products; with all else free it would give {top:.1f} copies/s")
     slo: dict[str, Any] = {}
     for mode in modes:
         ok = [p for p in points if p.mode == mode and p.load > 0 and p.p99_ms <= a.slo_ms and p.refused == 0
               and p.expired == 0]
-        top = max(ok, key=lambda p: p.copies_per_s) if ok else None
-        slo[mode] = asdict(top) if top else None
-        if cuda or top:
+        top_p = max(ok, key=lambda p: p.copies_per_s) if ok else None
+        slo[mode] = asdict(top_p) if top_p else None
+        if cuda:
             print(f"{mode}: highest copies/s with p99 <= {a.slo_ms:g} ms: "
-                  + (f"{top.copies_per_s:.1f} (offered {top.load:g}/s, p99 {top.p99_ms:.1f} ms)" if top else "none"))
+                  + (f"{top_p.copies_per_s:.1f} (offered {top_p.load:g}/s, p99 {top_p.p99_ms:.1f} ms)" if top_p
+                     else "none"))
     if a.json_out:
         a.json_out.write_text(json.dumps({"device": a.device, "device_name": dev, "points": [asdict(p) for p in points],
-                                          "slo": slo,
+                                          "summary": summary, "slo": slo,
                                           "matmul_ceiling": None if ceiling is None else
                                           {"batch": a.max_batch, "wall_s": ceiling[0], "matmul_s": ceiling[1]}},
                                          indent=2))

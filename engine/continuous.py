@@ -68,7 +68,7 @@ class ContinuousExecutor(Protocol[Req_contra, Res]):
 
     def run(self, requests: Sequence[Req_contra]) -> list[Res]: ...
 
-    def decoder(self) -> Decoder: ...
+    def decoder(self, max_prompts: int) -> Decoder: ...
 
     def prepare(self, requests: Sequence[Req_contra]) -> tuple[list[Any], torch.Tensor, torch.Tensor]: ...
 
@@ -211,7 +211,7 @@ class ContinuousEngine(Generic[Req, Res]):
 
     def _session(self, executor: ContinuousExecutor[Req, Res]) -> _Session[Req, Res]:
         if not self._sessions or self._sessions[-1].executor is not executor:
-            self._sessions.append(_Session(executor, executor.decoder()))
+            self._sessions.append(_Session(executor, executor.decoder(self.cfg.max_batch_size)))
         return self._sessions[-1]
 
     def _admit(self, executor: ContinuousExecutor[Req, Res], batch: list[Job[Req, Res]]) -> None:

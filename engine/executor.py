@@ -250,7 +250,7 @@ class StudentExecutor:
         """Whether :meth:`decoder` can run this model (a GPT-2 trunk, the default generate function)."""
         return self.generate is generate_candidates and cascade.supports(self.student.model)
 
-    def decoder(self, *, static_shapes: bool | None = None) -> ContinuousDecoder:
+    def decoder(self, max_prompts: int = 32, *, static_shapes: bool | None = None) -> ContinuousDecoder:
         """A fresh running batch for this model, with this executor's sampling settings (static shapes
         on CUDA by default: every step attends over the preallocated columns, no host sync for lengths)."""
         if static_shapes is None:
@@ -263,7 +263,7 @@ class StudentExecutor:
             self.student.model, eos_id=sid.eos, pad_id=sid.pad, k=self.cfg.candidates,
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
-            static_shapes=static_shapes,
+            max_prompts=max_prompts, static_shapes=static_shapes,
         )
 
     def prepare(self, requests: Sequence[CopyRequest]) -> tuple[list[Prepared], torch.Tensor, torch.Tensor]:

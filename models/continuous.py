@@ -13,17 +13,21 @@ step later waits for the whole batch. :class:`ContinuousDecoder` keeps one runni
   :class:`FinishedGroup`.
 * :meth:`~ContinuousDecoder.drop` removes a prompt's rows at once (its deadline passed).
 
-The KV layout is the cascade one (:mod:`models.cascade`): the prompt's keys/values once per prompt
-(padded to the longest prompt of the batch, the padding masked), the generated ones per row in a
-preallocated buffer of ``max_new_tokens + 1`` columns. Rows joined at different steps, so every
-row has its own write column and position (``glen``, ``pos``) and attends only to the columns it
-wrote. Rows that left stay in the tensors (masked, their outputs ignored) until a quarter of the
-batch is gone or newcomers are appended; then the batch is compacted in one copy. The sampling is
-:func:`models.generate._sample` (top-k, then top-p on the survivors), so a row sees the same
-distribution as in the static decode.
+The KV cache is preallocated and static: ``max_prompts`` prompt slots (doubled if ever exceeded),
+each owning ``k`` row slots. The layout is the cascade one (:mod:`models.cascade`): a prompt's
+keys/values once per prompt slot (``Lc`` columns, the longest prompt so far; the rest masked), the
+generated ones per row slot in ``max_new_tokens + 1`` columns. Rows join at different steps, so
+every row has its own write column and position (``glen``, ``pos``) and attends only to the
+columns it wrote. A newcomer takes the lowest free prompt slot and writes its prefill there:
+nothing else is copied, ever (appending to or compacting the cache copied all of it per
+admission, a third of a step at 128 rows). A step runs the row slots up to the highest prompt slot
+in use; rows that left compute masked garbage until their prompt's last row leaves and a
+newcomer reuses the slot. The sampling is :func:`models.generate._sample` (top-k, then top-p on
+the survivors): a row sees the same distribution as in the static decode (greedy decodes are the
+same tokens, tested).
 
-``static_shapes=True`` (the CUDA path) attends over all ``max_new_tokens + 1`` columns every step
-instead of the columns written so far, so the step's shapes depend only on the number of rows.
+``static_shapes=True`` (the CUDA path) runs all slots and attends over all ``max_new_tokens + 1``
+columns every step: the step's shapes never change and no length is read back to the host.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class ContinuousDecoder:
         seed: int = 0,
         want_hidden: bool = False,
         stop_mask: torch.Tensor | None = None,
-        compact_fraction: float = 0.25,
+        max_prompts: int = 32,
         static_shapes: bool = False,
     ) -> None:
         trunk = cascade._trunk(model)
@@ -85,6 +89,7 @@ class ContinuousDecoder:
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.tanh_gelu = cfg.activation_function in cascade._TANH_GELUS
         self.n_layer = len(self.blocks)
+        self.n_positions = int(trunk.wpe.weight.shape[0])
         self.device = lm.device
         self.vocab = int(lm.shape[0])
         self.eos_id, self.pad_id, self.k = int(eos_id), int(pad_id), int(k)
@@ -93,52 +98,92 @@ class ContinuousDecoder:
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.want_hidden = want_hidden
         self.stop = stop_mask.to(self.device) if stop_mask is not None else None
-        self.compact_fraction = compact_fraction
         self.static_shapes = static_shapes
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(int(seed))
-        self._dtype: torch.dtype | None = None
-        self._empty()
+        self.n_prompts = max(1, int(max_prompts))  # prompt slots
+        self.prompt_gid: list[int] = [-1] * self.n_prompts  # gid per prompt slot, -1: free
+        self.lc = 0  # prompt columns
+        self.pk: list[torch.Tensor] = []  # (P, H, Lc, dh) per layer, allocated at the first admission
+        self.pv: list[torch.Tensor] = []
+        self.p_bias = torch.zeros(0)  # (P, 1, 1, Lc): 0 on a prompt's tokens, the dtype's min elsewhere
+        self.sk: list[torch.Tensor] = []  # (P*k, H, cap, dh) per layer
+        self.sv: list[torch.Tensor] = []
+        self._neg = 0.0
+        self._rows_alloc(self.n_prompts * self.k)
+        # rows that left, by gid: slot -> (tokens, logprob, sample logprob, ended by EOS, hidden at EOS)
+        self._left: dict[int, dict[int, tuple[list[int], float, float, bool, torch.Tensor | None]]] = {}
+        self._done: list[int] = []  # gids whose k rows all left, not yet reported
+        self._t = 0  # generated columns attended this step
+        self._gen_bias = torch.zeros((0, 1, 0), device=self.device)
 
     # ------------------------------------------------------------------ state
-    def _empty(self) -> None:
+    def _rows_alloc(self, n: int) -> None:
         dev = self.device
-        self.pk: list[torch.Tensor] = []  # (P, H, Lp, dh) per layer
-        self.pv: list[torch.Tensor] = []
-        self.p_bias: torch.Tensor | None = None  # (P, 1, 1, Lp)
-        self.prompt_gid: list[int] = []  # gid of each prompt
-        self.sk: list[torch.Tensor] = []  # (N, H, cap, dh) per layer
-        self.sv: list[torch.Tensor] = []
-        z = torch.zeros(0, dtype=torch.long, device=dev)
-        self.row_prompt, self.row_slot, self.pos, self.glen, self.ntok = z, z.clone(), z.clone(), z.clone(), z.clone()
-        self.pending = z.clone()
-        self.alive = torch.zeros(0, dtype=torch.bool, device=dev)
-        self.closing = self.alive.clone()
-        self.fin = self.alive.clone()
-        self.ban = torch.zeros((0, self.vocab), dtype=torch.float32, device=dev)
-        self.tokens = torch.zeros((0, self.max_new), dtype=torch.long, device=dev)
-        self.lp = torch.zeros(0, dtype=torch.float64, device=dev)
-        self.slp = self.lp.clone()
-        self.hidden_out: torch.Tensor | None = None  # (N, d)
-        self._done: list[int] = []  # prompts (indices) whose rows all left, not yet reported
-        self._t = 0  # generated columns attended this step
-        self._gen_bias = torch.zeros((0, 1, 0), device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.glen = torch.zeros(n, dtype=torch.long, device=dev)
+        self.ntok = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pending = torch.zeros(n, dtype=torch.long, device=dev)
+        self.alive = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.closing = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.fin = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.ban = torch.zeros((n, self.vocab), dtype=torch.float32, device=dev)
+        self.tokens = torch.full((n, self.max_new), -1, dtype=torch.long, device=dev)
+        self.lp = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.slp = torch.zeros(n, dtype=torch.float64, device=dev)
 
-    @property
-    def n_rows(self) -> int:
-        """Rows in the tensors (live or waiting for compaction)."""
-        return int(self.alive.shape[0])
+    def _grow_prompts(self, need: int) -> None:
+        """Double the prompt slots until ``need`` more are free (rare: the engine admits at most max_prompts)."""
+        free = self.prompt_gid.count(-1)
+        if free >= need:
+            return
+        old_p, old_n = self.n_prompts, self.n_prompts * self.k
+        new_p = old_p
+        while new_p - (old_p - free) < need:
+            new_p *= 2
+        keep = {name: getattr(self, name) for name in ("pos", "glen", "ntok", "pending", "alive", "closing", "fin",
+                                                        "ban", "tokens", "lp", "slp")}
+        self._rows_alloc(new_p * self.k)
+        for name, t in keep.items():
+            getattr(self, name)[:old_n] = t
+        self.n_prompts = new_p
+        self.prompt_gid += [-1] * (new_p - old_p)
+        if self.pk:
+            self.pk = [_grow0(t, new_p) for t in self.pk]
+            self.pv = [_grow0(t, new_p) for t in self.pv]
+            self.p_bias = torch.cat([self.p_bias, self.p_bias.new_full((new_p - old_p, *self.p_bias.shape[1:]),
+                                                                       self._neg)])
+            self.sk = [_grow0(t, new_p * self.k) for t in self.sk]
+            self.sv = [_grow0(t, new_p * self.k) for t in self.sv]
+
+    def _widen(self, length: int, dtype: torch.dtype) -> None:
+        """Room for prompts of ``length`` tokens (allocates the cache at the first admission)."""
+        if self.pk and length <= self.lc:
+            return
+        dev, p, h, dh = self.device, self.n_prompts, self.n_head, self.head_dim
+        if not self.pk:
+            self._neg = float(torch.finfo(dtype).min)
+            self.lc = length
+            self.pk = [torch.zeros((p, h, length, dh), dtype=dtype, device=dev) for _ in range(self.n_layer)]
+            self.pv = [torch.zeros_like(t) for t in self.pk]
+            self.p_bias = torch.full((p, 1, 1, length), self._neg, dtype=dtype, device=dev)
+            self.sk = [torch.zeros((p * self.k, h, self.cap, dh), dtype=dtype, device=dev)
+                       for _ in range(self.n_layer)]
+            self.sv = [torch.zeros_like(t) for t in self.sk]
+            return
+        width = min(max(length, 2 * self.lc), self.n_positions)
+        self.pk = [_pad_len(t, width) for t in self.pk]
+        self.pv = [_pad_len(t, width) for t in self.pv]
+        self.p_bias = _pad_bias(self.p_bias, width, self._neg)
+        self.lc = width
 
     @property
     def live_rows(self) -> int:
         return int(self.alive.sum())
 
     def gids(self) -> list[int]:
-        """Prompts still decoding (admitted, not finished, not dropped)."""
-        if not self.prompt_gid:
-            return []
-        counts = torch.bincount(self.row_prompt[self.alive], minlength=len(self.prompt_gid)).tolist()
-        return [g for g, c in zip(self.prompt_gid, counts, strict=True) if c > 0 and g >= 0]
+        """Prompts admitted and not yet reported or dropped."""
+        return list(self._left)
 
     # ------------------------------------------------------------------ the blocks
     def _layers(self, x: torch.Tensor, attend: Any) -> torch.Tensor:
@@ -146,7 +191,7 @@ class ContinuousDecoder:
 
     def _prefill(self, rows: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor],
                                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values per layer (P, H, L, dh), p_bias (P, L) bool valid, last positions (P,), logits (P, V))."""
+        """(keys, values per layer (P, H, L, dh), valid (P, L), last positions (P,), logits (P, V))."""
         ids, mask = left_pad(rows, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = positions_from_mask(mask)
@@ -159,8 +204,8 @@ class ContinuousDecoder:
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             q, key, value = qkv.view(n, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-            keys.append(key.contiguous())
-            values.append(value.contiguous())
+            keys.append(key)
+            values.append(value)
             o = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed)
             return o.transpose(1, 2).reshape(n * length, -1)
 
@@ -173,65 +218,48 @@ class ContinuousDecoder:
     @torch.no_grad()
     def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
               ban: torch.Tensor) -> None:
-        """Add prompts ``gids`` (ids of the caller's choosing, >= 0, unique among live prompts):
-        ``first_bias`` (P, V) float added to the first token's logits (-inf: not allowed; the style
-        tokens and the shopper's style tilt), ``ban`` (P, V) bool ids never sampled after the first."""
+        """Add prompts ``gids`` (ids of the caller's choosing, unique among those admitted and not
+        reported): ``first_bias`` (P, V) float added to the first token's logits (-inf: not allowed;
+        the style tokens and the shopper's style tilt), ``ban`` (P, V) bool ids never sampled after
+        the first."""
         if not gids:
             return
         if len(gids) != len(prompt_rows) or first_bias.shape[0] != len(gids) or ban.shape[0] != len(gids):
             raise ValueError("gids, prompt_rows, first_bias and ban differ in length")
-        k, dev = self.k, self.device
+        if any(int(g) in self._left for g in gids):
+            raise ValueError("a gid is already decoding")
+        k, dev, n_new = self.k, self.device, len(gids)
         with autocast_for(dev):
             keys, values, valid, last_pos, logits = self._prefill(prompt_rows)
-        self._compact(force=True)
-        n_new = len(gids)
-        dtype = keys[0].dtype
-        self._dtype = dtype
-        neg = torch.finfo(dtype).min
-        bias_new = torch.zeros(valid.shape, dtype=dtype, device=dev).masked_fill_(~valid, neg)[:, None, None, :]
-        if self.p_bias is None or not self.pk:
-            self.pk, self.pv, self.p_bias = keys, values, bias_new
-        else:
-            width = max(self.pk[0].shape[2], keys[0].shape[2])
-
-            self.pk = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pk, keys,
-                                                                                             strict=True)]
-            self.pv = [torch.cat([_pad_len(a, width), _pad_len(b, width)]) for a, b in zip(self.pv, values,
-                                                                                             strict=True)]
-            self.p_bias = torch.cat([_pad_bias(self.p_bias, width, neg), _pad_bias(bias_new, width, neg)])
-        p0 = len(self.prompt_gid)
-        self.prompt_gid.extend(int(g) for g in gids)
-        n_rows = n_new * k
-        d = self.n_head * self.head_dim
-        new_sk = [torch.zeros((n_rows, self.n_head, self.cap, self.head_dim), dtype=dtype, device=dev)
-                  for _ in range(self.n_layer)]
-        self.sk = new_sk if not self.sk else [torch.cat([a, b]) for a, b in zip(self.sk, new_sk, strict=True)]
-        new_sv = [torch.zeros_like(t) for t in new_sk]
-        self.sv = new_sv if not self.sv else [torch.cat([a, b]) for a, b in zip(self.sv, new_sv, strict=True)]
-        rp = (torch.arange(n_new, device=dev) + p0).repeat_interleave(k)
-        self.row_prompt = torch.cat([self.row_prompt, rp])
-        self.row_slot = torch.cat([self.row_slot, torch.arange(k, device=dev).repeat(n_new)])
-        self.pos = torch.cat([self.pos, last_pos.repeat_interleave(k)])
-        zeros = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        self.glen = torch.cat([self.glen, zeros])
-        self.ntok = torch.cat([self.ntok, zeros])
+        length = valid.shape[1]
+        self._grow_prompts(n_new)
+        self._widen(length, keys[0].dtype)
+        slots = [p for p, g in enumerate(self.prompt_gid) if g < 0][:n_new]
+        ps = torch.tensor(slots, dtype=torch.long, device=dev)
+        for layer in range(self.n_layer):
+            self.pk[layer][ps, :, :length] = keys[layer].to(self.pk[layer].dtype)
+            self.pv[layer][ps, :, :length] = values[layer].to(self.pv[layer].dtype)
+        bias = torch.full((n_new, self.lc), self._neg, dtype=self.p_bias.dtype, device=dev)
+        bias[:, :length].masked_fill_(valid, 0.0)
+        self.p_bias[ps] = bias[:, None, None, :]
+        rows = (ps[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
+        self.pos[rows] = last_pos.repeat_interleave(k)
+        self.glen[rows] = 0
+        self.ntok[rows] = 0
+        self.alive[rows] = True
+        self.closing[rows] = False
+        self.fin[rows] = False
         row_ban = torch.zeros((n_new, self.vocab), dtype=torch.float32, device=dev)
         row_ban[ban.to(dev)[:, : self.vocab]] = float("-inf")
-        self.ban = torch.cat([self.ban, row_ban.repeat_interleave(k, 0)])
-        self.tokens = torch.cat([self.tokens, torch.full((n_rows, self.max_new), -1, dtype=torch.long, device=dev)])
-        self.lp = torch.cat([self.lp, torch.zeros(n_rows, dtype=torch.float64, device=dev)])
-        self.slp = torch.cat([self.slp, torch.zeros(n_rows, dtype=torch.float64, device=dev)])
-        f = torch.zeros(n_rows, dtype=torch.bool, device=dev)
-        self.alive = torch.cat([self.alive, ~f])
-        self.closing = torch.cat([self.closing, f])
-        self.fin = torch.cat([self.fin, f.clone()])
-        self.pending = torch.cat([self.pending, zeros.clone()])
-        if self.want_hidden:
-            hz = torch.zeros((n_rows, d), dtype=torch.float32, device=dev)
-            self.hidden_out = hz if self.hidden_out is None else torch.cat([self.hidden_out, hz])
+        self.ban[rows] = row_ban.repeat_interleave(k, 0)
+        self.tokens[rows] = -1
+        self.lp[rows] = 0.0
+        self.slp[rows] = 0.0
+        for slot, g in zip(slots, gids, strict=True):
+            self.prompt_gid[slot] = int(g)
+            self._left[int(g)] = {}
         # the first token: from the prefill's logits, under each prompt's first-token bias
         first = logits.float() + first_bias.to(device=dev, dtype=torch.float32)[:, : logits.shape[-1]]
-        rows = torch.arange(self.n_rows - n_rows, self.n_rows, device=dev)
         self._sample_rows(rows, first.repeat_interleave(k, 0) if k > 1 else first, add_ban=False)
 
     # ------------------------------------------------------------------ step
@@ -258,151 +286,117 @@ class ContinuousDecoder:
         if not self.want_hidden:
             self._retire(rows[closing])
 
-    def _retire(self, rows: torch.Tensor) -> None:
+    def _retire(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
+        """Rows ``rows`` leave: their outputs move to ``_left`` (``hidden``: theirs at EOS, in order);
+        a prompt whose last row left frees its slot."""
         if rows.numel() == 0:
             return
         self.alive[rows] = False
         self.closing[rows] = False
-        prompts = torch.unique(self.row_prompt[rows])
-        left = torch.bincount(self.row_prompt[self.alive], minlength=len(self.prompt_gid))
-        for p in prompts.tolist():
-            if int(left[p]) == 0 and self.prompt_gid[p] >= 0:
-                self._done.append(p)
+        toks = self.tokens[rows].tolist()
+        lps, slps, fins = self.lp[rows].tolist(), self.slp[rows].tolist(), self.fin[rows].tolist()
+        h = hidden.float() if hidden is not None else None
+        for i, r in enumerate(rows.tolist()):
+            p, slot = divmod(r, self.k)
+            gid = self.prompt_gid[p]
+            left = self._left.get(gid)
+            if left is None:  # dropped
+                continue
+            left[slot] = ([t for t in toks[i] if t >= 0], lps[i], slps[i], fins[i], None if h is None else h[i])
+            if len(left) == self.k:
+                self._done.append(gid)
+                self.prompt_gid[p] = -1
 
     def _attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        q, key, value = qkv.unbind(1)  # (N, H, dh)
+        q, key, value = qkv.unbind(1)  # (R, H, dh)
         n = q.shape[0]
-        rows = torch.arange(n, device=q.device)
-        col = self.glen.clamp(max=self.cap - 1)
+        hi = n // self.k
+        rows = self._row_index
+        col = self._col
         self.sk[layer][rows, :, col] = key
         self.sv[layer][rows, :, col] = value
         t = self._t
-        sk, sv = self.sk[layer][:, :, :t], self.sv[layer][:, :, :t]
+        sk, sv = self.sk[layer][:n, :, :t], self.sv[layer][:n, :, :t]
         q = q * self.scale
-        assert self.p_bias is not None
-        pk, pv = self.pk[layer], self.pv[layer]
-        s_pre = self._rows(torch.matmul(self._grid(q), pk.transpose(-1, -2)) + self.p_bias)
+        pk, pv = self.pk[layer][:hi], self.pv[layer][:hi]
+        # the prompt part per prompt slot: its k rows' queries against its keys, read once
+        g = q.view(hi, self.k, self.n_head, self.head_dim).transpose(1, 2)  # (hi, H, k, dh)
+        s_pre = (torch.matmul(g, pk.transpose(-1, -2)) + self.p_bias[:hi]).transpose(1, 2).reshape(n, self.n_head, -1)
         s_gen = (sk * q[:, :, None, :]).sum(-1) + self._gen_bias
         p = torch.softmax(torch.cat([s_pre, s_gen], -1).float(), -1)
         p_pre, p_gen = p.split([pk.shape[2], t], -1)
-        o_pre = self._rows(torch.matmul(self._grid(p_pre.to(pv.dtype)), pv))
+        pg = p_pre.to(pv.dtype).view(hi, self.k, self.n_head, -1).transpose(1, 2)
+        o_pre = torch.matmul(pg, pv).transpose(1, 2).reshape(n, self.n_head, self.head_dim)
         o_gen = torch.matmul(p_gen[:, :, None, :].to(sv.dtype), sv).squeeze(2)
         return (o_pre + o_gen).reshape(n, -1)
-
-    def _grid(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, m = x.shape
-        g = x.new_zeros((len(self.prompt_gid), h, self.k, m))
-        g[self.row_prompt, :, self.row_slot] = x
-        return g
-
-    def _rows(self, g: torch.Tensor) -> torch.Tensor:
-        return g[self.row_prompt, :, self.row_slot]
 
     @torch.no_grad()
     def step(self) -> list[FinishedGroup]:
         """One token for every live row; returns the prompts that finished (all ``k`` rows left)."""
         out = self._collect()
         if not bool(self.alive.any()):
-            self._empty()
             return out
-        self._compact()
-        feed = torch.where(self.closing, torch.full_like(self.pending, self.eos_id), self.pending)
-        col = self.glen.clamp(max=self.cap - 1)
-        self._t = self.cap if self.static_shapes else int(col.max()) + 1
+        if self.static_shapes:
+            hi = self.n_prompts
+        else:
+            used = [p for p, g in enumerate(self.prompt_gid) if g >= 0]
+            hi = used[-1] + 1
+        n = hi * self.k
+        alive, closing = self.alive[:n], self.closing[:n]
+        feed = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
+        self._col = self.glen[:n].clamp(max=self.cap - 1)
+        self._row_index = torch.arange(n, device=self.device)
+        self._t = self.cap if self.static_shapes else int(self._col[alive].max()) + 1
         cols = torch.arange(self._t, device=self.device)
-        neg = torch.finfo(self._dtype or torch.float32).min
-        self._gen_bias = torch.zeros((self.n_rows, 1, self._t), dtype=self._dtype or torch.float32,
-                                     device=self.device).masked_fill_((cols[None, :] > col[:, None])[:, None], neg)
+        self._gen_bias = torch.zeros((n, 1, self._t), dtype=self.p_bias.dtype, device=self.device).masked_fill_(
+            (cols[None, :] > self._col[:, None])[:, None], self._neg)
         with autocast_for(self.device):
-            pos = (self.pos + 1).clamp(max=int(self.trunk.wpe.weight.shape[0]) - 1)
+            pos = (self.pos[:n] + 1).clamp(max=self.n_positions - 1)
             h = self._layers(self.trunk.wte(feed) + self.trunk.wpe(pos), self._attend)
             logits = F.linear(h, self.lm_weight)
-        self.pos = self.pos + self.alive.long()
-        self.glen = self.glen + self.alive.long()
-        closing = (self.closing & self.alive).nonzero().squeeze(1)
-        if self.want_hidden and closing.numel():
-            assert self.hidden_out is not None
-            self.hidden_out[closing] = h[closing].float()
-        self._retire(closing)
-        live = (self.alive & ~self.closing).nonzero().squeeze(1)
+        self.pos[:n] += alive.long()
+        self.glen[:n] += alive.long()
+        ending = (closing & alive).nonzero().squeeze(1)
+        self._retire(ending, h[ending] if self.want_hidden else None)
+        live = (self.alive[:n] & ~self.closing[:n]).nonzero().squeeze(1)
         self._sample_rows(live, logits[live])
         return out + self._collect()
 
     def _collect(self) -> list[FinishedGroup]:
-        if not self._done:
-            return []
         out = []
-        k = self.k
-        for p in self._done:
-            gid = self.prompt_gid[p]
-            if gid < 0:
+        for gid in self._done:
+            left = self._left.pop(gid, None)
+            if left is None:
                 continue
-            rows = (self.row_prompt == p).nonzero().squeeze(1)
-            rows = rows[torch.argsort(self.row_slot[rows])]
-            if rows.numel() != k:  # cannot happen: a prompt's rows leave the tensors together
-                raise RuntimeError(f"prompt {gid} has {rows.numel()} rows, not {k}")
-            toks = self.tokens[rows].tolist()
+            rows = [left[j] for j in range(self.k)]
+            hidden = [r[4] for r in rows if r[4] is not None]
             out.append(FinishedGroup(
-                gid=gid, tokens=[[t for t in r if t >= 0] for r in toks], logprob=self.lp[rows].tolist(),
-                sample_logprob=self.slp[rows].tolist(), finished=self.fin[rows].tolist(),
-                eos_hidden=None if self.hidden_out is None else self.hidden_out[rows].clone(),
+                gid=gid, tokens=[r[0] for r in rows], logprob=[r[1] for r in rows],
+                sample_logprob=[r[2] for r in rows], finished=[r[3] for r in rows],
+                eos_hidden=torch.stack(hidden) if len(hidden) == self.k else None,
             ))
-            self.prompt_gid[p] = -1  # reported: its rows are compacted away
         self._done = []
         return out
 
-    # ------------------------------------------------------------------ drop / compact
     def drop(self, gids: Sequence[int]) -> None:
-        """Remove prompts ``gids`` now (their rows stop at once; nothing is reported for them)."""
-        want = set(int(g) for g in gids)
+        """Remove prompts ``gids`` now (their rows stop at once, their slots are free; nothing is
+        reported for them)."""
+        want = {int(g) for g in gids} & set(self._left)
         if not want:
             return
-        idx = [p for p, g in enumerate(self.prompt_gid) if g in want]
-        if not idx:
-            return
-        for p in idx:
-            self.prompt_gid[p] = -1
-        gone = torch.isin(self.row_prompt, torch.tensor(idx, device=self.device))
-        self.alive &= ~gone
-        self.closing &= ~gone
-        self._done = [p for p in self._done if self.prompt_gid[p] >= 0]
+        for g in want:
+            del self._left[g]
+        self._done = [g for g in self._done if g not in want]
+        for p, g in enumerate(self.prompt_gid):
+            if g in want:
+                self.prompt_gid[p] = -1
+                self.alive[p * self.k:(p + 1) * self.k] = False
+                self.closing[p * self.k:(p + 1) * self.k] = False
 
-    def _compact(self, force: bool = False) -> None:
-        """Drop left rows (and prompts without rows) from the tensors when enough are gone."""
-        n = self.n_rows
-        if n == 0:
-            return
-        dead = n - self.live_rows
-        keep_prompt_rows = self.alive.clone()
-        # a prompt reported or dropped loses its rows; a prompt whose rows all left but not yet reported keeps them
-        pending = set(self._done)
-        if pending:
-            keep_prompt_rows |= torch.isin(self.row_prompt, torch.tensor(sorted(pending), device=self.device))
-        dead = n - int(keep_prompt_rows.sum())
-        if dead == 0 or (not force and dead < self.compact_fraction * n):
-            return
-        keep = keep_prompt_rows.nonzero().squeeze(1)
-        self.sk = [s.index_select(0, keep) for s in self.sk]
-        self.sv = [s.index_select(0, keep) for s in self.sv]
-        for name in ("row_slot", "pos", "glen", "ntok", "pending", "alive", "closing", "fin", "ban", "tokens",
-                     "lp", "slp"):
-            setattr(self, name, getattr(self, name).index_select(0, keep))
-        if self.hidden_out is not None:
-            self.hidden_out = self.hidden_out.index_select(0, keep)
-        rp = self.row_prompt.index_select(0, keep)
-        live = torch.unique(rp)
-        remap = torch.full((len(self.prompt_gid),), -1, dtype=torch.long, device=self.device)
-        remap[live] = torch.arange(live.shape[0], device=self.device)
-        self.row_prompt = remap[rp]
-        self.pk = [t.index_select(0, live) for t in self.pk]
-        self.pv = [t.index_select(0, live) for t in self.pv]
-        if self.p_bias is not None:
-            self.p_bias = self.p_bias.index_select(0, live)
-        lv = live.tolist()
-        old_gid = self.prompt_gid
-        self.prompt_gid = [old_gid[p] for p in lv]
-        rm = remap.tolist()
-        self._done = [rm[p] for p in self._done]
+
+def _grow0(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with zero rows appended along dim 0 up to ``n``."""
+    return torch.cat([t, t.new_zeros((n - t.shape[0], *t.shape[1:]))])
 
 
 def _pad_len(t: torch.Tensor, width: int) -> torch.Tensor:

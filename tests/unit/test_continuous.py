@@ -1,0 +1,318 @@
+"""Continuous batching (issue 18): the decoder (models/continuous.py) and the engine loop
+(engine/continuous.py) on a real tiny student (CPU), plus the loop's isolation on a scripted executor.
+
+Behaviour only, no timing: a fake clock advanced at every step drives the deadlines."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from core.catalog import Catalog
+from engine.batching import BatchConfig, DeadlineExceeded
+from engine.continuous import ContinuousEngine
+from engine.executor import CopyRequest, CopyResult, load_executor
+from models.continuous import ContinuousDecoder, FinishedGroup
+from models.generate import decode, request_biases
+from models.sequences import encode_text, special_ids
+from models.student import load_student
+from models.text.context import build_prompt, product_context
+from tests.copygen import copy_settings, save_tiny_student
+
+CAT = Catalog.generate(60, seed=21)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cont")
+    return {"v1": save_tiny_student(root / "v1", "v1", seed=1), "v2": save_tiny_student(root / "v2", "v2", seed=2)}
+
+
+def requests(n: int, start: int = 0) -> list[CopyRequest]:
+    return [CopyRequest(f"u{i}", product_context(CAT.products[i % len(CAT)], "pdp"), profile_version=i)
+            for i in range(start, start + n)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.now
+
+    def advance(self, s: float) -> None:
+        with self.lock:
+            self.now += s
+
+
+# ------------------------------------------------------------------------------ the decoder
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[str, Path],
+                                                                     static_shapes: bool) -> None:
+    """Greedy rows are deterministic: prompts admitted at steps 0, 3 and 7 of a running decode (into
+    freed slots too) come out with the tokens, log-likelihoods, EOS flags and CTR hidden states of one
+    static decode of all of them."""
+    st = load_student(dirs["v1"])
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:7]])
+    first, ban = request_biases(m, tok, len(rows))
+    allowed = sid.style_id_list
+    banned = ban[0].nonzero().squeeze(1).tolist()
+    ref = decode(m, rows, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                 first_allowed=allowed, banned=banned, want_hidden=True)
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                            want_hidden=True, max_prompts=2, static_shapes=static_shapes)  # grows past 2 slots
+    got: dict[int, FinishedGroup] = {}
+    plan = {0: [0, 1], 3: [2, 3, 4], 7: [5], 15: [6]}
+    for step in range(200):
+        if step in plan:
+            ids = plan[step]
+            dec.admit(ids, [rows[i] for i in ids], first[ids], ban[ids])
+        for g in dec.step():
+            got[g.gid] = g
+        if len(got) == len(rows):
+            break
+    assert sorted(got) == list(range(len(rows)))
+    for i, g in got.items():
+        for j in range(2):
+            r = i * 2 + j
+            assert g.tokens[j] == ref.tokens[r]
+            assert g.finished[j] == ref.finished[r]
+            assert g.logprob[j] == pytest.approx(ref.logprob[r], abs=1e-3)
+            assert ref.eos_hidden is not None and g.eos_hidden is not None
+            assert torch.allclose(g.eos_hidden[j], ref.eos_hidden[r], atol=1e-4)
+    assert dec.gids() == [] and dec.live_rows == 0
+
+
+def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
+    st = load_student(dirs["v1"])
+    sid = special_ids(st.tokenizer)
+    rows = encode_text(st.tokenizer, [build_prompt(product_context(p)) for p in CAT.products[:3]])
+    first, ban = request_biases(st.model, st.tokenizer, 3)
+    dec = ContinuousDecoder(st.model, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=10, want_hidden=True)
+    dec.admit([10, 11, 12], rows, first, ban)
+    dec.step()
+    dec.drop([11])
+    assert sorted(dec.gids()) == [10, 12] and dec.live_rows <= 6
+    done: list[int] = []
+    for _ in range(50):
+        done += [g.gid for g in dec.step()]
+    assert sorted(done) == [10, 12]
+
+
+# ------------------------------------------------------------------------------ the engine
+
+def _engine(path: Path, clock: FakeClock | None = None, **over: Any) -> ContinuousEngine[CopyRequest, CopyResult]:
+    cfg = copy_settings(**{"candidates": 2, "max_new_tokens": 40, "temperature": 0.0, "mc_draws": 20, **over})
+    ex = load_executor(path, cfg)
+    kw: dict[str, Any] = {}
+    if clock is not None:
+        kw = {"clock": clock, "on_step": lambda: clock.advance(0.01)}  # 10 ms of fake time per step
+    return ContinuousEngine(ex, BatchConfig(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue,
+                                            default_timeout_ms=cfg.timeout_ms), **kw)
+
+
+def test_a_deadline_is_answered_mid_decode_before_the_long_decode_finishes(dirs: dict[str, Path]) -> None:
+    """Two requests decode together; the one with a 50 ms deadline is answered DeadlineExceeded (503) after
+    five steps, while the other (greedy, 40 tokens) is still decoding; that one then gets its copy."""
+    clock = FakeClock()
+    engine = _engine(dirs["v1"], clock)
+    long_req, short_req = requests(2)
+    seen: dict[str, Any] = {}
+    slow: Future[CopyResult] = engine.submit(long_req, timeout_ms=1e9)
+    fast: Future[CopyResult] = engine.submit(short_req, timeout_ms=50)
+    fast.add_done_callback(lambda f: seen.update(long_done=slow.done(), at=clock()))
+    engine.start()
+    try:
+        with pytest.raises(DeadlineExceeded, match="during generation"):
+            fast.result(60)
+        result = slow.result(60)
+    finally:
+        engine.stop()
+    assert seen["long_done"] is False  # answered while the long decode was still running
+    assert 0.05 <= seen["at"] <= 0.07  # at the first step past its deadline (fake clock: 10 ms a step)
+    assert result.user_id == long_req.user_id and result.text
+    assert engine.stats.expired == 1 and engine.stats.requests == 1
+
+
+def test_a_request_joining_mid_decode_is_answered_correctly(dirs: dict[str, Path]) -> None:
+    """A request submitted at the third step of a running decode joins it (both decode together) and gets
+    its own copy: the same one it gets alone (greedy decoding, greedy policy)."""
+    first, joiner = requests(2, start=3)
+    alone = _engine(dirs["v1"], policy="greedy").start()
+    try:
+        expected = alone.submit(joiner).result(60)
+    finally:
+        alone.stop()
+    engine = _engine(dirs["v1"], policy="greedy")
+    futs: dict[str, Future[CopyResult]] = {}
+    running: list[int] = []
+
+    def on_step() -> None:
+        running.append(engine.running())
+        if len(running) == 3:
+            futs["joiner"] = engine.submit(joiner)
+
+    engine.on_step = on_step
+    futs["first"] = engine.submit(first)
+    engine.start()
+    try:
+        a = futs["first"].result(60)
+        while "joiner" not in futs:
+            threading.Event().wait(0.01)
+        b = futs["joiner"].result(60)
+    finally:
+        engine.stop()
+    assert running[:3] == [1, 1, 1] and 2 in running  # the joiner decoded beside the first
+    assert a.user_id == first.user_id and b.user_id == joiner.user_id
+    assert (b.text, b.style, b.template) == (expected.text, expected.style, expected.template)
+
+
+def test_hot_swap_under_continuous_batching_drops_nothing(dirs: dict[str, Path]) -> None:
+    """A swap at the second step: the 6 requests decoding finish on v1 (stepped beside the new batch),
+    the 6 submitted after the swap run on v2; all 12 are answered."""
+    engine = _engine(dirs["v1"], max_batch_size=16)
+    v2 = load_executor(dirs["v2"], engine.executor.cfg)  # type: ignore[attr-defined]
+    before = [engine.submit(r) for r in requests(6)]
+    after: list[Future[CopyResult]] = []
+    versions: list[str] = []
+    steps = [0]
+
+    def on_step() -> None:
+        steps[0] += 1
+        if steps[0] == 2:
+            engine.swap_executor(v2)
+            after.extend(engine.submit(r) for r in requests(6, start=6))
+
+    engine.on_step = on_step
+    engine.on_batch = lambda n, s, v: versions.append(v)
+    engine.start()
+    try:
+        old = [f.result(60) for f in before]
+        while len(after) < 6:
+            threading.Event().wait(0.01)
+        new = [f.result(60) for f in after]
+    finally:
+        engine.stop()
+    assert [r.model_version for r in old] == ["v1"] * 6
+    assert [r.model_version for r in new] == ["v2"] * 6
+    assert all(r.text for r in old + new)
+    assert "v1" in versions[versions.index("v2"):]  # v1's rows kept stepping beside v2's: no pause, no drop
+
+
+# ------------------------------------------------------------------------------ isolation (scripted executor)
+
+class ScriptedDecoder:
+    """Each admitted prompt finishes after `length` steps; a prompt id listed in `explode` fails the step."""
+
+    def __init__(self, length: int = 3, explode: int | None = None) -> None:
+        self.left: dict[int, int] = {}
+        self.ids: dict[int, list[int]] = {}
+        self.length = length
+        self.explode = explode
+
+    def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
+              ban: torch.Tensor) -> None:
+        for g, r in zip(gids, prompt_rows, strict=True):
+            self.left[g], self.ids[g] = self.length, list(r)
+
+    def step(self) -> list[FinishedGroup]:
+        if self.explode is not None and any(self.ids[g] == [self.explode] for g in self.left):
+            raise RuntimeError("step failed")
+        out = []
+        for g in list(self.left):
+            self.left[g] -= 1
+            if self.left[g] == 0:
+                del self.left[g]
+                out.append(FinishedGroup(g, [self.ids[g]], [0.0], [0.0], [True], None))
+        return out
+
+    def drop(self, gids: Sequence[int]) -> None:
+        for g in gids:
+            self.left.pop(g, None)
+
+
+class ScriptedExecutor:
+    version = "s1"
+
+    def __init__(self, bad_prepare: str = "", bad_finish: str = "", explode: str = "") -> None:
+        self.bad_prepare, self.bad_finish, self.explode = bad_prepare, bad_finish, explode
+        self.alone: list[str] = []
+
+    def decoder(self, max_prompts: int) -> ScriptedDecoder:
+        return ScriptedDecoder(explode=1 if self.explode else None)
+
+    def prepare(self, reqs: Sequence[str]) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        if self.bad_prepare in reqs:
+            raise ValueError("cannot prepare")
+
+        prepared = [SimpleNamespace(ids=[1] if r == self.explode else [0]) for r in reqs]
+        return prepared, torch.zeros(len(reqs), 1), torch.zeros(len(reqs), 1, dtype=torch.bool)
+
+    def finish(self, items: Sequence[tuple[str, Any, FinishedGroup]]) -> list[str]:
+        if any(r == self.bad_finish for r, _, _ in items):
+            raise KeyError("cannot finish")
+        return [r.upper() for r, _, _ in items]
+
+    def run(self, reqs: Sequence[str]) -> list[str]:
+        self.alone.extend(reqs)
+        if self.explode in reqs:
+            raise RuntimeError("fails alone too")
+        return [r.upper() + "!" for r in reqs]
+
+
+def _answers(futs: list[Future[str]]) -> list[str]:
+    out = []
+    for f in futs:
+        try:
+            out.append(f.result(30))
+        except Exception as exc:
+            out.append(type(exc).__name__)
+    return out
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({"bad_prepare": "c"}, ["A", "B", "ValueError", "D"]),
+    ({"bad_finish": "b"}, ["A", "KeyError", "C", "D"]),
+    ({"explode": "d"}, ["A!", "B!", "C!", "RuntimeError"]),  # a failed step reruns its requests one by one
+])
+def test_one_bad_request_fails_alone_in_the_running_batch(kw: dict[str, str], expected: list[str]) -> None:
+    ex = ScriptedExecutor(**kw)
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32))
+    futs = [eng.submit(r) for r in "abcd"]
+    eng.start()
+    try:
+        assert _answers(futs) == expected
+    finally:
+        eng.stop()
+
+
+def test_queue_is_bounded_and_a_queued_request_past_its_deadline_is_refused() -> None:
+    from engine.batching import Overloaded
+
+    clock = FakeClock()
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ScriptedExecutor(), BatchConfig(max_batch_size=1, max_queue=2),
+                                                       clock=clock, on_step=lambda: clock.advance(0.01))
+    a = eng.submit("a", timeout_ms=1e6)
+    b = eng.submit("b", timeout_ms=5)  # will wait behind a (one at a time): 30 ms of steps > 5 ms
+    with pytest.raises(Overloaded):
+        eng.submit("c")
+    eng.start()
+    try:
+        assert a.result(30) == "A"
+        with pytest.raises(DeadlineExceeded):
+            b.result(30)
+    finally:
+        eng.stop()
+    assert eng.stats.rejected == 1 and eng.stats.expired == 1
