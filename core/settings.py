@@ -197,6 +197,7 @@ class TrainerSettings(Section):
     refit_every: int = Field(2000, ge=1)  # head: new feedback records between refits (each one evaluated)
     window: int = Field(40_000, ge=1)  # head: the newest training records a refit learns from
     head_epochs: int = Field(3, ge=1)
+    head_min_steps: int = Field(200, ge=0)  # head: at least this many optimizer steps per refit (small windows)
     head_lr: float = 3e-3
     head_batch: int = Field(256, ge=1)
     prior_std: float = 0.1  # head: prior std of the CTR head's last layer (the Thompson posterior)

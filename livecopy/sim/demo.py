@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -20,10 +21,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from core.settings import Settings
 
@@ -127,6 +130,20 @@ def run_simulation(settings: Settings, opt: SimOptions, stop: threading.Event | 
     return write_report(stats, opt, http.errors)
 
 
+def lift_ci(online: Sequence[float], static: Sequence[float], z: float = 1.96) -> dict[str, Any] | None:
+    """online / static mean CTR with a 95% confidence interval (delta method on the ratio of two
+    independent means of per-impression expected CTRs); None without impressions on both."""
+    if len(online) < 2 or len(static) < 2:
+        return None
+    o, s = np.asarray(online, dtype=np.float64), np.asarray(static, dtype=np.float64)
+    mo, ms = float(o.mean()), float(s.mean())
+    if ms <= 0:
+        return None
+    r = mo / ms
+    se = r * math.sqrt(o.var(ddof=1) / (len(o) * mo**2) + s.var(ddof=1) / (len(s) * ms**2)) if mo > 0 else 0.0
+    return {"ratio": r, "lo": r - z * se, "hi": r + z * se, "n_online": len(o), "n_static": len(s)}
+
+
 def write_report(stats: Any, opt: SimOptions, errors: dict[str, int]) -> dict[str, Any]:
     from livecopy.sim.live import LIVE_ARMS
     from livecopy.sim.report import plot
@@ -140,6 +157,11 @@ def write_report(stats: Any, opt: SimOptions, errors: dict[str, int]) -> dict[st
              f"{'policy':<8} {'impressions':>11} {'CTR':>8}  (expected under the hidden model)"]
     for a in LIVE_ARMS:
         lines.append(f"{a:<8} {snap['impressions'][a]:>11,} {snap['ctr'][a]:8.4f}")
+    lift = lift_ci(stats.arm_p.get("online", []), stats.arm_p.get("static", []))
+    snap["lift"] = lift
+    if lift is not None:
+        lines.append(f"online / static = {lift['ratio']:.3f} (95% CI {lift['lo']:.3f} .. {lift['hi']:.3f}, "
+                     f"{lift['n_online']:,} and {lift['n_static']:,} impressions)")
     lines.append(f"online realised CTR (clicks/impressions): {snap['online_realised_ctr']:.4f}")
     lines.append("online CTR per model version (realised / expected):")
     for row in snap["versions"]:
@@ -190,7 +212,11 @@ def demo_env(info_bootstrap: str, redis_url: str, out_dir: Path, port: int, shor
         "LIVECOPY_FEEDBACK__LATENESS_S": "1" if short else "2",
         "LIVECOPY_FEEDBACK__COPY_WAIT_S": "30",
         "LIVECOPY_TRAINER__EVAL_EVERY": "5" if short else "10",
-        "LIVECOPY_TRAINER__MIN_HELDOUT": "10",
+        # the trainer's fast path refits every few dozen feedback records: versions within minutes
+        "LIVECOPY_TRAINER__REFIT_EVERY": "20" if short else "60",
+        "LIVECOPY_TRAINER__HELDOUT_FRACTION": "0.2",
+        "LIVECOPY_TRAINER__MIN_HELDOUT": "5" if short else "10",
+        "LIVECOPY_TRAINER__LOGLOSS_TOLERANCE": "0.01",
         "LIVECOPY_GENERATOR__RELATED": "0",
         "LIVECOPY_GENERATOR__SLOT": "pdp",
         "LIVECOPY_MODELS__TORCH_THREADS": "1",

@@ -123,6 +123,18 @@ def row_of(rec: FeedbackRecord) -> TrainRow | None:
                     rec.embedding.trunk if emb is not None and rec.embedding is not None else None)
 
 
+def _stored_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its config.json), float16 when it does not say."""
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float16
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name, torch.float16)
+
+
 def _vec(row: TrainRow) -> np.ndarray:
     assert row.embedding is not None
     return row.embedding
@@ -425,7 +437,8 @@ class OnlineTrainer:
         head.train()
         opt = torch.optim.Adam(head.parameters(), lr=cfg.head_lr, weight_decay=1e-4)
         steps, total = 0, 0.0
-        for _ in range(cfg.head_epochs):
+        per_epoch = -(-len(rows) // cfg.head_batch)
+        for _ in range(max(cfg.head_epochs, -(-cfg.head_min_steps // per_epoch))):
             perm = torch.randperm(len(rows))
             for i in range(0, len(rows), cfg.head_batch):
                 idx = perm[i:i + cfg.head_batch].to(self.device)
@@ -506,11 +519,11 @@ class OnlineTrainer:
             candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
             offpolicy_serving=ope_serving, publish=False,
         )
-        self._gate(rep, cfg.max_style_kl, "KL of p(style) to serving")
+        self._gate(rep, cfg.max_style_kl, "KL of p(style) to serving", "max_style_kl")
         rep.seconds = time.perf_counter() - t0
         return rep
 
-    def _gate(self, rep: EvalReport, max_kl: float, kl_name: str) -> None:
+    def _gate(self, rep: EvalReport, max_kl: float, kl_name: str, setting: str) -> None:
         cfg = self.cfg
         ope = rep.offpolicy
         if rep.n < cfg.min_heldout:
@@ -520,7 +533,7 @@ class OnlineTrainer:
                 rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
                                    f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance}")
             if not rep.kl <= max_kl:
-                rep.reasons.append(f"{kl_name} {rep.kl:.4f} nats > {max_kl}")
+                rep.reasons.append(f"{kl_name} {rep.kl:.4f} nats > {setting} {max_kl}")
             if cfg.min_snips_ratio > 0:
                 if ope is None or ope.n == 0:
                     rep.reasons.append("no logged propensities for the SNIPS gate")
@@ -535,14 +548,16 @@ class OnlineTrainer:
         self._candidate = None
         version = new_version()
         parent = self.serving_version
-        self.model.ctr_head.load_state_dict(head.state_dict())
+        # stored as the parent is, so the trunk stays bit-identical (the logged embeddings stay valid)
+        dtype = _stored_dtype(self.registry.path_of(parent))
+        self.model.ctr_head.load_state_dict({k: v.to(dtype).float() for k, v in head.state_dict().items()})
         training = {"kind": "online-head", "trunk": self.trunk, "refits": self.refits,
                     "records_trained": self.records_trained, "window": len(self._window),
                     "config": self.cfg.model_dump(mode="json")}
         meta = ModelMeta(name=self.cfg.model_name, version=version, parent_version=parent,
                          tokenizer=self.meta.tokenizer, data_hash=None, metrics=ev.metrics(), training=training)
         path = self.registry.path_of(version)
-        save_student(self.model, self.tokenizer, path, meta)
+        save_student(self.model, self.tokenizer, path, meta, storage_dtype=None if dtype == torch.float32 else dtype)
         post.save(path)
         policy.save(path)
         mv = self.registry.add(version, parent, ev.metrics(), promote=True,
@@ -627,7 +642,7 @@ class OnlineTrainer:
             candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
             offpolicy_serving=ope_serving, publish=False,
         )
-        self._gate(rep, cfg.max_kl, "KL to serving per copy token")
+        self._gate(rep, cfg.max_kl, "KL to serving per copy token", "max_kl")
         rep.seconds = time.perf_counter() - t0
         return rep
 

@@ -34,7 +34,11 @@ def test_short_demo_end_to_end(tmp_path: Path) -> None:
     assert summary["impressions"]["static"] > 0  # the holdout's static student
     assert summary["events"] > summary["impressions"]["online"]
     assert summary["versions"] and all(v["impressions"] > 0 for v in summary["versions"])
+    # the trainer's fast path: at least two versions trained, gated and hot-swapped while traffic flowed
+    assert len(summary["versions"]) >= 3, summary["versions"]
+    assert summary["lift"] is not None and summary["lift"]["lo"] <= summary["lift"]["ratio"] <= summary["lift"]["hi"]
     text = (out / "summary.txt").read_text()
+    assert "online / static = " in text and "95% CI" in text
     for arm in ("random", "static", "online", "oracle"):
         assert arm in text
     assert "summary.txt" in proc.stdout

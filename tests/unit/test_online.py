@@ -26,8 +26,8 @@ FAV = STYLES[2]
 
 
 def trainer_settings(tmp: Path, **over: object) -> TrainerSettings:
-    base: dict[str, object] = {"registry_dir": tmp / "registry", "batch_size": 32, "lr": 1e-2, "eval_every": 6,
-                               "min_heldout": 20, "heldout_fraction": 0.15}
+    base: dict[str, object] = {"registry_dir": tmp / "registry", "mode": "full", "batch_size": 32, "lr": 1e-2,
+                               "eval_every": 6, "min_heldout": 20, "heldout_fraction": 0.15}
     base.update(over)
     return TrainerSettings.model_validate(base)
 
@@ -237,3 +237,93 @@ def test_the_registry_knows_whether_its_serving_version_was_announced(tmp_path: 
     reg.rollback()
     back = reg.unannounced()
     assert back is not None and (back.version, back.action) == ("0.9.0", "rollback")
+
+
+# -- head mode (the default): refit of the CTR head, its posterior and the style policy on embeddings
+
+
+def test_head_mode_publishes_heads_on_the_parents_trunk_and_serving_tilts_to_the_clicked_style(
+        tmp_path: Path, base_dir: Path) -> None:
+    from core.settings import CopySettings
+    from engine.executor import load_executor
+    from engine.policy import POSTERIOR_FILE
+    from models.student import load_student, trunk_of
+    from models.style_policy import STYLE_POLICY_FILE
+    from models.text.context import context_from_features
+
+    cfg = trainer_settings(tmp_path, mode="head", refit_every=250, logloss_tolerance=0.02)
+    t = OnlineTrainer(base_dir, cfg)
+    gap0 = favoured_score_gap(t)
+    recs = feedback_records(1500, style_ctr(FAV), seed=4)
+    published = []
+    for i in range(0, len(recs), 100):
+        rep = t.update(recs[i:i + 100])
+        assert rep.duplicates == 0 and rep.skipped == 0
+        mv = t.maybe_publish()
+        if mv is not None:
+            published.append(mv)
+    assert t.refits >= 4 and published, t.last_eval
+    last = published[-1]
+    path = Path(last.path)
+    assert (path / STYLE_POLICY_FILE).exists() and (path / POSTERIOR_FILE).exists()
+    meta = ModelMeta.read(path)
+    assert meta.training["kind"] == "online-head" and trunk_of(meta) == "0.9.0"
+    assert Registry(cfg.registry_dir, cfg.model_name).lineage(last.version)[-1] == "0.9.0"
+    base, new = load_student(base_dir), load_student(path)
+    assert all(torch.equal(a, b) for a, b in zip(base.model.transformer.parameters(),
+                                                 new.model.transformer.parameters(), strict=True))
+    assert not torch.equal(base.model.ctr_head.out.weight, new.model.ctr_head.out.weight)
+    assert favoured_score_gap(t) > gap0 + 0.02
+    # the generator loads the version's style policy and tilts the style tokens towards the clicked style
+    ex = load_executor(path, CopySettings(device="cpu"))
+    assert ex.style_policy is not None and ex.trunk == "0.9.0"
+    for r in feedback_records(30, style_ctr(FAV), seed=9):
+        bias = ex.style_policy.bias(context_from_features(r.features))
+        assert max(bias, key=lambda st: bias[st]) == FAV and bias[FAV] == 0.0
+    assert {"heldout_ctr_logloss", "kl_to_parent", "ope_snips"} <= set(last.metrics)
+
+
+def test_head_mode_reads_the_logged_embedding_of_its_trunk_and_recomputes_any_other(
+        tmp_path: Path, base_dir: Path) -> None:
+    import numpy as np
+
+    from core.contracts import Embedding
+
+    t = OnlineTrainer(base_dir, trainer_settings(tmp_path, mode="head", refit_every=10_000, heldout_fraction=0.0))
+    d = t.model.config.n_embd
+    recs = feedback_records(30, style_ctr(FAV), seed=5)
+    logged = np.linspace(-1, 1, d)
+    same = [r.model_copy(update={"embedding": Embedding.pack(logged, "0.9.0")}) for r in recs[:10]]
+    other = [r.model_copy(update={"embedding": Embedding.pack(logged, "another-trunk")}) for r in recs[10:20]]
+    wrong = [r.model_copy(update={"embedding": Embedding.pack(logged[:3], "0.9.0")}) for r in recs[20:]]
+    t.update(same + other + wrong)
+    rows = {r.impression_id: r for r in t._window}
+    want = Embedding.pack(logged, "x").vector()
+    assert all(np.array_equal(rows[r.impression_id].embedding, want) for r in same)
+    for r in other + wrong:  # recomputed by this trunk
+        e = rows[r.impression_id].embedding
+        assert e is not None and e.shape == (d,) and not np.allclose(e, want)
+    again = t.update(recs[:10] + [recs[0].model_copy(update={"impression_id": "fresh"})])
+    assert again.duplicates == 10 and again.records == 11
+
+
+def test_the_copy_record_keeps_the_embedding_and_the_api_never_shows_it() -> None:
+    import numpy as np
+    import orjson
+
+    from core.contracts import Embedding, GeneratedCopy
+    from services.api.copy import CopyService
+    from stream.access.keys import ApiKey
+
+    v = np.arange(8, dtype=np.float32) / 8
+    e = Embedding.pack(v, "2.0.0")
+    assert np.array_equal(e.vector(), v) and e.dtype == "float16"
+    doc = GeneratedCopy(copy_id="c-1", user_id="u", product_id="p", text="t", model="m", model_version="2",
+                        score=0.5, policy="thompson", created_at="2026-01-01T00:00:00Z", features={"a": 1},
+                        embedding=e)
+    body = doc.model_dump_json().encode()
+    assert GeneratedCopy.model_validate_json(body).embedding == e
+    for scopes in (("copy",), ("copy", "debug")):
+        key = ApiKey(key_id="k", name="k", scopes=scopes, created_ms=0)
+        shown = orjson.loads(CopyService._for(key, body))
+        assert "embedding" not in shown and ("features" in shown) == ("debug" in scopes)
