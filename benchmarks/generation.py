@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--timeout-ms", type=float, default=5000.0)
-    ap.add_argument("--deadline-ms", type=float, default=300.0, help="Deadline of the overload run (0: no run).")
+    ap.add_argument("--deadline-ms", type=float, default=1000.0, help="Deadline of the overload run (0: no run).")
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None,

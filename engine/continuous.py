@@ -6,9 +6,11 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
 
 1. **swap**: a new executor (hot reload) takes the admissions from now on; the rows already
    decoding finish on the old one, stepped beside the new batch (nothing dropped, no pause).
-2. **admit**: queued requests whose deadline passed are answered ``DeadlineExceeded``; then up to
-   ``max_batch_size`` minus the running requests are taken, oldest first, prepared (prompt, bans,
-   style tilt), prefilled and added to the running batch (``models.continuous.ContinuousDecoder``).
+2. **admit**: queued requests whose deadline passed are answered ``DeadlineExceeded`` (even while
+   the batch is full); then up to ``max_batch_size`` minus the running requests (at most
+   ``admit_chunk`` per iteration, so that a burst's prefill does not stall the running rows for
+   long) are taken, oldest first, prepared (prompt, bans, style tilt), prefilled and added to the
+   running batch (``models.continuous.ContinuousDecoder``).
 3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
    ended is finished (CTR head, filter, policy) and answered at once.
 4. **deadlines**: a running request past its deadline is answered ``DeadlineExceeded`` (503) now
@@ -101,6 +103,7 @@ class ContinuousEngine(Generic[Req, Res]):
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int, float, str], None] | None = None,
         on_step: Callable[[], None] | None = None,
+        admit_chunk: int = 8,
     ) -> None:
         self.cfg = cfg or BatchConfig()
         self.scheduler: BatchScheduler[Req, Res] = BatchScheduler(self.cfg)
@@ -109,6 +112,9 @@ class ContinuousEngine(Generic[Req, Res]):
         self.clock = clock
         self.on_batch = on_batch
         self.on_step = on_step  # after every step (tests: a fake clock)
+        # prompts prefilled per iteration at most: a burst is admitted over a few steps, so one
+        # iteration (prefill + step) stays short and deadlines are checked often (vLLM's prefill budget)
+        self.admit_chunk = admit_chunk
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._stopping = False
@@ -172,8 +178,10 @@ class ContinuousEngine(Generic[Req, Res]):
                         old, self.executor, self._next_executor = self.executor, self._next_executor, None
                         log.info("now admitting on %s (was %s)", self.executor.version, old.version)
                     running = self.running()
-                    room = self.cfg.max_batch_size - running
+                    room = min(self.cfg.max_batch_size - running, self.admit_chunk)
                     batch: list[Job[Req, Res]] = []
+                    if self.scheduler.queue:
+                        expired += self._expire_queued(now)
                     if room > 0 and self.scheduler.queue:
                         batch, gone = self._take(room, now)
                         expired += gone
@@ -190,6 +198,7 @@ class ContinuousEngine(Generic[Req, Res]):
                 job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
             if batch:
                 self._admit(executor, batch)
+                self._deadlines(self.clock())
             for session in list(self._sessions):
                 self._step(session)
             self._deadlines(self.clock())
@@ -197,6 +206,17 @@ class ContinuousEngine(Generic[Req, Res]):
                                                                      and s.executor is self.executor)]
             if self.on_step:
                 self.on_step()
+
+    def _expire_queued(self, now: float) -> list[Job[Req, Res]]:
+        """Queued jobs past their deadline (or cancelled) leave the queue, even while the batch is full."""
+        q = self.scheduler.queue
+        if not any(j.deadline <= now or j.future.cancelled() for j in q):
+            return []
+        gone = [j for j in q if j.deadline <= now and not j.future.cancelled()]
+        live = [j for j in q if j.deadline > now and not j.future.cancelled()]
+        q.clear()
+        q.extend(live)
+        return gone
 
     def _take(self, room: int, now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]]]:
         batch: list[Job[Req, Res]] = []

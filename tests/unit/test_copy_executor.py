@@ -194,14 +194,16 @@ def test_a_shoppers_style_response_steers_the_choice_but_not_the_logged_score(mo
     assert not any(r.style == "eco" for r in ex_plain.run([CopyRequest(r.user_id, r.ctx) for r in reqs]))
 
 
-def test_a_poisoned_request_cannot_fail_the_others_of_its_batch(model_dir: Path) -> None:
+@pytest.mark.parametrize("kind", ["static", "continuous"])
+def test_a_poisoned_request_cannot_fail_the_others_of_its_batch(model_dir: Path, kind: str) -> None:
     """One request whose category is thousands of tokens long (CJK, emoji: what a valid event can plant in
     a profile) among 31 others: its prompt is shortened to the model's positions, and every request of the
     batch gets its copy; an executor that fails on one request answers that one alone with the error."""
     from dataclasses import replace as dc_replace
 
-    cfg = copy_settings(max_batch_size=32, max_wait_ms=50.0, candidates=2, max_new_tokens=8)
+    cfg = copy_settings(max_batch_size=32, max_wait_ms=50.0, candidates=2, max_new_tokens=8, engine=kind)
     engine = CopyEngine.from_dir(model_dir, cfg).start()
+    assert type(engine.batching).__name__ == ("ContinuousEngine" if kind == "continuous" else "BatchingEngine")
     try:
         reqs = requests(32)
         poison = "猫😀" * 120 + "/" + "é" * 200
