@@ -68,7 +68,7 @@ def run_simulation(settings: Settings, opt: SimOptions, stop: threading.Event | 
     producer = EventProducer(settings=settings)
 
     def sink(event: dict[str, Any]) -> None:
-        if event["type"] in ("impression", "click") and source.is_holdout(event["user_id"]):
+        if event["type"] in ("impression", "click") and source.is_holdout_copy(event.get("copy_id")):
             return  # the holdout's copies did not come from the service: the learner must not see them
         producer.send(event)
         stats.event()
@@ -163,9 +163,10 @@ def write_report(stats: Any, opt: SimOptions, errors: dict[str, int]) -> dict[st
         lines.append(f"online / static = {lift['ratio']:.3f} (95% CI {lift['lo']:.3f} .. {lift['hi']:.3f}, "
                      f"{lift['n_online']:,} and {lift['n_static']:,} impressions)")
     lines.append(f"online realised CTR (clicks/impressions): {snap['online_realised_ctr']:.4f}")
-    lines.append("online CTR per model version (realised / expected):")
+    lines.append("online CTR per model version (realised [95% interval] / expected):")
     for row in snap["versions"]:
-        lines.append(f"  {row['version']:<40} n={row['impressions']:>6,}  {row['ctr']:.4f} / {row['expected_ctr']:.4f}")
+        lines.append(f"  {row['version']:<40} n={row['impressions']:>6,}  {row['ctr']:.4f} "
+                     f"[{row['ctr_lo']:.3f}, {row['ctr_hi']:.3f}] / {row['expected_ctr']:.4f}")
     text = "\n".join(lines)
     opt.out_dir.mkdir(parents=True, exist_ok=True)
     (opt.out_dir / "summary.txt").write_text(text + "\n")

@@ -43,6 +43,20 @@ log = logging.getLogger(__name__)
 LIVE_ARMS = ("random", "static", "online", "oracle")
 
 
+HOLDOUT_COPY_PREFIX = "c-holdout-"
+
+
+def wilson(clicks: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a click-through rate (nan, nan without impressions)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = clicks / n
+    d = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return mid - half, mid + half
+
+
 def in_holdout(user_id: str, share: float) -> bool:
     return (zlib.crc32(user_id.encode()) % 10_000) < share * 10_000
 
@@ -176,7 +190,7 @@ class StaticShadow:
                 j = int(np.argmax(scores))
             picks = {"static": j, "random": int(self.rng.integers(len(idx))), "oracle": int(np.argmax(p_true))}
             out.append(ShownCopy(
-                copy_id=f"c-holdout-{ask.seq}", text=texts[j], model_version=self.version, policy="static",
+                copy_id=f"{HOLDOUT_COPY_PREFIX}{ask.seq}", text=texts[j], model_version=self.version, policy="static",
                 style=seen[j], arm_p={a: float(p_true[i]) for a, i in picks.items()},
                 arm_style={a: seen[i] for a, i in picks.items()},
             ))
@@ -184,8 +198,9 @@ class StaticShadow:
 
 
 class SplitSource:
-    """Holdout shoppers to the static shadow, everyone else to the live copy service.
-    Callable on a batch of asks (lock-step runs) or one ask at a time (:meth:`one`)."""
+    """A fixed share of impressions, drawn per impression (by a hash of shopper and impression
+    number), to the static shadow (static, random and oracle are scored on them); all others to the
+    live copy service. Callable on a batch of asks (lock-step runs) or one ask at a time (:meth:`one`)."""
 
     def __init__(self, live: Callable[[Sequence[CopyAsk]], Sequence[ShownCopy | None]],
                  holdout: Callable[[Sequence[CopyAsk]], Sequence[ShownCopy | None]] | None, share: float, *,
@@ -194,16 +209,21 @@ class SplitSource:
         self.live, self.holdout, self.share = live, holdout, share
         self.live_one, self.holdout_one = live_one, holdout_one
 
-    def is_holdout(self, user_id: str) -> bool:
-        return self.holdout is not None and in_holdout(user_id, self.share)
+    def is_holdout(self, ask: CopyAsk) -> bool:
+        return self.holdout is not None and in_holdout(f"{ask.shopper.user_id}/{ask.seq}", self.share)
+
+    @staticmethod
+    def is_holdout_copy(copy_id: str | None) -> bool:
+        """Whether an impression or click names a copy the shadow showed (the learner must not see it)."""
+        return bool(copy_id) and str(copy_id).startswith(HOLDOUT_COPY_PREFIX)
 
     def one(self, ask: CopyAsk) -> ShownCopy | None:
-        if self.is_holdout(ask.shopper.user_id):
+        if self.is_holdout(ask):
             return self.holdout_one(ask) if self.holdout_one is not None else None
         return self.live_one(ask) if self.live_one is not None else self.live([ask])[0]
 
     def __call__(self, asks: Sequence[CopyAsk]) -> list[ShownCopy | None]:
-        hold = [i for i, a in enumerate(asks) if self.is_holdout(a.shopper.user_id)]
+        hold = [i for i, a in enumerate(asks) if self.is_holdout(a)]
         held = set(hold)
         live = [i for i in range(len(asks)) if i not in held]
         out: list[ShownCopy | None] = [None] * len(asks)
@@ -299,6 +319,14 @@ class LiveStats:
             acc[2] += sum(self.arm_p["online"][start:end])
         return [(v, int(n), k / n if n else math.nan, p / n if n else math.nan) for v, (n, k, p) in out.items()]
 
+    def version_rows(self) -> list[dict[str, Any]]:
+        """Per serving version: impressions, realised CTR with its 95% Wilson interval, expected CTR."""
+        rows = []
+        for v, n, c, e in self.version_ctr():
+            lo, hi = wilson(c * n if n else 0.0, n)
+            rows.append({"version": v, "impressions": n, "ctr": c, "ctr_lo": lo, "ctr_hi": hi, "expected_ctr": e})
+        return rows
+
     def ctr(self, arm: str, last: int | None = None) -> float:
         xs = self.arm_p[arm][-last:] if last else self.arm_p[arm]
         return float(np.mean(xs)) if xs else math.nan
@@ -313,8 +341,7 @@ class LiveStats:
                 "ctr": {a: self.ctr(a) for a in LIVE_ARMS}, "ctr_recent": {a: self.ctr(a, 500) for a in LIVE_ARMS},
                 "impressions": {a: len(self.arm_p[a]) for a in LIVE_ARMS},
                 "online_realised_ctr": float(np.mean(self.online_clicks)) if self.online_clicks else math.nan,
-                "versions": [{"version": v, "impressions": n, "ctr": c, "expected_ctr": e}
-                             for v, n, c, e in self.version_ctr()],
+                "versions": self.version_rows(),
             }
 
 
@@ -336,5 +363,6 @@ def render_live(stats: LiveStats, title: str = "livecopy demo") -> Any:
     t.add_row("online realised CTR", f"{snap['online_realised_ctr']:.4f}")
     for row in snap["versions"][-6:]:
         t.add_row(f"  model {row['version'][:28]}", f"n={row['impressions']:,} CTR {row['ctr']:.4f} "
+                                                   f"[{row['ctr_lo']:.3f}, {row['ctr_hi']:.3f}] "
                                                    f"(expected {row['expected_ctr']:.4f})")
     return t

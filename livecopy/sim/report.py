@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -70,7 +71,16 @@ def plot(path: str | Path, series: Mapping[str, Sequence[float]], window: int, *
         x, y = windowed(xs, window)
         ax.plot(x, y, label=arm, color=ARM_COLOURS.get(arm), linewidth=2.2 if arm == "online" else 1.5)
     for i, (at, _v) in enumerate(versions):
-        ax.axvline(at, color="#d62728", alpha=0.12, linewidth=1, label="new online version" if i == 0 else None)
+        ax.axvline(at, color="#d62728", alpha=0.25, linewidth=1, label="version hot-swapped" if i == 0 else None)
+    online = series.get("online")
+    if online is not None and len(online) > 1:
+        for j, (start, end, mean, half) in enumerate(version_bands(online, versions)):
+            ax.fill_between([start, end], [mean - half] * 2, [mean + half] * 2, color="#d62728", alpha=0.12,
+                            linewidth=0, label="online per version, 95% CI" if j == 0 else None)
+            ax.hlines(mean, start, end, color="#d62728", linewidth=1, linestyle="--")
+    lo, hi = robust_range([v for xs in series.values() for v in windowed(xs, window)[1]])
+    if lo < hi:
+        ax.set_ylim(lo, hi)
     ax.set_xlabel("impressions")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -81,6 +91,28 @@ def plot(path: str | Path, series: Mapping[str, Sequence[float]], window: int, *
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def version_bands(xs: Sequence[float], versions: Sequence[tuple[int, str]]) -> list[tuple[int, int, float, float]]:
+    """(start, end, mean, 95% half-width) of ``xs`` between consecutive version changes."""
+    cuts = [0, *[at for at, _ in versions if 0 < at < len(xs)], len(xs)]
+    out = []
+    for a, b in itertools.pairwise(cuts):
+        seg = np.asarray(xs[a:b], dtype=np.float64)
+        if len(seg) >= 2:
+            out.append((a, b, float(seg.mean()), float(1.96 * seg.std(ddof=1) / math.sqrt(len(seg)))))
+    return out
+
+
+def robust_range(values: Sequence[float], lo_q: float = 2.0, hi_q: float = 98.0,
+                 pad: float = 0.15) -> tuple[float, float]:
+    """A y-range from the 2nd to the 98th percentile, padded: one early spike cannot squash the rest."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return 0.0, 0.0
+    lo, hi = float(np.percentile(v, lo_q)), float(np.percentile(v, hi_q))
+    span = max(hi - lo, 0.01)
+    return max(0.0, lo - pad * span), min(1.0, hi + pad * span)
 
 
 def version_changes(versions: Sequence[str]) -> list[tuple[int, str]]:

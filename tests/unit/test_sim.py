@@ -129,3 +129,36 @@ def test_live_stats_per_version_and_holdout_split() -> None:
     assert (snap["failed"], snap["copies"], snap["p99_ms"]) == (1, 6, 250.0)
     share = sum(in_holdout(f"sim-{i:05d}", 0.25) for i in range(4000)) / 4000
     assert 0.2 < share < 0.3
+
+
+def test_version_bands_robust_range_and_the_lift_interval() -> None:
+    from livecopy.sim.demo import lift_ci
+    from livecopy.sim.live import wilson
+    from livecopy.sim.report import robust_range, version_bands
+
+    xs = [0.1] * 50 + [0.2, 0.22] * 25
+    bands = version_bands(xs, [(50, "v2")])
+    assert [(a, b) for a, b, _, _ in bands] == [(0, 50), (50, 100)]
+    assert abs(bands[0][2] - 0.1) < 1e-9 and bands[0][3] < 1e-9 and abs(bands[1][2] - 0.21) < 1e-9 and bands[1][3] > 0
+    lo, hi = robust_range([1.1] + [0.12, 0.13, 0.14] * 40)  # one early spike does not set the axis
+    assert 0.0 <= lo < 0.12 and 0.14 < hi < 0.3
+    w_lo, w_hi = wilson(15, 100)
+    assert w_lo < 0.15 < w_hi and wilson(0, 0) != wilson(0, 0)  # nan without impressions
+    lift = lift_ci([0.2, 0.22, 0.18, 0.2] * 50, [0.1, 0.12, 0.08, 0.1] * 50)
+    assert lift is not None and abs(lift["ratio"] - 2.0) < 1e-9 and lift["lo"] < 2.0 < lift["hi"]
+    assert lift_ci([0.2], [0.1]) is None
+
+
+def test_the_holdout_is_drawn_per_impression_and_its_copies_are_recognised() -> None:
+    from livecopy.sim.live import SplitSource
+
+    src = SplitSource(lambda asks: [None] * len(asks), lambda asks: [None] * len(asks), 0.25)
+
+    class Ask:
+        def __init__(self, user: str, seq: int) -> None:
+            self.shopper = type("S", (), {"user_id": user})()
+            self.seq = seq
+
+    one_shopper = [src.is_holdout(Ask("heavy-user", i)) for i in range(4000)]  # type: ignore[arg-type]
+    assert 0.2 < sum(one_shopper) / 4000 < 0.3  # a heavy shopper is not all holdout or all live
+    assert src.is_holdout_copy("c-holdout-17") and not src.is_holdout_copy("c-0123") and not src.is_holdout_copy(None)
