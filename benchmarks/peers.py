@@ -1,0 +1,280 @@
+"""livecopy's decode beside its peers, on the same weights, in one run (CPU).
+
+    pip install -e '.[peers]'          # ctranslate2
+    python benchmarks/peers.py [--prompts 32] [--k 4] [--max-new-tokens 40] [--threads 1] [--json-out r.json]
+
+The shipped student's trunk + LM head (tied to the token embedding) are exported to a
+``transformers`` ``GPT2LMHeadModel`` (same weights, fp32; the CTR head has no place there) and from
+it to CTranslate2 (``ctranslate2.converters.TransformersConverter``, fp32 and int8). Then, for
+``--prompts`` copy prompts, K candidates each, up to ``--max-new-tokens`` new tokens, top-k 50 /
+top-p 0.95 / temperature 0.9, stop at EOS, at batch 1 (one request at a time) and batch N (all
+prompts in one call):
+
+* **livecopy static**: ``models.generate.generate_candidates`` (the static engine's decode: style
+  token first, the shopper's slot bans and spelled numbers banned, CTR head at EOS included);
+* **livecopy continuous**: ``models.continuous.ContinuousDecoder`` (the continuous engine's decode,
+  same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time;
+* **HF generate()**: ``GPT2LMHeadModel.generate`` (dynamic cache), ``suppress_tokens`` = the ids
+  banned after the first token (the style constraint of the first token and the per-request slot
+  bans cannot be expressed: the peers run slightly *less* constrained);
+* **CT2 fp32 / int8**: ``Generator.generate_batch`` with each prompt repeated K times,
+  ``suppress_sequences`` = the same bans (global: CTranslate2 has no per-request bans nor a
+  first-token constraint; ``generate_batch`` takes no logits processor).
+
+copies/s = prompts / wall time (a copy = one request's K candidates). Quality, same for all: the
+share of candidates that begin with a style token, that end with EOS, and that pass the serving
+filter (grounding + copy rules on the filled text, ``StudentExecutor.render``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from benchmarks._common import machine
+from benchmarks.generation import make_requests
+from core.settings import CopySettings
+from engine.executor import CopyRequest, StudentExecutor, load_executor
+from models.continuous import ContinuousDecoder
+from models.generate import _banned_after_first, generate_candidates, request_biases
+from models.paths import shipped_student_dir
+from models.sequences import encode_text, special_ids
+from models.text.slots import available
+
+SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
+
+
+def export_hf(student: Any, tokenizer: Any, out: Path) -> Path:
+    """The student's trunk + tied LM head as a GPT2LMHeadModel directory (fp32, with the tokenizer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = student.config.to_dict()
+    for key in ("ctr_hidden", "styles", "architectures", "model_type", "transformers_version", "dtype",
+                "torch_dtype"):
+        cfg.pop(key, None)
+    cfg["tie_word_embeddings"] = True
+    hf = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+    missing, unexpected = hf.transformer.load_state_dict(student.transformer.state_dict(), strict=False)
+    if [m for m in missing if not m.endswith(".attn.bias")] or unexpected:
+        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    hf.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def export_ct2(hf_dir: Path, out: Path, quantization: str | None) -> Path:
+    from ctranslate2.converters import TransformersConverter
+
+    TransformersConverter(str(hf_dir)).convert(str(out), quantization=quantization, force=True)
+    return out
+
+
+class Bench:
+    def __init__(self, ex: StudentExecutor, reqs: list[CopyRequest], k: int, max_new: int) -> None:
+        self.ex, self.reqs, self.k, self.max_new = ex, reqs, k, max_new
+        self.model, self.tok = ex.student.model, ex.student.tokenizer
+        self.sid = special_ids(self.tok)
+        self.prompts = [ex._fit(r.ctx) for r in reqs]
+        self.ids = encode_text(self.tok, self.prompts)
+        self.slots_ok = [available(r.ctx) for r in reqs]
+        self.banned = [b for b in _banned_after_first(self.tok, self.sid) if b < int(self.model.config.vocab_size)]
+
+    def quality(self, texts: list[list[str]], styled: list[list[bool]], ended: list[list[bool]]) -> dict[str, float]:
+        ok = n = 0
+        for req, group in zip(self.reqs, texts, strict=True):
+            for t in group:
+                n += 1
+                ok += bool(StudentExecutor.render(t, req.ctx)[1].ok)
+        flat = [x for g in styled for x in g]
+        fin = [x for g in ended for x in g]
+        return {"style_first": sum(flat) / max(len(flat), 1), "eos": sum(fin) / max(len(fin), 1),
+                "filter_pass": ok / max(n, 1)}
+
+    def _split(self, ids: list[int]) -> tuple[bool, str]:
+        styled = bool(ids) and self.sid.style_of_id(ids[0]) is not None
+        body = ids[1:] if styled else ids
+        return styled, self.tok.decode([t for t in body if t != self.sid.eos], skip_special_tokens=True).strip()
+
+    # -- livecopy
+    def livecopy_static(self, idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+        groups = generate_candidates(self.model, self.tok, [self.prompts[i] for i in idx], k=self.k,
+                                     max_new_tokens=self.max_new, seed=seed, slots_ok=[self.slots_ok[i] for i in idx],
+                                     **SAMPLING)
+        return ([[c.text for c in g] for g in groups], [[c.style is not None for c in g] for g in groups],
+                [[c.finished for c in g] for g in groups])
+
+    def livecopy_continuous(self, idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]],
+                                                                      list[list[bool]]]:
+        dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
+                                max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
+                                **SAMPLING)
+        first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
+        dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)
+        got: dict[int, Any] = {}
+        while len(got) < len(idx):
+            for g in dec.step():
+                got[g.gid] = g
+        hidden = torch.cat([got[i].eos_hidden for i in range(len(idx))])
+        with torch.no_grad():
+            self.model.ctr_from_hidden(hidden)  # the CTR head at EOS, as the engine reads it
+        texts, styled, ended = [], [], []
+        for i in range(len(idx)):
+            parts = [self._split(t) for t in got[i].tokens]
+            texts.append([p[1] for p in parts])
+            styled.append([p[0] for p in parts])
+            ended.append(list(got[i].finished))
+        return texts, styled, ended
+
+    # -- peers
+    def hf(self, model: Any) -> Callable[[list[int], int], tuple[list[list[str]], list[list[bool]],
+                                                                  list[list[bool]]]]:
+        from models.sequences import left_pad
+
+        def run(idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+            torch.manual_seed(seed)
+            ids, mask = left_pad([self.ids[i] for i in idx], self.sid.pad)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=self.max_new,
+                                     num_return_sequences=self.k, eos_token_id=self.sid.eos,
+                                     pad_token_id=self.sid.pad, suppress_tokens=self._hf_ban,
+                                     **SAMPLING)
+            gen = out[:, ids.shape[1]:].tolist()
+            return self._groups(gen, len(idx))
+
+        return run
+
+    @property
+    def _hf_ban(self) -> list[int]:
+        # the style tokens are banned after the first token by livecopy; a global ban would forbid them at
+        # the first one too: leave them allowed (the peers are slightly less constrained, not more)
+        styles = set(self.sid.style_id_list)
+        return [b for b in self.banned if b not in styles]
+
+    def ct2(self, gen: Any) -> Callable[[list[int], int], tuple[list[list[str]], list[list[bool]],
+                                                                 list[list[bool]]]]:
+        import ctranslate2
+
+        eos_tok = self.tok.convert_ids_to_tokens(self.sid.eos)
+        suppress = [[self.tok.convert_ids_to_tokens(b)] for b in self._hf_ban]
+        toks = [self.tok.convert_ids_to_tokens(x) for x in self.ids]
+
+        def run(idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+            ctranslate2.set_random_seed(seed)
+            start = [toks[i] for i in idx for _ in range(self.k)]
+            res = gen.generate_batch(start, max_length=self.max_new, sampling_topk=SAMPLING["top_k"],
+                                     sampling_topp=SAMPLING["top_p"], sampling_temperature=SAMPLING["temperature"],
+                                     end_token=eos_tok, include_prompt_in_result=False, suppress_sequences=suppress,
+                                     return_end_token=True)
+            rows = [r.sequences_ids[0] for r in res]
+            return self._groups(rows, len(idx))
+
+        return run
+
+    def _groups(self, rows: list[list[int]], n: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+        texts, styled, ended = [], [], []
+        for i in range(n):
+            g = rows[i * self.k:(i + 1) * self.k]
+            cut = []
+            for r in g:
+                end = r.index(self.sid.eos) if self.sid.eos in r else None
+                cut.append((r[:end] if end is not None else [t for t in r if t != self.sid.pad], end is not None))
+            parts = [self._split(c) for c, _ in cut]
+            texts.append([p[1] for p in parts])
+            styled.append([p[0] for p in parts])
+            ended.append([e for _, e in cut])
+        return texts, styled, ended
+
+
+def measure(fn: Callable[[list[int], int], Any], n: int, batch: int, bench: Bench,
+            repeats: int) -> tuple[float, dict[str, float]]:
+    """(copies/s, quality) of ``n`` prompts in chunks of ``batch`` (median of ``repeats`` runs)."""
+    idx = list(range(n))
+    rates, outs = [], None
+    fn(idx[:min(batch, 2)], 0)  # warm-up
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        texts: list[list[str]] = []
+        styled: list[list[bool]] = []
+        ended: list[list[bool]] = []
+        for s in range(0, n, batch):
+            a, b, c = fn(idx[s:s + batch], 1000 * r + s)
+            texts += a
+            styled += b
+            ended += c
+        rates.append(n / (time.perf_counter() - t0))
+        outs = (texts, styled, ended)
+    assert outs is not None
+    return statistics.median(rates), bench.quality(*outs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=shipped_student_dir())
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="Comma-separated subset of the systems (names as printed).")
+    ap.add_argument("--json-out", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ex = load_executor(a.model, CopySettings(device="cpu", candidates=a.k, max_new_tokens=a.max_new_tokens))
+    bench = Bench(ex, make_requests(a.prompts, seed=3), a.k, a.max_new_tokens)
+    systems: dict[str, Callable[[list[int], int], Any]] = {
+        "livecopy static": bench.livecopy_static,
+        "livecopy continuous": bench.livecopy_continuous,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export_hf(ex.student.model, ex.student.tokenizer, Path(tmp) / "hf")
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+        systems["HF generate()"] = bench.hf(hf)
+        try:
+            import ctranslate2
+
+            for q, name in ((None, "CT2 fp32"), ("int8", "CT2 int8")):
+                d = export_ct2(hf_dir, Path(tmp) / f"ct2-{q or 'fp32'}", q)
+                gen = ctranslate2.Generator(str(d), device="cpu", inter_threads=1, intra_threads=a.threads,
+                                            compute_type=q or "float32")
+                systems[name] = bench.ct2(gen)
+        except ImportError:
+            print("ctranslate2 not installed (pip install -e '.[peers]'): CT2 skipped")
+        only = {x.strip() for x in a.only.split(",") if x.strip()}
+        if only:
+            systems = {k: v for k, v in systems.items() if k in only}
+        print(f"CPU: {machine()}; torch {torch.__version__}, {a.threads} thread(s); {a.prompts} prompts, K={a.k}, "
+              f"<= {a.max_new_tokens} new tokens, top-k 50 / top-p 0.95 / T 0.9, median of {a.repeats}")
+        print(f"\n{'system':22} {'batch':>5} {'copies/s':>9} {'style 1st':>9} {'EOS':>6} {'filter':>7}")
+        results: dict[str, dict[int, Any]] = {}
+        for name, fn in systems.items():
+            for batch in (1, a.prompts):
+                rate, q = measure(fn, a.prompts, batch, bench, a.repeats)
+                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q}
+                print(f"{name:22} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
+                      f"{q['filter_pass']:7.2f}", flush=True)
+    ref = "CT2 int8"
+    if ref in results:
+        print(f"\nratios to {ref}:")
+        for name, by in results.items():
+            print(f"  {name:22} " + "  ".join(f"batch {b}: {v['copies_per_s'] / results[ref][b]['copies_per_s']:.2f}x"
+                                               for b, v in by.items()))
+    if a.json_out:
+        a.json_out.write_text(json.dumps({"machine": machine(), "threads": a.threads, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
