@@ -8,7 +8,9 @@ throughput, and update latency (feedback in -> new version serving), on the ship
    ``FeedbackProcessor`` on the real broker, window 0 (every impression is emitted in the same
    batch), once with the Redis store (feedback.lua) and once with the in-memory store (the same
    logic without Redis: the ceiling). Prints input records/s and feedback records/s.
-2. **trainer (in process)**: ``OnlineTrainer.update`` on synthetic feedback in mini-batches of
+2. **trainer (in process)**: head mode (the shipped default): ``--head-records`` records with
+   logged embeddings -> refit -> gated, saved version, in seconds; then full mode:
+   ``OnlineTrainer.update`` on synthetic feedback in mini-batches of
    ``--batch-size``: records/s and s/step (after one warm-up step), then one evaluation +
    publication (held-out slice, KL, IPS/SNIPS, save, registry).
 3. **end to end**: the trainer worker (BatchLoop on ``livecopy.feedback``) and a CopyEngine
@@ -89,7 +91,7 @@ def bench_joiner(settings: Settings, n_imp: int) -> dict[str, Any]:
 
 
 def trainer_cfg(tmp: Path, args: argparse.Namespace, **over: Any) -> TrainerSettings:
-    base: dict[str, Any] = {"registry_dir": tmp / "registry", "batch_size": args.batch_size, "lr": 1e-4,
+    base: dict[str, Any] = {"registry_dir": tmp / "registry", "mode": "full", "batch_size": args.batch_size, "lr": 1e-4,
                             "eval_every": args.eval_every, "min_heldout": 10, "heldout_fraction": 0.1,
                             "device": args.device, "logloss_tolerance": 10.0, "max_kl": 100.0}
     base.update(over)
@@ -130,6 +132,44 @@ def bench_in_process(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def with_embeddings(records: list[Any], tmp: Path) -> list[Any]:
+    """The records as the generator logs them: with the trunk's embedding at EOS (computed here once)."""
+    from core.contracts import Embedding
+    from models.training.online import OnlineTrainer, row_of
+
+    t = OnlineTrainer(shipped_student_dir(), TrainerSettings(registry_dir=tmp / "embed-registry"))
+    rows = t._with_embeddings([row_of(r) for r in records])  # type: ignore[misc]
+    return [r.model_copy(update={"embedding": Embedding.pack(row.embedding, t.trunk)})
+            for r, row in zip(records, rows, strict=True)]
+
+
+def bench_head(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The shipped fast path: ``--head-records`` feedback records (with logged embeddings) -> one refit of
+    the CTR head, posterior and style policy -> evaluation, gate, save, registry."""
+    from models.training.online import OnlineTrainer
+
+    recs = with_embeddings(feedback_records(args.head_records, style_ctr(STYLES[2]), seed=2, prefix="h"), tmp)
+    n_train = int(args.head_records * 0.85)
+    t = OnlineTrainer(shipped_student_dir(), trainer_cfg(tmp, args, mode="head", refit_every=n_train,
+                                                       heldout_fraction=0.1))
+    t0 = time.perf_counter()
+    rep = t.update(recs)
+    t1 = time.perf_counter()
+    mv = t.maybe_publish()
+    t2 = time.perf_counter()
+    ev = t.last_eval
+    assert ev is not None
+    out = {"records": len(recs), "refits": t.refits, "steps": rep.steps, "update_s": round(t1 - t0, 3),
+           "eval_and_publish_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3), "published": mv is not None,
+           "heldout_rows": ev.n, "records_per_s": round(len(recs) / (t1 - t0), 1)}
+    print(f"trainer [head mode, as shipped, {args.device}]: {len(recs):,} records with logged embeddings -> "
+          f"refit ({rep.steps} steps) in {t1 - t0:.2f} s ({len(recs) / (t1 - t0):,.0f} records/s); evaluation "
+          f"of {ev.n} held-out rows + gate + save + registry {t2 - t1:.2f} s; a gated version "
+          f"{'published' if mv else 'NOT published: ' + '; '.join(ev.reasons)} {t2 - t0:.2f} s after the "
+          f"records arrived", flush=True)
+    return out
+
+
 def bench_e2e(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from confluent_kafka import Producer
 
@@ -142,10 +182,17 @@ def bench_e2e(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict[s
 
     gen = CopySettings(model_dir=shipped_student_dir(), device=args.device, candidates=2, max_new_tokens=8,
                        mc_draws=20, reload_poll_s=0.05)
-    s = settings.model_copy(update={"generation": gen, "trainer": trainer_cfg(tmp, args)})
-    topics = Topics.from_settings(s.topics)
     round_n = int(args.eval_every * args.batch_size / 0.9) + args.batch_size
+    if args.mode == "head":
+        round_n = args.head_records
+        tcfg = trainer_cfg(tmp, args, mode="head", refit_every=int(round_n * 0.8))
+    else:
+        tcfg = trainer_cfg(tmp, args)
+    s = settings.model_copy(update={"generation": gen, "trainer": tcfg})
+    topics = Topics.from_settings(s.topics)
     rounds = [feedback_records(round_n, style_ctr(STYLES[2]), seed=10 + k, prefix=f"r{k}") for k in range(2)]
+    if args.mode == "head":
+        rounds = [with_embeddings(r, tmp / f"e{k}") for k, r in enumerate(rounds)]
     producer = Producer(producer_config(s.kafka))
 
     def send(records: list[Any]) -> None:
@@ -187,9 +234,9 @@ def bench_e2e(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict[s
     n = len(rounds[1])
     out = {"records": n, "produce_s": round(t_sent - t0, 3), "consumed_s": round(t_consumed - t0, 3),
            "records_per_s": round(n / (t_consumed - t0), 1), "published_s": round(t_pub - t0, 3),
-           "serving_s": round(t_swap - t0, 3), "steps_per_version": args.eval_every}
-    print(f"end to end [{args.device}]: {n} feedback records ({args.eval_every} steps of {args.batch_size} + "
-          f"held-out) produced in {t_sent - t0:.2f} s; consumed + trained after {t_consumed - t0:.2f} s "
+           "serving_s": round(t_swap - t0, 3), "mode": args.mode}
+    print(f"end to end [{args.device}, {args.mode} mode]: {n} feedback records produced in {t_sent - t0:.2f} s; "
+          f"consumed + trained after {t_consumed - t0:.2f} s "
           f"({n / (t_consumed - t0):,.1f} records/s; the last poll's batch includes the evaluation); version "
           f"published + announced after {t_pub - t0:.2f} s; serving in the CopyEngine after {t_swap - t0:.2f} s "
           f"(update latency)", flush=True)
@@ -204,6 +251,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--joiner-impressions", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--mode", choices=("head", "full"), default="head",
+                    help="The trainer mode of the end-to-end part (head: the shipped default).")
+    ap.add_argument("--head-records", type=int, default=3000, help="Feedback records per head-mode version.")
     ap.add_argument("--skip-joiner", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--json-out", default=None)
@@ -216,6 +266,7 @@ def main() -> None:
     report: dict[str, Any] = {"machine": machine(), "device": dev}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        report["trainer_head"] = bench_head(args, tmp / "h")
         report["trainer"] = bench_in_process(args, tmp / "a")
         if not (args.skip_joiner and args.skip_e2e):
             from livecopy.devstack import open_stack
