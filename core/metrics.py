@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import HistogramMetricFamily
@@ -82,6 +82,12 @@ class WorkerMetrics:
                                ["worker"], registry=r)
         self.up = Gauge("livecopy_worker_up", "1 while the worker runs", ["worker"], registry=r)
         self.up.labels(worker).set(1)
+        self.dlq_records = Counter("livecopy_dlq_records", "Records the consume loop sent to the DLQ, by reason",
+                                   ["worker", "reason"], registry=r)
+        self.consumer_lag = Gauge(
+            "livecopy_consumer_lag", "Records between this worker's position and the partition's high watermark "
+            "(its assigned partitions; refreshed every few seconds)", ["worker", "topic", "partition"], registry=r)
+        self._lag_keys: set[tuple[str, str]] = set()
 
     def count(self, outcome: str, n: int = 1) -> None:
         if n:
@@ -98,6 +104,19 @@ class WorkerMetrics:
 
     def retrying(self, reason: str) -> None:
         self.retries.labels(self.worker).inc()
+
+    def dlq(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dlq_records.labels(self.worker, reason).inc(n)
+
+    def lag(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """The consumer lag of each assigned partition; partitions no longer assigned are dropped."""
+        keys = {(topic, str(partition)) for topic, partition in lags}
+        for topic, label in self._lag_keys - keys:
+            self.consumer_lag.remove(self.worker, topic, label)
+        for (topic, partition), n in lags.items():
+            self.consumer_lag.labels(self.worker, topic, str(partition)).set(n)
+        self._lag_keys = keys
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         if port:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -208,6 +208,10 @@ class LoopMetrics(Protocol):
 
     def count(self, outcome: str, n: int = 1) -> None: ...
 
+    def dlq(self, reason: str, n: int = 1) -> None: ...
+
+    def lag(self, lags: Mapping[tuple[str, int], int]) -> None: ...
+
 
 class NullMetrics:
     def batch_done(self, records: Sequence[Record], rejected: int, seconds: float) -> None:
@@ -217,6 +221,12 @@ class NullMetrics:
         pass
 
     def count(self, outcome: str, n: int = 1) -> None:
+        pass
+
+    def dlq(self, reason: str, n: int = 1) -> None:
+        pass
+
+    def lag(self, lags: Mapping[tuple[str, int], int]) -> None:
         pass
 
 
@@ -328,6 +338,8 @@ class BatchLoop:
         self._delay = 0.0  # the backoff after consecutive failed tries of a batch (0: the last one went through)
         self.batches = 0
         self.records = 0
+        self.lag_interval_s = 5.0  # how often the consumer lag of the assigned partitions is reported
+        self._last_lag = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -355,6 +367,7 @@ class BatchLoop:
         batch = self._poll_batch()
         if batch:
             self._handle(batch)
+        self._report_lag()
         if self._async:
             self._collect()
             self._flow_control()
@@ -492,6 +505,29 @@ class BatchLoop:
                 log.warning("DLQ record for %s[%d]@%d (%d bytes) is too large to produce as it is: sending it cut "
                             "down (level %d)", rec.topic, rec.partition, rec.offset, len(rec.value or b""), shrink)
             todo = again
+        reasons: dict[str, int] = {}
+        for _rec, rej in rejected:  # every one acknowledged by now
+            reasons[rej.reason] = reasons.get(rej.reason, 0) + 1
+        for reason, n in reasons.items():
+            self.metrics.dlq(reason, n)
+
+    def _report_lag(self) -> None:
+        """Every ``lag_interval_s``: records between the position and the high watermark (as last fetched)
+        of each assigned partition, to the metrics. A metric only: a failure here is logged, not raised."""
+        now = self.clock()
+        if now - self._last_lag < self.lag_interval_s:
+            return
+        self._last_lag = now
+        try:
+            tps = [TopicPartition(t, p) for t, p in sorted(self._assigned)]
+            lags: dict[tuple[str, int], int] = {}
+            for tp in self.consumer.position(tps) if tps else []:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:  # nothing consumed yet, or no fetch yet: unknown
+                    lags[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+            self.metrics.lag(lags)
+        except Exception as exc:
+            log.debug("consumer lag not reported: %s", exc)
 
     def _dlq_report(self, again: list[tuple[Record, Rejection, int]], rec: Record, rej: Rejection,
                     shrink: int) -> Callable[[KafkaError | None, Message], None]:
