@@ -215,7 +215,12 @@ class LuaScript:
             raise TransientStoreError(f"{self.filename} keeps disappearing from Redis")
         if replicas:
             acked = results.pop()
+            for r in results:  # a slot moved, a node demoted...: that, rather than what WAIT says of it
+                if isinstance(r, BaseException) and is_transient_redis_error(r):
+                    raise r
             if isinstance(acked, BaseException):
+                if "WAIT cannot be used with replica" in str(acked):  # the node was demoted since the last lookup
+                    raise TransientStoreError(f"redis unavailable: {acked}") from acked
                 raise acked
             if int(acked) < replicas:
                 raise TransientStoreError(f"only {acked} of {replicas} Redis replicas acknowledged the batch "

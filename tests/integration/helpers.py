@@ -159,6 +159,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LIVECOPY_WORKER__RETRY_BACKOFF_INITIAL_S": str(settings.worker.retry_backoff_initial_s),
         "LIVECOPY_WORKER__RETRY_BACKOFF_MAX_S": str(settings.worker.retry_backoff_max_s),
         "LIVECOPY_REDIS__SOCKET_TIMEOUT_S": str(settings.redis.socket_timeout_s),
+        "LIVECOPY_PROFILE__MAX_SEEN": str(settings.profile.max_seen),
         "LIVECOPY_REDIS__CLUSTER": str(settings.redis.cluster).lower(),
         "LIVECOPY_REDIS__WAIT_REPLICAS": str(settings.redis.wait_replicas),
         "LIVECOPY_REDIS__WAIT_TIMEOUT_MS": str(settings.redis.wait_timeout_ms),
