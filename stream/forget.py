@@ -8,8 +8,10 @@ joiner's open state (keyed by impression, not by shopper) until it closes or exp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from core.settings import Settings
 from stream.profile.store import ProfileKeys
@@ -26,7 +28,12 @@ class Forgotten:
 def shopper_keys(client: redis.Redis, prefix: str, user_id: str) -> list[str]:
     """Every key of the shopper (one hash slot: the user id is the hash tag)."""
     pattern = f"{prefix}{{{user_id}}}:*"  # user ids are [A-Za-z0-9_.:@-]: no glob characters
-    return sorted(k.decode() if isinstance(k, bytes) else k for k in client.scan_iter(match=pattern, count=1000))
+    # on a cluster, only the node serving the shopper's slot (RedisCluster would scan every master)
+    where: dict[str, Any] = {}
+    if isinstance(client, RedisCluster):
+        where["target_nodes"] = client.get_node_from_key(pattern)
+    return sorted(k.decode() if isinstance(k, bytes) else k
+                  for k in client.scan_iter(match=pattern, count=1000, **where))
 
 
 def forget(client: redis.Redis, settings: Settings, user_id: str, now_ms: int) -> Forgotten:

@@ -24,9 +24,11 @@ from services.workers.feedback import build_feedback_loop
 from services.workers.profile import build_profile_loop
 from services.workers.responses import build_responses_loop
 from stream.feedback.store import RedisFeedbackStore
+from stream.forget import shopper_keys
 from stream.kafka_io import committed_offsets, producer_config
-from stream.profile.store import ProfileKeys
-from stream.redis_io import durability_problem, redis_client
+from stream.profile.logic import ProfileUpdate
+from stream.profile.store import ProfileKeys, RedisProfileStore
+from stream.redis_io import TransientStoreError, durability_problem, redis_client
 from stream.responses.store import RedisResponseStore
 from tests.copygen import ServerThread, save_tiny_student
 from tests.feedback_data import click_event, copy_record, impression_event
@@ -127,6 +129,8 @@ def test_api_reads_profiles_serves_copy_and_forgets_on_the_cluster(settings: Set
         gone = http.delete(f"/v1/profile/{users[0]}")
         assert gone.status_code == 200 and gone.json()["keys_deleted"] >= 3  # profile, recent, seen, copy...
         assert http.get(f"/v1/profile/{users[0]}").status_code == 404
+        keys = shopper_keys(redis_client(s.redis), s.redis.key_prefix, users[0])
+        assert keys == [ProfileKeys(s.redis.key_prefix).tombstone(users[0])]
         assert http.get(f"/v1/profile/{users[1]}").status_code == 200
 
 
@@ -166,6 +170,24 @@ def test_feedback_joiner_and_responses_worker_on_the_cluster(settings: Settings,
     clicks = {u: store.load(f"fan{u}") for u in range(6)}
     assert sum(sum(r.clicks.values()) for r in clicks.values() if r is not None) == sum(truth.values())
     assert read_topic(s, topics.dlq, 0, timeout=1) == []
+
+
+def test_wait_replicas_holds_a_batch_back_until_replicas_acknowledge(settings: Settings, cluster: LocalCluster) -> None:
+    """A Redis whose writes no replica acknowledged (the suite's standalone Redis has none; a cluster master whose
+    replica is gone): the batch is applied there but reported as TransientStoreError, so the worker commits no
+    offset and applies the batch again later (its dedupe marks make that a no-op)."""
+    now = int(time.time() * 1000)
+    updates = [ProfileUpdate(f"w{i}", f"waiter{i % 3}", "page_view", now) for i in range(9)]
+    lone = settings.redis.model_copy(update={"wait_replicas": 1, "wait_timeout_ms": 50})
+    store = RedisProfileStore(redis_client(lone), settings.profile, settings.redis.key_prefix)
+    with pytest.raises(TransientStoreError, match="only 0 of 1 Redis replicas"):
+        store.apply(updates, now)
+    plain = RedisProfileStore(redis_client(settings.redis), settings.profile, settings.redis.key_prefix)
+    assert plain.apply(updates, now) == [False] * 9  # applied the first time, though not acknowledged
+    wait_until(cluster.healthy, 60, "a healthy cluster")
+    on = on_cluster(settings, cluster)
+    clustered = RedisProfileStore(redis_client(on.redis), on.profile, on.redis.key_prefix)
+    assert clustered.apply(updates, now) == [True] * 9 and clustered.apply(updates, now) == [False] * 9
 
 
 def user_on(c: LocalCluster, prefix: str, users: list[str], node: Node) -> list[str]:
