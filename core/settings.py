@@ -243,6 +243,9 @@ class CopySettings(Section):
     # continuous: requests join the running decode at the next step, leave at their EOS, deadlines checked every
     # step (engine/continuous.py); static: a batch runs from prefill to its last EOS (engine/batching.py).
     engine: Literal["static", "continuous"] = "continuous"
+    # continuous engine: torch.compile the decode step (static shapes: all max_batch_size slots every step, the
+    # KV cache preallocated; for CUDA -- on a CPU the full-size steps cost more than compiling saves at low load)
+    compile_decode: bool = False
     max_batch_size: int = 32  # requests in one batch (static) or decoding together (continuous)
     max_wait_ms: float = 5.0  # static only: how long the oldest request waits for company
     max_queue: int = 256

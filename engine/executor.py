@@ -254,17 +254,20 @@ class StudentExecutor:
         """A fresh running batch for this model, with this executor's sampling settings (static shapes
         on CUDA by default: every step attends over the preallocated columns, no host sync for lengths)."""
         if static_shapes is None:
-            static_shapes = self.device.type == "cuda"
+            static_shapes = self.device.type == "cuda" or self.cfg.compile_decode
         with self._lock:
             self._seed += 1
             seed = self._seed
         sid = special_ids(self.student.tokenizer)
-        return ContinuousDecoder(
+        dec = ContinuousDecoder(
             self.student.model, eos_id=sid.eos, pad_id=sid.pad, k=self.cfg.candidates,
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
             max_prompts=max_prompts, static_shapes=static_shapes,
         )
+        if self.cfg.compile_decode and static_shapes:
+            dec.compile()
+        return dec
 
     def prepare(self, requests: Sequence[CopyRequest]) -> tuple[list[Prepared], torch.Tensor, torch.Tensor]:
         """Per request: its prompt (fitted), token ids and style factors; and the decode constraints

@@ -33,7 +33,7 @@ columns every step: the step's shapes never change and no length is read back to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +114,7 @@ class ContinuousDecoder:
         # rows that left, by gid: slot -> (tokens, logprob, sample logprob, ended by EOS, hidden at EOS)
         self._left: dict[int, dict[int, tuple[list[int], float, float, bool, torch.Tensor | None]]] = {}
         self._done: list[int] = []  # gids whose k rows all left, not yet reported
-        self._t = 0  # generated columns attended this step
-        self._gen_bias = torch.zeros((0, 1, 0), device=self.device)
+        self._fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
 
     # ------------------------------------------------------------------ state
     def _rows_alloc(self, n: int) -> None:
@@ -163,6 +162,8 @@ class ContinuousDecoder:
         dev, p, h, dh = self.device, self.n_prompts, self.n_head, self.head_dim
         if not self.pk:
             self._neg = float(torch.finfo(dtype).min)
+            if self.static_shapes:  # room for the longest prompt the positions allow: the shapes never change
+                length = max(length, self.n_positions - self.max_new)
             self.lc = length
             self.pk = [torch.zeros((p, h, length, dh), dtype=dtype, device=dev) for _ in range(self.n_layer)]
             self.pv = [torch.zeros_like(t) for t in self.pk]
@@ -307,28 +308,44 @@ class ContinuousDecoder:
                 self._done.append(gid)
                 self.prompt_gid[p] = -1
 
-    def _attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def _attend(self, layer: int, qkv: torch.Tensor, col: torch.Tensor, gen_bias: torch.Tensor,
+                t: int) -> torch.Tensor:
         q, key, value = qkv.unbind(1)  # (R, H, dh)
         n = q.shape[0]
         hi = n // self.k
-        rows = self._row_index
-        col = self._col
+        rows = torch.arange(n, device=q.device)
         self.sk[layer][rows, :, col] = key
         self.sv[layer][rows, :, col] = value
-        t = self._t
         sk, sv = self.sk[layer][:n, :, :t], self.sv[layer][:n, :, :t]
         q = q * self.scale
         pk, pv = self.pk[layer][:hi], self.pv[layer][:hi]
         # the prompt part per prompt slot: its k rows' queries against its keys, read once
         g = q.view(hi, self.k, self.n_head, self.head_dim).transpose(1, 2)  # (hi, H, k, dh)
         s_pre = (torch.matmul(g, pk.transpose(-1, -2)) + self.p_bias[:hi]).transpose(1, 2).reshape(n, self.n_head, -1)
-        s_gen = (sk * q[:, :, None, :]).sum(-1) + self._gen_bias
+        s_gen = (sk * q[:, :, None, :]).sum(-1) + gen_bias
         p = torch.softmax(torch.cat([s_pre, s_gen], -1).float(), -1)
         p_pre, p_gen = p.split([pk.shape[2], t], -1)
         pg = p_pre.to(pv.dtype).view(hi, self.k, self.n_head, -1).transpose(1, 2)
         o_pre = torch.matmul(pg, pv).transpose(1, 2).reshape(n, self.n_head, self.head_dim)
         o_gen = torch.matmul(p_gen[:, :, None, :].to(sv.dtype), sv).squeeze(2)
         return (o_pre + o_gen).reshape(n, -1)
+
+    def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        """The step's forward over rows ``feed`` (R,): final hidden states and logits (:meth:`compile`)."""
+        cols = torch.arange(t, device=feed.device)
+        gen_bias = torch.zeros((feed.shape[0], 1, t), dtype=self.p_bias.dtype, device=feed.device).masked_fill_(
+            (cols[None, :] > col[:, None])[:, None], self._neg)
+        with autocast_for(self.device):
+            x = self.trunk.wte(feed) + self.trunk.wpe(pos)
+            h = self._layers(x, lambda layer, qkv: self._attend(layer, qkv, col, gen_bias, t))
+            return h, F.linear(h, self.lm_weight)
+
+    def compile(self, **kw: Any) -> None:
+        """``torch.compile`` the step's forward (static shapes only: one graph for all steps)."""
+        if not self.static_shapes:
+            raise ValueError("compile() needs static_shapes=True")
+        self._fwd = torch.compile(self._forward, dynamic=False, **kw)
 
     @torch.no_grad()
     def step(self) -> list[FinishedGroup]:
@@ -344,16 +361,10 @@ class ContinuousDecoder:
         n = hi * self.k
         alive, closing = self.alive[:n], self.closing[:n]
         feed = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
-        self._col = self.glen[:n].clamp(max=self.cap - 1)
-        self._row_index = torch.arange(n, device=self.device)
-        self._t = self.cap if self.static_shapes else int(self._col[alive].max()) + 1
-        cols = torch.arange(self._t, device=self.device)
-        self._gen_bias = torch.zeros((n, 1, self._t), dtype=self.p_bias.dtype, device=self.device).masked_fill_(
-            (cols[None, :] > self._col[:, None])[:, None], self._neg)
-        with autocast_for(self.device):
-            pos = (self.pos[:n] + 1).clamp(max=self.n_positions - 1)
-            h = self._layers(self.trunk.wte(feed) + self.trunk.wpe(pos), self._attend)
-            logits = F.linear(h, self.lm_weight)
+        col = self.glen[:n].clamp(max=self.cap - 1)
+        t = self.cap if self.static_shapes else int(col[alive].max()) + 1
+        pos = (self.pos[:n] + 1).clamp(max=self.n_positions - 1)
+        h, logits = self._fwd(feed, pos, col, t)
         self.pos[:n] += alive.long()
         self.glen[:n] += alive.long()
         ending = (closing & alive).nonzero().squeeze(1)

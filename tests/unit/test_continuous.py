@@ -1,10 +1,12 @@
 """Continuous batching (issue 18): the decoder (models/continuous.py) and the engine loop
 (engine/continuous.py) on a real tiny student (CPU), plus the loop's isolation on a scripted executor.
 
-Behaviour only, no timing: a fake clock advanced at every step drives the deadlines."""
+Behaviour only, no timing: a fake clock advanced at every step drives the deadlines. The device is the
+CPU; ``LIVECOPY_TEST_DEVICE=cuda`` runs the model tests on a GPU (benchmarks/gpu_check.sh)."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -27,6 +29,7 @@ from models.text.context import build_prompt, product_context
 from tests.copygen import copy_settings, save_tiny_student
 
 CAT = Catalog.generate(60, seed=21)
+DEVICE = os.environ.get("LIVECOPY_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     """Greedy rows are deterministic: prompts admitted at steps 0, 3 and 7 of a running decode (into
     freed slots too) come out with the tokens, log-likelihoods, EOS flags and CTR hidden states of one
     static decode of all of them."""
-    st = load_student(dirs["v1"])
+    st = load_student(dirs["v1"], device=DEVICE)
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
     rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:7]])
@@ -84,19 +87,25 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
         if len(got) == len(rows):
             break
     assert sorted(got) == list(range(len(rows)))
+    same = 0
     for i, g in got.items():
         for j in range(2):
             r = i * 2 + j
+            if DEVICE != "cpu":  # bf16 on a GPU: a near-tie may flip a greedy token; most rows agree
+                same += g.tokens[j] == ref.tokens[r]
+                continue
             assert g.tokens[j] == ref.tokens[r]
             assert g.finished[j] == ref.finished[r]
             assert g.logprob[j] == pytest.approx(ref.logprob[r], abs=1e-3)
             assert ref.eos_hidden is not None and g.eos_hidden is not None
-            assert torch.allclose(g.eos_hidden[j], ref.eos_hidden[r], atol=1e-4)
+            assert torch.allclose(g.eos_hidden[j].cpu(), ref.eos_hidden[r].cpu(), atol=1e-4)
+    if DEVICE != "cpu":
+        assert same >= 0.8 * 2 * len(rows)
     assert dec.gids() == [] and dec.live_rows == 0
 
 
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
-    st = load_student(dirs["v1"])
+    st = load_student(dirs["v1"], device=DEVICE)
     sid = special_ids(st.tokenizer)
     rows = encode_text(st.tokenizer, [build_prompt(product_context(p)) for p in CAT.products[:3]])
     first, ban = request_biases(st.model, st.tokenizer, 3)
@@ -114,7 +123,8 @@ def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, P
 # ------------------------------------------------------------------------------ the engine
 
 def _engine(path: Path, clock: FakeClock | None = None, **over: Any) -> ContinuousEngine[CopyRequest, CopyResult]:
-    cfg = copy_settings(**{"candidates": 2, "max_new_tokens": 40, "temperature": 0.0, "mc_draws": 20, **over})
+    cfg = copy_settings(**{"device": DEVICE, "candidates": 2, "max_new_tokens": 40, "temperature": 0.0, "mc_draws": 20,
+                           **over})
     ex = load_executor(path, cfg)
     kw: dict[str, Any] = {}
     if clock is not None:
@@ -176,7 +186,9 @@ def test_a_request_joining_mid_decode_is_answered_correctly(dirs: dict[str, Path
         engine.stop()
     assert running[:3] == [1, 1, 1] and 2 in running  # the joiner decoded beside the first
     assert a.user_id == first.user_id and b.user_id == joiner.user_id
-    assert (b.text, b.style, b.template) == (expected.text, expected.style, expected.template)
+    assert b.text and b.product_id == joiner.product_id
+    if DEVICE == "cpu":  # (bf16 GEMMs of other shapes may round a near-tie the other way on a GPU)
+        assert (b.text, b.style, b.template) == (expected.text, expected.style, expected.template)
 
 
 def test_hot_swap_under_continuous_batching_drops_nothing(dirs: dict[str, Path]) -> None:
