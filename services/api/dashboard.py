@@ -251,8 +251,10 @@ class Sampler:
     def axes(self) -> dict[str, list[float] | None]:
         """Robust y ranges: the 2nd-98th percentile of the points, padded (CTR: after each version's
         warm-up of ``warmup_impressions``), so that an early spike does not squash the rest."""
-        warm = [s["ctr"] for c in self.ctr_points for s in c["versions"].values()
-                if s["ctr"] is not None and s["impressions"] >= self.warmup_impressions]
+        # the CTR points and their intervals (the reader sees the uncertainty), past the warm-up
+        warm = [v for c in self.ctr_points for s in c["versions"].values()
+                if s["ctr"] is not None and s["impressions"] >= self.warmup_impressions
+                for v in (s["ctr"], s["lo"], s["hi"])]
         if not warm:
             warm = [s["ctr"] for c in self.ctr_points for s in c["versions"].values()]
         pts = list(self.points)
