@@ -224,6 +224,8 @@ def main() -> None:
                     help="torch threads (default 1 on CPU: on a shared 2-core box 2 threads ran 3-10x slower)")
     ap.add_argument("--slo-ms", type=float, default=50.0, help="p99 target reported on CUDA")
     ap.add_argument("--ceiling", action="store_true", help="CPU: profile one static batch's matrix products.")
+    ap.add_argument("--compile", action="store_true",
+                    help="Continuous engine: torch.compile the decode step (generation.compile_decode).")
     ap.add_argument("--json-out", type=Path, default=None)
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
@@ -238,7 +240,7 @@ def main() -> None:
     all_modes = {
         "unbatched": CopySettings(**base, engine="static", max_batch_size=1, max_wait_ms=0.0),
         "static": CopySettings(**base, engine="static", max_batch_size=a.max_batch, max_wait_ms=a.max_wait_ms),
-        "continuous": CopySettings(**base, engine="continuous", max_batch_size=a.max_batch),
+        "continuous": CopySettings(**base, engine="continuous", max_batch_size=a.max_batch, compile_decode=a.compile),
     }
     modes = {m: all_modes[m] for m in names}
     dev = torch.cuda.get_device_name(0) if cuda else machine()

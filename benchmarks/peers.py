@@ -52,7 +52,7 @@ from models.paths import shipped_student_dir
 from models.sequences import encode_text, special_ids
 from models.text.slots import available
 
-SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
+SAMPLING: dict[str, Any] = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
 
 
 def export_hf(student: Any, tokenizer: Any, out: Path) -> Path:
@@ -138,18 +138,20 @@ class Bench:
         return texts, styled, ended
 
     # -- peers
-    def hf(self, model: Any) -> Callable[[list[int], int], tuple[list[list[str]], list[list[bool]],
-                                                                  list[list[bool]]]]:
+    def hf(self, model: Any, static_cache: bool = False) -> Callable[[list[int], int], tuple[
+            list[list[str]], list[list[bool]], list[list[bool]]]]:
         from models.sequences import left_pad
 
         def run(idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
             torch.manual_seed(seed)
             ids, mask = left_pad([self.ids[i] for i in idx], self.sid.pad)
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            extra: dict[str, Any] = {"cache_implementation": "static"} if static_cache else {}
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=self.max_new,
                                      num_return_sequences=self.k, eos_token_id=self.sid.eos,
                                      pad_token_id=self.sid.pad, suppress_tokens=self._hf_ban,
-                                     **SAMPLING)
+                                     **SAMPLING, **extra)
             gen = out[:, ids.shape[1]:].tolist()
             return self._groups(gen, len(idx))
 
@@ -226,12 +228,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (on CUDA: HF with its static cache too, CT2 fp16/int8)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="Comma-separated subset of the systems (names as printed).")
     ap.add_argument("--json-out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    ex = load_executor(a.model, CopySettings(device="cpu", candidates=a.k, max_new_tokens=a.max_new_tokens))
+    cuda = a.device.startswith("cuda")
+    ex = load_executor(a.model, CopySettings(device=a.device, candidates=a.k, max_new_tokens=a.max_new_tokens))
     bench = Bench(ex, make_requests(a.prompts, seed=3), a.k, a.max_new_tokens)
     systems: dict[str, Callable[[list[int], int], Any]] = {
         "livecopy static": bench.livecopy_static,
@@ -241,22 +245,28 @@ def main() -> None:
         hf_dir = export_hf(ex.student.model, ex.student.tokenizer, Path(tmp) / "hf")
         from transformers import GPT2LMHeadModel
 
-        hf = GPT2LMHeadModel.from_pretrained(str(hf_dir)).eval()
+        hf = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch.bfloat16 if cuda else torch.float32)
+        hf = hf.to(a.device).eval()
         systems["HF generate()"] = bench.hf(hf)
+        if cuda:
+            systems["HF generate() static"] = bench.hf(hf, static_cache=True)
+        kinds = ((("float16", "CT2 fp16"), ("int8_float16", "CT2 int8")) if cuda
+                 else ((None, "CT2 fp32"), ("int8", "CT2 int8")))
         try:
             import ctranslate2
 
-            for q, name in ((None, "CT2 fp32"), ("int8", "CT2 int8")):
-                d = export_ct2(hf_dir, Path(tmp) / f"ct2-{q or 'fp32'}", q)
-                gen = ctranslate2.Generator(str(d), device="cpu", inter_threads=1, intra_threads=a.threads,
-                                            compute_type=q or "float32")
+            for quant, name in kinds:
+                d = export_ct2(hf_dir, Path(tmp) / f"ct2-{quant or 'fp32'}", quant)
+                gen = ctranslate2.Generator(str(d), device="cuda" if cuda else "cpu", inter_threads=1,
+                                            intra_threads=a.threads, compute_type=quant or "float32")
                 systems[name] = bench.ct2(gen)
-        except ImportError:
-            print("ctranslate2 not installed (pip install -e '.[peers]'): CT2 skipped")
+        except Exception as exc:  # not installed, or no CUDA build
+            print(f"CTranslate2 skipped ({type(exc).__name__}: {exc}); pip install -e '.[peers]'")
         only = {x.strip() for x in a.only.split(",") if x.strip()}
         if only:
             systems = {k: v for k, v in systems.items() if k in only}
-        print(f"CPU: {machine()}; torch {torch.__version__}, {a.threads} thread(s); {a.prompts} prompts, K={a.k}, "
+        where = torch.cuda.get_device_name(0) if cuda else f"CPU: {machine()}"
+        print(f"{where}; torch {torch.__version__}, {a.threads} thread(s); {a.prompts} prompts, K={a.k}, "
               f"<= {a.max_new_tokens} new tokens, top-k 50 / top-p 0.95 / T 0.9, median of {a.repeats}")
         print(f"\n{'system':22} {'batch':>5} {'copies/s':>9} {'style 1st':>9} {'EOS':>6} {'filter':>7}")
         results: dict[str, dict[int, Any]] = {}
@@ -266,6 +276,8 @@ def main() -> None:
                 results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q}
                 print(f"{name:22} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
                       f"{q['filter_pass']:7.2f}", flush=True)
+    if cuda:
+        torch.cuda.synchronize()
     ref = "CT2 int8"
     if ref in results:
         print(f"\nratios to {ref}:")
@@ -273,7 +285,8 @@ def main() -> None:
             print(f"  {name:22} " + "  ".join(f"batch {b}: {v['copies_per_s'] / results[ref][b]['copies_per_s']:.2f}x"
                                                for b, v in by.items()))
     if a.json_out:
-        a.json_out.write_text(json.dumps({"machine": machine(), "threads": a.threads, "results": results}, indent=2))
+        a.json_out.write_text(json.dumps({"machine": machine(), "device": a.device, "threads": a.threads,
+                                          "results": results}, indent=2))
 
 
 if __name__ == "__main__":
