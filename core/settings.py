@@ -202,7 +202,8 @@ class TrainerSettings(Section):
     head_batch: int = Field(256, ge=1)
     prior_std: float = 0.1  # head: prior std of the CTR head's last layer (the Thompson posterior)
     style_temperature: float = Field(0.3, gt=0)  # head: p(style) ∝ p0(style | prompt) exp(Q / this)
-    max_style_kl: float = 2.0  # head: publish when mean KL(serving || candidate) of p(style) <= this
+    max_style_tilt: float = Field(3.0, gt=0)  # head: no style's logit lowered by more (exploration, OPE support)
+    max_style_kl: float = 2.5  # head: publish when mean KL(serving || candidate) of p(style) <= this
     batch_size: int = 32
     lr: float = 5e-5
     ctr_weight: float = 1.0

@@ -45,6 +45,7 @@ class StylePolicy:
     weight: np.ndarray  # (len(keys), len(STYLES))
     temperature: float
     rows: int = 0  # feedback rows it was fitted on
+    max_tilt: float = 3.0
 
     def __post_init__(self) -> None:
         self._index = {k: i for i, k in enumerate(self.keys)}
@@ -54,9 +55,12 @@ class StylePolicy:
         return self.weight[ix].sum(axis=0) if ix else np.zeros(len(STYLES))
 
     def bias(self, ctx: CopyContext) -> dict[str, float]:
-        """The logits added to each style token for ``ctx`` (0 for the best style, negative for the others)."""
+        """The logits added to each style token for ``ctx``: 0 for the best style, negative for the others,
+        never below ``-max_tilt`` (every style keeps at least e^-max_tilt of its weight: exploration, and
+        the support the off-policy estimates need)."""
         q = self.q(ctx)
-        return {st: float((v - q.max()) / self.temperature) for st, v in zip(STYLES, q, strict=True)}
+        top = q.max()
+        return {st: max(-self.max_tilt, float((v - top) / self.temperature)) for st, v in zip(STYLES, q, strict=True)}
 
     def tilt(self, ctx: CopyContext, p0: Mapping[str, float]) -> dict[str, float]:
         """``p0`` (the student's p(style | prompt)) tilted as serving tilts it."""
@@ -67,7 +71,7 @@ class StylePolicy:
 
     @classmethod
     def fit(cls, contexts: Sequence[CopyContext], styles: Sequence[str], targets: Sequence[float], *,
-            temperature: float, ridge: float = 20.0) -> StylePolicy:
+            temperature: float, max_tilt: float = 3.0, ridge: float = 20.0) -> StylePolicy:
         """Per style, ridge regression of ``targets`` (e.g. the CTR head's log-CTR of each shown copy) on the
         context keys, shrunk towards the mean target of all rows (a style seldom shown keeps the average)."""
         keys = sorted({k for c in contexts for k in context_keys(c)})
@@ -87,11 +91,11 @@ class StylePolicy:
             a = x.T @ x + ridge * np.eye(len(keys))
             sol = np.linalg.solve(a, x.T @ (y[sel] - mean))
             w[:, s] += sol
-        return cls(keys, w, temperature, len(y))
+        return cls(keys, w, temperature, len(y), max_tilt)
 
     def save(self, directory: str | Path) -> None:
         meta = {"keys": json.dumps(self.keys), "styles": json.dumps(list(STYLES)),
-                "temperature": repr(self.temperature), "rows": str(self.rows)}
+                "temperature": repr(self.temperature), "rows": str(self.rows), "max_tilt": repr(self.max_tilt)}
         save_file({"weight": self.weight.astype(np.float32)}, str(Path(directory) / STYLE_POLICY_FILE), metadata=meta)
 
     @classmethod
@@ -106,4 +110,5 @@ class StylePolicy:
         if json.loads(meta.get("styles", "[]")) != list(STYLES):
             raise ValueError(f"{path}: styles {meta.get('styles')} differ from {list(STYLES)}")
         weight = load_file(str(path))["weight"].astype(np.float64)
-        return cls(json.loads(meta["keys"]), weight, float(meta["temperature"]), int(meta.get("rows", 0)))
+        return cls(json.loads(meta["keys"]), weight, float(meta["temperature"]), int(meta.get("rows", 0)),
+                   float(meta.get("max_tilt", 3.0)))

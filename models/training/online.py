@@ -460,7 +460,7 @@ class OnlineTrainer:
         policy = StylePolicy.fit([r.ctx for r in rows if r.ctx is not None],
                                  [r.style for r in rows if r.ctx is not None],
                                  np.log(np.clip(probs, 1e-6, 1.0))[[r.ctx is not None for r in rows]],
-                                 temperature=cfg.style_temperature)
+                                 temperature=cfg.style_temperature, max_tilt=cfg.max_style_tilt)
         self._candidate = (head, post, policy)
         self.refits += 1
         self.steps += steps
