@@ -16,6 +16,7 @@ from typing import Any
 
 OUT = Path(__file__).resolve().parent / "dashboards" / "livecopy.json"
 DS = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/prometheus.yml
+ANNOTATION = "livecopy_model_info unless livecopy_model_info offset 1m"
 
 
 class Layout:
@@ -172,8 +173,8 @@ def build() -> dict[str, Any]:
         "annotations": {"list": [{
             "name": "Model version changes", "datasource": DS, "enable": True, "iconColor": "purple",
             # a version label that was not there a minute before: the API started serving it
-            "expr": "livecopy_model_info unless livecopy_model_info offset 1m", "titleFormat": "serving {{version}}",
-            "step": "60s",
+            "expr": ANNOTATION, "titleFormat": "serving {{version}}", "step": "60s",
+            "target": {"refId": "Anno", "datasource": DS, "expr": ANNOTATION},  # the form Grafana >= 10 keeps
         }]},
         "panels": g.panels,
     }
