@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -161,6 +162,7 @@ class Sampler:
         self._bounds: list[float] = []
         self._last_ctr = float("-inf")
         self._serving: str | None = None
+        self._lock = threading.Lock()
 
     def _since(self, now: float, window_s: float) -> tuple[float, list[float], float] | None:
         """(seconds, bucket deltas, requests) over the last ``window_s`` (at most what was sampled)."""
@@ -188,8 +190,23 @@ class Sampler:
         return (None if q50 is None else round(q50 * 1000, 2)), (None if q99 is None else round(q99 * 1000, 2))
 
     def sample(self) -> None:
+        """One sample (the sampler's thread): the sources are read first, then the series updated under the
+        lock that ``data`` (the event loop) takes too."""
         now = self.clock()
         h = self.histogram()
+        serving = self.version()
+        by: dict[str, tuple[int, int]] | None = None
+        if self.ctr is not None and now - self._last_ctr >= self.ctr_every_s:
+            self._last_ctr = now
+            try:
+                by = self.ctr()
+            except Exception as exc:  # Redis away: the page shows the gap
+                log.debug("dashboard CTR read failed: %s", exc)
+        with self._lock:
+            self._record(now, h, serving, by)
+
+    def _record(self, now: float, h: tuple[list[float], list[float], float] | None, serving: str | None,
+                by: dict[str, tuple[int, int]] | None) -> None:
         if h is not None:
             bounds, cum, count = h
             self._bounds = bounds
@@ -209,18 +226,11 @@ class Sampler:
         if win is not None:
             point["copies_per_s_avg"] = round(win[2] / win[0], 3)
         self.points.append(point)
-        serving = self.version()
         if serving is not None and serving != self._serving:
             if self._serving is not None:  # the first version seen is where the chart starts, not a change
                 self.marks.append({"t": point["t"], "ts": point["ts"], "version": serving, "from": self._serving})
             self._serving = serving
-        if self.ctr is not None and now - self._last_ctr >= self.ctr_every_s:
-            self._last_ctr = now
-            try:
-                by = self.ctr()
-            except Exception as exc:  # Redis away: the page shows the gap
-                log.debug("dashboard CTR read failed: %s", exc)
-                return
+        if by is not None:
             versions = {}
             for v, (n, k) in by.items():
                 band = wilson(k, n)
@@ -249,9 +259,9 @@ class Sampler:
         return out
 
     def axes(self) -> dict[str, list[float] | None]:
-        """Robust y ranges: the 2nd-98th percentile of the points, padded (CTR: after each version's
-        warm-up of ``warmup_impressions``), so that an early spike does not squash the rest."""
-        # the CTR points and their intervals (the reader sees the uncertainty), past the warm-up
+        """Robust y ranges: the 2nd-98th percentile of the points, padded, so that an early spike does not
+        squash the rest. CTR: the points and their 95 % intervals (the reader sees the uncertainty) of versions
+        past a warm-up of ``warmup_impressions``."""
         warm = [v for c in self.ctr_points for s in c["versions"].values()
                 if s["ctr"] is not None and s["impressions"] >= self.warmup_impressions
                 for v in (s["ctr"], s["lo"], s["hi"])]
@@ -267,11 +277,13 @@ class Sampler:
 
     def data(self) -> dict[str, Any]:
         engine = _engine(self.app)
-        return {
-            "model": getattr(engine, "model", None), "model_version": self._serving or getattr(engine, "version", None),
-            "uptime_s": round(self.clock() - self.started, 1), "header": self.header(), "axes": self.axes(),
-            "marks": list(self.marks), "points": list(self.points), "ctr": list(self.ctr_points),
-        }
+        with self._lock:
+            return {
+                "model": getattr(engine, "model", None),
+                "model_version": self._serving or getattr(engine, "version", None),
+                "uptime_s": round(self.clock() - self.started, 1), "header": self.header(), "axes": self.axes(),
+                "marks": list(self.marks), "points": list(self.points), "ctr": list(self.ctr_points),
+            }
 
 
 def _engine(app: FastAPI) -> Any:
