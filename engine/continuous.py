@@ -13,8 +13,9 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
    running batch (``models.continuous.ContinuousDecoder``).
 3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
    ended is finished (CTR head, filter, policy) and answered at once.
-4. **deadlines**: a running request past its deadline is answered ``DeadlineExceeded`` (503) now
-   and its rows leave the batch; a cancelled one leaves too.
+4. **deadlines**: a running request past its deadline leaves the batch (a cancelled one too). Its
+   ``DeadlineExceeded`` (503) was already sent by the deadline watchdog, a thread that answers
+   every request at its deadline (polling the clock every 5 ms), whatever the loop is doing.
 
 The queue is bounded (``max_queue``: ``Overloaded`` at once). Isolation as in the static engine:
 a request that fails to prepare, to prefill or to finish fails alone; a step that fails (the whole
@@ -25,11 +26,13 @@ decode), not only of its start.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -120,6 +123,14 @@ class ContinuousEngine(Generic[Req, Res]):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._sessions: list[_Session[Req, Res]] = []  # the last one takes admissions when on self.executor
+        # the deadline watchdog: answers DeadlineExceeded at the deadline itself, even in the middle of a step
+        # (the loop then drops the request's rows at the next step); polls the clock every watch_interval_s
+        self.watch_interval_s = 0.005
+        self._deadline_heap: list[tuple[float, int, Job[Req, Res]]] = []
+        self._heap_lock = threading.Lock()
+        self._seq = itertools.count()
+        self._running_ids: set[int] = set()
+        self._watcher: threading.Thread | None = None
         self._gid = 0
 
     @property
@@ -129,6 +140,8 @@ class ContinuousEngine(Generic[Req, Res]):
     def start(self) -> ContinuousEngine[Req, Res]:
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="continuous-engine-deadlines", daemon=True)
+        self._watcher.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -138,6 +151,8 @@ class ContinuousEngine(Generic[Req, Res]):
             self._cond.notify_all()
         if self._thread:
             self._thread.join(timeout)
+        if self._watcher:
+            self._watcher.join(timeout)
 
     def submit(self, request: Req, timeout_ms: float | None = None) -> Future[Res]:
         now = self.clock()
@@ -152,7 +167,28 @@ class ContinuousEngine(Generic[Req, Res]):
                 self.stats.rejected += 1
                 raise
             self._cond.notify()
+        with self._heap_lock:
+            heapq.heappush(self._deadline_heap, (job.deadline, next(self._seq), job))
+            if len(self._deadline_heap) > 4 * self.cfg.max_queue + 4 * self.cfg.max_batch_size + 64:
+                self._deadline_heap = [e for e in self._deadline_heap if not e[2].future.done()]
+                heapq.heapify(self._deadline_heap)
         return job.future
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.watch_interval_s)
+            stopped = self._stopping and (self._thread is None or not self._thread.is_alive())
+            now = self.clock()
+            late: list[Job[Req, Res]] = []
+            with self._heap_lock:
+                while self._deadline_heap and self._deadline_heap[0][0] <= now:
+                    late.append(heapq.heappop(self._deadline_heap)[2])
+            for job in late:
+                where = "during generation" if id(job) in self._running_ids else "while queued"
+                if self._reject(job, DeadlineExceeded(f"deadline passed {where}")):
+                    self.stats.expired += 1
+            if stopped:
+                return
 
     def queue_depth(self) -> int:
         return len(self.scheduler.queue)
@@ -194,8 +230,8 @@ class ContinuousEngine(Generic[Req, Res]):
                     now = self.clock()
                 executor = self.executor
             for job in expired:
-                self.stats.expired += 1
-                job.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                if self._reject(job, DeadlineExceeded("deadline passed while queued")):
+                    self.stats.expired += 1
             if batch:
                 self._admit(executor, batch)
                 self._deadlines(self.clock())
@@ -210,10 +246,10 @@ class ContinuousEngine(Generic[Req, Res]):
     def _expire_queued(self, now: float) -> list[Job[Req, Res]]:
         """Queued jobs past their deadline (or cancelled) leave the queue, even while the batch is full."""
         q = self.scheduler.queue
-        if not any(j.deadline <= now or j.future.cancelled() for j in q):
+        if not any(j.deadline <= now or j.future.done() for j in q):
             return []
-        gone = [j for j in q if j.deadline <= now and not j.future.cancelled()]
-        live = [j for j in q if j.deadline > now and not j.future.cancelled()]
+        gone = [j for j in q if j.deadline <= now and not j.future.done()]
+        live = [j for j in q if j.deadline > now and not j.future.done()]
         q.clear()
         q.extend(live)
         return gone
@@ -224,7 +260,7 @@ class ContinuousEngine(Generic[Req, Res]):
         q = self.scheduler.queue
         while q and len(batch) < room:
             job = q.popleft()
-            if job.future.cancelled():
+            if job.future.done():  # cancelled, or answered by the deadline watchdog
                 continue
             (expired if job.deadline <= now else batch).append(job)
         return batch, expired
@@ -245,9 +281,8 @@ class ContinuousEngine(Generic[Req, Res]):
                     self._run_alone(executor, job)
                 return
             for job, res in zip(batch, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(res)
-                self.stats.requests += 1
+                if self._resolve(job, res):
+                    self.stats.requests += 1
             return
         try:
             session = self._session(executor)
@@ -276,6 +311,7 @@ class ContinuousEngine(Generic[Req, Res]):
         self._gid += len(batch)
         for gid, job, p in zip(gids, batch, prepared, strict=True):
             session.jobs[gid] = _Running(job, p)
+            self._running_ids.add(id(job))
 
     def _step(self, session: _Session[Req, Res]) -> None:
         if not session.jobs:
@@ -291,6 +327,7 @@ class ContinuousEngine(Generic[Req, Res]):
                         session.executor.version, type(exc).__name__, exc)
             jobs = [r.job for r in session.jobs.values()]
             session.jobs.clear()
+            self._running_ids.difference_update(id(j) for j in jobs)
             if session in self._sessions:
                 self._sessions.remove(session)
             for job in jobs:
@@ -299,6 +336,8 @@ class ContinuousEngine(Generic[Req, Res]):
         self.stats.batches += 1
         self.stats.batch_sizes.append(n)
         done = [(session.jobs.pop(g.gid), g) for g in finished if g.gid in session.jobs]
+        for r, _ in done:
+            self._running_ids.discard(id(r.job))
         if done:
             self._finish(session.executor, done)
         if self.on_batch:
@@ -318,9 +357,8 @@ class ContinuousEngine(Generic[Req, Res]):
                 self._finish(executor, [item])
             return
         for (r, _), res in zip(done, results, strict=True):
-            if not r.job.future.done():
-                r.job.future.set_result(res)
-            self.stats.requests += 1
+            if self._resolve(r.job, res):
+                self.stats.requests += 1
 
     def _run_alone(self, executor: ContinuousExecutor[Req, Res], job: Job[Req, Res]) -> None:
         if job.future.done():
@@ -333,22 +371,37 @@ class ContinuousEngine(Generic[Req, Res]):
             log.exception("request failed on %s", executor.version)
             self._fail(job, exc)
             return
-        job.future.set_result(res[0])
-        self.stats.requests += 1
+        if self._resolve(job, res[0]):
+            self.stats.requests += 1
 
     def _deadlines(self, now: float) -> None:
         for session in self._sessions:
-            late = [g for g, r in session.jobs.items() if r.job.deadline <= now or r.job.future.cancelled()]
+            late = [g for g, r in session.jobs.items() if r.job.deadline <= now or r.job.future.done()]
             if not late:
                 continue
             session.decoder.drop(late)
             for g in late:
                 job = session.jobs.pop(g).job
-                if not job.future.done():
+                self._running_ids.discard(id(job))
+                if self._reject(job, DeadlineExceeded("deadline passed during generation")):
                     self.stats.expired += 1
-                    job.future.set_exception(DeadlineExceeded("deadline passed during generation"))
 
     @staticmethod
-    def _fail(job: Job[Req, Res], exc: BaseException) -> None:
-        if not job.future.done():
+    def _resolve(job: Job[Req, Res], result: Res) -> bool:
+        """Answer ``job`` (False when it was answered already: cancelled, or its deadline passed)."""
+        try:
+            job.future.set_result(result)
+        except InvalidStateError:
+            return False
+        return True
+
+    @staticmethod
+    def _reject(job: Job[Req, Res], exc: BaseException) -> bool:
+        try:
             job.future.set_exception(exc)
+        except InvalidStateError:
+            return False
+        return True
+
+    def _fail(self, job: Job[Req, Res], exc: BaseException) -> None:
+        self._reject(job, exc)

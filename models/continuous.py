@@ -19,12 +19,12 @@ keys/values once per prompt slot (``Lc`` columns, the longest prompt so far; the
 generated ones per row slot in ``max_new_tokens + 1`` columns. Rows join at different steps, so
 every row has its own write column and position (``glen``, ``pos``) and attends only to the
 columns it wrote. A newcomer takes the lowest free prompt slot and writes its prefill there:
-nothing else is copied, ever (appending to or compacting the cache copied all of it per
-admission, a third of a step at 128 rows). A step runs the row slots up to the highest prompt slot
-in use; rows that left compute masked garbage until their prompt's last row leaves and a
-newcomer reuses the slot. The sampling is :func:`models.generate._sample` (top-k, then top-p on
-the survivors): a row sees the same distribution as in the static decode (greedy decodes are the
-same tokens, tested).
+nothing else is copied (appending to or compacting the whole cache at every admission cost a
+third of a step at 128 rows). Before a step the highest prompts move into the slots freed below
+them (a few MB), and the step runs the used slots only; rows that left compute masked garbage
+until their prompt's last row leaves. The sampling is :func:`models.generate._sample` (top-k,
+then top-p on the survivors): a row sees the same distribution as in the static decode (greedy
+decodes are the same tokens, tested).
 
 ``static_shapes=True`` (the CUDA path) runs all slots and attends over all ``max_new_tokens + 1``
 columns every step: the step's shapes never change and no length is read back to the host.
@@ -140,8 +140,7 @@ class ContinuousDecoder:
         new_p = old_p
         while new_p - (old_p - free) < need:
             new_p *= 2
-        keep = {name: getattr(self, name) for name in ("pos", "glen", "ntok", "pending", "alive", "closing", "fin",
-                                                        "ban", "tokens", "lp", "slp")}
+        keep = {name: getattr(self, name) for name in self._ROW_STATE}
         self._rows_alloc(new_p * self.k)
         for name, t in keep.items():
             getattr(self, name)[:old_n] = t
@@ -347,17 +346,42 @@ class ContinuousDecoder:
             raise ValueError("compile() needs static_shapes=True")
         self._fwd = torch.compile(self._forward, dynamic=False, **kw)
 
+    _ROW_STATE = ("pos", "glen", "ntok", "pending", "alive", "closing", "fin", "ban", "tokens", "lp", "slp")
+
+    def _defrag(self) -> int:
+        """Move the highest prompts into the free slots below them (their prompt and row caches, a few
+        MB at most), so the used slots are ``0 .. n-1`` and a step runs no empty slot; returns n."""
+        used = [p for p, g in enumerate(self.prompt_gid) if g >= 0]
+        free = [p for p, g in enumerate(self.prompt_gid[: len(used)]) if g < 0]
+        tops = [p for p in used if p >= len(used)]
+        if free:
+            k = self.k
+            src = torch.tensor(tops, dtype=torch.long, device=self.device)
+            dst = torch.tensor(free, dtype=torch.long, device=self.device)
+            rs = (src[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)
+            rd = (dst[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)
+            for layer in range(self.n_layer):
+                self.pk[layer][dst] = self.pk[layer][src]
+                self.pv[layer][dst] = self.pv[layer][src]
+                self.sk[layer][rd] = self.sk[layer][rs]
+                self.sv[layer][rd] = self.sv[layer][rs]
+            self.p_bias[dst] = self.p_bias[src]
+            for name in self._ROW_STATE:
+                t = getattr(self, name)
+                t[rd] = t[rs]
+            self.alive[rs] = False
+            self.closing[rs] = False
+            for a, b in zip(free, tops, strict=True):
+                self.prompt_gid[a], self.prompt_gid[b] = self.prompt_gid[b], -1
+        return len(used)
+
     @torch.no_grad()
     def step(self) -> list[FinishedGroup]:
         """One token for every live row; returns the prompts that finished (all ``k`` rows left)."""
         out = self._collect()
         if not bool(self.alive.any()):
             return out
-        if self.static_shapes:
-            hi = self.n_prompts
-        else:
-            used = [p for p, g in enumerate(self.prompt_gid) if g >= 0]
-            hi = used[-1] + 1
+        hi = self.n_prompts if self.static_shapes else self._defrag()
         n = hi * self.k
         alive, closing = self.alive[:n], self.closing[:n]
         feed = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
