@@ -76,6 +76,8 @@ class LocalCluster:
             [redis_binary(), "--bind", "127.0.0.1", "--port", str(n.port), "--dir", str(n.folder),
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms), "--appendonly", "yes", "--appendfsync", "always",
+             # a replica restarted after its master died may still take over (the tests' failover scenarios)
+             "--cluster-replica-validity-factor", "0",
              "--save", "", "--protected-mode", "no", "--daemonize", "no"],
             stdout=log, stderr=subprocess.STDOUT, cwd=n.folder)
         log.close()
