@@ -3,6 +3,8 @@ against the suite's real broker; a master failover mid-stream, with and without 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +34,7 @@ from stream.responses.store import RedisResponseStore
 from tests.copygen import ServerThread, save_tiny_student
 from tests.feedback_data import click_event, copy_record, impression_event
 from tests.integration.helpers import (
+    ROOT,
     ThreadWorker,
     expected_profiles,
     mismatches,
@@ -39,6 +42,7 @@ from tests.integration.helpers import (
     profiles_match,
     read_topic,
     redis_profiles,
+    settings_env,
     start_cli,
     wait_until,
 )
@@ -187,6 +191,35 @@ def test_wait_replicas_holds_a_batch_back_until_replicas_acknowledge(settings: S
     on = on_cluster(settings, cluster)
     clustered = RedisProfileStore(redis_client(on.redis), on.profile, on.redis.key_prefix)
     assert clustered.apply(updates, now) == [True] * 9 and clustered.apply(updates, now) == [False] * 9
+
+
+def test_the_cli_on_the_cluster_keys_and_forget(settings: Settings, cluster: LocalCluster) -> None:
+    """`livecopy keys` and `livecopy profile forget` with LIVECOPY_REDIS__CLUSTER=true; the API (auth=keys)
+    finds the key the CLI made."""
+    wait_until(cluster.healthy, 60, "a healthy cluster")
+    s = on_cluster(settings, cluster)
+    env = settings_env(s)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "livecopy", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    made = cli("keys", "create", "--name", "shop", "--scope", "profile:read")
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    assert "shop" in cli("keys", "list").stdout
+    now = int(time.time() * 1000)
+    store = RedisProfileStore(redis_client(s.redis), s.profile, s.redis.key_prefix)
+    store.apply([ProfileUpdate("c1", "cli-shopper", "product_view", now, "p1")], now)
+    keyed = s.model_copy(update={"api": s.api.model_copy(update={"auth": "keys"})})
+    with ServerThread(create_app(keyed)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        auth = {"Authorization": f"Bearer {secret}"}
+        assert http.get("/v1/profile/cli-shopper", headers=auth).status_code == 200
+        out = cli("profile", "forget", "cli-shopper")
+        assert out.returncode == 0, out.stderr
+        assert http.get("/v1/profile/cli-shopper", headers=auth).status_code == 404
+    assert shopper_keys(redis_client(s.redis), s.redis.key_prefix, "cli-shopper") == [
+        ProfileKeys(s.redis.key_prefix).tombstone("cli-shopper")]
 
 
 def user_on(c: LocalCluster, prefix: str, users: list[str], node: Node) -> list[str]:
