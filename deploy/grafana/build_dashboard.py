@@ -99,12 +99,12 @@ def build() -> dict[str, Any]:
           w=12)
     g.add(timeseries("DLQ records/s by reason", [
         ("sum by (worker, reason) (rate(livecopy_dlq_records_total[$__rate_interval]))", "{{worker}} {{reason}}"),
-        ('sum by (outcome) (rate(livecopy_records_total{worker="feedback", outcome=~"orphan|unproducible"}'
-         "[$__rate_interval]))", "feedback {{outcome}}"),
         ('sum by (reason) (rate(livecopy_collector_events_total{outcome="rejected"}[$__rate_interval]))',
          "collector {{reason}}"),
-    ], "ops", "Consume-loop rejects by reason; the feedback joiner's orphans (copy_not_found, "
-              "impression_not_found) and unproducible records; events the HTTP collector rejected.", stack=True))
+    ], "ops", "Records sent to livecopy.events.dlq by reason: each worker's rejects (not_json, missing_field, "
+              "...) and the feedback joiner's orphans (copy_not_found, impression_not_found); events the HTTP "
+              "collector rejected (unknown_copy goes to the DLQ, the others are answered to the caller).",
+              stack=True))
     g.add(timeseries("Event to effect latency (p50, p99)",
                      quantiles("livecopy_event_to_effect_seconds", "worker"), "s",
                      "Record timestamp (producer CreateTime) to its effect acknowledged."))

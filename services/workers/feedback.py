@@ -272,6 +272,14 @@ class FeedbackProcessor:
         self._count("clicked", clicks)
         self._count("orphan", orphans)
         self._count("unproducible", dlqd)
+        if self.metrics is not None:  # what went to the DLQ here, by reason (the loop's own rejects count there)
+            reasons: dict[str, int] = {}
+            for s in done:
+                if s.to != "feedback":
+                    reason = (s.claimed.decision.reason or "orphan") if s.to == "orphan" else UNPRODUCIBLE
+                    reasons[reason] = reasons.get(reason, 0) + 1
+            for reason, n in reasons.items():
+                self.metrics.dlq(reason, n)
         if retry:
             # Not acknowledged -> not marked done: claimed again after reclaim_s (at-least-once).
             raise TransientError(f"feedback produce not acknowledged for {len(retry)}: {retry[:3]}")

@@ -77,3 +77,21 @@ def test_the_loop_counts_dlq_reasons_and_reports_lag() -> None:
     assert 'livecopy_dlq_records_total{reason="wrong_type",worker="profile"} 1.0' in text
     assert any(sum(r.values()) > 0 for r in reported)  # behind while the batches were read
     assert reported[-1] and all(n == 0 for n in reported[-1].values())  # caught up
+
+
+def test_the_feedback_joiner_counts_its_orphans_by_reason() -> None:
+    from tests.feedback_data import click_event, impression_event
+    from tests.unit.test_feedback import CFG as FCFG
+    from tests.unit.test_feedback import T0 as FT0
+    from tests.unit.test_feedback import Rig
+
+    rig = Rig()
+    metrics = WorkerMetrics("feedback")
+    rig.proc.metrics = metrics
+    rig.feed(rig.event(click_event("i9", "c9", ts=FT0)))  # its impression never comes
+    rig.feed(rig.event(impression_event("i8", "c8", ts=FT0)))  # its copy record never comes
+    rig.advance(FCFG.window_s + FCFG.lateness_s + FCFG.copy_wait_s + 1)
+    rig.advance(FCFG.orphan_wait_s)
+    text = generate_latest(metrics.registry).decode()
+    assert 'livecopy_dlq_records_total{reason="copy_not_found",worker="feedback"} 1.0' in text
+    assert 'livecopy_dlq_records_total{reason="impression_not_found",worker="feedback"} 1.0' in text
