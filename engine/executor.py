@@ -247,8 +247,10 @@ class StudentExecutor:
     # -- the continuous engine's three parts: prepare, decode (engine.continuous), finish -------------
     @property
     def supports_continuous(self) -> bool:
-        """Whether :meth:`decoder` can run this model (a GPT-2 trunk, the default generate function)."""
-        return self.generate is generate_candidates and cascade.supports(self.student.model)
+        """Whether the continuous engine can serve this executor: a GPT-2 trunk, the default generate
+        function, and :meth:`run` not overridden (a subclass that wraps ``run`` expects the static path)."""
+        return (type(self).run is StudentExecutor.run and self.generate is generate_candidates
+                and cascade.supports(self.student.model))
 
     def decoder(self, max_prompts: int = 32, *, static_shapes: bool | None = None) -> ContinuousDecoder:
         """A fresh running batch for this model, with this executor's sampling settings (static shapes
