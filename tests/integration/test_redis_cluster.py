@@ -15,6 +15,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from core.catalog import Catalog
 from core.contracts import Event, Profile
 from core.settings import FeedbackSettings, ResponseSettings, Settings
 from core.wire import Topics
@@ -24,6 +25,8 @@ from services.api.copy import copy_extension
 from services.workers.feedback import build_feedback_loop
 from services.workers.profile import build_profile_loop
 from services.workers.responses import build_responses_loop
+from stream.catalog.store import RedisCatalogStore
+from stream.copy_store import CopyKeys
 from stream.feedback.store import RedisFeedbackStore
 from stream.forget import shopper_keys
 from stream.kafka_io import committed_offsets, producer_config
@@ -220,6 +223,21 @@ def test_the_cli_on_the_cluster_keys_and_forget(settings: Settings, cluster: Loc
         assert http.get("/v1/profile/cli-shopper", headers=auth).status_code == 404
     assert shopper_keys(redis_client(s.redis), s.redis.key_prefix, "cli-shopper") == [
         ProfileKeys(s.redis.key_prefix).tombstone("cli-shopper")]
+
+
+def test_catalog_store_and_the_feedback_stats_span_the_cluster(settings: Settings, cluster: LocalCluster) -> None:
+    """The catalog's MULTI (one hash: one slot) and a read over every feedback shard (several nodes)."""
+    wait_until(cluster.healthy, 60, "a healthy cluster")
+    s = on_cluster(settings, cluster)
+    client = redis_client(s.redis)
+    store = RedisCatalogStore(client, CopyKeys(s.redis.key_prefix).catalog)
+    a, b, c = Catalog.generate(3, seed=2).products
+    store.apply({a.product_id: a, b.product_id: b}, [])
+    store.apply({c.product_id: c}, [a.product_id])
+    assert store.get(a.product_id) is None and store.get(b.product_id) == b and store.get(c.product_id) == c
+    fb = RedisFeedbackStore(client, FeedbackSettings(shards=16), s.redis.key_prefix)
+    nodes = {cluster.client().get_node_from_key(fb.shard_prefix(n) + "ctr").name for n in range(16)}
+    assert len(nodes) == 3 and fb.stats().by == {}
 
 
 def user_on(c: LocalCluster, prefix: str, users: list[str], node: Node) -> list[str]:
