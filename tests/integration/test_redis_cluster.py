@@ -240,6 +240,25 @@ def test_catalog_store_and_the_feedback_stats_span_the_cluster(settings: Setting
     assert len(nodes) == 3 and fb.stats().by == {}
 
 
+def test_the_generator_caches_copies_on_the_cluster(settings: Settings, cluster: LocalCluster) -> None:
+    """The generator worker's pregeneration (profile read, cache check, NX writes) with a cluster client."""
+    from services.workers.generator import Pregenerator
+    from stream.copy_store import CopyPublisher
+    from tests.integration.test_generator_worker import CAT, Broker, StubEngine, a_view, cached, pregen_settings
+
+    wait_until(cluster.healthy, 60, "a healthy cluster")
+    s = pregen_settings(on_cluster(settings, cluster))
+    ev = a_view("gen-on-cluster")
+    broker = Broker(up=True)
+    pg = Pregenerator(s, StubEngine(), redis_client(s.redis), CopyPublisher(broker, "copy"),  # type: ignore[arg-type]
+                      lambda: CAT, threading.Event())
+    try:
+        assert pg.handle(ev) == 2 and pg.handle(ev) == 0  # the second delivery finds both cached
+    finally:
+        pg.publisher.close()
+    assert len(cached(pg, ev)) == 2
+
+
 def user_on(c: LocalCluster, prefix: str, users: list[str], node: Node) -> list[str]:
     keys = ProfileKeys(prefix)
     return [u for u in users if c.master_of(keys.of(u)[0]).port == node.port]
