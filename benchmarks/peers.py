@@ -19,7 +19,9 @@ prompts in one call):
   bans cannot be expressed: the peers run slightly *less* constrained);
 * **CT2 fp32 / int8**: ``Generator.generate_batch`` with each prompt repeated K times,
   ``suppress_sequences`` = the same bans (global: CTranslate2 has no per-request bans nor a
-  first-token constraint; ``generate_batch`` takes no logits processor).
+  first-token constraint; ``generate_batch`` takes no logits processor);
+* **CT2 int8 + CTR pass**: what CTranslate2 as livecopy's decode backend would cost at least: CT2
+  returns no hidden state, so the CTR head needs one pass of the student over every candidate.
 
 copies/s = prompts / wall time (a copy = one request's K candidates). Quality, same for all: the
 share of candidates that begin with a style token, that end with EOS, and that pass the serving
@@ -184,6 +186,21 @@ class Bench:
 
         return run
 
+    def with_ctr(self, fn: Callable[[list[int], int], tuple[list[list[str]], list[list[bool]], list[list[bool]]]]
+                 ) -> Callable[[list[int], int], tuple[list[list[str]], list[list[bool]], list[list[bool]]]]:
+        """``fn`` + what a backend without hidden states needs for livecopy's CTR head: one pass of the
+        student over ``prompt + style + copy + EOS`` of every candidate (``score_ctr_with_features``)."""
+        from models.generate import score_ctr_with_features
+
+        def run(idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+            texts, styled, ended = fn(idx, seed)
+            prompts = [self.prompts[i] for i, g in zip(idx, texts, strict=True) for _ in g]
+            score_ctr_with_features(self.model, self.tok, prompts, [t for g in texts for t in g],
+                                    styles=["quality"] * len(prompts))
+            return texts, styled, ended
+
+        return run
+
     def _groups(self, rows: list[list[int]], n: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
         texts, styled, ended = [], [], []
         for i in range(n):
@@ -260,6 +277,8 @@ def main() -> None:
                 gen = ctranslate2.Generator(str(d), device="cuda" if cuda else "cpu", inter_threads=1,
                                             intra_threads=a.threads, compute_type=quant or "float32")
                 systems[name] = bench.ct2(gen)
+            if "CT2 int8" in systems:
+                systems["CT2 int8 + CTR pass"] = bench.with_ctr(systems["CT2 int8"])
         except Exception as exc:  # not installed, or no CUDA build
             print(f"CTranslate2 skipped ({type(exc).__name__}: {exc}); pip install -e '.[peers]'")
         only = {x.strip() for x in a.only.split(",") if x.strip()}
