@@ -113,6 +113,7 @@ class ContinuousEngine(Generic[Req, Res]):
         self.scheduler: BatchScheduler[Req, Res] = BatchScheduler(self.cfg)
         self.executor = executor
         self._next_executor: ContinuousExecutor[Req, Res] | None = None
+        self._next_decoder: Decoder | None = None
         self.clock = clock
         self.on_batch = on_batch
         self.on_step = on_step  # after every step (tests: a fake clock)
@@ -141,7 +142,22 @@ class ContinuousEngine(Generic[Req, Res]):
     def version(self) -> str:
         return self.executor.version
 
+    def _new_decoder(self, executor: ContinuousExecutor[Req, Res]) -> Decoder | None:
+        """The running batch of ``executor``, made on the caller's thread (a compiled decode compiles its
+        shapes here, not on a request's time); None when it cannot decode continuously or failed."""
+        if not getattr(executor, "supports_continuous", True):
+            return None
+        try:
+            return executor.decoder(self.cfg.max_batch_size)
+        except Exception:
+            log.exception("no decoder on %s (made at its first request)", executor.version)
+            return None
+
     def start(self) -> ContinuousEngine[Req, Res]:
+        if not self._sessions:
+            decoder = self._new_decoder(self.executor)
+            if decoder is not None:
+                self._sessions.append(_Session(self.executor, decoder))
         self._thread = threading.Thread(target=self._loop, name="continuous-engine", daemon=True)
         self._thread.start()
         self._watcher = threading.Thread(target=self._watch, name="continuous-engine-deadlines", daemon=True)
@@ -203,8 +219,9 @@ class ContinuousEngine(Generic[Req, Res]):
 
     def swap_executor(self, executor: ContinuousExecutor[Req, Res]) -> None:
         """Admit on ``executor`` from the next step on; rows already decoding finish on the old one."""
+        decoder = self._new_decoder(executor)
         with self._cond:
-            self._next_executor = executor
+            self._next_executor, self._next_decoder = executor, decoder
             self._cond.notify()
 
     # ------------------------------------------------------------------ the loop
@@ -216,6 +233,9 @@ class ContinuousEngine(Generic[Req, Res]):
                 while True:
                     if self._next_executor is not None:
                         old, self.executor, self._next_executor = self.executor, self._next_executor, None
+                        if self._next_decoder is not None:
+                            self._sessions.append(_Session(self.executor, self._next_decoder))
+                            self._next_decoder = None
                         log.info("now admitting on %s (was %s)", self.executor.version, old.version)
                     running = self.running()
                     room = min(self.cfg.max_batch_size - running, self.admit_chunk)

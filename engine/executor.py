@@ -256,7 +256,7 @@ class StudentExecutor:
         """A fresh running batch for this model, with this executor's sampling settings (static shapes
         on CUDA by default: every step attends over the preallocated columns, no host sync for lengths)."""
         if static_shapes is None:
-            static_shapes = self.device.type == "cuda" or self.cfg.compile_decode
+            static_shapes = self.device.type == "cuda"
         with self._lock:
             self._seed += 1
             seed = self._seed
@@ -265,10 +265,11 @@ class StudentExecutor:
             self.student.model, eos_id=sid.eos, pad_id=sid.pad, k=self.cfg.candidates,
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
-            max_prompts=max_prompts, static_shapes=static_shapes,
+            max_prompts=max_prompts, static_shapes=static_shapes, shape_buckets=self.cfg.compile_decode,
         )
-        if self.cfg.compile_decode and static_shapes:
+        if self.cfg.compile_decode:
             dec.compile()
+            dec.warmup()  # every shape compiled now, not on a request's time
         return dec
 
     def prepare(self, requests: Sequence[CopyRequest]) -> tuple[list[Prepared], torch.Tensor, torch.Tensor]:

@@ -28,6 +28,9 @@ decodes are the same tokens, tested).
 
 ``static_shapes=True`` (the CUDA path) runs all slots and attends over all ``max_new_tokens + 1``
 columns every step: the step's shapes never change and no length is read back to the host.
+``shape_buckets=True`` (the compiled CPU path) attends over all columns too but runs the used slots
+rounded up to a power of two: ``log2(max_prompts) + 1`` shapes, each compiled once
+(:meth:`ContinuousDecoder.compile`, :meth:`ContinuousDecoder.warmup`).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class ContinuousDecoder:
         stop_mask: torch.Tensor | None = None,
         max_prompts: int = 32,
         static_shapes: bool = False,
+        shape_buckets: bool = False,
     ) -> None:
         trunk = cascade._trunk(model)
         lm = cascade._lm_weight(model, trunk) if trunk is not None else None
@@ -99,6 +103,7 @@ class ContinuousDecoder:
         self.want_hidden = want_hidden
         self.stop = stop_mask.to(self.device) if stop_mask is not None else None
         self.static_shapes = static_shapes
+        self.shape_buckets = shape_buckets and not static_shapes
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(int(seed))
         self.n_prompts = max(1, int(max_prompts))  # prompt slots
@@ -161,7 +166,7 @@ class ContinuousDecoder:
         dev, p, h, dh = self.device, self.n_prompts, self.n_head, self.head_dim
         if not self.pk:
             self._neg = float(torch.finfo(dtype).min)
-            if self.static_shapes:  # room for the longest prompt the positions allow: the shapes never change
+            if self.static_shapes or self.shape_buckets:  # room for the longest prompt the positions allow
                 length = max(length, self.n_positions - self.max_new)
             self.lc = length
             self.pk = [torch.zeros((p, h, length, dh), dtype=dtype, device=dev) for _ in range(self.n_layer)]
@@ -342,9 +347,39 @@ class ContinuousDecoder:
 
     def compile(self, **kw: Any) -> None:
         """``torch.compile`` the step's forward (static shapes only: one graph for all steps)."""
-        if not self.static_shapes:
-            raise ValueError("compile() needs static_shapes=True")
+        if not (self.static_shapes or self.shape_buckets):
+            raise ValueError("compile() needs static_shapes or shape_buckets")
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per shape and per decoder (a hot swap makes a new one): more than dynamo's default 8
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), 256))
         self._fwd = torch.compile(self._forward, dynamic=False, **kw)
+
+    def buckets(self) -> list[int]:
+        """The prompt-slot counts a step runs with (one compiled graph each)."""
+        if self.static_shapes:
+            return [self.n_prompts]
+        if not self.shape_buckets:
+            return list(range(1, self.n_prompts + 1))
+        out, b = [], 1
+        while b < self.n_prompts:
+            out.append(b)
+            b *= 2
+        return [*out, self.n_prompts]
+
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Run the step's forward once per shape (compiles them all) before any request is admitted."""
+        if bool(self.alive.any()):
+            raise RuntimeError("warmup() on a decoder with rows")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self._widen(self.n_positions - self.max_new, dtype)
+        for b in (self.buckets() if self.static_shapes or self.shape_buckets else []):
+            n = b * self.k
+            z = torch.zeros(n, dtype=torch.long, device=self.device)
+            self._fwd(z, z, z, self.cap)
 
     _ROW_STATE = ("pos", "glen", "ntok", "pending", "alive", "closing", "fin", "ban", "tokens", "lp", "slp")
 
@@ -381,12 +416,17 @@ class ContinuousDecoder:
         out = self._collect()
         if not bool(self.alive.any()):
             return out
-        hi = self.n_prompts if self.static_shapes else self._defrag()
+        if self.static_shapes:
+            hi = self.n_prompts
+        else:
+            hi = self._defrag()
+            if self.shape_buckets:
+                hi = next(b for b in self.buckets() if b >= hi)
         n = hi * self.k
         alive, closing = self.alive[:n], self.closing[:n]
         feed = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
         col = self.glen[:n].clamp(max=self.cap - 1)
-        t = self.cap if self.static_shapes else int(col[alive].max()) + 1
+        t = self.cap if self.static_shapes or self.shape_buckets else int(col[alive].max()) + 1
         pos = (self.pos[:n] + 1).clamp(max=self.n_positions - 1)
         h, logits = self._fwd(feed, pos, col, t)
         self.pos[:n] += alive.long()
