@@ -59,9 +59,8 @@ class FakeClock:
 
 # ------------------------------------------------------------------------------ the decoder
 
-@pytest.mark.parametrize("static_shapes", [False, True])
-def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[str, Path],
-                                                                     static_shapes: bool) -> None:
+@pytest.mark.parametrize("shapes", ["exact", "static", "buckets"])
+def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[str, Path], shapes: str) -> None:
     """Greedy rows are deterministic: prompts admitted at steps 0, 3 and 7 of a running decode (into
     freed slots too) come out with the tokens, log-likelihoods, EOS flags and CTR hidden states of one
     static decode of all of them."""
@@ -75,7 +74,8 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     ref = decode(m, rows, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
                  first_allowed=allowed, banned=banned, want_hidden=True)
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
-                            want_hidden=True, max_prompts=2, static_shapes=static_shapes)  # grows past 2 slots
+                            want_hidden=True, max_prompts=2, static_shapes=shapes == "static",
+                            shape_buckets=shapes == "buckets")  # grows past 2 slots
     got: dict[int, FinishedGroup] = {}
     plan = {0: [0, 1], 3: [2, 3, 4], 7: [5], 15: [6]}
     for step in range(200):
