@@ -73,9 +73,11 @@ class CopyMetrics:
         self.refused = Counter("livecopy_copy_refused", "Copy requests refused, by reason", ["reason"], registry=r)
         self.generate_seconds = Histogram("livecopy_copy_generate_seconds", "Queue + generation time of a miss",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("livecopy_copy_batch_size", "Requests per engine batch",
+        self.batch_size = Histogram("livecopy_copy_batch_size",
+                                    "Requests per engine batch (static) or decode step (continuous)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.batch_seconds = Histogram("livecopy_copy_batch_seconds", "Engine time per batch",
+        self.batch_seconds = Histogram("livecopy_copy_batch_seconds",
+                                       "Engine time per batch (static) or decode step (continuous)",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.reloads = Counter("livecopy_model_reloads", "Model updates handled, by outcome", ["outcome"], registry=r)
         self.uncached = Counter("livecopy_copy_uncached", "Cached copies dropped: the broker did not acknowledge them",
