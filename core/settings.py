@@ -197,7 +197,7 @@ class TrainerSettings(Section):
     refit_every: int = Field(2000, ge=1)  # head: new feedback records between refits (each one evaluated)
     window: int = Field(40_000, ge=1)  # head: the newest training records a refit learns from
     head_epochs: int = Field(3, ge=1)
-    head_min_steps: int = Field(200, ge=0)  # head: at least this many optimizer steps per refit (small windows)
+    head_min_steps: int = Field(0, ge=0)  # head: at least this many optimizer steps per refit (tiny windows)
     head_lr: float = 3e-3
     head_batch: int = Field(256, ge=1)
     prior_std: float = 0.1  # head: prior std of the CTR head's last layer (the Thompson posterior)
@@ -216,6 +216,9 @@ class TrainerSettings(Section):
     heldout_size: int = 2000
     min_heldout: int = 20
     logloss_tolerance: float = 0.0  # publish when heldout CTR logloss <= serving's + this
+    # ... + gate_z standard errors of the paired per-row difference: refuse only a candidate that is worse
+    # beyond the held-out slice's noise (0: the raw comparison)
+    gate_z: float = Field(1.0, ge=0)
     max_kl: float = 0.5  # ... and mean KL(anchor || candidate) per copy token <= this
     min_snips_ratio: float = 0.0  # ... and SNIPS CTR >= this x logged CTR (0: report only)
     dedupe_size: int = 200_000  # impression ids remembered against duplicate feedback

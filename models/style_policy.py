@@ -34,6 +34,9 @@ def context_keys(ctx: CopyContext) -> list[str]:
         f"slot={ctx.slot}",
     ]
     keys += [f"likes={x}" for x in ctx.likes[:4]]
+    # the crosses a shopper segment shows through: what sells in a department depends on who reads it
+    dept, ps, eco = keys[1], keys[keys.index(f"ps={ctx.price_sensitivity}")], f"eco_minded={int(ctx.eco_minded)}"
+    keys += [f"{dept}&{ps}", f"{dept}&{eco}", f"{ps}&{eco}", f"{ps}&{keys[3]}"]
     return keys
 
 

@@ -215,6 +215,7 @@ def demo_env(info_bootstrap: str, redis_url: str, out_dir: Path, port: int, shor
         "LIVECOPY_TRAINER__EVAL_EVERY": "5" if short else "10",
         # the trainer's fast path refits every few dozen feedback records: versions within minutes
         "LIVECOPY_TRAINER__REFIT_EVERY": "20" if short else "60",
+        "LIVECOPY_TRAINER__HEAD_MIN_STEPS": "100",
         "LIVECOPY_TRAINER__HELDOUT_FRACTION": "0.2",
         "LIVECOPY_TRAINER__MIN_HELDOUT": "5" if short else "10",
         "LIVECOPY_TRAINER__LOGLOSS_TOLERANCE": "0.01",

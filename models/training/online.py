@@ -177,6 +177,7 @@ class EvalReport:
     publish: bool
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    logloss_se: float = float("nan")  # standard error of the paired log-loss difference
 
     def metrics(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -189,6 +190,19 @@ class EvalReport:
         if self.offpolicy_serving is not None:
             d.update({"parent_ope_ips": self.offpolicy_serving.ips, "parent_ope_snips": self.offpolicy_serving.snips})
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _paired_se(cand: Sequence[float], serv: Sequence[float], y: Sequence[bool]) -> float:
+    """Standard error of the mean per-row log-loss difference (candidate - serving) on the same rows."""
+    if len(cand) < 2:
+        return float("nan")
+    eps = 1e-7
+
+    def ll(p: float, yi: bool) -> float:
+        return -math.log(min(max(p if yi else 1 - p, eps), 1 - eps))
+
+    d = np.array([ll(c, yi) - ll(s_, yi) for c, s_, yi in zip(cand, serv, y, strict=True)])
+    return float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def _logloss(p: Sequence[float], y: Sequence[bool]) -> float:
@@ -517,7 +531,7 @@ class OnlineTrainer:
         rep = EvalReport(
             n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
             candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
-            offpolicy_serving=ope_serving, publish=False,
+            offpolicy_serving=ope_serving, publish=False, logloss_se=_paired_se(cand_p, serv_p, y),
         )
         self._gate(rep, cfg.max_style_kl, "KL of p(style) to serving", "max_style_kl")
         rep.seconds = time.perf_counter() - t0
@@ -529,9 +543,11 @@ class OnlineTrainer:
         if rep.n < cfg.min_heldout:
             rep.reasons.append(f"held-out slice has {rep.n} rows < min_heldout {cfg.min_heldout}")
         else:
-            if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance:
+            margin = cfg.gate_z * rep.logloss_se if math.isfinite(rep.logloss_se) else 0.0
+            if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance + margin:
                 rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
-                                   f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance}")
+                                   f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance} + {cfg.gate_z} x "
+                                   f"{rep.logloss_se:.4f} (standard error)")
             if not rep.kl <= max_kl:
                 rep.reasons.append(f"{kl_name} {rep.kl:.4f} nats > {setting} {max_kl}")
             if cfg.min_snips_ratio > 0:
@@ -640,7 +656,7 @@ class OnlineTrainer:
         rep = EvalReport(
             n=len(rows), candidate_logloss=_logloss(cand_p, y), serving_logloss=_logloss(serv_p, y),
             candidate_auc=auc(cand_p, y), serving_auc=auc(serv_p, y), kl=kl, offpolicy=ope,
-            offpolicy_serving=ope_serving, publish=False,
+            offpolicy_serving=ope_serving, publish=False, logloss_se=_paired_se(cand_p, serv_p, y),
         )
         self._gate(rep, cfg.max_kl, "KL to serving per copy token", "max_kl")
         rep.seconds = time.perf_counter() - t0
