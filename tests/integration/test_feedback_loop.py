@@ -313,7 +313,8 @@ def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_vers
     s = s.model_copy(update={"trainer": s.trainer.model_copy(update={
         "registry_dir": tmp_path / "registry", "base_dir": base, "mode": mode, "batch_size": 32, "lr": 1e-2,
         "eval_every": 6, "refit_every": 250, "head_min_steps": 200,
-        "logloss_tolerance": 0.02 if mode == "head" else 0.0, "min_heldout": 20,
+        "logloss_tolerance": 0.02 if mode == "head" else 0.0, "gate_z": 1.0 if mode == "head" else 0.0,
+        "min_heldout": 20,
         "heldout_fraction": 0.15})})
     topics = Topics.from_settings(s.topics)
     recs = feedback_records(900, style_ctr(fav), seed=1)
