@@ -14,6 +14,7 @@ $PYTHON -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)  # Deb
 # Apache Kafka (KRaft) for the dev stack and the tests: a Java 17+ runtime, and Maven to fetch its jars once
 java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_apt+=(maven)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)                  # the tracker's own tests (node --test)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "== apt-get install ${need_apt[*]}"
