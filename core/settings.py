@@ -202,7 +202,11 @@ class TrainerSettings(Section):
     head_batch: int = Field(256, ge=1)
     prior_std: float = 0.1  # head: prior std of the CTR head's last layer (the Thompson posterior)
     style_temperature: float = Field(0.3, gt=0)  # head: p(style) ∝ p0(style | prompt) exp(Q / this)
+    head_anchor_std: float = Field(0.3, gt=0)  # head: the refit's prior around the serving head, per weight
     max_style_tilt: float = Field(3.0, gt=0)  # head: no style's logit lowered by more (exploration, OPE support)
+    # head: the style policy's target per shown copy is the head's log-CTR plus this times the click's
+    # residual (y - p) / p (doubly robust: what the head cannot see, e.g. a shopper's spend, still counts)
+    style_residual: float = Field(1.0, ge=0, le=1)
     max_style_kl: float = 2.5  # head: publish when mean KL(serving || candidate) of p(style) <= this
     batch_size: int = 32
     lr: float = 5e-5

@@ -48,7 +48,7 @@ from models.generate import (
 )
 from models.sequences import encode_text, special_ids
 from models.student import LoadedStudent, load_student, resolve_device, trunk_of
-from models.style_policy import StylePolicy
+from models.style_policy import StylePolicy, choice_offsets
 from models.text.context import CopyContext, build_prompt, product_context
 from models.text.filter import FilterResult, FilterStats, check_copy, check_grounding, fallback_copy, max_chars
 from models.text.slots import MissingSlot, available, fill, values
@@ -118,7 +118,6 @@ def new_copy_id() -> str:
     return "c-" + uuid.uuid4().hex
 
 
-_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 
 
 @dataclass(frozen=True)
@@ -237,8 +236,7 @@ class StudentExecutor:
         chooser = self.chooser
         if chooser.policy == "thompson" and posterior is None:
             chooser = Chooser("greedy")
-        offsets = None if f is None else np.stack(
-            [f[:, _STYLE_INDEX[c.style]] if c.style in _STYLE_INDEX else np.zeros(len(f)) for c in group], 1)
+        offsets = choice_offsets(self.style_policy, req.ctx, [c.style for c in group], f, self.chooser.mc_draws + 1)
         choice = chooser.choose(feats, scores, posterior, self.rng, ok, offsets=offsets)
         cand = group[choice.index]
         return self._result(req, shown[choice.index], cand.style, choice.score, choice.propensity,

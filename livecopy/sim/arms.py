@@ -49,7 +49,7 @@ from livecopy.sim.shoppers import CopyAsk, ShownCopy
 from models.generate import _banned_after_first, decode, slot_bans, style_distribution
 from models.sequences import encode_text, special_ids
 from models.student import LoadedStudent, load_student, trunk_of
-from models.style_policy import StylePolicy
+from models.style_policy import StylePolicy, choice_offsets
 from models.text.context import CopyContext, build_prompt, context_from_profile
 from models.text.slots import available
 from models.training.online import OnlineTrainer
@@ -57,7 +57,6 @@ from stream.profile.logic import ProfileState, apply_event, render
 
 ARMS = ("random", "static", "online", "oracle")
 EXTRA_ARMS = ("rerank_only",)
-_STYLE_INDEX = {st: i for i, st in enumerate(STYLES)}
 
 
 class ProfileBook:
@@ -327,7 +326,8 @@ class ClosedLoopArms:
             s_idx = self._draw(pool, pool.style_p)
             factors = self._user_factors(ask.shopper.user_id, ask.ts_ms)
             o_idx = self._draw(pool, self.online_style_p(pool, ctx, factors))
-            o_off = None if factors is None else factors[:, [_STYLE_INDEX[pool.styles[i]] for i in o_idx]]
+            o_off = choice_offsets(self.served.style_policy, ctx, [pool.styles[i] for i in o_idx], factors,
+                                   self.thompson.mc_draws + 1)
             eligible = np.concatenate(list(pool.groups.values()))
             post_s, post_o = self.static.posterior, self.served.scorer.posterior
             online = self.thompson.choose(o_feats[o_idx], o_scores[o_idx], post_o, self.rng, offsets=o_off)

@@ -450,6 +450,10 @@ class OnlineTrainer:
         head = copy.deepcopy(self.model.ctr_head).float()
         head.train()
         opt = torch.optim.Adam(head.parameters(), lr=cfg.head_lr, weight_decay=1e-4)
+        # MAP under a Gaussian prior around the serving head: its pull is 1 / window size per row, so a
+        # few dozen records move the head a little (no overfit refused by the gate) and 40,000 freely
+        anchor = [p.detach().clone() for p in head.parameters()]
+        pull = 1.0 / (2.0 * cfg.head_anchor_std ** 2 * len(rows))
         steps, total = 0, 0.0
         per_epoch = -(-len(rows) // cfg.head_batch)
         for _ in range(max(cfg.head_epochs, -(-cfg.head_min_steps // per_epoch))):
@@ -457,7 +461,8 @@ class OnlineTrainer:
             for i in range(0, len(rows), cfg.head_batch):
                 idx = perm[i:i + cfg.head_batch].to(self.device)
                 logit, _ = head(x[idx])
-                loss = ctr_loss(logit, y[idx])
+                loss = ctr_loss(logit, y[idx]) + pull * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(head.parameters(), anchor, strict=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -471,10 +476,13 @@ class OnlineTrainer:
         probs = torch.sigmoid(logit).double().cpu().numpy()
         post = Posterior.of_head(head, cfg.prior_std)
         post.observe(feats.double().cpu().numpy(), probs)
+        p = np.clip(probs, 1e-6, 1.0)
+        residual = cfg.style_residual * (y.double().cpu().numpy() - p) / p  # ~ log(CTR / p): what the head missed
+        has = [r.ctx is not None for r in rows]
         policy = StylePolicy.fit([r.ctx for r in rows if r.ctx is not None],
                                  [r.style for r in rows if r.ctx is not None],
-                                 np.log(np.clip(probs, 1e-6, 1.0))[[r.ctx is not None for r in rows]],
-                                 temperature=cfg.style_temperature, max_tilt=cfg.max_style_tilt)
+                                 (np.log(p) + residual)[has], temperature=cfg.style_temperature,
+                                 max_tilt=cfg.max_style_tilt, residuals=residual[has] if cfg.style_residual else None)
         self._candidate = (head, post, policy)
         self.refits += 1
         self.steps += steps
