@@ -121,3 +121,14 @@ class WorkerMetrics:
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         if port:
             start_http_server(port, addr=host, registry=self.registry)
+
+
+class TrainerMetrics(WorkerMetrics):
+    """The trainer worker's: a worker's, plus every gate decision on a candidate version."""
+
+    def __init__(self, worker: str = "trainer", registry: CollectorRegistry | None = None) -> None:
+        super().__init__(worker, registry)
+        self.gate = Counter(
+            "livecopy_trainer_gate_decisions", "The trainer's gate on each candidate version: published, or "
+            "refused and why (heldout_small, logloss, kl, snips; one count per reason)", ["decision", "reason"],
+            registry=self.registry)

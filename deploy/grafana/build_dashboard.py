@@ -154,9 +154,11 @@ def build() -> dict[str, Any]:
     g.add(timeseries("Model updates handled by the API (gate at load)",
                      [("sum by (outcome) (increase(livecopy_model_reloads_total[$__rate_interval]))", "{{outcome}}")],
                      "short", "swapped: now serving; refused: failed to load or the smoke check; unchanged."))
-    g.add(timeseries("Trainer: versions published and records", [
+    g.add(timeseries("Trainer: gate decisions, versions published and records", [
         ('sum(increase(livecopy_records_total{worker="trainer", outcome="published"}[$__rate_interval]))',
          "versions published (passed the gate)"),
+        ("sum by (decision, reason) (increase(livecopy_trainer_gate_decisions_total[$__rate_interval]))",
+         "gate {{decision}} {{reason}}"),
         ('sum by (outcome) (rate(livecopy_records_total{worker="trainer", outcome=~"trained|heldout|duplicate|'
          'skipped"}[$__rate_interval]))', "{{outcome}}/s"),
     ], "short", "A version is published when it passes the gate (held-out log-loss, KL, SNIPS; docs/feedback.md)."))

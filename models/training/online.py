@@ -176,6 +176,7 @@ class EvalReport:
     offpolicy_serving: OffPolicyEstimate | None  # the same estimator for the serving version
     publish: bool
     reasons: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)  # one per reason: heldout_small, logloss, kl, snips
     seconds: float = 0.0
     logloss_se: float = float("nan")  # standard error of the paired log-loss difference
 
@@ -549,19 +550,24 @@ class OnlineTrainer:
         cfg = self.cfg
         ope = rep.offpolicy
         if rep.n < cfg.min_heldout:
+            rep.codes.append("heldout_small")
             rep.reasons.append(f"held-out slice has {rep.n} rows < min_heldout {cfg.min_heldout}")
         else:
             margin = cfg.gate_z * rep.logloss_se if math.isfinite(rep.logloss_se) else 0.0
             if not rep.candidate_logloss <= rep.serving_logloss + cfg.logloss_tolerance + margin:
+                rep.codes.append("logloss")
                 rep.reasons.append(f"held-out CTR log-loss {rep.candidate_logloss:.4f} > serving "
                                    f"{rep.serving_logloss:.4f} + {cfg.logloss_tolerance} + {cfg.gate_z} x "
                                    f"{rep.logloss_se:.4f} (standard error)")
             if not rep.kl <= max_kl:
+                rep.codes.append("kl")
                 rep.reasons.append(f"{kl_name} {rep.kl:.4f} nats > {setting} {max_kl}")
             if cfg.min_snips_ratio > 0:
                 if ope is None or ope.n == 0:
+                    rep.codes.append("snips")
                     rep.reasons.append("no logged propensities for the SNIPS gate")
                 elif not ope.snips >= cfg.min_snips_ratio * ope.logged_ctr:
+                    rep.codes.append("snips")
                     rep.reasons.append(f"SNIPS CTR {ope.snips:.4f} < {cfg.min_snips_ratio} x logged "
                                        f"{ope.logged_ctr:.4f}")
         rep.publish = not rep.reasons

@@ -28,7 +28,7 @@ from typing import Any, cast
 from confluent_kafka import Producer
 
 from core.contracts import FeedbackRecord, ModelVersion
-from core.metrics import WorkerMetrics
+from core.metrics import TrainerMetrics, WorkerMetrics
 from core.process import install_stop_signals
 from core.settings import Settings
 from core.wire import Record, Rejection, Topics, decode_feedback
@@ -68,6 +68,7 @@ class TrainerProcessor:
         self.unannounced: list[ModelVersion] = [resumed] if resumed is not None else []
         self.announced: list[ModelVersion] = []
         self._delivery = DeliveryTracker()
+        self._gated: object = trainer.last_eval
 
     def _count(self, outcome: str, n: int) -> None:
         if self.metrics and n:
@@ -108,6 +109,12 @@ class TrainerProcessor:
     def tick(self) -> ModelVersion | None:
         """Evaluate / publish when due, then announce. Returns the version published, if any."""
         mv = self.trainer.maybe_publish()
+        ev = self.trainer.last_eval
+        if ev is not None and ev is not self._gated:
+            self._gated = ev
+            if isinstance(self.metrics, TrainerMetrics):
+                for code in ev.codes or (["none"] if ev.publish else ["other"]):
+                    self.metrics.gate.labels("published" if ev.publish else "refused", code).inc()
         if mv is not None:
             self._count("published", 1)
             self.unannounced.append(mv)
@@ -141,7 +148,7 @@ def trainer_of(loop: BatchLoop) -> TrainerProcessor:
 def run_trainer_worker(settings: Settings, *, metrics_port: int | None = None) -> None:
     if settings.trainer.nice > 0:
         os.nice(settings.trainer.nice)  # background work: the copy service on the same cores comes first
-    metrics = WorkerMetrics("trainer")
+    metrics = TrainerMetrics("trainer")
     metrics.serve(metrics_port if metrics_port is not None else settings.worker.metrics_port)
     loop = build_trainer_loop(settings, metrics=metrics)
     proc = trainer_of(loop)

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from core.metrics import WorkerMetrics
+from core.metrics import TrainerMetrics
 from services.api.app import ApiMetrics
 from services.api.copy import CopyMetrics
 from services.api.events import CollectorMetrics
@@ -40,7 +40,7 @@ def exported() -> set[str]:
         engine=SimpleNamespace(model="m", version="v", queue_depth=lambda: 0, executor=SimpleNamespace(
             filter_stats=stats)),
         publisher=SimpleNamespace(failed=0, queued=lambda: 0, congested=lambda: False))
-    registries: list[CollectorRegistry] = [WorkerMetrics("w").registry, ApiMetrics().registry, copy.registry,
+    registries: list[CollectorRegistry] = [TrainerMetrics("w").registry, ApiMetrics().registry, copy.registry,
                                            CollectorMetrics().registry]
     names = set()
     for reg in registries:

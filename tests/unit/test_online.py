@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from core.contracts import ModelVersion
+from core.metrics import TrainerMetrics
 from core.settings import TopicSettings, TrainerSettings
 from core.styles import STYLES
 from core.wire import Record, Topics
@@ -88,11 +90,11 @@ def test_gate_refuses_and_says_why(tmp_path: Path, base_dir: Path) -> None:
     t.update(feedback_records(300, style_ctr(FAV), seed=2))
     assert t.maybe_publish(force_eval=True) is None
     assert t.last_eval is not None and not t.last_eval.publish
-    assert "min_heldout" in t.last_eval.reasons[0]
+    assert "min_heldout" in t.last_eval.reasons[0] and t.last_eval.codes == ["heldout_small"]
     t2 = OnlineTrainer(base_dir, trainer_settings(tmp_path / "b", max_kl=0.0, lr=0.05))
     t2.update(feedback_records(300, style_ctr(FAV), seed=2))
     assert t2.maybe_publish(force_eval=True) is None
-    assert t2.last_eval is not None and any("max_kl" in r for r in t2.last_eval.reasons)
+    assert t2.last_eval is not None and any("max_kl" in r for r in t2.last_eval.reasons) and "kl" in t2.last_eval.codes
     assert Registry(tmp_path / "b" / "registry", "livecopy-student").current() == "0.9.0"
 
 
@@ -103,7 +105,8 @@ def test_processor_trains_publishes_announces_and_rejects_bad_records(tmp_path: 
         cluster.create(name, n)
     producer = FakeProducer(cluster)
     trainer = OnlineTrainer(base_dir, trainer_settings(tmp_path, eval_every=2, logloss_tolerance=10.0, max_kl=2.0))
-    proc = TrainerProcessor(trainer, producer, topics)
+    metrics = TrainerMetrics("trainer", CollectorRegistry())
+    proc = TrainerProcessor(trainer, producer, topics, metrics)
     recs = [Record(topics.feedback, 0, i, r.copy_id.encode(), r.model_dump_json().encode())
             for i, r in enumerate(feedback_records(400, style_ctr(FAV), seed=3))]
     recs.append(Record(topics.feedback, 0, 999, b"x", b"not json"))
@@ -119,6 +122,10 @@ def test_processor_trains_publishes_announces_and_rejects_bad_records(tmp_path: 
     ups = [ModelVersion.model_validate_json(m.value() or b"") for m in cluster.records(topics.model_updates)]
     assert [u.version for u in ups] == [mv.version for mv in trainer.published]
     assert all(Path(u.path).is_dir() and u.parent_version for u in ups)
+    # every gate decision is counted for Prometheus (one evaluation per publication here)
+    published = metrics.registry.get_sample_value("livecopy_trainer_gate_decisions_total",
+                                                  {"decision": "published", "reason": "none"})
+    assert published == len(trainer.published) > 0
 
 
 def test_registry_promote_rollback_and_lineage(tmp_path: Path, base_dir: Path) -> None:
