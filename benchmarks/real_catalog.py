@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default: the setting's).")
+    ap.add_argument("--top-p", type=float, default=None, help="Nucleus mass (default: the setting's).")
     ap.add_argument("--no-fluency", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
@@ -301,10 +303,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names_ = [c for c in args.catalogs.split(",") if c]
     catalogs = load_catalogs(names_, args.file, args.name, args.products, args.seed)
     names = all_names(catalogs)
-    cfg = CopySettings(seed=args.seed)
+    over: dict[str, Any] = {"seed": args.seed}
+    if args.temperature is not None:
+        over["temperature"] = args.temperature
+    if args.top_p is not None:
+        over["top_p"] = args.top_p
+    cfg = CopySettings(**over)
     path = args.student or shipped_student_dir()
     executor = load_executor(path, cfg)
     print(f"student {executor.name} {executor.version} ({path}), K={cfg.candidates}, policy {cfg.policy}, "
+          f"temperature {cfg.temperature}, top-p {cfg.top_p}, "
           f"batches of {args.batch}; {machine()}")
     reports: list[CatalogReport] = []
     servings: list[list[tuple[CopyRequest, CopyResult]]] = []
