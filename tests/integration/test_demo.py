@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_short_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "livecopy", "demo", "--short", "--no-live", "--duration", "40", "--out", str(out)],
+        [sys.executable, "-m", "livecopy", "demo", "--short", "--no-live", "--duration", "70", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=420,
     )
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((out / "logs").glob("*.log"))) \
