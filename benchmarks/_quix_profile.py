@@ -11,7 +11,7 @@ the Redis side (atomic merge, decay, dedupe by event id, bounds) is the same by 
 The writes go through a `BatchingSink`, the quixstreams way to write a batch at each checkpoint
 (offsets are committed after it returns: at-least-once, made exactly-once in effect by the
 script's dedupe): a partition's records are grouped by user and sent as one pipeline of script
-calls, one per user, as livecopy's store does for its batches.
+calls, each for up to ``users_per_call`` users, as livecopy's store does for its batches.
 
 Prints JSON lines on stdout: {"ready": true, "quixstreams": version} at start, {"t": monotonic s,
 "n": records applied} after each checkpoint that wrote something, and on exit (SIGTERM)
@@ -97,6 +97,7 @@ class ProfileSink(BatchingSink):
         super().__init__()
         self.redis_url, self.skip = redis_url, skip
         self.lua, self.keys, self.head = spec["lua"], spec["keys"], spec["head"]
+        self.users_per_call = int(spec["users_per_call"])
         self.applied = 0
         self.latencies_ms: list[float] = []
 
@@ -111,10 +112,14 @@ class ProfileSink(BatchingSink):
             user, update = item.value
             by_user.setdefault(user, []).append(update)
         now_ms = int(time.time() * 1000)
+        users, n = list(by_user), self.users_per_call
         with self.client.pipeline(transaction=False) as pipe:
-            for user, updates in by_user.items():
-                self.script(keys=[k.replace(USER, user) for k in self.keys], args=[now_ms, *self.head, *updates],
-                            client=pipe)
+            for i in range(0, len(users), n):
+                keys, args = [], [now_ms, *self.head]
+                for user in users[i:i + n]:
+                    keys += [k.replace(USER, user) for k in self.keys]
+                    args += [len(by_user[user]), *by_user[user]]
+                self.script(keys=keys, args=args, client=pipe)
             pipe.execute()
         acked = time.time() * 1000
         for item in batch:

@@ -114,6 +114,9 @@ class ProfileSettings(Section):
     # shopper's; docs/durability.md).
     max_categories: int = 100
     max_seen: int = 400  # 400 marks: ~42 KB of Redis; the whole profile of a runaway shopper stays under 64 KB
+    # Users per profile.lua call (on a Redis Cluster: of one slot). More users per call spare the worker's
+    # packing and parsing; fewer keep each call (Redis runs one at a time) short for the API's reads.
+    users_per_call: int = Field(64, ge=1)
 
 
 class WorkerSettings(Section):

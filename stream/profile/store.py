@@ -1,8 +1,8 @@
 """Where profiles live: Redis (production) and an in-memory fake (unit tests).
 
 Both implement `ProfileStore`. The Redis store applies a batch as one pipeline of EVALSHA
-calls, one call per user (all of that user's updates in the batch, in order), each atomic
-thanks to Lua. Keys carry the user id as a hash tag, so they are Redis Cluster safe.
+calls, each for up to ``profile.users_per_call`` users (all of a user's updates in the batch, in
+order), each user's atomic thanks to Lua. Keys carry the user id as a hash tag, so they are Redis Cluster safe.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from typing import Any, Protocol
 import orjson
 import redis
 import redis.asyncio as aredis
+from redis.crc import key_slot
 
 from core.settings import ProfileSettings
 from stream.profile.logic import ProfileState, ProfileUpdate, apply_update, cap_seen
-from stream.redis_io import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError
+from stream.redis_io import TRANSIENT_REDIS_ERRORS, LuaScript, TransientStoreError, is_cluster
 
 
 class ProfileStore(Protocol):
@@ -124,6 +125,7 @@ class RedisProfileStore:
         self.cfg = cfg
         self.keys = ProfileKeys(key_prefix)
         self.script = LuaScript(client, "profile/profile.lua")
+        self.cluster = is_cluster(client)
 
     def _args(self, now_ms: int) -> list[Any]:
         return [
@@ -136,11 +138,37 @@ class RedisProfileStore:
             self.cfg.max_seen,
         ]
 
+    def call(self, users: Sequence[tuple[str, Sequence[ProfileUpdate]]], now_ms: int) -> tuple[list[str], list[Any]]:
+        """(keys, args) of one profile.lua call applying each user's updates, in order."""
+        keys: list[str] = []
+        args: list[Any] = self._args(now_ms)
+        for user, us in users:
+            keys += (*self.keys.of(user), self.keys.tombstone(user))
+            args.append(len(us))
+            args += map(encode_update, us)
+        return keys, args
+
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
-        head = self._args(now_ms)
-        return self.script.run_grouped(updates, lambda u: u.user_id,
-                                       lambda user, us: ((*self.keys.of(user), self.keys.tombstone(user)),
-                                                                 [*head, *map(encode_update, us)]))
+        """One profile.lua call per ``users_per_call`` users (on a cluster: per slot, then so), pipelined."""
+        by_user: dict[str, list[int]] = {}
+        for i, u in enumerate(updates):
+            by_user.setdefault(u.user_id, []).append(i)
+        groups: dict[int, list[str]] = {}
+        if self.cluster:  # a call's keys must be in one slot: users group by the slot of their hash tag
+            for user in by_user:
+                groups.setdefault(key_slot(self.keys.of(user)[0].encode()), []).append(user)
+        else:
+            groups[0] = list(by_user)
+        n = self.cfg.users_per_call
+        chunks = [users[i:i + n] for users in groups.values() for i in range(0, len(users), n)]
+        results = self.script.run([self.call([(user, [updates[i] for i in by_user[user]]) for user in chunk], now_ms)
+                                   for chunk in chunks])
+        out = [False] * len(updates)
+        for chunk, flags in zip(chunks, results, strict=True):
+            idxs = [i for user in chunk for i in by_user[user]]
+            for i, flag in zip(idxs, flags, strict=True):
+                out[i] = bool(flag)
+        return out
 
     def load(self, user_id: str) -> ProfileState | None:
         p, r, s = self.keys.of(user_id)

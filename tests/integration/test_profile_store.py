@@ -10,7 +10,7 @@ import redis
 from core.contracts import Event
 from core.settings import ProfileSettings, Settings
 from stream.profile.logic import ProfileState, apply_update, event_update
-from stream.profile.store import InMemoryProfileStore, RedisProfileStore, encode_update
+from stream.profile.store import InMemoryProfileStore, RedisProfileStore
 from stream.redis_io import TransientStoreError
 
 pytestmark = pytest.mark.integration
@@ -33,13 +33,13 @@ def random_events(n: int, seed: int) -> list[Event]:
     return out
 
 
-@pytest.mark.parametrize("batch", [1, 13, 500])
-def test_redis_lua_and_python_merge_agree_exactly(settings: Settings, batch: int) -> None:
-    cfg = ProfileSettings(recent_products=7, half_life_s=5000, dedupe_window_s=10)
+@pytest.mark.parametrize(("batch", "users_per_call"), [(1, 64), (13, 1), (13, 4), (500, 7), (500, 64)])
+def test_redis_lua_and_python_merge_agree_exactly(settings: Settings, batch: int, users_per_call: int) -> None:
+    cfg = ProfileSettings(recent_products=7, half_life_s=5000, dedupe_window_s=10, users_per_call=users_per_call)
     client = redis.Redis.from_url(settings.redis.url)
     lua = RedisProfileStore(client, cfg, settings.redis.key_prefix)
     py = InMemoryProfileStore(cfg)
-    ups = [event_update(e, cfg) for e in random_events(3000, seed=batch)]
+    ups = [event_update(e, cfg) for e in random_events(3000, seed=batch + users_per_call)]
     now = 1_000_000
     for i in range(0, len(ups), batch):
         now += 700  # the dedupe window (10 s) slides over the run
@@ -131,16 +131,25 @@ def test_one_call_touching_more_fields_than_lua_unpack_takes_applies_every_event
 
 
 def test_a_call_that_fails_writes_nothing_so_a_retry_applies_its_events(settings: Settings) -> None:
+    """A bad update of the last user of a call fails the whole call before anything is written, the users
+    before it included (the script checks every user's updates first)."""
     cfg = ProfileSettings()
     client = redis.Redis.from_url(settings.redis.url)
     store = RedisProfileStore(client, cfg, settings.redis.key_prefix)
-    ups = [event_update(e, cfg) for e in deep_category_events(5, seed=4, user="u1")]
-    keys = store.keys.of("u1")
+    ups = {user: [event_update(e, cfg) for e in deep_category_events(5, seed=4, user=user)] for user in ("u0", "u1")}
     now = 1_795_500_000_000
-    head = [now, cfg.dedupe_window_s * 1000, cfg.recent_products, cfg.half_life_s * 1000.0, cfg.ttl_s * 1000]
     for bad in (b"{not json", b'{"i": "x", "y": "page_view"}', b'{"i": "x", "y": "search", "t": 1, "a": [["c"]]}'):
-        with pytest.raises(redis.ResponseError):
-            store.script.run([(keys, [*head, *map(encode_update, ups), bad])])
-        assert client.exists(*keys) == 0  # no marker, no field, no product
-    assert store.apply(ups, now) == [True] * len(ups)
-    assert (got := store.load("u1")) is not None and got.version == len(ups)
+        keys, args = store.call(list(ups.items()), now)
+        with pytest.raises(redis.ResponseError, match="more arguments than the keys have updates"):
+            store.script.run([(keys, [*args, bad])])  # u1's count still says 5
+        args[7 + 1 + 5] = 6  # u1's update count: the bad one is its sixth
+        with pytest.raises(redis.ResponseError, match=r"profile\.lua: update 6: "):
+            store.script.run([(keys, [*args, bad])])
+        assert client.exists(*keys) == 0  # no marker, no field, no product of either user
+    keys, args = store.call(list(ups.items()), now)
+    with pytest.raises(redis.ResponseError, match="bad update count"):
+        store.script.run([(keys, [*args[:7], 99, *args[8:]])])  # u0 says 99 updates
+    assert client.exists(*keys) == 0
+    for user, us in ups.items():
+        assert store.apply(us, now) == [True] * len(us)
+        assert (got := store.load(user)) is not None and got.version == len(us)
