@@ -346,16 +346,22 @@ def main() -> None:
         bs, ru = st.bootstrap_servers, st.redis_url
         print(f"stack: {st.describe()}")
         print("worker: one `livecopy worker profile` process; producer: EventProducer in this process\n")
-        tb = throughput(bs, ru, a.events, None)
-        tn = throughput(bs, ru, a.naive_events, 1)
-        lb = latency(bs, ru, a.rate, a.seconds, None)
-        ln = latency(bs, ru, a.rate, a.naive_seconds, 1)
-        floor8 = latency(bs, ru, a.rate, a.seconds, None, bare=True)
-        lb2 = latency(bs, ru, a.rate, a.seconds, None, partitions=2)
-        floor2 = latency(bs, ru, a.rate, a.seconds, None, partitions=2, bare=True)
+        def measured(name: str, value: Any) -> Any:  # each figure as it comes (a later failure keeps them)
+            print(f"  measured {name}: {value}", flush=True)
+            return value
+
+        tb = measured("batched events/s", throughput(bs, ru, a.events, None))
+        tn = measured("naive events/s", throughput(bs, ru, a.naive_events, 1))
+        lb = measured("batched latency", latency(bs, ru, a.rate, a.seconds, None))
+        ln = measured("naive latency", latency(bs, ru, a.rate, a.naive_seconds, 1))
+        floor8 = measured("bare consumer, 8 partitions", latency(bs, ru, a.rate, a.seconds, None, bare=True))
+        lb2 = measured("batched latency, 2 partitions", latency(bs, ru, a.rate, a.seconds, None, partitions=2))
+        floor2 = measured("bare consumer, 2 partitions",
+                          latency(bs, ru, a.rate, a.seconds, None, partitions=2, bare=True))
         if peer == "quix":
-            tq, quix_version = quix_throughput(bs, ru, a.events, a.quix_commit_interval)
-            lq = quix_latency(bs, ru, a.rate, a.seconds, a.quix_commit_interval)
+            tq, quix_version = measured("quixstreams events/s",
+                                        quix_throughput(bs, ru, a.events, a.quix_commit_interval))
+            lq = measured("quixstreams latency", quix_latency(bs, ru, a.rate, a.seconds, a.quix_commit_interval))
     print(f"events topic: 8 partitions (CONTRACTS.md default); latency at {a.rate:,.0f} events/s\n")
     qname = f"quixstreams {quix_version} (same update, BatchingSink)" if peer == "quix" else ""
     w = max(40, len(qname))

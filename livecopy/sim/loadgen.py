@@ -109,8 +109,11 @@ def paced(rate: float, duration_s: float | None) -> Iterator[int]:
     """Yields a running count, sleeping so that the count tracks rate x elapsed time."""
     start = time.monotonic()
     n = 0
-    while duration_s is None or time.monotonic() - start < duration_s:
-        due = int((time.monotonic() - start) * rate) + 1
+    while True:
+        elapsed = time.monotonic() - start  # read once: the count never passes rate x duration_s
+        if duration_s is not None and elapsed >= duration_s:
+            return
+        due = int(elapsed * rate) + 1
         if n >= due:
             time.sleep(min(0.005, 1.0 / rate))
             continue
