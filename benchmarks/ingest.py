@@ -1,7 +1,8 @@
 """Ingest benchmark: one profile worker process on the embedded stack.
 
 Prints, for the batched worker and for a naive one-Redis-round-trip-per-event variant
-(`--max-batch 1`: poll one record, one EVALSHA, one commit), in one run:
+(`--max-batch 1`: poll one record, one EVALSHA, one commit), in one run (and the batched worker's
+throughput with one user per Lua call, `profile.users_per_call=1`):
   - sustained events/s draining a preloaded topic (10%..90% of the records, so start-up and
     tail are excluded);
   - p50/p99 produce→profile-updated latency while events are produced at a fixed rate
@@ -93,7 +94,8 @@ def applied(url: str) -> float:
     return metric_sum(scrape(url), "livecopy_records_total", worker="profile")
 
 
-def throughput(bootstrap: str, redis_url: str, n: int, max_batch: int | None) -> float:
+def throughput(bootstrap: str, redis_url: str, n: int, max_batch: int | None, users_per_call: int | None = None
+               ) -> float:
     s = fresh_settings(bootstrap, redis_url)
     with EventProducer(settings=s, config={"linger.ms": 20}) as p:
         for e in events(n, seed=1):
@@ -102,7 +104,10 @@ def throughput(bootstrap: str, redis_url: str, n: int, max_batch: int | None) ->
     args = ["worker", "profile", "--metrics-port", str(port)]
     if max_batch:
         args += ["--max-batch", str(max_batch)]
-    proc = cli_process(env_for(s), *args)
+    env = env_for(s)
+    if users_per_call:
+        env["LIVECOPY_PROFILE__USERS_PER_CALL"] = str(users_per_call)
+    proc = cli_process(env, *args)
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         marks: dict[float, float] = {}
@@ -128,6 +133,13 @@ def throughput(bootstrap: str, redis_url: str, n: int, max_batch: int | None) ->
         proc.wait(30)
 
 
+def aof_rewrites(redis_url: str) -> int:
+    """AOF rewrites Redis has finished so far: a rewrite (the dev stack's Redis keeps an AOF, fsync always)
+    forks and rewrites the whole data set on these same two cores, and the worker's p99 shows it."""
+    info = redis.Redis.from_url(redis_url).info("persistence")
+    return int(info.get("aof_rewrites", 0)) + int(info.get("aof_rewrite_in_progress", 0))
+
+
 def latency(bootstrap: str, redis_url: str, rate: float, seconds: float, max_batch: int | None,
             partitions: int = 8, bare: bool = False) -> dict[str, float]:
     """p50/p99 at a fixed rate: of a profile worker (record CreateTime -> Redis acknowledged), or
@@ -135,6 +147,7 @@ def latency(bootstrap: str, redis_url: str, rate: float, seconds: float, max_bat
     s = fresh_settings(bootstrap, redis_url, partitions)
     evs = events(int(rate * seconds) + 200, seed=2)
     topic = Topics.from_settings(s.topics).events
+    rewrites = aof_rewrites(redis_url)
     if bare:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_bare_consumer.py"), bootstrap, topic,
                                  "200", str(len(evs) - 200)], stdout=subprocess.PIPE, text=True)
@@ -176,7 +189,7 @@ def latency(bootstrap: str, redis_url: str, rate: float, seconds: float, max_bat
         wait_for(lambda: applied(url) >= 200 + sent, 300, every=0.2)
         h = hist_diff(histogram(scrape(url), "livecopy_event_to_effect_seconds"), before)
         return {"rate": achieved, "p50_ms": 1000 * hist_quantile(h, 0.5), "p99_ms": 1000 * hist_quantile(h, 0.99),
-                "n": h[-1][1]}
+                "n": h[-1][1], "aof_rewrites": aof_rewrites(redis_url) - rewrites}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -304,6 +317,7 @@ def quix_latency(bootstrap: str, redis_url: str, rate: float, seconds: float, co
     s = fresh_settings(bootstrap, redis_url, partitions)
     evs = events(int(rate * seconds) + 200, seed=2)
     peer = QuixPeer(s, commit_interval, skip=200)
+    rewrites = aof_rewrites(redis_url)
     p = EventProducer(settings=s)
     try:
         for e in evs[:200]:
@@ -319,7 +333,8 @@ def quix_latency(bootstrap: str, redis_url: str, rate: float, seconds: float, co
         p.flush()
         peer.wait_applied(200 + sent, 300, every=0.2)
         res = peer.stop()
-        return {"rate": achieved, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"], "n": res["n"]}
+        return {"rate": achieved, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"], "n": res["n"],
+                "aof_rewrites": aof_rewrites(redis_url) - rewrites}
     finally:
         peer.stop()
 
@@ -352,6 +367,7 @@ def main() -> None:
 
         tb = measured("batched events/s", throughput(bs, ru, a.events, None))
         tn = measured("naive events/s", throughput(bs, ru, a.naive_events, 1))
+        t1 = measured("batched, one user per call, events/s", throughput(bs, ru, a.events, None, users_per_call=1))
         lb = measured("batched latency", latency(bs, ru, a.rate, a.seconds, None))
         ln = measured("naive latency", latency(bs, ru, a.rate, a.naive_seconds, 1))
         floor8 = measured("bare consumer, 8 partitions", latency(bs, ru, a.rate, a.seconds, None, bare=True))
@@ -369,6 +385,7 @@ def main() -> None:
     for name, t, lat in ((f"batched (pipelined Lua calls of {Settings().profile.users_per_call} users)", tb, lb),
                          ("naive (one Redis round trip per event)", tn, ln)):
         print(f"{name:{w}} {t:10,.0f} {lat['rate']:8,.0f} {lat['p50_ms']:8.1f} {lat['p99_ms']:8.1f}")
+    print(f"{'batched, one user per Lua call':{w}} {t1:10,.0f}")
     print(f"{'  broker floor: bare consumer, 8 parts':{w}} {'':>10} {floor8['rate']:8,.0f} "
           f"{floor8['p50_ms']:8.1f} {floor8['p99_ms']:8.1f}")
     print(f"{'batched, events topic with 2 partitions':{w}} {'':>10} {lb2['rate']:8,.0f} "
@@ -379,7 +396,11 @@ def main() -> None:
         print(f"{qname:{w}} {tq:10,.0f} {lq['rate']:8,.0f} {lq['p50_ms']:8.1f} {lq['p99_ms']:8.1f}")
         print(f"  (quixstreams: one process, own venv; its BatchingSink runs livecopy's profile.lua, the same users "
               f"per call, per partition at each checkpoint, every {a.quix_commit_interval:g} s)")
-    print(f"\nthroughput ratio batched/naive: {tb / tn:.1f}x")
+    print(f"  (Redis AOF rewrites during the worker's latency runs: batched 8 partitions {lb['aof_rewrites']}, "
+          f"naive {ln['aof_rewrites']}, batched 2 partitions {lb2['aof_rewrites']}"
+          + (f", quixstreams {lq['aof_rewrites']})" if peer == "quix" else ")"))
+    print(f"\nthroughput ratio batched/naive: {tb / tn:.1f}x; {Settings().profile.users_per_call} users per Lua call / "
+          f"one: {tb / t1:.2f}x")
     print(f"p99 ratio naive/batched at {a.rate:,.0f}/s: {ln['p99_ms'] / lb['p99_ms']:.1f}x")
     if peer == "quix":
         print(f"throughput ratio livecopy batched/quixstreams: {tb / tq:.2f}x")
