@@ -89,6 +89,27 @@ local function decode(first, last)
   return {updates = updates, ids = ids}
 end
 
+-- byte order, whatever the server's locale (Lua's < on strings uses strcoll)
+local function bytes_lt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- A sorted set that one large batch inflated and the trim shrank keeps its inflated memory (its hash table
+-- does not shrink, a listpack turned skiplist stays one): written anew, it costs what its size costs.
+local function compact(key, removed)
+  if removed < 128 then return end
+  local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local pairs_ = {}
+  for i = 1, #all, 2 do pairs_[#pairs_ + 1] = all[i + 1]; pairs_[#pairs_ + 1] = all[i] end
+  redis.call('DEL', key)
+  if #pairs_ > 0 then chunked('ZADD', key, nil, pairs_, 2) end
+end
+
 -- Phases 2 and 3 for one user: read and merge, then write
 local function apply_user(p, r, s, gone_key, updates, ids)
   -- Dedupe by reading: an id is seen when its marker is inside the window (what the prune below
@@ -137,16 +158,6 @@ local function apply_user(p, r, s, gone_key, updates, ids)
     end
   end
   local function set(name, value) h[name] = value; dirty[name] = true; dropped[name] = nil end
-
-  -- byte order, whatever the server's locale (Lua's < on strings uses strcoll)
-  local function bytes_lt(a, b)
-    local n = math.min(#a, #b)
-    for i = 1, n do
-      local x, y = string.byte(a, i), string.byte(b, i)
-      if x ~= y then return x < y end
-    end
-    return #a < #b
-  end
 
   -- keep the max_cat categories with the highest affinity decayed to `at` (ties: by name), as top_categories
   local function cap_categories(at)
@@ -215,18 +226,7 @@ local function apply_user(p, r, s, gone_key, updates, ids)
     end
   end
 
-  -- A sorted set that one large batch inflated and the trim shrank keeps its inflated memory (its hash table
-  -- does not shrink, a listpack turned skiplist stays one): written anew, it costs what its size costs.
-  local function compact(key, removed)
-    if removed < 128 then return end
-    local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-    local pairs_ = {}
-    for i = 1, #all, 2 do pairs_[#pairs_ + 1] = all[i + 1]; pairs_[#pairs_ + 1] = all[i] end
-    redis.call('DEL', key)
-    if #pairs_ > 0 then chunked('ZADD', key, nil, pairs_, 2) end
-  end
-
-  -- Phase 2: the writes (only commands that cannot fail on these arguments), markers last
+  -- Phase 3: the writes (only commands that cannot fail on these arguments), markers last
   redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. fmt(oldest))
   if any then
     if #args > 0 then chunked('HSET', p, nil, args, 2) end

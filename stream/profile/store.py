@@ -149,7 +149,7 @@ class RedisProfileStore:
         return keys, args
 
     def apply(self, updates: Sequence[ProfileUpdate], now_ms: int) -> list[bool]:
-        """One profile.lua call per ``users_per_call`` users (on a cluster: per slot, then so), pipelined."""
+        """One profile.lua call per ``users_per_call`` users (on a cluster: users of one slot), pipelined."""
         by_user: dict[str, list[int]] = {}
         for i, u in enumerate(updates):
             by_user.setdefault(u.user_id, []).append(i)
