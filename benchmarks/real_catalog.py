@@ -243,40 +243,19 @@ def serve(executor: Any, name: str, products: list[Product], names: Names, batch
 
 # ----------------------------------------------------------------------------------- fluency
 
-PREFIX = "Product copy: "
-
-
 class Fluency:
     """Mean per-token NLL of texts under the base SmolLM2 (no livecopy adapter)."""
 
     def __init__(self, source: str | None = None) -> None:
         from models.teacher import load_base
 
-        base = load_base(source)
-        self.model = base.model.eval()
-        self.tok = base.tokenizer
-        self.source = base.source
+        self.base = load_base(source)
+        self.source = self.base.source
 
-    @torch.no_grad()
     def nll(self, texts: list[str], batch: int = 32) -> float:
-        total, count = 0.0, 0
-        n_prefix = len(self.tok.encode(PREFIX).ids)
-        for k in range(0, len(texts), batch):
-            ids = [self.tok.encode(PREFIX + t).ids for t in texts[k:k + batch]]
-            width = max(len(x) for x in ids)
-            inp = torch.zeros(len(ids), width, dtype=torch.long)
-            mask = torch.zeros(len(ids), width, dtype=torch.long)
-            for i, x in enumerate(ids):
-                inp[i, :len(x)] = torch.tensor(x)
-                mask[i, :len(x)] = 1
-            logits = self.model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
-            target = inp[:, 1:]
-            lp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            keep = mask[:, 1:].bool()
-            keep[:, : n_prefix - 1] = False  # score the copy's tokens only
-            total += float(-(lp * keep).sum())
-            count += int(keep.sum())
-        return total / max(1, count)
+        from models.teacher import mean_nll
+
+        return mean_nll(self.base, texts, batch)
 
 
 # ----------------------------------------------------------------------------------- main

@@ -41,7 +41,7 @@ from models.text.context import CopyContext, build_prompt, product_context
 from models.text.filter import check_copy, check_grounding, foreign_names
 from models.text.slots import available, delexicalize, fill, slots_in
 
-CORPUS_VERSION = 2
+CORPUS_VERSION = 3
 DEFAULT_CATALOG_SIZE = 2000
 DEFAULT_CATALOG_SEED = 7
 HELDOUT_MOD = 10
@@ -193,106 +193,96 @@ def sigmoid(x: float) -> float:
 # --------------------------------------------------------------------------- templates
 
 _OPENERS: dict[str, tuple[str, ...]] = {
-    "new": ("New here?", "First visit?", "Just looking around?", "Hello and welcome!", "Nice to meet you."),
-    "returning": ("Welcome back!", "Good to see you again.", "Back again?", "Hi again!"),
-    "lapsed": ("It's been a while!", "We kept a spot for you.", "Long time, no see!", "Look who's back!"),
-    "affinity": ("Picked for you:", "Back for more {leaf}?", "For your {leaf} wishlist:", "A {leaf} find for you:",
-                 "Because you like {leaf}:"),
+    "new": ("Hello and welcome!", "Nice to meet you.", "New here?"),
+    "returning": ("Welcome back!", "Good to see you again.", "Hi again!"),
+    "lapsed": ("It's been a while!", "Long time, no see!", "Look who's back!", "We kept a spot for you."),
+    "affinity": ("Picked for you:", "For your {leaf} wishlist:", "A {leaf} find for you:"),
     "price_high": ("Smart pick:", "Worth a look:", "Spend wisely:"),
-    "eco": ("For the eco-minded:", "Shopping with care?"),
+    "eco": ("For the eco-minded:",),
 }
 
+# Phrasings a general language model finds likely (the base SmolLM2's per-token NLL of each,
+# filled for 40 products of the training and disjoint catalogs, is in docs/models.md): the title
+# early, plain verbs, a fact (price, rating) where the style has one. Scored phrasings above the
+# fallback template's NLL by more than ~0.4 nats were dropped or rewritten (corpus v3).
 _CORES: dict[str, tuple[str, ...]] = {
     "discount_pct": (
-        "Save {pct}% on the {title}, now just {sale}.",
+        "Get the {title} for {sale} instead of {price}, that's {pct}% off.",
+        "The {title} {is} now {sale}, {pct}% off the regular price of {price}.",
         "{pct}% off the {title}: yours for {sale} instead of {price}.",
-        "Deal alert: the {title} {is} {pct}% off, now {sale}.",
         "Get {a_attr_noun} from {brand} for {sale}, that's {pct}% off.",
-        "Price drop on the {title}: save {pct}% and pay {sale}.",
-        "The {title} {is} reduced by {pct}% to {sale}.",
-        "Your next {noun} for less: {pct}% off the {title}.",
         "Grab the {title} at {pct}% off, a real deal at {sale}.",
-        "Save {saved} on the {title} with {pct}% off.",
+        "Save {pct}% on the {title}: now {sale}, was {price}.",
+        "The {title} {is} reduced by {pct}% to {sale}.",
+        "Save {pct}% on the {title}, now just {sale}.",
         "{brand} deal: {pct}% off {a_attr_noun}, now {sale}.",
+        "Save {saved} on the {title} with {pct}% off.",
     ),
     "discount_value": (
-        "Great value: the {title} for just {price}.",
-        "A smart deal on {a_attr_noun} from {brand}, just {price}.",
-        "Real value for your money: the {title} at {price} is a deal worth taking.",
+        "Looking for a deal? The {title} {is} just {price}.",
+        "The {title} {is} a great value at just {price}.",
         "Get more for less with the {title}, only {price}.",
         "Great value from {brand}: {a_attr_noun} for {price}.",
-        "Looking for a deal? The {title} {is} just {price}.",
+        "Great value: the {title} for just {price}.",
     ),
     "urgency": (
-        "Selling fast: the {title} won't last at {now_price}.",
-        "Hurry, the {title} {is} going fast.",
+        "Last chance to get the {title} for {now_price}.",
+        "Buy the {title} today for {now_price}.",
+        "Hurry! The {title} {is} now only {now_price}.",
         "Last chance to grab {a_attr_noun} from {brand}, now {now_price}.",
-        "Don't wait: the {title} {is} in limited supply.",
-        "Order the {title} today and enjoy your new {noun} sooner.",
-        "The {title} {is} selling fast, get yours today.",
-        "Hurry, grab the {title} while stocks last.",
-        "Don't wait: the {title} {is} going fast at {now_price}.",
+        "Hurry, the {title} {is} only {now_price} today.",
+        "Don't wait: get the {title} for {now_price} today.",
         "Limited stock: the {title} for {now_price}, ready to ship today.",
-        "Act fast: the {attr} {noun} from {brand} won't stay in stock for long.",
     ),
     "quality": (
-        "Crafted to last: the {title} brings {attr} quality to every day.",
-        "The {title}: quality that is built to last.",
-        "Precision-engineered and made to last: the {title}.",
-        "Quality you can feel: {brand}'s {attr} {noun}, crafted with care.",
+        "The {title} {is} built to last, and it's only {now_price}.",
+        "The {title} {is} made with high quality materials, for {now_price}.",
+        "High quality at a great price: the {title} for {now_price}.",
         "Built to last and crafted with attention to detail: the {title}, {now_price}.",
-        "{brand} craftsmanship in every detail of this {attr} {noun}.",
-        "Durable, {attr} and beautifully finished: the {title}.",
+        "Get the quality you deserve with the {title} for {now_price}.",
         "The {title} {is} made with quality materials and built to last.",
-        "{a_noun_cap} that last{s} for years: the {title}.",
     ),
     "eco": (
-        "A more sustainable choice: the {title}, {attr} and kinder to the planet.",
-        "Shop greener with the {title} and leave a lighter footprint.",
-        "Sustainable by design: the {attr} {noun} from {brand}.",
-        "Good for you, kinder to the planet: the {title}.",
-        "The {title}: sustainably made and responsibly sourced.",
+        "Better for the planet: the {title} for only {now_price}.",
         "Lower your footprint with the {title}, {now_price}.",
-        "Choose a greener {noun}: the {title} {is} made sustainably.",
-        "Eco-conscious and {attr}: meet the {title}.",
+        "The {title} {is} better for the planet, and only {now_price}.",
+        "Good for you and the planet: the {title} for {now_price}.",
+        "The {title} {is} a sustainable choice for just {now_price}.",
     ),
     "social_proof_many": (
-        "Rated {rating} stars by {reviews} shoppers: the {title}.",
-        "Shoppers love the {title}: {rating} stars from {reviews} reviews.",
-        "{reviews} reviews and counting: the {title} {is} a fan favourite.",
-        "Join {reviews} reviewers who rated the {title} {rating} stars.",
-        "Loved by shoppers: the {attr} {noun} from {brand}, rated {rating} stars.",
+        "The {title} {has} {reviews} reviews and a {rating}-star rating, for {now_price}.",
+        "With {reviews} reviews and a {rating}-star rating, the {title} {is} a customer favorite.",
+        "The {title} {is} rated {rating} stars by customers, and it's only {now_price}.",
+        "The {title} {has} a {rating}-star rating from {reviews} reviews.",
         "The {title} {has} {reviews} reviews and a {rating}-star rating.",
+        "Rated {rating} stars: the {title} for {now_price}.",
     ),
     "social_proof_best": (
-        "A bestseller for a reason: the {title}, rated {rating} stars.",
-        "Our bestseller {noun}: the {title}, with {reviews} reviews.",
-        "Top-rated and a bestseller: the {title} ({rating} stars).",
+        "A bestseller with {reviews} reviews: the {title} for {now_price}.",
+        "Our bestseller: the {title}, with {reviews} reviews and a {rating}-star rating.",
     ),
     "social_proof_few": (
-        "Rated {rating} stars by early shoppers: the {title}.",
-        "Early reviews are in: the {title} {is} rated {rating} stars.",
-        "Shoppers rate the {title} {rating} stars.",
+        "The {title} {is} rated {rating} stars by customers, and it's only {now_price}.",
+        "Rated {rating} stars: the {title} for {now_price}.",
     ),
     "practical": (
-        "The {title}: {a_noun} that fit{s} right into your routine.",
-        "Meet the {title}, yours for {now_price}.",
-        "Simple, {attr} and easy to use: the {title}.",
+        "The {title} {is} {a_noun} that is easy to use, for only {now_price}.",
         "Everything you want in {a_noun}: {attr}, reliable, {now_price}.",
-        "Make everyday life easier with the {attr} {noun} from {brand}.",
+        "The {title} {is} just what you need, for {now_price}.",
+        "The {title} {is} {a_noun} you will use every day, for {now_price}.",
         "The {title} {does} exactly what you need, for {now_price}.",
-        "{attr_cap} where it counts: the {title}.",
-        "Your everyday {noun}, done right: the {title}.",
+        "Get the {title} for just {now_price}.",
+        "Meet the {title}, yours for {now_price}.",
     ),
 }
 
 _CTAS: dict[str, tuple[str, ...]] = {
-    "discount": ("Grab the deal.", "Save now.", "Shop the deal.", "Claim your savings."),
-    "urgency": ("Order today.", "Get yours before it's gone.", "Don't wait.", "Shop it today."),
+    "discount": ("Grab the deal.", "Save now.", "Shop the deal."),
+    "urgency": ("Don't wait.", "Shop it today.", "Get yours before it's gone."),
     "quality": ("Invest in quality.", "Made for the long run.", "Feel the quality."),
-    "eco": ("Choose sustainable.", "Better for the planet.", "Shop sustainably."),
+    "eco": ("Shop sustainably.", "Make a greener choice."),
     "social_proof": ("See why shoppers love it.", "Read the reviews.", "Join the fans."),
-    "practical": ("Shop now.", "Take a look.", "Find yours.", "Add it to your cart."),
+    "practical": ("Add it to your cart.", "Shop now.", "Take a look."),
 }
 
 
@@ -382,8 +372,12 @@ def teacher_copies_path() -> Path:
     return Path(__file__).resolve().parent / "data" / TEACHER_COPIES_FILE
 
 
-def load_teacher_copies(path: str | Path | None = None) -> dict[tuple[str, str], list[str]]:
-    """``(product_id, style) -> [copy, ...]`` from the teacher-written JSONL (empty if absent)."""
+def load_teacher_copies(
+    path: str | Path | None = None, max_nll: float | None = None
+) -> dict[tuple[str, str], list[str]]:
+    """``(product_id, style) -> [copy, ...]`` from the teacher-written JSONL (empty if absent): the
+    rows the filter kept and, with ``max_nll``, whose ``base_nll`` (the base model's per-token NLL,
+    ``models.teacher.score_teacher_copies``; a row without one is kept) is at most ``max_nll``."""
     p = Path(path) if path is not None else teacher_copies_path()
     out: dict[tuple[str, str], list[str]] = {}
     if not p.exists():
@@ -392,7 +386,7 @@ def load_teacher_copies(path: str | Path | None = None) -> dict[tuple[str, str],
         if not line.strip():
             continue
         row = orjson.loads(line)
-        if row.get("ok", True):
+        if row.get("ok", True) and (max_nll is None or row.get("base_nll", 0.0) <= max_nll):
             out.setdefault((row["product_id"], row["style"]), []).append(row["text"])
     return out
 
@@ -431,6 +425,7 @@ class CorpusConfig:
     seed: int = 1234
     teacher_share: float = 0.3  # share of rows using a teacher copy when one exists
     teacher_copies: str | None = None  # path; None: the packaged file
+    teacher_max_nll: float | None = 4.6  # fluency filter on the teacher's copy (base model NLL/token)
     max_products: int | None = None  # smoke runs
 
     def to_dict(self) -> dict[str, Any]:
@@ -506,7 +501,7 @@ def build_corpus(config: CorpusConfig | None = None, catalog: Catalog | None = N
     cfg = config or CorpusConfig()
     cat = catalog or Catalog.generate(cfg.catalog_size, cfg.catalog_seed)
     tpath = Path(cfg.teacher_copies) if cfg.teacher_copies else teacher_copies_path()
-    teacher = load_teacher_copies(tpath)
+    teacher = load_teacher_copies(tpath, cfg.teacher_max_nll)
     leaves = sorted({p.category.split("/")[-1] for p in cat})
     products = sorted(cat.products, key=lambda p: p.product_id)
     if cfg.max_products is not None:

@@ -303,3 +303,57 @@ def write_teacher_copies(
 def teacher_copies_meta(path: str | Path, **info: Any) -> None:
     """Write the provenance sidecar of a teacher-copies file."""
     Path(path).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- fluency
+
+FLUENCY_PREFIX = "Product copy: "
+
+
+@torch.no_grad()
+def copy_nll(bt: BaseTeacher, texts: Sequence[str], batch: int = 32) -> list[tuple[float, int]]:
+    """Per text: (summed NLL in nats, token count) of its tokens under ``bt``'s model, read after
+    the fixed context ``FLUENCY_PREFIX`` (the copy's tokens only are scored). The fluency figure of
+    ``benchmarks/real_catalog.py`` and the teacher-copy fluency filter of the corpus."""
+    model = bt.model.eval()
+    device = next(model.parameters()).device
+    n_prefix = len(bt.tokenizer.encode(FLUENCY_PREFIX).ids)
+    out: list[tuple[float, int]] = []
+    for k in range(0, len(texts), batch):
+        ids = [bt.tokenizer.encode(FLUENCY_PREFIX + t).ids for t in texts[k:k + batch]]
+        width = max(len(x) for x in ids)
+        inp = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, x in enumerate(ids):
+            inp[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        inp, mask = inp.to(device), mask.to(device)
+        logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, inp[:, 1:].unsqueeze(-1)).squeeze(-1)
+        keep = mask[:, 1:].bool()
+        keep[:, : n_prefix - 1] = False
+        nll = (-(lp * keep)).sum(1).tolist()
+        count = keep.sum(1).tolist()
+        out.extend((float(a), int(b)) for a, b in zip(nll, count, strict=True))
+    return out
+
+
+def mean_nll(bt: BaseTeacher, texts: Sequence[str], batch: int = 32) -> float:
+    """Mean per-token NLL of ``texts`` together (token-weighted), see :func:`copy_nll`."""
+    scored = copy_nll(bt, texts, batch)
+    return sum(s for s, _ in scored) / max(1, sum(n for _, n in scored))
+
+
+def score_teacher_copies(bt: BaseTeacher, path: str | Path, batch: int = 32) -> dict[str, Any]:
+    """Write ``base_nll`` (the base model's per-token NLL of the copy, :func:`copy_nll`) into
+    every row of a teacher-copies file; the corpus keeps the fluent ones
+    (``CorpusConfig.teacher_max_nll``)."""
+    p = Path(path)
+    rows = [orjson.loads(line) for line in p.read_bytes().splitlines() if line.strip()]
+    scored = copy_nll(bt, [r["text"] for r in rows], batch)
+    for r, (s, n) in zip(rows, scored, strict=True):
+        r["base_nll"] = round(s / max(1, n), 4)
+    p.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    kept = [r["base_nll"] for r in rows if r.get("ok", True)]
+    kept.sort()
+    return {"rows": len(rows), "ok": len(kept), "median_base_nll_ok": kept[len(kept) // 2] if kept else None}

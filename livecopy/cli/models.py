@@ -116,6 +116,23 @@ def teacher_copies_cmd(
     click.echo(json.dumps({"this_run": stats, "file_rows": len(rows), "kept": sum(r["ok"] for r in rows)}))
 
 
+@train_group.command("teacher-fluency")
+@click.option("--base", type=click.Path(exists=True), default=None, help="GGUF file or HF dir (default: SmolLM2).")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Teacher-copies JSONL (default: models/data/teacher_copies.jsonl).")
+@click.pass_context
+def teacher_fluency_cmd(ctx: click.Context, base: str | None, path: str | None) -> None:
+    """Score every teacher copy with the base model (``base_nll``: NLL per token); the corpus keeps
+    the copies at or under ``teacher_max_nll``."""
+    from models.corpus import teacher_copies_path
+    from models.teacher import load_base, score_teacher_copies
+
+    ms = _settings(ctx)
+    _threads(ms.torch_threads)
+    bt = load_base(base or (str(ms.teacher_base) if ms.teacher_base else None))
+    click.echo(json.dumps(score_teacher_copies(bt, path or teacher_copies_path())))
+
+
 def _bar() -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
