@@ -183,10 +183,10 @@ def check_copy(text: str, product: Product | CopyContext, banned: Iterable[str] 
         return FilterResult(False, "multiline")
     if _PLACEHOLDER.search(t):
         return FilterResult(False, "placeholder")
-    if _LINK.search(t):
-        return FilterResult(False, "link_or_hashtag")
     low = t.lower().replace("\u2019", "'")
     model_words = _without_own_facts(low, product)  # "Miracle-Gro", "Massage Gun", "100% Whey" are the record's
+    if _LINK.search(model_words):  # "X-ACTO #1 Precision Knife" is the record's title, not a hashtag
+        return FilterResult(False, "link_or_hashtag")
     if _FIRST_PERSON.search(model_words):
         return FilterResult(False, "first_person")
     entries = tuple(banned) if banned is not None else _default_banned()

@@ -62,6 +62,17 @@ def test_rejections_name_the_rule(text: str, reason: str) -> None:
     assert res.reason == reason
 
 
+def test_the_records_own_title_is_not_a_hashtag_or_link() -> None:
+    knife = Product(
+        product_id="rw-0190", title="X-ACTO #1 Precision Knife with Safety Cap", category="crafts/tools",
+        brand="X-ACTO", price=6.79, attributes=("precision",), rating=4.8, reviews=21000, eco=False,
+        discount_pct=0, noun="precision knife",
+    )
+    assert check_copy("Get the X-ACTO #1 Precision Knife with Safety Cap for just $6.79.", knife).ok
+    res = check_copy("Get the X-ACTO #1 Precision Knife with Safety Cap #crafts for just $6.79.", knife)
+    assert res.reason == "link_or_hashtag"  # a hashtag of the model's own is still rejected
+
+
 def test_numbers_from_product_are_allowed() -> None:
     nums = allowed_numbers(SKILLET)
     assert {39.99, 20.0, 31.99, 8.0, 4.4, 312.0} <= nums
