@@ -201,6 +201,9 @@ def _plural_verb(word: str) -> str:
     return out[:1].upper() + out[1:] if word[:1].isupper() else out
 
 
+_SENTENCE_STOP = re.compile(r"[.!?](?:\s|$)")
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
@@ -215,11 +218,17 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
         vals["title"].lower().endswith(vals["noun"].split()[-1].lower()) else False
     out: list[str] = []
     prev_plural = False
+    subject_plural = False  # the sentence's product phrase is plural: "..., and it's only" -> "they're"
     for i, part in enumerate(parts):
         if i % 2 == 0:  # text between slots
             if i and prev_plural:
                 part = re.sub(r"^(\s+(?:that\s+|which\s+)?)((?:is|has|does|was)\b|[a-z]+s\b)",
                               lambda m: m.group(1) + _plural_verb(m.group(2)), part, count=1)
+            if subject_plural:
+                stop = _SENTENCE_STOP.search(part)
+                head, tail = (part[:stop.start()], part[stop.start():]) if stop else (part, "")
+                part = re.sub(r"\bit's\b", "they're", head, count=1) + tail
+                subject_plural = stop is None
             if i and out and out[-1].endswith((".", "!", "?")) and part.startswith(out[-1][-1]):
                 part = part[1:]  # "... Inc." + "." -> one full stop
             out.append(part)
@@ -257,6 +266,8 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
             v = _cap(v)
         out.append(v)
         prev_plural = name in ("noun", "title") and (noun_plural if name == "noun" else title_plural)
+        if name in ("noun", "title"):
+            subject_plural = prev_plural
         if name == "attribute":
             prev_plural = False
     text = "".join(out)

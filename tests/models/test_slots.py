@@ -54,6 +54,11 @@ def test_articles_plurals_and_agreement_follow_the_record() -> None:
     assert fill("The {title} has {reviews} reviews.", ctx_of(reviews=1)) == \
         "The Aurora Wireless Headphones have 1 review."
     assert fill("Loved by {reviews} shoppers.", ctx_of(reviews=1)) == "Loved by 1 shopper."
+    t = "The {title} is rated {rating} stars, and it's only {price}. It's a gift."
+    assert fill(t, ctx_of()) == \
+        "The Aurora Wireless Headphones are rated 4.6 stars, and they're only $129.99. It's a gift."
+    assert fill(t, ctx_of(title="Aurora Wireless Speaker", noun="speaker")) == \
+        "The Aurora Wireless Speaker is rated 4.6 stars, and it's only $129.99. It's a gift."
 
 
 def test_no_double_article_and_one_full_stop() -> None:
