@@ -193,11 +193,11 @@ def sigmoid(x: float) -> float:
 # --------------------------------------------------------------------------- templates
 
 _OPENERS: dict[str, tuple[str, ...]] = {
-    "new": ("Hello and welcome!", "Nice to meet you.", "New here?"),
-    "returning": ("Welcome back!", "Good to see you again.", "Hi again!"),
-    "lapsed": ("It's been a while!", "Long time, no see!", "Look who's back!", "We kept a spot for you."),
-    "affinity": ("Picked for you:", "For your {leaf} wishlist:", "A {leaf} find for you:"),
-    "price_high": ("Smart pick:", "Worth a look:", "Spend wisely:"),
+    "new": ("Hello and welcome!", "Nice to meet you."),
+    "returning": ("Welcome back!", "Good to see you again."),
+    "lapsed": ("It's been a while!", "Long time, no see!"),
+    "affinity": ("Picked for you:", "For your {leaf} wishlist:"),
+    "price_high": ("Worth a look:", "Smart pick:"),
     "eco": ("For the eco-minded:",),
 }
 
@@ -232,7 +232,6 @@ _CORES: dict[str, tuple[str, ...]] = {
         "Last chance to grab {a_attr_noun} from {brand}, now {now_price}.",
         "Hurry, the {title} {is} only {now_price} today.",
         "Don't wait: get the {title} for {now_price} today.",
-        "Limited stock: the {title} for {now_price}, ready to ship today.",
     ),
     "quality": (
         "The {title} {is} built to last, and it's only {now_price}.",
@@ -240,14 +239,12 @@ _CORES: dict[str, tuple[str, ...]] = {
         "High quality at a great price: the {title} for {now_price}.",
         "Built to last and crafted with attention to detail: the {title}, {now_price}.",
         "Get the quality you deserve with the {title} for {now_price}.",
-        "The {title} {is} made with quality materials and built to last.",
     ),
     "eco": (
         "Better for the planet: the {title} for only {now_price}.",
         "Lower your footprint with the {title}, {now_price}.",
         "The {title} {is} better for the planet, and only {now_price}.",
         "Good for you and the planet: the {title} for {now_price}.",
-        "The {title} {is} a sustainable choice for just {now_price}.",
     ),
     "social_proof_many": (
         "The {title} {has} {reviews} reviews and a {rating}-star rating, for {now_price}.",
@@ -279,9 +276,9 @@ _CORES: dict[str, tuple[str, ...]] = {
 _CTAS: dict[str, tuple[str, ...]] = {
     "discount": ("Grab the deal.", "Save now.", "Shop the deal."),
     "urgency": ("Don't wait.", "Shop it today.", "Get yours before it's gone."),
-    "quality": ("Invest in quality.", "Made for the long run.", "Feel the quality."),
+    "quality": ("Invest in quality.", "Made for the long run."),
     "eco": ("Shop sustainably.", "Make a greener choice."),
-    "social_proof": ("See why shoppers love it.", "Read the reviews.", "Join the fans."),
+    "social_proof": ("Read the reviews.", "See why shoppers love it."),
     "practical": ("Add it to your cart.", "Shop now.", "Take a look."),
 }
 
@@ -359,7 +356,7 @@ def template_copy(ctx: CopyContext, style: str, rng: random.Random, *, personal:
     if opener and not set(slots_in(opener)) <= have:
         opener = None
     text = _join(opener, core)
-    cta_p = 0.15 if short else 0.6
+    cta_p = 0.15 if short else 0.4
     if rng.random() < cta_p:
         text = f"{text} {rng.choice(_CTAS[style])}"
     return text

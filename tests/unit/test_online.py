@@ -62,7 +62,7 @@ def test_clicked_style_gets_likelier_and_scores_higher_and_a_version_is_publishe
     assert t.serving_version == "0.9.0"
     prompts = probe_prompts(16)
     share0, gap0 = favoured_share(t, prompts), favoured_score_gap(t)
-    recs = feedback_records(900, style_ctr(FAV), seed=1)
+    recs = feedback_records(1500, style_ctr(FAV), seed=1)
     published = []
     for i in range(0, len(recs), 100):
         rep = t.update(recs[i:i + 100] + recs[max(0, i - 10):i])  # with re-deliveries
