@@ -50,7 +50,7 @@ STYLE_MARKERS: dict[str, tuple[tuple[str, float], ...]] = {
         ("today", 1.0), ("hurry", 1.0), ("selling fast", 1.0), ("last chance", 1.0),
         ("don't wait", 1.0), ("limited", 1.0), ("while stocks last", 1.0), ("ends soon", 1.0),
         ("before it's gone", 1.0), ("going fast", 1.0), ("right now", 1.0), ("tonight", 1.0),
-        ("act fast", 1.0), ("in a flash", 1.0),
+        ("act fast", 1.0), ("in a flash", 1.0), ("don't miss out", 1.0),
     ),
     "quality": (
         ("crafted", 1.0), ("built to last", 1.0), ("made to last", 1.0), ("quality", 1.0),
@@ -60,6 +60,7 @@ STYLE_MARKERS: dict[str, tuple[tuple[str, float], ...]] = {
     "eco": (
         ("sustainable", 1.0), ("sustainably", 1.0), ("planet", 1.0), ("footprint", 1.0),
         ("eco-conscious", 1.0), ("greener", 1.0), ("low-impact", 1.0), ("responsibly", 1.0),
+        ("environment", 1.0),
         ("recycled", 0.3), ("organic", 0.3), ("eco-friendly", 0.3), ("fair-trade", 0.3),
     ),
     "social_proof": (

@@ -41,7 +41,7 @@ from models.text.context import CopyContext, build_prompt, product_context
 from models.text.filter import check_copy, check_grounding, foreign_names
 from models.text.slots import available, delexicalize, fill, slots_in
 
-CORPUS_VERSION = 3
+CORPUS_VERSION = 4
 DEFAULT_CATALOG_SIZE = 2000
 DEFAULT_CATALOG_SEED = 7
 HELDOUT_MOD = 10
@@ -193,18 +193,21 @@ def sigmoid(x: float) -> float:
 # --------------------------------------------------------------------------- templates
 
 _OPENERS: dict[str, tuple[str, ...]] = {
-    "new": ("Hello and welcome!", "Nice to meet you."),
+    "new": ("Hi there!", "Nice to meet you."),
     "returning": ("Welcome back!", "Good to see you again."),
-    "lapsed": ("It's been a while!", "Long time, no see!"),
-    "affinity": ("Picked for you:", "For your {leaf} wishlist:"),
+    "lapsed": ("It's been a while!", "Welcome back, we missed you!"),
+    "affinity": ("We picked this for you.", "Good news for your {leaf} wishlist!"),
     "price_high": ("Worth a look:", "Smart pick:"),
     "eco": ("For the eco-minded:",),
 }
 
 # Phrasings a general language model finds likely (the base SmolLM2's per-token NLL of each,
-# filled for 40 products of the training and disjoint catalogs, is in docs/models.md): the title
-# early, plain verbs, a fact (price, rating) where the style has one. Scored phrasings above the
-# fallback template's NLL by more than ~0.4 nats were dropped or rewritten (corpus v3).
+# filled for 40 products of the training catalog and of the disjoint generator at a seed the
+# benchmark does not sample: ``benchmarks/phrasing_nll.py``; figures in docs/models.md): the title
+# early, plain verbs, a fact (price, rating) where the style has one, ", and it's only {price}".
+# Corpus v3 dropped phrasings above the fallback template's NLL by more than ~0.4 nats; v4 keeps
+# those within ~0.1 of it (a few more for variety) and replaces the openers and calls to action
+# that read less likely than the plain "The X is only $Y." they were added to.
 _CORES: dict[str, tuple[str, ...]] = {
     "discount_pct": (
         "Get the {title} for {sale} instead of {price}, that's {pct}% off.",
@@ -212,74 +215,69 @@ _CORES: dict[str, tuple[str, ...]] = {
         "{pct}% off the {title}: yours for {sale} instead of {price}.",
         "Get {a_attr_noun} from {brand} for {sale}, that's {pct}% off.",
         "Grab the {title} at {pct}% off, a real deal at {sale}.",
+        "Save {pct}% on the {title}: it's now {sale} instead of {price}.",
         "Save {pct}% on the {title}: now {sale}, was {price}.",
-        "The {title} {is} reduced by {pct}% to {sale}.",
-        "Save {pct}% on the {title}, now just {sale}.",
         "{brand} deal: {pct}% off {a_attr_noun}, now {sale}.",
-        "Save {saved} on the {title} with {pct}% off.",
     ),
     "discount_value": (
         "Looking for a deal? The {title} {is} just {price}.",
-        "The {title} {is} a great value at just {price}.",
-        "Get more for less with the {title}, only {price}.",
-        "Great value from {brand}: {a_attr_noun} for {price}.",
-        "Great value: the {title} for just {price}.",
+        "Looking for a great deal? The {title} {is} only {price}.",
+        "Get the {title} for only {price}. That's a great deal.",
+        "The {title} {is} just {price}. That's a great deal.",
     ),
     "urgency": (
         "Last chance to get the {title} for {now_price}.",
         "Buy the {title} today for {now_price}.",
+        "Don't miss out on the {title}, now only {now_price}.",
+        "Last chance to get {a_attr_noun} from {brand} for {now_price}.",
         "Hurry! The {title} {is} now only {now_price}.",
-        "Last chance to grab {a_attr_noun} from {brand}, now {now_price}.",
-        "Hurry, the {title} {is} only {now_price} today.",
-        "Don't wait: get the {title} for {now_price} today.",
     ),
     "quality": (
         "The {title} {is} built to last, and it's only {now_price}.",
-        "The {title} {is} made with high quality materials, for {now_price}.",
-        "High quality at a great price: the {title} for {now_price}.",
-        "Built to last and crafted with attention to detail: the {title}, {now_price}.",
-        "Get the quality you deserve with the {title} for {now_price}.",
+        "The {title} {is} made to last, and it's only {now_price}.",
+        "The {title} {is} built to last for years, and it's only {now_price}.",
+        "You can count on the {title}: it's built to last, and it's only {now_price}.",
+        "The {title} {is} made from quality materials, and it's only {now_price}.",
+        "The {title} {is} built to last. Get it for {now_price}.",
     ),
     "eco": (
-        "Better for the planet: the {title} for only {now_price}.",
-        "Lower your footprint with the {title}, {now_price}.",
-        "The {title} {is} better for the planet, and only {now_price}.",
-        "Good for you and the planet: the {title} for {now_price}.",
+        "The {title} {is} better for the environment, and it's only {now_price}.",
+        "The {title} {is} made with the environment in mind, and it's only {now_price}.",
+        "The {title} {is} better for the planet, and it's only {now_price}.",
+        "The {title} {is} a sustainable choice, and it's only {now_price}.",
     ),
     "social_proof_many": (
         "The {title} {has} {reviews} reviews and a {rating}-star rating, for {now_price}.",
         "With {reviews} reviews and a {rating}-star rating, the {title} {is} a customer favorite.",
+        "The {title} {is} rated {rating} stars, and it's only {now_price}.",
         "The {title} {is} rated {rating} stars by customers, and it's only {now_price}.",
         "The {title} {has} a {rating}-star rating from {reviews} reviews.",
         "The {title} {has} {reviews} reviews and a {rating}-star rating.",
-        "Rated {rating} stars: the {title} for {now_price}.",
     ),
     "social_proof_best": (
-        "A bestseller with {reviews} reviews: the {title} for {now_price}.",
+        "The {title} {is} a bestseller with {reviews} reviews, and it's only {now_price}.",
         "Our bestseller: the {title}, with {reviews} reviews and a {rating}-star rating.",
     ),
     "social_proof_few": (
+        "The {title} {is} rated {rating} stars, and it's only {now_price}.",
         "The {title} {is} rated {rating} stars by customers, and it's only {now_price}.",
-        "Rated {rating} stars: the {title} for {now_price}.",
     ),
     "practical": (
+        "The {title} {is} easy to use, and it's only {now_price}.",
         "The {title} {is} {a_noun} that is easy to use, for only {now_price}.",
         "Everything you want in {a_noun}: {attr}, reliable, {now_price}.",
-        "The {title} {is} just what you need, for {now_price}.",
+        "The {title} {is} {a_noun} you will use every day, and it's only {now_price}.",
         "The {title} {is} {a_noun} you will use every day, for {now_price}.",
-        "The {title} {does} exactly what you need, for {now_price}.",
-        "Get the {title} for just {now_price}.",
-        "Meet the {title}, yours for {now_price}.",
     ),
 }
 
 _CTAS: dict[str, tuple[str, ...]] = {
-    "discount": ("Grab the deal.", "Save now.", "Shop the deal."),
-    "urgency": ("Don't wait.", "Shop it today.", "Get yours before it's gone."),
-    "quality": ("Invest in quality.", "Made for the long run."),
-    "eco": ("Shop sustainably.", "Make a greener choice."),
-    "social_proof": ("Read the reviews.", "See why shoppers love it."),
-    "practical": ("Add it to your cart.", "Shop now.", "Take a look."),
+    "discount": ("Don't miss out.", "Order now and save."),
+    "urgency": ("Get yours before it's gone.", "Don't miss out.", "Check it out today."),
+    "quality": ("Buy it once and use it for years.", "Get it now."),
+    "eco": ("It's better for the planet.", "Make the switch."),
+    "social_proof": ("See what customers are saying.", "Read the reviews to learn more."),
+    "practical": ("Add it to your cart.", "Get it now.", "Check it out."),
 }
 
 
@@ -329,6 +327,8 @@ def persona_opener(ctx: CopyContext, rng: random.Random) -> str | None:
 def _join(opener: str | None, core: str) -> str:
     if not opener:
         return core
+    if opener.endswith("?") and core.split(" ", 1)[0] == opener.split(" ", 1)[0]:
+        return core  # no "Looking for a good deal? Looking for a deal? ..."
     if opener.endswith(":") and ":" in core:
         opener = opener[:-1] + "."  # no "Picked for you: Limited stock: ..."
     if opener.endswith(":"):
@@ -358,8 +358,18 @@ def template_copy(ctx: CopyContext, style: str, rng: random.Random, *, personal:
     text = _join(opener, core)
     cta_p = 0.15 if short else 0.4
     if rng.random() < cta_p:
-        text = f"{text} {rng.choice(_CTAS[style])}"
+        ctas = [c for c in _CTAS[style] if not _repeats(c, text)]
+        if ctas:
+            text = f"{text} {rng.choice(ctas)}"
     return text
+
+
+def _repeats(cta: str, text: str) -> bool:
+    """``cta`` says again three words in a row of ``text`` ("... better for the planet ... It's
+    better for the planet.")."""
+    words = [w.strip(".,!?:").lower() for w in cta.split()]
+    low = " ".join(w.strip(".,!?:").lower() for w in text.split())
+    return any(" ".join(words[i:i + 3]) in low for i in range(max(1, len(words) - 2)))
 
 
 # --------------------------------------------------------------------------- teacher copies

@@ -109,6 +109,9 @@ def test_style_tokens() -> None:
         ("The Aurora headphones fit right into your routine.", "practical"),
         ("The Kiln Space-Saving Floor Lamp fits small rooms.", "practical"),
         ("The Northloom Organic Recycled Hoodie keeps you warm.", "practical"),
+        ("Don't miss out on the Aurora headphones, now only $79.", "urgency"),
+        ("The Pulse yoga mat is better for the environment, and it's only $30.", "eco"),
+        ("The Pulse Environmentally Certified Yoga Mat stretches well.", "practical"),
     ],
 )
 def test_classify_style(text: str, style: str) -> None:
@@ -136,6 +139,15 @@ def test_corpus_rows_are_safe_on_product_and_in_style(small_corpus: Corpus) -> N
         assert classify_style(shown) == r.style, shown
         assert r.prompt == build_prompt(ctx)
     assert {r.source for r in small_corpus.train} >= {"template", "teacher"}
+
+
+def test_calls_to_action_never_repeat_the_core() -> None:
+    import random
+
+    ctx = product_context(HEADPHONES, "pdp")
+    texts = [template_copy(ctx, style, random.Random(i)) for style in STYLES for i in range(60)]
+    assert not [t for t in texts if t.lower().count("better for the planet") > 1 or t.lower().count("miss out") > 1]
+    assert any("better for the planet" in t.lower() for t in texts)  # the phrase is there, once
 
 
 def test_templates_vary() -> None:
