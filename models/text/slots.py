@@ -208,6 +208,16 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
+_OBJECT_IT = re.compile(r"\b(get|grab|buy|add|use|check|try|order|make|pick|take|gift|love|see)(\s+)it\b", re.I)
+
+
+def _plural_pronouns(text: str) -> str:
+    """The product is plural: "It's better" -> "They're better", "Get it now" -> "Get them now"."""
+    text = re.sub(r"\bit's\b", "they're", text)
+    text = re.sub(r"\bIt's\b", "They're", text)
+    return _OBJECT_IT.sub(lambda m: f"{m.group(1)}{m.group(2)}them", text)
+
+
 def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None) -> str:
     """Render a slotted copy from the record. Raises :class:`MissingSlot` for a slot the record
     cannot fill."""
@@ -219,6 +229,7 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
     out: list[str] = []
     prev_plural = False
     subject_plural = False  # the sentence's product phrase is plural: "..., and it's only" -> "they're"
+    product_plural = False  # the last product phrase was plural: later sentences' "Get it" -> "Get them"
     for i, part in enumerate(parts):
         if i % 2 == 0:  # text between slots
             if i and prev_plural:
@@ -227,8 +238,10 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
             if subject_plural:
                 stop = _SENTENCE_STOP.search(part)
                 head, tail = (part[:stop.start()], part[stop.start():]) if stop else (part, "")
-                part = re.sub(r"\bit's\b", "they're", head, count=1) + tail
+                part = re.sub(r"\bit's\b", "they're", head, count=1) + _plural_pronouns(tail)
                 subject_plural = stop is None
+            elif product_plural:
+                part = _plural_pronouns(part)
             if i and out and out[-1].endswith((".", "!", "?")) and part.startswith(out[-1][-1]):
                 part = part[1:]  # "... Inc." + "." -> one full stop
             out.append(part)
@@ -267,7 +280,7 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
         out.append(v)
         prev_plural = name in ("noun", "title") and (noun_plural if name == "noun" else title_plural)
         if name in ("noun", "title"):
-            subject_plural = prev_plural
+            subject_plural = product_plural = prev_plural
         if name == "attribute":
             prev_plural = False
     text = "".join(out)

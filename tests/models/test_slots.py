@@ -56,9 +56,15 @@ def test_articles_plurals_and_agreement_follow_the_record() -> None:
     assert fill("Loved by {reviews} shoppers.", ctx_of(reviews=1)) == "Loved by 1 shopper."
     t = "The {title} is rated {rating} stars, and it's only {price}. It's a gift."
     assert fill(t, ctx_of()) == \
-        "The Aurora Wireless Headphones are rated 4.6 stars, and they're only $129.99. It's a gift."
+        "The Aurora Wireless Headphones are rated 4.6 stars, and they're only $129.99. They're a gift."
     assert fill(t, ctx_of(title="Aurora Wireless Speaker", noun="speaker")) == \
         "The Aurora Wireless Speaker is rated 4.6 stars, and it's only $129.99. It's a gift."
+    # later sentences refer to the plural product too; an opener before it is left alone
+    t = "It's been a while! The {title} is built to last. Get it now, use it for years before it's gone."
+    assert fill(t, ctx_of()) == ("It's been a while! The Aurora Wireless Headphones are built to last. "
+                                 "Get them now, use them for years before they're gone.")
+    assert fill(t, ctx_of(title="Aurora Wireless Speaker", noun="speaker")).endswith(
+        "Get it now, use it for years before it's gone.")
 
 
 def test_no_double_article_and_one_full_stop() -> None:
