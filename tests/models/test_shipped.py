@@ -73,7 +73,7 @@ def test_shipped_student_on_a_product_unlike_its_training_catalog(shipped: Loade
 
 def test_shipped_student_is_the_grounded_fine_tune(shipped: LoadedStudent) -> None:
     m = shipped.meta
-    assert m.version == "2.1.0" and m.parent_version == "2.0.0"
+    assert m.version == "2.2.0" and m.parent_version == "2.1.0"
     assert m.tokenizer["slots"] is True and m.training["kind"] == "student-finetune"
     assert all(slot_token(s) in shipped.tokenizer.get_vocab() for s in SLOTS)
 
