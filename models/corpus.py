@@ -327,8 +327,6 @@ def persona_opener(ctx: CopyContext, rng: random.Random) -> str | None:
 def _join(opener: str | None, core: str) -> str:
     if not opener:
         return core
-    if opener.endswith("?") and core.split(" ", 1)[0] == opener.split(" ", 1)[0]:
-        return core  # no "Looking for a good deal? Looking for a deal? ..."
     if opener.endswith(":") and ":" in core:
         opener = opener[:-1] + "."  # no "Picked for you: Limited stock: ..."
     if opener.endswith(":"):
