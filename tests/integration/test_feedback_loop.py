@@ -353,7 +353,7 @@ def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_vers
         return sum(p[fav] for p in style_distribution(m, old.tokenizer, prompts)) / len(prompts)
 
     def gap(m: object) -> float:
-        sc = score_ctr(m, old.tokenizer, pp, [r.text for r in probe], [r.style for r in probe])
+        sc = score_ctr(m, old.tokenizer, pp, [r.template or r.text for r in probe], [r.style for r in probe])
         f = [x for x, r in zip(sc, probe, strict=True) if r.style == fav]
         o = [x for x, r in zip(sc, probe, strict=True) if r.style != fav]
         return sum(f) / len(f) - sum(o) / len(o)
@@ -366,9 +366,11 @@ def test_trainer_learns_the_clicked_style_and_a_running_generator_picks_the_vers
         assert engine.executor.style_policy is not None
         bias = engine.executor.style_policy.bias(context_from_features(probe[0].features))
         assert max(bias, key=lambda st: bias[st]) == fav
-    # The trained head scores the clicked style higher. How much varies from run to run: the
-    # trainer's dropout draws from torch's process-wide RNG, which the follower's model loads in
-    # another thread also draw from (+0.0058 alone, +0.0020 seen inside the whole suite).
+    # The trained head scores the clicked style higher, on the slotted copy the generator scores and
+    # the trainer trains on (the filled text is another token sequence: with corpus v4's phrasings
+    # its gap went negative). How much varies from run to run: the trainer's dropout draws from
+    # torch's process-wide RNG, which the follower's model loads in another thread also draw from
+    # (head +0.037, full +0.008 alone).
     assert gap(new.model) > gap(old.model) + 0.001
 
 
