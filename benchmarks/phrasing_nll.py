@@ -40,8 +40,7 @@ def _products(n: int, disjoint_seed: int, seed: int) -> list[Product]:
 
 
 def _render(core: str, ctx: CopyContext) -> str | None:
-    slotted = core.replace("{pct}%", "{pct}").format(**corpus.template_slots(ctx))
-    slotted = slotted[:1].upper() + slotted[1:]
+    slotted = corpus.slotted_core(core, ctx)
     if not set(slots_in(slotted)) <= available(ctx):
         return None
     try:
@@ -59,10 +58,11 @@ def score(bt: Any, phrasings: dict[str, list[str]],
     out = []
     for group, items in phrasings.items():
         for ph in items:
-            idx = [i for i, c in enumerate(ctxs) if _render(ph, c) is not None]
-            if not idx:
+            rendered = [(i, t) for i, c in enumerate(ctxs) if (t := _render(ph, c)) is not None]
+            if not rendered:
                 continue
-            s = copy_nll(bt, [t for i in idx if (t := _render(ph, ctxs[i])) is not None])
+            idx = [i for i, _ in rendered]
+            s = copy_nll(bt, [t for _, t in rendered])
             ns = sum(x for x, _ in s) / sum(n for _, n in s)
             nf = sum(fallback[i][0] for i in idx) / sum(fallback[i][1] for i in idx)
             out.append((group, ph, ns, nf, len(idx)))

@@ -293,6 +293,12 @@ def template_slots(ctx: CopyContext) -> dict[str, str]:
     }
 
 
+def slotted_core(core: str, ctx: CopyContext) -> str:
+    """A template core (``_CORES``) in slotted form for ``ctx``, first letter capitalised."""
+    text = core.replace("{pct}%", "{pct}").format(**template_slots(ctx))
+    return text[:1].upper() + text[1:]
+
+
 def _core_key(style: str, ctx: CopyContext, rng: random.Random) -> str:
     if style == "discount":
         return "discount_pct" if ctx.discount_pct else "discount_value"
@@ -342,13 +348,11 @@ def template_copy(ctx: CopyContext, style: str, rng: random.Random, *, personal:
     CTA), using only slots the record can fill; ``personal=False`` never adds a persona opener.
     Render it with ``models.text.slots.fill``."""
     have = available(ctx)
-    fields = template_slots(ctx)
-    cores = [c.replace("{pct}%", "{pct}").format(**fields) for c in _CORES[_core_key(style, ctx, rng)]]
+    cores = [slotted_core(c, ctx) for c in _CORES[_core_key(style, ctx, rng)]]
     usable = [c for c in cores if set(slots_in(c)) <= have]
     if not usable:
         return template_copy(ctx, "practical", rng, personal=personal)
     core = rng.choice(usable)
-    core = core[:1].upper() + core[1:]
     short = ctx.slot in ("feed", "cart")
     opener = persona_opener(ctx, rng) if personal and (not short or rng.random() < 0.5) else None
     if opener and not set(slots_in(opener)) <= have:
