@@ -11,13 +11,14 @@ top-p 0.95 / temperature 0.9, stop at EOS, at batch 1 (one request at a time) an
 prompts in one call):
 
 * **livecopy static**: ``models.generate.generate_candidates`` (the static engine's decode: style
-  token first, the shopper's slot bans and spelled numbers banned, CTR head at EOS included);
+  token first, the shopper's slot bans and spelled numbers banned, CTR head at EOS included), with
+  the served ``generation.cpu_weights`` (int8 by default; ``livecopy cont. fp32`` beside it);
 * **livecopy continuous**: ``models.continuous.ContinuousDecoder`` (the continuous engine's decode,
   same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time;
 * **HF generate()**: ``GPT2LMHeadModel.generate`` (dynamic cache), ``suppress_tokens`` = the ids
   banned after the first token (the style constraint of the first token and the per-request slot
   bans cannot be expressed: the peers run slightly *less* constrained);
-* **CT2 fp32 / int8**: ``Generator.generate_batch`` with each prompt repeated K times,
+* **CT2 fp32 / int8**: ``Generator.generate_batch`` with ``num_hypotheses=K`` (one prefill per prompt),
   ``suppress_sequences`` = the same bans (global: CTranslate2 has no per-request bans nor a
   first-token constraint; ``generate_batch`` takes no logits processor);
 * **CT2 int8 + CTR pass**: what CTranslate2 as livecopy's decode backend would cost at least: CT2
@@ -86,6 +87,7 @@ def export_ct2(hf_dir: Path, out: Path, quantization: str | None) -> Path:
 class Bench:
     def __init__(self, ex: StudentExecutor, reqs: list[CopyRequest], k: int, max_new: int) -> None:
         self.ex, self.reqs, self.k, self.max_new = ex, reqs, k, max_new
+        self.weights = ex.cfg.cpu_weights
         self.model, self.tok = ex.student.model, ex.student.tokenizer
         self.sid = special_ids(self.tok)
         self.prompts = [ex._fit(r.ctx) for r in reqs]
@@ -113,15 +115,15 @@ class Bench:
     def livecopy_static(self, idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
         groups = generate_candidates(self.model, self.tok, [self.prompts[i] for i in idx], k=self.k,
                                      max_new_tokens=self.max_new, seed=seed, slots_ok=[self.slots_ok[i] for i in idx],
-                                     **SAMPLING)
+                                     weights=self.weights, **SAMPLING)
         return ([[c.text for c in g] for g in groups], [[c.style is not None for c in g] for g in groups],
                 [[c.finished for c in g] for g in groups])
 
-    def livecopy_continuous(self, idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]],
-                                                                      list[list[bool]]]:
+    def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None
+                            ) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
         dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
                                 max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
-                                **SAMPLING)
+                                weights=weights or self.weights, **SAMPLING)
         first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
         dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)
         got: dict[int, Any] = {}
@@ -176,12 +178,14 @@ class Bench:
 
         def run(idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
             ctranslate2.set_random_seed(seed)
-            start = [toks[i] for i in idx for _ in range(self.k)]
-            res = gen.generate_batch(start, max_length=self.max_new, sampling_topk=SAMPLING["top_k"],
-                                     sampling_topp=SAMPLING["top_p"], sampling_temperature=SAMPLING["temperature"],
-                                     end_token=eos_tok, include_prompt_in_result=False, suppress_sequences=suppress,
+            # num_hypotheses: K samples of one prompt from one prefill (repeating the prompt K times made
+            # CT2 int8 1.45x slower at batch 1 on this CPU)
+            res = gen.generate_batch([toks[i] for i in idx], num_hypotheses=self.k, max_length=self.max_new,
+                                     sampling_topk=SAMPLING["top_k"], sampling_topp=SAMPLING["top_p"],
+                                     sampling_temperature=SAMPLING["temperature"], end_token=eos_tok,
+                                     include_prompt_in_result=False, suppress_sequences=suppress,
                                      return_end_token=True)
-            rows = [r.sequences_ids[0] for r in res]
+            rows = [seq for r in res for seq in r.sequences_ids]
             return self._groups(rows, len(idx))
 
         return run
@@ -258,6 +262,8 @@ def main() -> None:
         "livecopy static": bench.livecopy_static,
         "livecopy continuous": bench.livecopy_continuous,
     }
+    if ex.cfg.cpu_weights != "fp32" and not cuda:
+        systems["livecopy cont. fp32"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_hf(ex.student.model, ex.student.tokenizer, Path(tmp) / "hf")
         from transformers import GPT2LMHeadModel

@@ -257,6 +257,9 @@ class CopySettings(Section):
     # continuous engine: torch.compile the decode step (static shapes: all max_batch_size slots every step, the
     # KV cache preallocated; for CUDA -- on a CPU the full-size steps cost more than compiling saves at low load)
     compile_decode: bool = False
+    # CPU decode weights: int8 packs the trunk's linears and the LM head per output channel (fbgemm, activations
+    # quantized per call; models/linears.py): a quarter of the bytes a step reads. fp32: the weights as trained.
+    cpu_weights: Literal["fp32", "int8"] = "int8"
     max_batch_size: int = 32  # requests in one batch (static) or decoding together (continuous)
     max_wait_ms: float = 5.0  # static only: how long the oldest request waits for company
     max_queue: int = 256

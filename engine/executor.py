@@ -176,6 +176,8 @@ class StudentExecutor:
             bias = [self._style_bias(r, f) for r, f in zip(requests, factors, strict=True)]
             if any(b is not None for b in bias):
                 extra["style_bias"] = bias
+            if self.generate is generate_candidates:
+                extra["weights"] = self.cfg.cpu_weights
             groups = self.generate(
                 self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
                 max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
@@ -264,6 +266,7 @@ class StudentExecutor:
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
             max_prompts=max_prompts, static_shapes=static_shapes, shape_buckets=self.cfg.compile_decode,
+            weights=self.cfg.cpu_weights,
         )
         if self.cfg.compile_decode:
             dec.compile()

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel, GPT2Model
 
+from models.linears import linears
+
 _TANH_GELUS = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
 
 
@@ -64,13 +66,14 @@ class CascadeStepper:
     (after ``ln_f``) when the step was asked for it."""
 
     def __init__(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, k: int,
-                 max_new: int) -> None:
+                 max_new: int, weights: str = "fp32") -> None:
         trunk = _trunk(model)
         lm = _lm_weight(model, trunk) if trunk is not None else None
         if trunk is None or lm is None:
             raise TypeError("CascadeStepper needs a GPT-2 trunk (see cascade.supports)")
         self.trunk, self.lm_weight = trunk, lm
         self.blocks: list[Any] = list(trunk.h)
+        self.lin = linears(trunk, lm, weights)
         cfg = trunk.config
         self.n_head = int(cfg.n_head)
         self.head_dim = int(cfg.n_embd) // self.n_head
@@ -98,15 +101,14 @@ class CascadeStepper:
     def _layers(self, x: torch.Tensor, attend: Any) -> torch.Tensor:
         """The GPT-2 blocks and ``ln_f`` over rows ``x`` (R, d); ``attend(layer, qkv (R, 3, H, dh))``
         returns the attention output (R, d)."""
-        for i, b in enumerate(self.blocks):
+        for i, (b, (qkv, attn_proj, fc, mlp_proj)) in enumerate(zip(self.blocks, self.lin.blocks, strict=True)):
             a = F.layer_norm(x, b.ln_1.normalized_shape, b.ln_1.weight, b.ln_1.bias, b.ln_1.eps)
-            qkv = torch.addmm(b.attn.c_attn.bias, a, b.attn.c_attn.weight)
-            o = attend(i, qkv.view(x.shape[0], 3, self.n_head, self.head_dim))
-            x = x + torch.addmm(b.attn.c_proj.bias, o, b.attn.c_proj.weight)
+            o = attend(i, qkv(a).view(x.shape[0], 3, self.n_head, self.head_dim))
+            x = x + attn_proj(o)
             m = F.layer_norm(x, b.ln_2.normalized_shape, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps)
-            m = torch.addmm(b.mlp.c_fc.bias, m, b.mlp.c_fc.weight)
+            m = fc(m)
             m = F.gelu(m, approximate="tanh") if self.tanh_gelu else b.mlp.act(m)
-            x = x + torch.addmm(b.mlp.c_proj.bias, m, b.mlp.c_proj.weight)
+            x = x + mlp_proj(m)
         return self.trunk.ln_f(x)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,7 @@ class CascadeStepper:
         self.p_bias = torch.zeros(mask.shape, dtype=self.pk[0].dtype, device=ids.device)
         self.p_bias.masked_fill_(~valid, neg)
         self.p_bias = self.p_bias[:, None, None, :]  # (P, 1, 1, Lp): over heads and slots
-        logits = F.linear(h, self.lm_weight)
+        logits = self.lin.lm(h)
         return logits.repeat_interleave(self.k, 0) if self.k > 1 else logits
 
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +184,7 @@ class CascadeStepper:
         h = self._layers(self.trunk.wte(tokens) + self.trunk.wpe(self.pos), self._attend)
         self.t += 1
         self.hidden = h if want_hidden else None
-        self.logits = F.linear(h, self.lm_weight)
+        self.logits = self.lin.lm(h)
         return self.logits
 
     def select(self, keep: torch.Tensor) -> None:

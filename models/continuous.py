@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from models import cascade
 from models.generate import _sample, autocast_for
+from models.linears import linears
 from models.sequences import left_pad, positions_from_mask
 
 
@@ -80,6 +81,7 @@ class ContinuousDecoder:
         max_prompts: int = 32,
         static_shapes: bool = False,
         shape_buckets: bool = False,
+        weights: str = "fp32",
     ) -> None:
         trunk = cascade._trunk(model)
         lm = cascade._lm_weight(model, trunk) if trunk is not None else None
@@ -87,6 +89,7 @@ class ContinuousDecoder:
             raise TypeError("ContinuousDecoder needs a GPT-2 trunk (see models.cascade.supports)")
         self.model, self.trunk, self.lm_weight = model, trunk, lm
         self.blocks: list[Any] = list(trunk.h)
+        self.lin = linears(trunk, lm, weights)
         cfg = trunk.config
         self.n_head = int(cfg.n_head)
         self.head_dim = int(cfg.n_embd) // self.n_head
@@ -217,7 +220,7 @@ class ContinuousDecoder:
         tr = self.trunk
         x = (tr.wte(ids) + tr.wpe(pos)).reshape(n * length, -1)
         h = self._layers(x, attend).view(n, length, -1)[:, -1]
-        return keys, values, valid, pos[:, -1], F.linear(h, self.lm_weight)
+        return keys, values, valid, pos[:, -1], self.lin.lm(h)
 
     # ------------------------------------------------------------------ admit
     @torch.no_grad()
@@ -343,12 +346,14 @@ class ContinuousDecoder:
         with autocast_for(self.device):
             x = self.trunk.wte(feed) + self.trunk.wpe(pos)
             h = self._layers(x, lambda layer, qkv: self._attend(layer, qkv, col, gen_bias, t))
-            return h, F.linear(h, self.lm_weight)
+            return h, self.lin.lm(h)
 
     def compile(self, **kw: Any) -> None:
         """``torch.compile`` the step's forward (static shapes only: one graph for all steps)."""
         if not (self.static_shapes or self.shape_buckets):
             raise ValueError("compile() needs static_shapes or shape_buckets")
+        # fbgemm's packed int8 weights are opaque to dynamo: the compiled step multiplies on the fp32 weights
+        self.lin = linears(self.trunk, self.lm_weight, "fp32")
         import torch._dynamo.config as dynamo_config
 
         # one graph per shape and per decoder (a hot swap makes a new one): more than dynamo's default 8

@@ -239,6 +239,7 @@ def decode(
     compact_fraction: float = 0.25,
     first_bias_rows: torch.Tensor | None = None,
     banned_rows: torch.Tensor | None = None,
+    weights: str = "fp32",
 ) -> DecodeOutput:
     """The decode loop. Rows ``i*k .. i*k+k-1`` of the result belong to prompt ``i``.
 
@@ -248,7 +249,8 @@ def decode(
     return the final hidden state there; ``first_bias_rows``: (len(prompt_rows), V) logits added
     at the first token, per prompt (a shopper's style response); ``banned_rows``: bool
     (len(prompt_rows), V) ids never sampled after the first token, per prompt (the slots a record
-    cannot fill).
+    cannot fill); ``weights``: ``int8`` decodes a GPT-2 trunk on the CPU with int8 weights
+    (:mod:`models.linears`).
     """
     device = _model_device(model)
     gen = torch.Generator(device=device)
@@ -262,7 +264,7 @@ def decode(
         # room for every new token plus the extra EOS pass of want_hidden
         stepper: CascadeStepper | _CachedStepper
         if cascade.supports(model):
-            stepper = CascadeStepper(model, ids, mask, pos, k, max_new_tokens + 1)
+            stepper = CascadeStepper(model, ids, mask, pos, k, max_new_tokens + 1, weights)
         else:
             stepper = _CachedStepper(model, ids, mask, pos, k, max_new_tokens + 1)
     logits = stepper.logits
@@ -442,6 +444,7 @@ def generate_candidates(
     with_ctr: bool = True,
     style_bias: Sequence[Mapping[str, float] | None] | None = None,
     slots_ok: Sequence[frozenset[str] | None] | None = None,
+    weights: str = "fp32",
 ) -> list[list[Candidate]]:
     """``k`` sampled candidates per prompt (``temperature=0``: greedy, identical candidates).
 
@@ -449,7 +452,7 @@ def generate_candidates(
     CTR head at EOS when the model has one. ``style_bias``: per prompt, logits added to the style
     tokens (p(style) tilted by exp(bias)); None entries leave a prompt as it is. ``slots_ok``:
     per prompt, the slots its record can fill (``models.text.slots.available``); the others are
-    never sampled (a slotted model only).
+    never sampled (a slotted model only). ``weights``: as :func:`decode`.
     """
     if not prompts:
         return []
@@ -469,6 +472,7 @@ def generate_candidates(
         banned=_banned_after_first(tokenizer, sid), want_hidden=want_hidden, first_bias_rows=bias_rows,
         banned_rows=None if slots_ok is None else slot_bans(
             tokenizer, slots_ok, int(model.get_input_embeddings().weight.shape[0])),
+        weights=weights,
     )
     return candidates_from(model, tokenizer, out, len(prompts), k, want_hidden)
 
