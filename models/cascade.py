@@ -58,6 +58,17 @@ def supports(model: Any) -> bool:
     )
 
 
+Norm = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, float]
+
+
+def norms(trunk: GPT2Model) -> tuple[list[tuple[Norm, Norm]], Norm]:
+    """``F.layer_norm`` arguments (after ``x``) of each block's ``ln_1``, ``ln_2``, and of ``ln_f``."""
+    def args(ln: Any) -> Norm:
+        return tuple(ln.normalized_shape), ln.weight, ln.bias, ln.eps
+
+    return [(args(b.ln_1), args(b.ln_2)) for b in trunk.h], args(trunk.ln_f)
+
+
 class CascadeStepper:
     """Prefill ``ids`` (left-padded prompts, ``mask``, ``pos``), then decode ``k`` rows per
     prompt: rows ``i*k .. i*k+k-1`` belong to prompt ``i``. :meth:`step` feeds one token per
@@ -74,6 +85,7 @@ class CascadeStepper:
         self.trunk, self.lm_weight = trunk, lm
         self.blocks: list[Any] = list(trunk.h)
         self.lin = linears(trunk, lm, weights)
+        self.norms = norms(trunk)
         cfg = trunk.config
         self.n_head = int(cfg.n_head)
         self.head_dim = int(cfg.n_embd) // self.n_head
@@ -101,15 +113,15 @@ class CascadeStepper:
     def _layers(self, x: torch.Tensor, attend: Any) -> torch.Tensor:
         """The GPT-2 blocks and ``ln_f`` over rows ``x`` (R, d); ``attend(layer, qkv (R, 3, H, dh))``
         returns the attention output (R, d)."""
-        for i, (b, (qkv, attn_proj, fc, mlp_proj)) in enumerate(zip(self.blocks, self.lin.blocks, strict=True)):
-            a = F.layer_norm(x, b.ln_1.normalized_shape, b.ln_1.weight, b.ln_1.bias, b.ln_1.eps)
-            o = attend(i, qkv(a).view(x.shape[0], 3, self.n_head, self.head_dim))
+        n = x.shape[0]
+        for i, (b, (qkv, attn_proj, fc, mlp_proj), (ln1, ln2)) in enumerate(
+                zip(self.blocks, self.lin.blocks, self.norms[0], strict=True)):
+            o = attend(i, qkv(F.layer_norm(x, *ln1)).view(n, 3, self.n_head, self.head_dim))
             x = x + attn_proj(o)
-            m = F.layer_norm(x, b.ln_2.normalized_shape, b.ln_2.weight, b.ln_2.bias, b.ln_2.eps)
-            m = fc(m)
+            m = fc(F.layer_norm(x, *ln2))
             m = F.gelu(m, approximate="tanh") if self.tanh_gelu else b.mlp.act(m)
             x = x + mlp_proj(m)
-        return self.trunk.ln_f(x)
+        return F.layer_norm(x, *self.norms[1])
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Run the prompts, keep their keys/values, return the last position's logits per row."""

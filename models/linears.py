@@ -54,7 +54,7 @@ def _int8(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         warnings.simplefilter("ignore")
         q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-    op = torch.ops.quantized.linear_dynamic
+    op = torch.ops.quantized.linear_dynamic.default  # the overload: the packet re-checks its arguments per call
     return lambda x: op(x, packed, True)
 
 

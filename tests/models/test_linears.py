@@ -53,6 +53,8 @@ def test_int8_decode_stays_close_to_fp32_on_the_shipped_student(shipped: tuple[t
         assert f32.hidden is not None and i8.hidden is not None
         cos = torch.nn.functional.cosine_similarity(f32.hidden, i8.hidden, dim=-1)
         assert float(cos.min()) > 0.99  # what the CTR head reads at EOS
+        ctr32, ctr8 = (torch.sigmoid(model.ctr_from_hidden(h)[0].float()) for h in (f32.hidden, i8.hidden))
+        assert float((ctr32 - ctr8).abs().max()) < 0.01
 
 
 def test_int8_is_not_fp32(shipped: tuple[torch.nn.Module, object]) -> None:
