@@ -247,7 +247,7 @@ def main() -> None:
     isa = "" if cuda else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"
     print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}{isa}")
     print(f"model: {a.model.name}; K={a.candidates} candidates, <= {a.max_new_tokens} new tokens, thompson; "
-          f"{'bf16 autocast' if cuda else 'fp32'}; deadline {a.timeout_ms:g} ms")
+          f"{'bf16 autocast' if cuda else CopySettings().cpu_weights + ' weights'}; deadline {a.timeout_ms:g} ms")
     print(f"static: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; continuous: up to {a.max_batch} "
           "requests decoding together")
     reqs = make_requests(max(n_burst, 256))

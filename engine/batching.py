@@ -106,6 +106,7 @@ class EngineStats:
     requests: int = 0
     expired: int = 0
     rejected: int = 0
+    shed: int = 0  # continuous: refused at admission, could not finish before its deadline (also in expired)
     failed_batches: int = 0
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 

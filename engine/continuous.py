@@ -13,6 +13,13 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
    running batch (``models.continuous.ContinuousDecoder``).
 3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
    ended is finished (CTR head, filter, policy) on a second thread and answered at once.
+   **Admission control**: a request is admitted only when :class:`StepCost` (a step's time as
+   ``a + b * n`` over the ``n`` requests decoding, and the steps a request takes, both learned from
+   the loop) says it finishes before its deadline in the batch it joins, without making a running
+   request that would have finished in time miss; one that could not finish even alone is
+   answered ``DeadlineExceeded`` at once; the others wait in the queue for the batch to shrink.
+   Under overload on a CPU, admitting whatever had room made every decode slow and most miss
+   their deadline (docs/generation.md).
 4. **deadlines**: a running request past its deadline leaves the batch (a cancelled one too). Its
    ``DeadlineExceeded`` (503) was already sent by the deadline watchdog, a thread that answers
    every request at its deadline (polling the clock every 5 ms), whatever the loop is doing.
@@ -84,6 +91,51 @@ class ContinuousExecutor(Protocol[Req_contra, Res]):
 class _Running(Generic[Req, Res]):
     job: Job[Req, Res]
     prepared: Any
+    steps: int = 0  # decode steps taken so far
+
+
+class StepCost:
+    """What the loop has learned: a step's seconds as ``a + b * n`` over the ``n`` requests decoding
+    (least squares with exponential forgetting) and the steps a request takes (moving average).
+    Pure: fed by the loop, asked at admission; ``None`` until it has seen enough."""
+
+    def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
+        self.decay, self.min_steps = decay, min_steps
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._seen = 0
+        self.steps_per_request: float | None = None
+
+    def observe_step(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._n = d * self._n + n
+        self._t = d * self._t + seconds
+        self._nn = d * self._nn + n * n
+        self._nt = d * self._nt + n * seconds
+        self._seen += 1
+
+    def observe_request(self, steps: int) -> None:
+        s = self.steps_per_request
+        self.steps_per_request = float(steps) if s is None else 0.9 * s + 0.1 * steps
+
+    def step_s(self, n: int) -> float | None:
+        """Expected seconds of a step with ``n`` requests decoding."""
+        if self._seen < self.min_steps or self._n <= 0:
+            return None
+        mn, mt = self._n / self._w, self._t / self._w
+        var = self._nn / self._w - mn * mn
+        b = (self._nt / self._w - mn * mt) / var if var > 0.25 else -1.0
+        a = mt - b * mn
+        if b < 0 or a < 0:  # too little spread in n to separate the two: cost proportional to n
+            a, b = 0.0, mt / mn
+        return a + b * n
+
+    def decode_s(self, n: int, done_steps: int = 0) -> float | None:
+        """Expected seconds left for a request that took ``done_steps`` of its decode, ``n`` decoding."""
+        per, step = self.steps_per_request, self.step_s(n)
+        if per is None or step is None:
+            return None
+        return max(per - done_steps, 1.0) * step
 
 
 @dataclass
@@ -137,6 +189,10 @@ class ContinuousEngine(Generic[Req, Res]):
         # a second thread, so the decode loop does not stall for it (the other core of a CPU host)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="continuous-finish") if finish_in_thread else None
         self._gid = 0
+        # admission control: a request is admitted only when it can finish before its deadline at the step
+        # time the batch would then have, without making a running request miss its own; one that cannot
+        # finish even alone is answered DeadlineExceeded at once (a doomed decode would slow the others)
+        self.cost = StepCost()
 
     @property
     def version(self) -> str:
@@ -240,12 +296,15 @@ class ContinuousEngine(Generic[Req, Res]):
                     running = self.running()
                     room = min(self.cfg.max_batch_size - running, self.admit_chunk)
                     batch: list[Job[Req, Res]] = []
+                    shed: list[Job[Req, Res]] = []
                     if self.scheduler.queue:
                         expired += self._expire_queued(now)
                     if room > 0 and self.scheduler.queue:
                         batch, gone = self._take(room, now)
                         expired += gone
-                    if batch or expired or running:
+                        batch, later, shed = self._plan(batch, now)
+                        self.scheduler.queue.extendleft(reversed(later))
+                    if batch or expired or shed or running:
                         break
                     if self._stopping and not self.scheduler.queue:
                         if self._finisher is not None:
@@ -258,11 +317,19 @@ class ContinuousEngine(Generic[Req, Res]):
             for job in expired:
                 if self._reject(job, DeadlineExceeded("deadline passed while queued")):
                     self.stats.expired += 1
+            for job in shed:
+                if self._reject(job, DeadlineExceeded("cannot finish before its deadline")):
+                    self.stats.expired += 1
+                    self.stats.shed += 1
+            began = self.clock()
             if batch:
                 self._admit(executor, batch)
                 self._deadlines(self.clock())
+            stepping = self.running()
             for session in list(self._sessions):
                 self._step(session)
+            if stepping:  # the iteration's time, prefills included, over the requests it stepped
+                self.cost.observe_step(stepping, self.clock() - began)
             self._deadlines(self.clock())
             self._sessions = [s for s in self._sessions if s.jobs or (s is self._sessions[-1]
                                                                      and s.executor is self.executor)]
@@ -290,6 +357,41 @@ class ContinuousEngine(Generic[Req, Res]):
                 continue
             (expired if job.deadline <= now else batch).append(job)
         return batch, expired
+
+    def _plan(self, batch: list[Job[Req, Res]], now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]],
+                                                                       list[Job[Req, Res]]]:
+        """Split the jobs taken from the queue (oldest first) into (admit now, back to the queue, shed):
+        a job is admitted when its decode fits before its deadline at the step time of the batch it
+        would join and no running request that would have finished in time would then miss; a job
+        that would not finish even decoding alone is shed; the others wait for the batch to shrink
+        (under overload the oldest have the least time left: a younger one that fits goes first)."""
+        if self.cost.decode_s(1) is None:
+            return batch, [], []
+        running = [r for s in self._sessions for r in s.jobs.values()]
+        n = len(running)
+        admit: list[Job[Req, Res]] = []
+        later: list[Job[Req, Res]] = []
+        shed: list[Job[Req, Res]] = []
+        for job in batch:
+            alone = self.cost.decode_s(1)
+            if alone is not None and now + alone > job.deadline:
+                shed.append(job)
+                continue
+            m = n + len(admit) + 1
+            mine = self.cost.decode_s(m)
+            if (mine is not None and now + mine > job.deadline) or self._would_miss(running, n + len(admit), m, now):
+                later.append(job)  # waits for the batch to shrink; a younger job with more time left may go first
+                continue
+            admit.append(job)
+        return admit, later, shed
+
+    def _would_miss(self, running: list[_Running[Req, Res]], n: int, m: int, now: float) -> bool:
+        """Whether a running request that finishes in time at ``n`` decoding would miss at ``m``."""
+        for r in running:
+            before, after = self.cost.decode_s(n, r.steps), self.cost.decode_s(m, r.steps)
+            if before is not None and after is not None and now + before <= r.job.deadline < now + after:
+                return True
+        return False
 
     def _session(self, executor: ContinuousExecutor[Req, Res]) -> _Session[Req, Res]:
         if not self._sessions or self._sessions[-1].executor is not executor:
@@ -361,9 +463,12 @@ class ContinuousEngine(Generic[Req, Res]):
             return
         self.stats.batches += 1
         self.stats.batch_sizes.append(n)
+        for r in session.jobs.values():
+            r.steps += 1
         done = [(session.jobs.pop(g.gid), g) for g in finished if g.gid in session.jobs]
         for r, _ in done:
             self._running_ids.discard(id(r.job))
+            self.cost.observe_request(r.steps)
         if done and self._finisher is not None:
             self._finisher.submit(self._finish, session.executor, done)
         elif done:

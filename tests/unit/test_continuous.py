@@ -19,7 +19,7 @@ import torch
 
 from core.catalog import Catalog
 from engine.batching import BatchConfig, DeadlineExceeded
-from engine.continuous import ContinuousEngine
+from engine.continuous import ContinuousEngine, StepCost
 from engine.executor import CopyRequest, CopyResult, load_executor
 from models.continuous import ContinuousDecoder, FinishedGroup
 from models.generate import decode, request_biases
@@ -328,3 +328,75 @@ def test_queue_is_bounded_and_a_queued_request_past_its_deadline_is_refused() ->
     finally:
         eng.stop()
     assert eng.stats.rejected == 1 and eng.stats.expired == 1
+
+
+# ------------------------------------------------------------------------------ admission control
+
+def test_step_cost_learns_a_line_and_falls_back_to_proportional() -> None:
+    cost = StepCost(min_steps=4)
+    assert cost.step_s(4) is None and cost.decode_s(4) is None  # nothing seen yet
+    for n in (1, 4, 8, 16, 2, 32, 8, 1):
+        cost.observe_step(n, 0.003 + 0.002 * n)
+    assert cost.step_s(10) == pytest.approx(0.023, rel=1e-6)
+    assert cost.decode_s(10) is None  # no request finished yet
+    cost.observe_request(30)
+    assert cost.decode_s(10, done_steps=10) == pytest.approx(20 * 0.023, rel=1e-6)
+    assert cost.decode_s(10, done_steps=40) == pytest.approx(0.023, rel=1e-6)  # at least one step left
+    flat = StepCost(min_steps=2)
+    for _ in range(5):
+        flat.observe_step(4, 0.02)  # one batch size only: a line cannot be fitted
+    assert flat.step_s(8) == pytest.approx(0.04)
+
+
+class CostlyDecoder(ScriptedDecoder):
+    """Each step advances the fake clock by 1 ms + 2 ms per request decoding (a CPU's cost)."""
+
+    def __init__(self, clock: FakeClock, length: int) -> None:
+        super().__init__(length=length)
+        self.clock = clock
+
+    def step(self) -> list[FinishedGroup]:
+        self.clock.advance(0.001 + 0.002 * len(self.left))
+        return super().step()
+
+
+class CostlyExecutor(ScriptedExecutor):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def decoder(self, max_prompts: int) -> ScriptedDecoder:
+        return CostlyDecoder(self.clock, length=10)
+
+
+def _overload(cost: StepCost) -> tuple[ContinuousEngine[str, str], list[Any], list[float]]:
+    """Two requests alone (the engine learns), then 40 at once with 200 ms deadlines."""
+    clock = FakeClock()
+    eng: ContinuousEngine[str, str] = ContinuousEngine(CostlyExecutor(clock), BatchConfig(max_batch_size=32),
+                                                       clock=clock, finish_in_thread=False)
+    eng.cost = cost
+    eng.start()
+    try:
+        assert _answers([eng.submit(r, timeout_ms=1e6) for r in "ab"]) == ["A", "B"]
+        start = clock()
+        when: list[float] = []
+        futs = [eng.submit(f"r{i}", timeout_ms=200) for i in range(40)]
+        for f in futs:
+            f.add_done_callback(lambda _f: when.append(clock() - start))
+        out = _answers(futs)
+    finally:
+        eng.stop()
+    return eng, out, when
+
+
+def test_under_overload_requests_that_cannot_make_their_deadline_are_not_started() -> None:
+    """40 requests with 200 ms deadlines on a decode whose step cost grows with the batch: admitting
+    them all (the engine before it learned costs) makes every one of them miss; with admission
+    control the engine decodes as many as fit and answers the rest DeadlineExceeded early."""
+    _, blind_out, _ = _overload(StepCost(min_steps=10**9))  # never learns: admits whatever has room
+    eng, out, when = _overload(StepCost())
+    done = [o for o in out if o != "DeadlineExceeded"]
+    assert blind_out.count("DeadlineExceeded") == 40  # every admitted decode ran past its deadline
+    assert len(done) >= 5 and all(o.startswith("R") for o in done)
+    assert eng.stats.shed >= 20 and eng.stats.shed + len(done) + (eng.stats.expired - eng.stats.shed) == 40
+    assert sorted(when)[len(done) + eng.stats.shed - 1] < 0.2  # answered, copy or 503, before the deadline
