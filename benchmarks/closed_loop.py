@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     copy_cfg = CopySettings()
     arms = ClosedLoopArms(student, book, cfg, trainer, k=args.k, per_style=args.per_style, seed=args.seed,
                           user_style_strength=args.user_styles, user_style_half_life_ms=responses.half_life_ms,
-                          user_style_temperature=copy_cfg.style_response_temperature)
+                          user_style_temperature=copy_cfg.style_response_temperature, weights=copy_cfg.cpu_weights)
     sim = ShopperSim(pop, seed=args.seed)
 
     t0 = time.monotonic()

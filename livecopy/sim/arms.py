@@ -114,10 +114,11 @@ class Pooled:
 @torch.no_grad()
 def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_style: int, *, seed: int,
                   min_style_p: float = 0.03, max_new_tokens: int = 40, temperature: float = 0.9, top_k: int = 50,
-                  top_p: float = 0.95, version: str = "") -> list[Pooled]:
+                  top_p: float = 0.95, version: str = "", weights: str = "fp32") -> list[Pooled]:
     """For each context: the student's p(style | prompt), then ``per_style`` sampled copies for
     every style with p >= ``min_style_p`` (the style token is put after the prompt, exactly
-    where the student would have sampled it), each with the trunk's hidden state at EOS."""
+    where the student would have sampled it), each with the trunk's hidden state at EOS; ``weights``
+    as the serving decode (``generation.cpu_weights``)."""
     tok, model = student.tokenizer, student.model
     sid = special_ids(tok)
     prompts = [build_prompt(c) for c in contexts]
@@ -134,7 +135,7 @@ def sample_pooled(student: LoadedStudent, contexts: Sequence[CopyContext], per_s
     out = decode(model, rows, eos_id=sid.eos, pad_id=sid.pad, k=per_style, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, first_allowed=None,
                  banned=_banned_after_first(tok, sid), want_hidden=True,
-                 banned_rows=slot_bans(tok, [available(contexts[i]) for i, _ in owner], vocab))
+                 banned_rows=slot_bans(tok, [available(contexts[i]) for i, _ in owner], vocab), weights=weights)
     assert out.eos_hidden is not None
     hidden = out.eos_hidden.float().cpu().numpy()
     texts = [t.strip() for t in tok.batch_decode(out.tokens, skip_special_tokens=True)]
@@ -234,8 +235,9 @@ class ClosedLoopArms:
     def __init__(self, student: LoadedStudent, book: ProfileBook, pop_cfg: PopulationConfig, trainer: OnlineTrainer,
                  *, k: int = 4, per_style: int = 2, seed: int = 0, gen_batch: int = 32, max_new_tokens: int = 40,
                  user_style_strength: float = 0.0, user_style_half_life_ms: float = 0.0,
-                 user_style_temperature: float = 0.3, feedback_batch: int = 128) -> None:
+                 user_style_temperature: float = 0.3, feedback_batch: int = 128, weights: str = "fp32") -> None:
         self.student = student
+        self.weights = weights  # the decode's CPU weights (generation.cpu_weights)
         self.book = book
         self.pop_cfg = pop_cfg
         self.k = k
@@ -275,7 +277,8 @@ class ClosedLoopArms:
             chunk = items[i : i + self.gen_batch]
             self.seed += 1
             pools = sample_pooled(self.student, [c for _, c in chunk], self.per_style, seed=self.seed,
-                                  max_new_tokens=self.max_new_tokens, version=self.student.meta.version)
+                                  max_new_tokens=self.max_new_tokens, version=self.student.meta.version,
+                                  weights=self.weights)
             for (key, _), pool in zip(chunk, pools, strict=True):
                 self.pools[key] = pool
                 self.generated += len(pool.texts)

@@ -169,7 +169,8 @@ class StaticShadow:
         groups = generate_candidates(ex.student.model, ex.student.tokenizer, [build_prompt(c) for c in ctxs],
                                      k=ex.cfg.candidates, max_new_tokens=ex.cfg.max_new_tokens,
                                      temperature=ex.cfg.temperature, top_k=ex.cfg.top_k, top_p=ex.cfg.top_p,
-                                     seed=self.seed, slots_ok=[available(c) for c in ctxs])
+                                     seed=self.seed, slots_ok=[available(c) for c in ctxs],
+                                     weights=ex.cfg.cpu_weights)
         out: list[ShownCopy | None] = []
         for ask, ctx, group in zip(asks, ctxs, groups, strict=True):
             rendered = [ex.render(c.text, ctx) for c in group]  # slots filled, grounding + filter
