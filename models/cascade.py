@@ -58,6 +58,20 @@ def supports(model: Any) -> bool:
     )
 
 
+_GELU_K1 = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_K3 = _GELU_K1 * 0.044715
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU. From 32 rows on, as ``x * sigmoid(2c(x + 0.044715 x^3))`` (the same
+    function: 0.5(1 + tanh(z)) = sigmoid(2z)), in place: torch's CPU tanh is slow, 2.3x the time
+    at 128 rows of 1,024 on this CPU; for fewer rows the fused kernel's one call wins."""
+    if x.shape[0] < 32 or x.requires_grad:
+        return F.gelu(x, approximate="tanh")
+    y = x * x
+    return y.mul_(_GELU_K3).add_(_GELU_K1).mul_(x).sigmoid_().mul_(x)
+
+
 Norm = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, float]
 
 
@@ -119,7 +133,7 @@ class CascadeStepper:
             o = attend(i, qkv(F.layer_norm(x, *ln1)).view(n, 3, self.n_head, self.head_dim))
             x = x + attn_proj(o)
             m = fc(F.layer_norm(x, *ln2))
-            m = F.gelu(m, approximate="tanh") if self.tanh_gelu else b.mlp.act(m)
+            m = gelu_tanh(m) if self.tanh_gelu else b.mlp.act(m)
             x = x + mlp_proj(m)
         return F.layer_norm(x, *self.norms[1])
 

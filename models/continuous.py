@@ -119,6 +119,9 @@ class ContinuousDecoder:
         # per layer (2, P, H, Lc + cap * k, dh): keys [0] and values [1] of a prompt slot, its prompt's in
         # columns 0 .. Lc-1, then its k rows' generated ones interleaved (row j's position c at Lc + c * k + j)
         self.kv: list[torch.Tensor] = []
+        # a step computes only the rows still decoding when at least this many rows of its slots have left
+        # (gathering them costs two small ops a layer: worth it at large batches, not for a lone request)
+        self.skip_rows = 8
         self.p_bias = torch.zeros(0)  # (P, 1, 1, Lc): 0 on a prompt's tokens, the dtype's min elsewhere
         self._neg = 0.0
         self._rows_alloc(self.n_prompts * self.k)
@@ -313,9 +316,10 @@ class ContinuousDecoder:
                 self._done.append(gid)
                 self.prompt_gid[p] = -1
 
-    def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
-        """The step's forward over rows ``feed`` (R,): final hidden states and logits (:meth:`compile`).
+    def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward over rows ``feed`` (R,): final hidden states and logits (:meth:`compile`);
+        with ``rows`` (ascending indices) only those rows are computed and returned, in that order.
 
         Row ``r`` writes its key/value at column ``Lc + col[r] * k + j`` of its prompt slot and
         attends to its prompt and to its own columns up to there: one attention call per layer,
@@ -329,14 +333,20 @@ class ContinuousDecoder:
         gen = torch.zeros(mine.shape, dtype=self.p_bias.dtype, device=feed.device).masked_fill_(~mine, self._neg)
         mask = torch.cat([self.p_bias[:hi].expand(hi, 1, k, lc), gen.view(hi, 1, k, t * k)], -1)
         h_, dh = self.n_head, self.head_dim
+        if rows is not None:
+            feed, pos, rows_p, write = feed[rows], pos[rows], rows_p[rows], write[rows]
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             cache = self.kv[layer]
             cache[:, rows_p, :, write] = qkv[:, 1:].to(cache.dtype)  # (R, 2, H, dh): this step's key and value
-            q = qkv[:, 0].view(hi, k, h_, dh).transpose(1, 2)
+            q = qkv[:, 0]
+            if rows is not None:  # the rows not computed query nothing (zeros; their outputs are dropped)
+                q = q.new_zeros((n, h_, dh)).index_copy_(0, rows, q)
+            q = q.view(hi, k, h_, dh).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, cache[0, :hi, :, :width], cache[1, :hi, :, :width],
                                                attn_mask=mask, scale=self.scale)
-            return o.transpose(1, 2).reshape(n, -1)
+            o = o.transpose(1, 2).reshape(n, -1)
+            return o if rows is None else o.index_select(0, rows)
 
         with autocast_for(self.device):
             x = self.trunk.wte(feed) + self.trunk.wpe(pos)
@@ -425,13 +435,21 @@ class ContinuousDecoder:
         col = self.glen[:n].clamp(max=self.cap - 1)
         t = self.cap if self.static_shapes or self.shape_buckets else int(col[alive].max()) + 1
         pos = (self.pos[:n] + 1).clamp(max=self.n_positions - 1)
-        h, logits = self._fwd(feed, pos, col, t)
+        at: torch.Tensor | None = None  # where each row's outputs are, when only the rows still decoding run
+        if not (self.static_shapes or self.shape_buckets) and n - int(alive.sum()) >= self.skip_rows:
+            # candidates that ended wait for the others of their prompt: computing them is ~1/6 of a full step
+            rows = alive.nonzero().squeeze(1)
+            h, logits = self._forward(feed, pos, col, t, rows)
+            at = torch.full((n,), -1, dtype=torch.long, device=feed.device)
+            at[rows] = torch.arange(rows.numel(), device=feed.device)
+        else:
+            h, logits = self._fwd(feed, pos, col, t)
         self.pos[:n] += alive.long()
         self.glen[:n] += alive.long()
         ending = (closing & alive).nonzero().squeeze(1)
-        self._retire(ending, h[ending] if self.want_hidden else None)
+        self._retire(ending, h[ending if at is None else at[ending]] if self.want_hidden else None)
         live = (self.alive[:n] & ~self.closing[:n]).nonzero().squeeze(1)
-        self._sample_rows(live, logits[live])
+        self._sample_rows(live, logits[live if at is None else at[live]])
         return out + self._collect()
 
     def _collect(self) -> list[FinishedGroup]:

@@ -110,3 +110,10 @@ def test_candidates_are_those_of_the_generic_step(tiny_student, toy_tokenizer, s
             assert a.token_ids == b.token_ids
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert a.ctr == pytest.approx(b.ctr, abs=1e-5)
+
+
+def test_gelu_tanh_is_gpt2s_gelu_at_every_row_count() -> None:
+    for rows in (4, 32, 128):
+        x = torch.randn(rows, 64) * 3
+        torch.testing.assert_close(cascade.gelu_tanh(x.clone()), torch.nn.functional.gelu(x, approximate="tanh"),
+                                   atol=2e-6, rtol=1e-5)

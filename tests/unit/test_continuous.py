@@ -104,6 +104,48 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     assert dec.gids() == [] and dec.live_rows == 0
 
 
+def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs: dict[str, Path]) -> None:
+    """Rows that left are skipped: the forward over a subset of rows gives those rows' hidden states
+    and logits of the forward over all rows; sampled decodes that skip finish every prompt."""
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:6]])
+    first, ban = request_biases(m, tok, len(rows))
+    stop = torch.zeros(int(m.config.vocab_size), dtype=torch.bool)
+    stop[::5] = True  # rows end at random steps, so a prompt's rows leave one by one
+    stop[sid.style_id_list] = False
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=12, temperature=1.0, seed=4,
+                            want_hidden=True, max_prompts=6, stop_mask=stop)
+    dec.skip_rows = 1  # skip as soon as one row left
+    dec.admit(list(range(6)), rows, first, ban)
+    for _ in range(3):
+        dec.step()
+    n = 6 * 3
+    feed, pos = dec.pending[:n].clone(), (dec.pos[:n] + 1).clamp(max=dec.n_positions - 1)
+    col = dec.glen[:n].clamp(max=dec.cap - 1)
+    t = int(col.max()) + 1
+    sub = torch.tensor([0, 2, 3, 7, 8, 17], device=feed.device)
+    with torch.no_grad():
+        h_all, lg_all = dec._forward(feed, pos, col, t)
+        h_sub, lg_sub = dec._forward(feed, pos, col, t, sub)
+    assert torch.allclose(h_sub, h_all[sub], atol=1e-4) and torch.allclose(lg_sub, lg_all[sub], atol=1e-3)
+    got: dict[int, FinishedGroup] = {}
+    calls: list[bool] = []
+    forward = dec._forward
+
+    def counting(*a: Any) -> Any:
+        calls.append(len(a) > 4)
+        return forward(*a)
+
+    dec._forward = counting  # type: ignore[method-assign]
+    for _ in range(40):
+        for g in dec.step():
+            got[g.gid] = g
+    assert sorted(got) == list(range(6)) and any(calls)
+    assert all(g.eos_hidden is not None and g.eos_hidden.shape[0] == 3 for g in got.values())
+
+
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
     st = load_student(dirs["v1"], device=DEVICE)
     sid = special_ids(st.tokenizer)
