@@ -129,7 +129,9 @@ def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs:
     with torch.no_grad():
         h_all, lg_all = dec._forward(feed, pos, col, t)
         h_sub, lg_sub = dec._forward(feed, pos, col, t, sub)
-    assert torch.allclose(h_sub, h_all[sub], atol=1e-4) and torch.allclose(lg_sub, lg_all[sub], atol=1e-3)
+    tol = (1e-4, 1e-3) if DEVICE == "cpu" else (5e-2, 2.5e-1)  # bf16 on a GPU: other shapes round otherwise
+    assert torch.allclose(h_sub.float(), h_all[sub].float(), atol=tol[0])
+    assert torch.allclose(lg_sub.float(), lg_all[sub].float(), atol=tol[1])
     got: dict[int, FinishedGroup] = {}
     calls: list[bool] = []
     forward = dec._forward
