@@ -102,9 +102,42 @@ _PLURAL_TITLE_WORDS = {"jeans", "scissors", "pants", "shorts", "leggings", "head
                        "sunglasses", "sneakers", "boots", "shoes", "socks", "gloves", "diapers", "wipes"}
 
 
+_UNITS = {"kg", "g", "mg", "lb", "lbs", "oz", "ml", "cl", "l", "fl", "gal", "pack", "pk", "pcs", "pieces", "count",
+          "ct", "cm", "mm", "m", "in", "inch", "inches", "ft", "x"}
+# a count, size or weight ('12', '1kg', '500ml', '6-pack', '2x'), not a model number ('R50', 'WH-1000XM5')
+_QUANTITY = re.compile(r"^\d[\d.,/]*(?:-?(?:" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r"))?$")
+_BEFORE_NUMBER = {"size", "set", "pack", "case", "box", "of", "no", "no.", "vol", "vol.", "model", "gen"}
+_BRACKET_TAIL = re.compile(r"\s*[(\[][^()\[\]]*[)\]]\s*$")
+
+
+def without_quantity(phrase: str) -> str:
+    """The phrase without what trails its head noun: quantities and sizes ('Coffee Beans 1kg',
+    'Tablets, 100 Count', 'Socks 6-Pack') and bracketed notes ('Earbuds (2nd Generation)')."""
+    out = phrase.strip()
+    while True:
+        cut = _BRACKET_TAIL.sub("", out)
+        toks = cut.split()
+        number = False
+        while len(toks) > 1:
+            last = toks[-1].strip(",;:").lower()
+            if _QUANTITY.match(last) or not last or (last in _UNITS and _QUANTITY.match(toks[-2].lower())):
+                number = number or bool(_QUANTITY.match(last))
+                toks.pop()
+                continue
+            if number and last in _BEFORE_NUMBER:  # 'Size 4', 'Set of 3'
+                toks.pop()
+                continue
+            break
+        cut = " ".join(toks).rstrip(",;:-/ ")
+        if cut == out or not cut:
+            return cut or out
+        out = cut
+
+
 def plural_phrase(phrase: str) -> bool:
-    """Whether a noun phrase reads as plural ('headphones', 'Levi's 501 Jeans'; not 'lens')."""
-    words = re.findall(r"[A-Za-z][A-Za-z'-]*", phrase)
+    """Whether a noun phrase reads as plural ('headphones', 'Levi's 501 Jeans', 'Coffee Beans 1kg';
+    not 'lens')."""
+    words = re.findall(r"[A-Za-z][A-Za-z'-]*", without_quantity(phrase))
     if not words:
         return False
     head = words[-1].lower()
@@ -225,7 +258,7 @@ def fill(template: str, ctx: CopyContext, vals: Mapping[str, str] | None = None)
     parts = SLOT_RE.split(template)  # text, slot name, text, slot name, ..., text
     noun_plural = plural_phrase(vals.get("noun", ""))
     title_plural = plural_phrase(vals.get("title", "")) if not vals.get("noun") or \
-        vals["title"].lower().endswith(vals["noun"].split()[-1].lower()) else False
+        without_quantity(vals["title"]).lower().endswith(vals["noun"].split()[-1].lower()) else False
     out: list[str] = []
     prev_plural = False
     subject_plural = False  # the sentence's product phrase is plural: "..., and it's only" -> "they're"

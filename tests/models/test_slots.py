@@ -20,7 +20,9 @@ from models.text.slots import (
     fill,
     indefinite_article,
     money,
+    plural_phrase,
     slots_in,
+    without_quantity,
 )
 from models.training.student import add_slot_tokens
 from tests.models.conftest import make_student
@@ -65,6 +67,21 @@ def test_articles_plurals_and_agreement_follow_the_record() -> None:
                                  "Get them now, use them for years before they're gone.")
     assert fill(t, ctx_of(title="Aurora Wireless Speaker", noun="speaker")).endswith(
         "Get it now, use it for years before it's gone.")
+
+
+def test_a_title_ending_in_a_quantity_is_as_plural_as_its_noun() -> None:
+    """'Coffee Beans 1kg' is coffee beans (the quantity, size or bracketed note after the noun does not
+    make it singular); a model number is not a quantity ('Canon EOS R50' stays singular)."""
+    t = "The {title} is {noun} you will use every day, and it's only {price}."
+    beans = ctx_of(title="Lavazza Qualita Oro Coffee Beans 1kg", noun="coffee beans", price=17.99)
+    assert fill(t, beans) == ("The Lavazza Qualita Oro Coffee Beans 1kg are coffee beans you will use every day, "
+                              "and they're only $17.99.")
+    for title in ("Finish Dishwasher Tablets, 100 Count", "Pampers Diapers Size 4 (Pack of 120)",
+                  "Mason Jars, Set of 3", "Hanes Crew Socks 6-Pack"):
+        assert plural_phrase(title), title
+    for title in ("Canon EOS R50", "Glass Jar 500 ml", "iPhone 15", "Apple AirPods Pro (2nd Generation)"):
+        assert not plural_phrase(title), title
+    assert without_quantity("Lavazza Qualita Oro Coffee Beans 1kg") == "Lavazza Qualita Oro Coffee Beans"
 
 
 def test_no_double_article_and_one_full_stop() -> None:
