@@ -365,7 +365,8 @@ class ContinuousEngine(Generic[Req, Res]):
         would join and no running request that would have finished in time would then miss; a job
         that would not finish even decoding alone is shed; the others wait for the batch to shrink
         (under overload the oldest have the least time left: a younger one that fits goes first)."""
-        if self.cost.decode_s(1) is None:
+        alone = self.cost.decode_s(1)
+        if alone is None:
             return batch, [], []
         running = [r for s in self._sessions for r in s.jobs.values()]
         n = len(running)
@@ -373,8 +374,7 @@ class ContinuousEngine(Generic[Req, Res]):
         later: list[Job[Req, Res]] = []
         shed: list[Job[Req, Res]] = []
         for job in batch:
-            alone = self.cost.decode_s(1)
-            if alone is not None and now + alone > job.deadline:
+            if now + alone > job.deadline:
                 shed.append(job)
                 continue
             m = n + len(admit) + 1

@@ -23,11 +23,11 @@ the two-part softmax of the cascade step: a sixth of a batch-1 step fewer on a C
 different steps, so every row has its own write column and position (``glen``, ``pos``). A
 newcomer takes the lowest free prompt slot and writes its prefill there: nothing else is copied
 (appending to or compacting the whole cache at every admission cost a third of a step at 128
-rows). Before a step the highest prompts move into the slots freed below
-them (a few MB), and the step runs the used slots only; rows that left compute masked garbage
-until their prompt's last row leaves. The sampling is :func:`models.generate._sample` (top-k,
-then top-p on the survivors): a row sees the same distribution as in the static decode (greedy
-decodes are the same tokens, tested).
+rows). Before a step the highest prompts move into the slots freed below them (a few MB), and
+the step runs the used slots only; once ``skip_rows`` rows of those slots have left (a prompt's
+candidates end at different steps), it computes only the rows still decoding. The sampling is
+:func:`models.generate._sample` (top-k, then top-p on the survivors): a row sees the same
+distribution as in the static decode (greedy decodes are the same tokens, tested).
 
 ``static_shapes=True`` (the CUDA path) runs all slots and attends over all ``max_new_tokens + 1``
 columns every step: the step's shapes never change and no length is read back to the host.
