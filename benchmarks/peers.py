@@ -14,7 +14,10 @@ prompts in one call):
   token first, the shopper's slot bans and spelled numbers banned, CTR head at EOS included), with
   the served ``generation.cpu_weights`` (int8 by default; ``livecopy cont. fp32`` beside it);
 * **livecopy continuous**: ``models.continuous.ContinuousDecoder`` (the continuous engine's decode,
-  same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time;
+  same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time, with
+  the served draft settings (speculative steps at small batches, ``generation.draft_tokens``): the
+  draft table is first filled by ``--warm-requests`` other requests, as a serving process's is by
+  its traffic, and every measured run starts from that table (``livecopy cont. no drafts`` beside it);
 * **HF generate()**: ``GPT2LMHeadModel.generate`` (dynamic cache), ``suppress_tokens`` = the ids
   banned after the first token (the style constraint of the first token and the per-request slot
   bans cannot be expressed: the peers run slightly *less* constrained);
@@ -50,6 +53,7 @@ from benchmarks.generation import make_requests
 from core.settings import CopySettings
 from engine.executor import CopyRequest, StudentExecutor, load_executor
 from models.continuous import ContinuousDecoder
+from models.drafts import NGramDrafts
 from models.generate import _banned_after_first, generate_candidates, request_biases
 from models.paths import shipped_student_dir
 from models.sequences import encode_text, special_ids
@@ -94,6 +98,23 @@ class Bench:
         self.ids = encode_text(self.tok, self.prompts)
         self.slots_ok = [available(r.ctx) for r in reqs]
         self.banned = [b for b in _banned_after_first(self.tok, self.sid) if b < int(self.model.config.vocab_size)]
+        self.warm: NGramDrafts | None = None  # the draft table a serving process has after some traffic
+        self.drafts: NGramDrafts | None = None  # the one this run learns into (a copy of warm)
+
+    def warm_drafts(self, reqs: list[CopyRequest], batch: int = 32) -> None:
+        """Fill the draft table as serving would: the continuous decode of ``reqs`` (other requests
+        than the measured ones), learning from every row that finishes."""
+        if self.ex.drafts is None:
+            return
+        other = Bench(self.ex, reqs, self.k, self.max_new)
+        other.drafts = NGramDrafts()
+        for s in range(0, len(reqs), batch):
+            other.livecopy_continuous(list(range(s, min(s + batch, len(reqs)))), 10_000 + s)
+        self.warm = other.drafts
+
+    def reset(self) -> None:
+        """Before each measured run: the warm table again (a run learns from its own earlier prompts only)."""
+        self.drafts = self.warm.copy() if self.warm is not None else None
 
     def quality(self, texts: list[list[str]], styled: list[list[bool]], ended: list[list[bool]]) -> dict[str, float]:
         ok = n = 0
@@ -119,11 +140,13 @@ class Bench:
         return ([[c.text for c in g] for g in groups], [[c.style is not None for c in g] for g in groups],
                 [[c.finished for c in g] for g in groups])
 
-    def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None
+    def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None, drafts: bool = True
                             ) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+        cfg = self.ex.cfg  # as StudentExecutor.decoder builds it, with the served draft settings
         dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
                                 max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
-                                weights=weights or self.weights, **SAMPLING)
+                                weights=weights or self.weights, drafts=self.drafts if drafts else None,
+                                draft_depth=cfg.draft_tokens, spec_rows=cfg.draft_max_rows, **SAMPLING)
         first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
         dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)
         got: dict[int, Any] = {}
@@ -225,8 +248,10 @@ def measure(fn: Callable[[list[int], int], Any], n: int, batch: int, bench: Benc
     """(copies/s, quality) of ``n`` prompts in chunks of ``batch`` (median of ``repeats`` runs)."""
     idx = list(range(n))
     rates, outs = [], None
+    bench.reset()
     fn(idx[:min(batch, 2)], 0)  # warm-up
     for r in range(repeats):
+        bench.reset()
         t0 = time.perf_counter()
         texts: list[list[str]] = []
         styled: list[list[bool]] = []
@@ -251,6 +276,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (on CUDA: HF with its static cache too, CT2 fp16/int8)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warm-requests", type=int, default=128,
+                    help="Requests (not the measured ones) decoded first to fill the draft table, as traffic would.")
     ap.add_argument("--only", default="", help="Comma-separated subset of the systems (names as printed).")
     ap.add_argument("--json-out", type=Path, default=None)
     a = ap.parse_args()
@@ -262,6 +289,9 @@ def main() -> None:
         "livecopy static": bench.livecopy_static,
         "livecopy continuous": bench.livecopy_continuous,
     }
+    if ex.drafts is not None and not cuda:
+        bench.warm_drafts(make_requests(a.warm_requests, seed=7))
+        systems["livecopy cont. no drafts"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, drafts=False)
     if ex.cfg.cpu_weights != "fp32" and not cuda:
         systems["livecopy cont. fp32"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, "fp32")
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,9 +328,14 @@ def main() -> None:
         for name, fn in systems.items():
             for batch in (1, a.prompts):
                 rate, q = measure(fn, a.prompts, batch, bench, a.repeats)
-                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q}
+                kept = bench.drafts.acceptance if bench.drafts is not None else None  # the last run's guesses
+                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q, "drafts_kept": kept}
                 print(f"{name:22} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
-                      f"{q['filter_pass']:7.2f}", flush=True)
+                      f"{q['filter_pass']:7.2f}" + (f"  drafts kept {kept:.2f}" if kept is not None else ""),
+                      flush=True)
+    if bench.warm is not None:
+        print(f"\ndraft table after {a.warm_requests} warm-up requests (not the measured ones): "
+              f"{len(bench.warm)} contexts")
     if cuda:
         torch.cuda.synchronize()
     ref = "CT2 int8"

@@ -260,6 +260,12 @@ class CopySettings(Section):
     # CPU decode weights: int8 packs the trunk's linears and the LM head per output channel (fbgemm, activations
     # quantized per call; models/linears.py): a quarter of the bytes a step reads. fp32: the weights as trained.
     cpu_weights: Literal["fp32", "int8"] = "int8"
+    # speculative decoding (continuous engine, dynamic-shape steps; not with compile_decode or on CUDA's static
+    # steps): up to draft_tokens guessed tokens per row and step from the n-grams of earlier copies
+    # (models/drafts.py), kept where the row's own sampling accepts them (the copies' distribution is unchanged),
+    # while rows x (1 + draft_tokens) <= draft_max_rows (a small batch: there a step's rows are nearly free). 0: off.
+    draft_tokens: int = Field(3, ge=0, le=8)
+    draft_max_rows: int = Field(32, ge=2)
     max_batch_size: int = 32  # requests in one batch (static) or decoding together (continuous)
     max_wait_ms: float = 5.0  # static only: how long the oldest request waits for company
     max_queue: int = 256

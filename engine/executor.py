@@ -38,6 +38,7 @@ from core.styles import STYLES, StyleResponse
 from engine.policy import Chooser, Posterior
 from models import cascade
 from models.continuous import ContinuousDecoder, FinishedGroup
+from models.drafts import NGramDrafts
 from models.generate import (
     Candidate,
     DecodeOutput,
@@ -154,6 +155,9 @@ class StudentExecutor:
         self.rng = np.random.default_rng(cfg.seed)
         self._seed = cfg.seed
         self.filter_stats = FilterStats()
+        # draft tokens for the continuous decoder's speculative steps: shared by its decoders, carried across a hot
+        # swap (a guess changes a step's speed, never a copy)
+        self.drafts = NGramDrafts() if cfg.draft_tokens > 0 else None
         self.copies = 0
         self._lock = threading.Lock()  # run() is called from one engine thread; smoke checks share it
         config = getattr(student.model, "config", None)
@@ -266,7 +270,8 @@ class StudentExecutor:
             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature, top_k=self.cfg.top_k,
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
             max_prompts=max_prompts, static_shapes=static_shapes, shape_buckets=self.cfg.compile_decode,
-            weights=self.cfg.cpu_weights,
+            weights=self.cfg.cpu_weights, drafts=self.drafts, draft_depth=self.cfg.draft_tokens,
+            spec_rows=self.cfg.draft_max_rows,
         )
         if self.cfg.compile_decode:
             dec.compile()

@@ -184,6 +184,8 @@ class CopyEngine:
         except SmokeCheckFailed as exc:
             return ReloadEvent(update.version, update.action, "refused", f"smoke check: {exc}")
         new.filter_stats = self._serving.filter_stats  # counters continue across versions
+        if new.drafts is not None and self._serving.drafts is not None:
+            new.drafts = self._serving.drafts  # guesses learned so far keep speeding the new version up
         self._serving = new
         self.batching.swap_executor(new)
         return ReloadEvent(update.version, update.action, "swapped")

@@ -41,13 +41,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from models import cascade
-from models.generate import _sample, autocast_for
+from models.drafts import NGramDrafts
+from models.generate import _sample, autocast_for, sampling_distribution
 from models.linears import linears
 from models.sequences import left_pad, positions_from_mask
 
@@ -85,6 +87,9 @@ class ContinuousDecoder:
         static_shapes: bool = False,
         shape_buckets: bool = False,
         weights: str = "fp32",
+        drafts: NGramDrafts | None = None,
+        draft_depth: int = 4,
+        spec_rows: int = 32,
     ) -> None:
         trunk = cascade._trunk(model)
         lm = cascade._lm_weight(model, trunk) if trunk is not None else None
@@ -106,6 +111,13 @@ class ContinuousDecoder:
         self.eos_id, self.pad_id, self.k = int(eos_id), int(pad_id), int(k)
         self.max_new = int(max_new_tokens)
         self.cap = self.max_new + 1  # generated columns per row: every token fed, EOS included
+        # speculative steps (dynamic shapes only): up to draft_depth guessed tokens per row from `drafts`, while
+        # rows x (1 + depth) <= spec_rows (a small batch: on a CPU a product's time grows with its rows)
+        self.drafts = drafts if not (static_shapes or shape_buckets) else None
+        self.depth = max(0, int(draft_depth)) if self.drafts is not None else 0
+        self.spec_rows = int(spec_rows)
+        self.room = self.cap + self.depth  # generated columns per row in the cache: drafts may go past the cap
+        self._tail: dict[int, list[int]] = {}  # gid -> its prompt's last tokens (the drafts' first context)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.want_hidden = want_hidden
         self.stop = stop_mask.to(self.device) if stop_mask is not None else None
@@ -177,7 +189,7 @@ class ContinuousDecoder:
             if self.static_shapes or self.shape_buckets:  # room for the longest prompt the positions allow
                 length = max(length, self.n_positions - self.max_new)
             self.lc = length
-            self.kv = [torch.zeros((2, p, h, length + self.cap * self.k, dh), dtype=dtype, device=dev)
+            self.kv = [torch.zeros((2, p, h, length + self.room * self.k, dh), dtype=dtype, device=dev)
                        for _ in range(self.n_layer)]
             self.p_bias = torch.full((p, 1, 1, length), self._neg, dtype=dtype, device=dev)
             return
@@ -264,9 +276,11 @@ class ContinuousDecoder:
         self.tokens[rows] = -1
         self.lp[rows] = 0.0
         self.slp[rows] = 0.0
-        for slot, g in zip(slots, gids, strict=True):
+        for slot, g, prompt in zip(slots, gids, prompt_rows, strict=True):
             self.prompt_gid[slot] = int(g)
             self._left[int(g)] = {}
+            if self.drafts is not None:
+                self._tail[int(g)] = [int(x) for x in prompt[-self.drafts.n:]]
         # the first token: from the prefill's logits, under each prompt's first-token bias
         first = logits.float() + first_bias.to(device=dev, dtype=torch.float32)[:, : logits.shape[-1]]
         self._sample_rows(rows, first.repeat_interleave(k, 0) if k > 1 else first, add_ban=False)
@@ -304,6 +318,7 @@ class ContinuousDecoder:
         self.closing[rows] = False
         toks = self.tokens[rows].tolist()
         lps, slps, fins = self.lp[rows].tolist(), self.slp[rows].tolist(), self.fin[rows].tolist()
+        ends = self.pending[rows].tolist()
         h = hidden.float() if hidden is not None else None
         for i, r in enumerate(rows.tolist()):
             p, slot = divmod(r, self.k)
@@ -311,27 +326,36 @@ class ContinuousDecoder:
             left = self._left.get(gid)
             if left is None:  # dropped
                 continue
-            left[slot] = ([t for t in toks[i] if t >= 0], lps[i], slps[i], fins[i], None if h is None else h[i])
+            mine = [t for t in toks[i] if t >= 0]
+            left[slot] = (mine, lps[i], slps[i], fins[i], None if h is None else h[i])
+            if self.drafts is not None:  # the row's n-grams, its ending token (EOS or stop) included
+                self.drafts.learn(self._tail.get(gid, []) + mine + ([ends[i]] if fins[i] else []))
             if len(left) == self.k:
                 self._done.append(gid)
                 self.prompt_gid[p] = -1
+                self._tail.pop(gid, None)
 
     def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int,
-                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 rows: torch.Tensor | None = None, per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward over rows ``feed`` (R,): final hidden states and logits (:meth:`compile`);
         with ``rows`` (ascending indices) only those rows are computed and returned, in that order.
 
         Row ``r`` writes its key/value at column ``Lc + col[r] * k + j`` of its prompt slot and
         attends to its prompt and to its own columns up to there: one attention call per layer,
-        the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once)."""
+        the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
+        ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
+        (its token, then its drafts), each at its own position and column."""
         n, k, lc = feed.shape[0], self.k, self.lc
-        hi, width = n // k, lc + t * k
-        rows_p, rows_j = self.row_p[:n], self.row_j[:n]
+        hi, width = n // (k * per_row), lc + t * k
+        rows_p, rows_j = self.row_p[:n // per_row], self.row_j[:n // per_row]
+        if per_row > 1:
+            rows_p, rows_j = rows_p.repeat_interleave(per_row), rows_j.repeat_interleave(per_row)
         write = lc + col * k + rows_j
         cc = torch.arange(t * k, device=feed.device)
         mine = ((cc % k)[None, :] == rows_j[:, None]) & ((cc // k)[None, :] <= col[:, None])  # (R, t*k)
         gen = torch.zeros(mine.shape, dtype=self.p_bias.dtype, device=feed.device).masked_fill_(~mine, self._neg)
-        mask = torch.cat([self.p_bias[:hi].expand(hi, 1, k, lc), gen.view(hi, 1, k, t * k)], -1)
+        kq = k * per_row  # queries per prompt slot
+        mask = torch.cat([self.p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
         h_, dh = self.n_head, self.head_dim
         if rows is not None:
             feed, pos, rows_p, write = feed[rows], pos[rows], rows_p[rows], write[rows]
@@ -342,7 +366,7 @@ class ContinuousDecoder:
             q = qkv[:, 0]
             if rows is not None:  # the rows not computed query nothing (zeros; their outputs are dropped)
                 q = q.new_zeros((n, h_, dh)).index_copy_(0, rows, q)
-            q = q.view(hi, k, h_, dh).transpose(1, 2)
+            q = q.view(hi, kq, h_, dh).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, cache[0, :hi, :, :width], cache[1, :hi, :, :width],
                                                attn_mask=mask, scale=self.scale)
             o = o.transpose(1, 2).reshape(n, -1)
@@ -430,6 +454,9 @@ class ContinuousDecoder:
             if self.shape_buckets:
                 hi = next(b for b in self.buckets() if b >= hi)
         n = hi * self.k
+        if self.drafts is not None and self.spec_rows // n >= 2 and self._spec_step(n, min(self.depth + 1,
+                                                                                             self.spec_rows // n)):
+            return out + self._collect()
         alive, closing = self.alive[:n], self.closing[:n]
         feed = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
         col = self.glen[:n].clamp(max=self.cap - 1)
@@ -451,6 +478,86 @@ class ContinuousDecoder:
         live = (self.alive[:n] & ~self.closing[:n]).nonzero().squeeze(1)
         self._sample_rows(live, logits[live if at is None else at[live]])
         return out + self._collect()
+
+    def _spec_step(self, n: int, qn: int) -> bool:
+        """A speculative step over the first ``n`` rows: each live row feeds its token and up to
+        ``qn - 1`` drafts (:class:`~models.drafts.NGramDrafts`), then keeps the longest prefix of
+        drafts its own sampling accepts plus one sampled token (speculative sampling: a draft ``x``
+        at a position whose sampling distribution is ``p`` is kept with probability ``p(x)``; the
+        first one refused is replaced by a draw from ``p`` without ``x``; after the last kept one,
+        a draw from ``p``): every row's tokens come from the distribution of :meth:`step`'s.
+        False (nothing done) when no row has a draft."""
+        assert self.drafts is not None
+        dev, d = self.device, qn - 1
+        alive, closing = self.alive[:n], self.closing[:n]
+        live = (alive & ~closing).nonzero().squeeze(1)
+        live_l = live.tolist()
+        ntok, pos0 = self.ntok[:n].tolist(), self.pos[:n].tolist()
+        toks = self.tokens[live].tolist()
+        drafts = [[-1] * d for _ in range(n)]
+        any_draft = False
+        for i, r in enumerate(live_l):
+            # emitted tokens stay within max_new_tokens, positions within the model's
+            room = min(d, self.max_new - ntok[r] - 1, self.n_positions - 2 - pos0[r])
+            gid = self.prompt_gid[r // self.k]
+            guess = self.drafts.propose(self._tail.get(gid, []) + toks[i][:ntok[r]], room) if room > 0 else []
+            guess = list(takewhile(lambda g: 0 <= g < self.vocab, guess))  # a table of another model's ids
+            drafts[r][:len(guess)] = guess
+            any_draft = any_draft or bool(guess)
+        if not any_draft:
+            return False
+        dr = torch.tensor(drafts, dtype=torch.long, device=dev)  # (n, d), -1: none
+        steps = torch.arange(qn, device=dev)
+        first = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
+        feed = torch.cat([first[:, None], dr.clamp(min=0)], 1)  # a row without a draft feeds token 0 (refused)
+        pos = (self.pos[:n, None] + 1 + steps).clamp(max=self.n_positions - 1)
+        col = (self.glen[:n, None] + steps).clamp(max=self.room - 1)
+        t = int(col[alive].max()) + 1
+        h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, per_row=qn)
+        h, logits = h.view(n, qn, -1), logits.view(n, qn, -1)
+        ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
+        self._retire(ending, h[ending, 0] if self.want_hidden else None)
+        m = live.numel()
+        if m == 0:
+            return True
+        x = logits[live].float() + self.ban[live][:, None]  # (m, qn, V)
+        logp = torch.log_softmax(x, -1)
+        idx, probs = sampling_distribution(x.view(m * qn, -1), self.temperature, self.top_k, self.top_p)
+        idx, probs = idx.view(m, qn, -1), probs.view(m, qn, -1)
+        dl = dr[live]  # (m, d)
+        acc, em, pe = speculative_pick(idx, probs, dl, self.gen)
+        ar = torch.arange(m, device=dev)
+        em = em.clamp(min=0)  # past the emitted ones: drafts not kept, or none (-1)
+        lp_e = logp.gather(2, em[..., None]).squeeze(2).double()
+        slp_e = (pe.clamp_min(1e-30).log() if self.temperature > 0 else torch.zeros_like(pe)).double()
+        kept_n = acc + 1
+        ends = (em == self.eos_id) if self.stop is None else (em == self.eos_id) | self.stop[em]
+        ends &= steps[None, :] < kept_n[:, None]
+        has_end = ends.any(1)
+        first_end = torch.where(ends, steps[None, :], qn).min(1).values
+        n_emit = torch.where(has_end, first_end + 1, kept_n)  # tokens consumed, the ending one included
+        n_keep = n_emit - has_end.long()  # tokens kept (an ending token is not part of the copy)
+        used = steps[None, :] < n_emit[:, None]
+        self.lp[live] += torch.where(used, lp_e, 0.0).sum(1)
+        self.slp[live] += torch.where(used, slp_e, 0.0).sum(1)
+        rows_w, cols_w = (steps[None, :] < n_keep[:, None]).nonzero(as_tuple=True)
+        self.tokens[live[rows_w], self.ntok[live][rows_w] + cols_w] = em[rows_w, cols_w]
+        self.ntok[live] += n_keep
+        self.pending[live] = em[ar, n_emit - 1]
+        self.pos[live] += n_emit
+        self.glen[live] += n_emit
+        self.fin[live] |= has_end
+        closing_now = has_end | (self.ntok[live] >= self.max_new)
+        self.closing[live] = closing_now
+        self.drafts.observe(int((dl >= 0).sum()), int(acc.sum()))
+        # an EOS among the kept drafts was fed in this step: its hidden state is the CTR read, the row leaves now
+        fed_eos = has_end & (first_end < acc) & (em[ar, first_end.clamp(max=d)] == self.eos_id)
+        if self.want_hidden:
+            now = fed_eos.nonzero().squeeze(1)
+            self._retire(live[now], h[live[now], first_end[now] + 1])
+        else:
+            self._retire(live[closing_now])
+        return True
 
     def _collect(self) -> list[FinishedGroup]:
         out = []
@@ -476,12 +583,43 @@ class ContinuousDecoder:
             return
         for g in want:
             del self._left[g]
+            self._tail.pop(g, None)
         self._done = [g for g in self._done if g not in want]
         for p, g in enumerate(self.prompt_gid):
             if g in want:
                 self.prompt_gid[p] = -1
                 self.alive[p * self.k:(p + 1) * self.k] = False
                 self.closing[p * self.k:(p + 1) * self.k] = False
+
+
+def speculative_pick(idx: torch.Tensor, probs: torch.Tensor, drafts: torch.Tensor, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speculative sampling with one guessed token per position (Leviathan et al. 2023, a draft
+    distribution that is all on the guess): per row, the sampling distributions at ``d + 1``
+    positions (``idx``, ``probs``: (m, d + 1, c) ids and probabilities, as
+    :func:`models.generate.sampling_distribution` gives them) and ``d`` guesses (``drafts`` (m, d),
+    -1: none). Guess ``i`` is kept with probability ``p_i(guess)`` while all before it were kept;
+    at the first refused one a token is drawn from ``p_i`` without the guess (renormalised), after
+    ``d`` kept ones from ``p_d``: each emitted token has the distribution of a plain draw.
+    Returns (kept guesses per row (m,), emitted tokens (m, d + 1): the kept guesses, then the
+    drawn one, the rest as given; each emitted token's probability under its ``p_i`` (m, d + 1))."""
+    m, d = drafts.shape
+    hit = idx[:, :d] == drafts[:, :, None]
+    p_dr = (probs[:, :d] * hit).sum(-1)  # each guess's probability where it would be drawn
+    u = torch.rand((m, d), generator=gen, device=probs.device)
+    acc = (u < p_dr).long().cumprod(1).sum(1)
+    ar = torch.arange(m, device=probs.device)
+    pa, ia = probs[ar, acc], idx[ar, acc]  # the distribution after the last kept guess
+    refused = hit[ar, acc.clamp(max=d - 1)] & (acc < d)[:, None]  # d >= 1
+    rest = pa.masked_fill(refused, 0.0)
+    total = rest.sum(-1, keepdim=True)
+    rest = torch.where(total > 0, rest / total.clamp_min(1e-30), pa)  # 0: p(guess) was 1 up to rounding
+    choice = torch.multinomial(rest, 1, generator=gen)
+    em = torch.cat([drafts, drafts.new_zeros((m, 1))], 1)
+    em[ar, acc] = ia.gather(1, choice).squeeze(1)
+    pe = torch.cat([p_dr, p_dr.new_zeros((m, 1))], 1)
+    pe[ar, acc] = pa.gather(1, choice).squeeze(1)
+    return acc, em, pe
 
 
 def _pad_prompt(t: torch.Tensor, lc: int, width: int) -> torch.Tensor:

@@ -193,6 +193,24 @@ class _CachedStepper:
         self.mask, self.pos, self.logits = self.mask[keep], self.pos[keep], self.logits[keep]
 
 
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` (N, V), the distribution a token is sampled from: (ids (N, m), their
+    probabilities (N, m), descending), top-k after temperature, then top-p on the survivors
+    (``temperature <= 0``: the argmax, probability 1)."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True), torch.ones((logits.shape[0], 1), device=logits.device)
+    scaled = logits / temperature
+    k = top_k if 0 < top_k < scaled.shape[-1] else scaled.shape[-1]
+    vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
+    probs = torch.softmax(vals, dim=-1)
+    if top_p < 1.0:
+        cum = probs.cumsum(-1)
+        probs = probs * ((cum - probs) < top_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return idx, probs
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: float,
@@ -205,14 +223,7 @@ def _sample(
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, logp.gather(1, tok[:, None]).squeeze(1), torch.zeros_like(tok, dtype=logp.dtype)
-    scaled = logits / temperature
-    k = top_k if 0 < top_k < scaled.shape[-1] else scaled.shape[-1]
-    vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
-    probs = torch.softmax(vals, dim=-1)
-    if top_p < 1.0:
-        cum = probs.cumsum(-1)
-        probs = probs * ((cum - probs) < top_p)
-        probs = probs / probs.sum(-1, keepdim=True)
+    idx, probs = sampling_distribution(logits, temperature, top_k, top_p)
     choice = torch.multinomial(probs, 1, generator=generator)
     tok = idx.gather(1, choice).squeeze(1)
     slp = probs.gather(1, choice).squeeze(1).clamp_min(1e-30).log()

@@ -22,7 +22,9 @@ from engine.batching import BatchConfig, DeadlineExceeded
 from engine.continuous import ContinuousEngine, StepCost
 from engine.executor import CopyRequest, CopyResult, load_executor
 from models.continuous import ContinuousDecoder, FinishedGroup
+from models.drafts import NGramDrafts
 from models.generate import decode, request_biases
+from models.paths import shipped_student_dir
 from models.sequences import encode_text, special_ids
 from models.student import load_student
 from models.text.context import build_prompt, product_context
@@ -146,6 +148,88 @@ def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs:
             got[g.gid] = g
     assert sorted(got) == list(range(6)) and any(calls)
     assert all(g.eos_hidden is not None and g.eos_hidden.shape[0] == 3 for g in got.values())
+
+
+@pytest.mark.parametrize("model", ["tiny", "shipped"])
+def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: str) -> None:
+    """Greedy, with drafts that are mostly right (learned from the same prompts' decode, EOS
+    included) and some wrong (noise learned too): the tokens, log-likelihoods, EOS flags and CTR
+    hidden states of the static decode, in fewer steps; guesses were both kept and refused. The
+    tiny random student never ends (rows truncated at max_new_tokens); the shipped one ends its
+    rows with EOS, often a kept guess (its CTR read is then taken in the same step)."""
+    st = load_student(dirs["v1"] if model == "tiny" else shipped_student_dir(), device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:5]])
+    first, ban = request_biases(m, tok, len(rows))
+    banned = ban[0].nonzero().squeeze(1).tolist()
+    max_new = 12 if model == "tiny" else 40
+    ref = decode(m, rows, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0,
+                 first_allowed=sid.style_id_list, banned=banned, want_hidden=True)
+    assert any(ref.finished) == (model == "shipped")
+    drafts = NGramDrafts()
+    gen = torch.Generator().manual_seed(0)
+    for i, seq in enumerate(ref.tokens):
+        ending = [sid.eos] if ref.finished[i] else []
+        drafts.learn(list(rows[i // 2][-3:]) + seq + ending)
+        noise = torch.randint(0, len(tok), (len(seq),), generator=gen).tolist()
+        drafts.learn(list(rows[i // 2][-3:]) + seq[: len(seq) // 2] + noise)  # a wrong follower, half the time
+    steps: dict[str, int] = {}
+    got: dict[str, dict[int, FinishedGroup]] = {}
+    for name, table in (("plain", None), ("spec", drafts)):
+        dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0,
+                                want_hidden=True, max_prompts=2, drafts=table, draft_depth=3, spec_rows=64)
+        got[name], steps[name] = {}, 0
+        dec.admit([0, 1], rows[:2], first[:2], ban[:2])
+        while len(got[name]) < len(rows):
+            if steps[name] == 2:
+                dec.admit([2, 3, 4], rows[2:], first[2:], ban[2:])
+            for g in dec.step():
+                got[name][g.gid] = g
+            steps[name] += 1
+    assert steps["spec"] < steps["plain"]
+    assert drafts.accepted > 0 and drafts.accepted < drafts.proposed
+    for i, g in got["spec"].items():
+        for j in range(2):
+            r = i * 2 + j
+            if DEVICE != "cpu":  # bf16 on a GPU rounds otherwise with more rows: a near-tie may flip
+                continue
+            assert g.tokens[j] == ref.tokens[r] and g.finished[j] == ref.finished[r]
+            assert g.logprob[j] == pytest.approx(ref.logprob[r], abs=1e-3)
+            assert ref.eos_hidden is not None and g.eos_hidden is not None
+            assert torch.allclose(g.eos_hidden[j].cpu(), ref.eos_hidden[r].cpu(), atol=1e-4)
+
+
+def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[str, Path]) -> None:
+    """Sampling with drafts, rows ending at random steps (stop tokens) or at max_new_tokens: every
+    prompt comes back with k rows, a CTR hidden state each, no banned token after the first, no
+    row longer than max_new_tokens; the table learned from the rows that finished."""
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:6]])
+    first, ban = request_biases(m, tok, len(rows))
+    stop = torch.zeros(int(m.config.vocab_size), dtype=torch.bool)
+    stop[::9] = True
+    stop[sid.style_id_list] = False
+    drafts = NGramDrafts(n=1)  # unigram guesses: many refused
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=10, temperature=1.0, seed=7,
+                            want_hidden=True, max_prompts=2, stop_mask=stop, drafts=drafts, draft_depth=4)
+    got: dict[int, FinishedGroup] = {}
+    for i in range(len(rows)):  # one prompt at a time: the table learns from the earlier ones
+        dec.admit([i], [rows[i]], first[i:i + 1], ban[i:i + 1])
+        for _ in range(40):
+            for g in dec.step():
+                got[g.gid] = g
+            if i in got:
+                break
+    assert sorted(got) == list(range(len(rows))) and dec.live_rows == 0
+    assert drafts.proposed > 0 and len(drafts) > 0
+    for i, g in got.items():
+        assert g.eos_hidden is not None and g.eos_hidden.shape[0] == 3
+        for toks in g.tokens:
+            assert 1 <= len(toks) <= 10
+            assert not any(ban[i, t] for t in toks[1:]) and not any(stop[t] for t in toks)
 
 
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:

@@ -1,0 +1,66 @@
+"""Speculative decoding's parts: the n-gram draft table (models/drafts.py) and the acceptance rule
+(models.continuous.speculative_pick), whose emitted tokens must have the plain sampling's distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.continuous import speculative_pick
+from models.drafts import NGramDrafts
+
+
+def test_guesses_chain_the_most_frequent_follower_longest_context_first() -> None:
+    d = NGramDrafts(n=2)
+    d.learn([1, 2, 3, 4, 5])
+    d.learn([9, 2, 3, 4, 5])
+    d.learn([7, 3, 8])
+    assert d.propose([1, 2], 3) == [3, 4, 5]  # (1, 2) -> 3, (2, 3) -> 4, (3, 4) -> 5
+    assert d.propose([7, 3], 2) == [8]  # (7, 3) -> 8 beats (3,) -> 4; then nothing follows (3, 8) or (8,)
+    assert d.propose([6, 3], 1) == [4]  # unseen (6, 3): backs off to (3,), seen twice before 4
+    assert d.propose([42], 3) == []
+    assert d.propose([1, 2], 0) == []
+
+
+def test_the_table_is_bounded_and_a_copy_is_independent() -> None:
+    d = NGramDrafts(n=2, max_contexts=50, max_next=3)
+    for i in range(200):
+        d.learn([i, i + 1000, i % 7])
+    assert len(d._counts) <= 50 and len(d) <= 50
+    for nxt in range(10):
+        d.learn([5, 6, nxt])
+        d.learn([5, 6, 0])
+    assert len(d._counts[(5, 6)]) <= 3 and d.propose([5, 6], 1) == [0]
+    c = d.copy()
+    c.learn([5, 6, 9] * 50)
+    assert d.propose([5, 6], 1) == [0] and c.propose([5, 6], 1) == [9]
+
+
+@pytest.mark.parametrize("guesses", [[0, 1], [3, 0], [4, 2], [-1, -1]])
+def test_speculative_pick_emits_what_plain_sampling_would(guesses: list[int]) -> None:
+    """40,000 rows with the same distributions at two positions: the first emitted token follows
+    p0; among rows that kept the first guess, the second emitted token follows p1; a guess the
+    distribution rules out (or none) is never kept."""
+    torch.manual_seed(0)
+    n, gen = 40_000, torch.Generator().manual_seed(1)
+    p0 = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    p1 = torch.tensor([0.05, 0.6, 0.3, 0.05, 0.0])
+    p2 = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    idx = torch.arange(5).expand(n, 3, 5)
+    probs = torch.stack([p0, p1, p2]).expand(n, 3, 5)
+    drafts = torch.tensor(guesses).expand(n, 2)
+    acc, em, pe = speculative_pick(idx, probs, drafts, gen)
+    first = torch.bincount(em[:, 0].clamp(min=0), minlength=5).float() / n
+    assert torch.allclose(first, p0, atol=0.012)
+    kept1 = acc >= 1
+    if guesses[0] >= 0:
+        assert abs(kept1.float().mean().item() - p0[guesses[0]].item()) < 0.012
+        second = torch.bincount(em[kept1, 1].clamp(min=0), minlength=5).float() / int(kept1.sum())
+        assert torch.allclose(second, p1, atol=0.02)
+    else:
+        assert not kept1.any()
+    if guesses[1] == 4 or guesses[1] < 0:  # p1 rules it out: never kept
+        assert not (acc == 2).any()
+    # each emitted token's probability is the one of its position's distribution (what the decode logs)
+    assert torch.allclose(pe[:, 0], p0[em[:, 0]])
+    assert torch.allclose(pe[kept1, 1], p1[em[kept1, 1]]) and (pe[:, 0] > 0).all()
