@@ -323,15 +323,17 @@ def main() -> None:
         where = torch.cuda.get_device_name(0) if cuda else f"CPU: {machine()}"
         print(f"{where}; torch {torch.__version__}, {a.threads} thread(s); {a.prompts} prompts, K={a.k}, "
               f"<= {a.max_new_tokens} new tokens, top-k 50 / top-p 0.95 / T 0.9, median of {a.repeats}")
-        print(f"\n{'system':22} {'batch':>5} {'copies/s':>9} {'style 1st':>9} {'EOS':>6} {'filter':>7}")
+        print(f"\n{'system':24} {'batch':>5} {'copies/s':>9} {'style 1st':>9} {'EOS':>6} {'filter':>7}")
         results: dict[str, dict[int, Any]] = {}
         for name, fn in systems.items():
             for batch in (1, a.prompts):
                 rate, q = measure(fn, a.prompts, batch, bench, a.repeats)
-                kept = bench.drafts.acceptance if bench.drafts is not None else None  # the last run's guesses
-                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q, "drafts_kept": kept}
-                print(f"{name:22} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
-                      f"{q['filter_pass']:7.2f}" + (f"  drafts kept {kept:.2f}" if kept is not None else ""),
+                guessed = bench.drafts.proposed if bench.drafts is not None else 0  # in the last run
+                kept = bench.drafts.acceptance if bench.drafts is not None else None
+                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q, "drafts": guessed,
+                                                       "drafts_kept": kept}
+                print(f"{name:24} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
+                      f"{q['filter_pass']:7.2f}" + (f"  kept {kept:.2f} of {guessed} guesses" if kept else ""),
                       flush=True)
     if bench.warm is not None:
         print(f"\ndraft table after {a.warm_requests} warm-up requests (not the measured ones): "
@@ -342,7 +344,7 @@ def main() -> None:
     if ref in results:
         print(f"\nratios to {ref}:")
         for name, by in results.items():
-            print(f"  {name:22} " + "  ".join(f"batch {b}: {v['copies_per_s'] / results[ref][b]['copies_per_s']:.2f}x"
+            print(f"  {name:24} " + "  ".join(f"batch {b}: {v['copies_per_s'] / results[ref][b]['copies_per_s']:.2f}x"
                                                for b, v in by.items()))
     if a.json_out:
         a.json_out.write_text(json.dumps({"machine": machine(), "device": a.device, "threads": a.threads,

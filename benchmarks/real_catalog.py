@@ -9,7 +9,8 @@ price-insensitive fan of the category in the feed, a lapsed bargain hunter at th
 eco-minded casual shopper by email) through ``engine.executor.StudentExecutor.run`` -- the code
 the copy service runs: K sampled slotted candidates, grounding check, slots filled from the
 record, filter at the page slot's cap, Thompson policy, fallback when nothing passes. Batches of
-``--batch`` requests, as the micro-batching engine would form them.
+``--batch`` requests, decoded by the served engine (``generation.engine``, continuous by default:
+each batch submitted at once; ``--engine static``: one micro-batch each).
 
 Per catalog it prints: fallback share (and why), candidates passing the filter, grounding errors
 (an audit independent of the filter: after removing the record's own facts from the served text,
@@ -45,6 +46,8 @@ import torch
 from benchmarks._common import machine
 from core.catalog import Catalog, Product, vocabulary
 from core.settings import CopySettings
+from engine.batching import BatchConfig
+from engine.continuous import ContinuousEngine
 from engine.executor import CopyRequest, CopyResult, load_executor
 from models.paths import shipped_student_dir
 from models.text.context import CopyContext, product_context
@@ -207,15 +210,27 @@ def requests_for(products: list[Product]) -> list[tuple[int, str, CopyRequest]]:
     return reqs
 
 
-def serve(executor: Any, name: str, products: list[Product], names: Names, batch: int) -> tuple[
-        CatalogReport, list[tuple[CopyRequest, CopyResult]]]:
+def serve(executor: Any, name: str, products: list[Product], names: Names, batch: int,
+          engine: str = "static") -> tuple[CatalogReport, list[tuple[CopyRequest, CopyResult]]]:
     rep = CatalogReport(name, len(products))
     reqs = requests_for(products)
     served: list[tuple[CopyRequest, CopyResult]] = []
     t0 = time.perf_counter()
-    for k in range(0, len(reqs), batch):
-        chunk = [r for _, _, r in reqs[k:k + batch]]
-        served.extend(zip(chunk, executor.run(chunk), strict=True))
+    continuous = None
+    if engine == "continuous":  # the running batch, speculative steps at small batches
+        continuous = ContinuousEngine(executor, BatchConfig(max_batch_size=batch, max_queue=max(batch, 1),
+                                                            default_timeout_ms=1e9)).start()
+    try:
+        for k in range(0, len(reqs), batch):
+            chunk = [r for _, _, r in reqs[k:k + batch]]
+            if continuous is None:
+                served.extend(zip(chunk, executor.run(chunk), strict=True))
+            else:
+                futures = [continuous.submit(r) for r in chunk]
+                served.extend(zip(chunk, [f.result() for f in futures], strict=True))
+    finally:
+        if continuous is not None:
+            continuous.stop()
     rep.seconds = time.perf_counter() - t0
     per_product: dict[int, list[CopyResult]] = {}
     for (i, prof, req), (_, res) in zip(reqs, served, strict=True):
@@ -270,6 +285,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="Products per catalog (default: all of real and --file, 160 of the generated ones).")
     ap.add_argument("--student", default=None, help="Student checkpoint (default: the shipped one).")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--engine", choices=["static", "continuous"], default=None,
+                    help="Decode path (default: generation.engine, the served one). continuous: each batch of "
+                         "requests submitted at once to the continuous engine (--batch 1: one at a time, "
+                         "every step speculative).")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default: the setting's).")
@@ -290,14 +309,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = CopySettings(**over)
     path = args.student or shipped_student_dir()
     executor = load_executor(path, cfg)
+    engine = args.engine or cfg.engine
     print(f"student {executor.name} {executor.version} ({path}), K={cfg.candidates}, policy {cfg.policy}, "
-          f"temperature {cfg.temperature}, top-p {cfg.top_p}, "
+          f"temperature {cfg.temperature}, top-p {cfg.top_p}, {engine} engine, "
           f"batches of {args.batch}; {machine()}")
     reports: list[CatalogReport] = []
     servings: list[list[tuple[CopyRequest, CopyResult]]] = []
     for name, products in catalogs:
         before = dict(executor.filter_stats.fallback_reasons)
-        rep, served = serve(executor, name, products, names, args.batch)
+        rep, served = serve(executor, name, products, names, args.batch, engine)
         after = executor.filter_stats.fallback_reasons
         rep.fallback_reasons = Counter({k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)})
         reports.append(rep)

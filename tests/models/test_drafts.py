@@ -64,3 +64,12 @@ def test_speculative_pick_emits_what_plain_sampling_would(guesses: list[int]) ->
     # each emitted token's probability is the one of its position's distribution (what the decode logs)
     assert torch.allclose(pe[:, 0], p0[em[:, 0]])
     assert torch.allclose(pe[kept1, 1], p1[em[kept1, 1]]) and (pe[:, 0] > 0).all()
+
+
+def test_contexts_seen_again_outlive_the_ones_seen_once() -> None:
+    d = NGramDrafts(n=1, max_contexts=10)
+    d.learn([1, 2])  # (1,) -> 2: the first context learned
+    for i in range(100, 130):
+        d.learn([1, 2])  # seen again and again
+        d.learn([i, i + 1])  # one-off contexts that push the table over its bound
+    assert d.propose([1], 1) == [2] and len(d._counts) <= 10
