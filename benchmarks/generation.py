@@ -252,8 +252,11 @@ def main() -> None:
     print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}{isa}")
     print(f"model: {a.model.name}; K={a.candidates} candidates, <= {a.max_new_tokens} new tokens, thompson; "
           f"{'bf16 autocast' if cuda else CopySettings().cpu_weights + ' weights'}; deadline {a.timeout_ms:g} ms")
+    d = CopySettings()
+    spec = (f"speculative steps with up to {d.draft_tokens} drafts while rows x (1 + drafts) <= {d.draft_max_rows}"
+            if d.draft_tokens and not (cuda or a.compile) else "no speculative steps")
     print(f"static: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; continuous: up to {a.max_batch} "
-          "requests decoding together")
+          f"requests decoding together, {spec}")
     reqs = make_requests(max(n_burst, 256))
     points: list[Point] = []
     late: dict[str, list[float]] = {}

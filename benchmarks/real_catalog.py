@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=None, help="Sampling temperature (default: the setting's).")
     ap.add_argument("--top-p", type=float, default=None, help="Nucleus mass (default: the setting's).")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="Speculative drafts per row (default: the setting's; 0: none). The copies' "
+                         "distribution does not depend on it, only the speed.")
     ap.add_argument("--no-fluency", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
@@ -306,12 +309,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         over["temperature"] = args.temperature
     if args.top_p is not None:
         over["top_p"] = args.top_p
+    if args.draft_tokens is not None:
+        over["draft_tokens"] = args.draft_tokens
     cfg = CopySettings(**over)
     path = args.student or shipped_student_dir()
     executor = load_executor(path, cfg)
     engine = args.engine or cfg.engine
     print(f"student {executor.name} {executor.version} ({path}), K={cfg.candidates}, policy {cfg.policy}, "
-          f"temperature {cfg.temperature}, top-p {cfg.top_p}, {engine} engine, "
+          f"temperature {cfg.temperature}, top-p {cfg.top_p}, {engine} engine ({cfg.draft_tokens} drafts), "
           f"batches of {args.batch}; {machine()}")
     reports: list[CatalogReport] = []
     servings: list[list[tuple[CopyRequest, CopyResult]]] = []

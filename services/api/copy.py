@@ -118,6 +118,14 @@ class CopyMetrics:
         for reason, n in sorted(stats.fallback_reasons.items()):
             fallbacks.add_metric([reason], n)
         yield fallbacks
+        drafts = svc.engine.executor.drafts
+        if drafts is not None:
+            guesses = CounterMetricFamily("livecopy_copy_draft_tokens", "Guessed tokens fed by speculative decode "
+                                          "steps, by outcome (kept: the row's own sampling accepted them)",
+                                          labels=["outcome"])
+            guesses.add_metric(["kept"], drafts.accepted)
+            guesses.add_metric(["refused"], drafts.proposed - drafts.accepted)
+            yield guesses
 
     def on_batch(self, n: int, seconds: float, version: str) -> None:
         self.batch_size.observe(n)

@@ -126,6 +126,10 @@ def test_copy_contract_cache_cold_start_errors_and_publication(settings: Setting
         metrics = http.get("/metrics").text
         assert 'livecopy_copy_served_total{policy="cached",source="cache"} 1.0' in metrics
         assert 'livecopy_model_info{model="livecopy-student",version="v1"} 1.0' in metrics
+        # one request at a time: the decode speculated, with the guesses learned from the copies before
+        guesses = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("livecopy_copy_draft_tokens_total{")}
+        assert set(guesses) == {"kept", "refused"} and sum(guesses.values()) > 0, guesses
     on_topic = copies_on_topic(s, len(served))
     assert sorted(c.copy_id for c in on_topic) == sorted(b["copy_id"] for b in served)  # each exactly once
     by_id = {c.copy_id: c for c in on_topic}
