@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models import cascade
+from models import cascade, scripted
 from models.drafts import NGramDrafts
 from models.generate import _sample, autocast_for, sampling_distribution
 from models.linears import linears
@@ -141,6 +141,10 @@ class ContinuousDecoder:
         self._left: dict[int, dict[int, tuple[list[int], float, float, bool, torch.Tensor | None]]] = {}
         self._done: list[int] = []  # gids whose k rows all left, not yet reported
         self._fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
+        # on a CPU the step's forward runs as one TorchScript function (models/scripted.py)
+        self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
+        ln = [a for pair in self.norms[0] for a in pair] + [self.norms[1]]
+        self._ln = ([a[1] for a in ln], [a[2] for a in ln], [float(a[3]) for a in ln])
 
     # ------------------------------------------------------------------ state
     def _rows_alloc(self, n: int) -> None:
@@ -345,6 +349,11 @@ class ContinuousDecoder:
         the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
         ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
         (its token, then its drafts), each at its own position and column."""
+        if self._script is not None:
+            tr, lin = self.trunk, self.lin
+            return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, self.p_bias, self.kv,
+                                self.lc, self.k, self._neg, self.scale, self.n_head, tr.wte.weight, tr.wpe.weight,
+                                *self._ln, list(lin.packed), list(lin.weights), list(lin.biases))
         n, k, lc = feed.shape[0], self.k, self.lc
         hi, width = n // (k * per_row), lc + t * k
         rows_p, rows_j = self.row_p[:n // per_row], self.row_j[:n // per_row]
@@ -383,6 +392,7 @@ class ContinuousDecoder:
             raise ValueError("compile() needs static_shapes or shape_buckets")
         # fbgemm's packed int8 weights are opaque to dynamo: the compiled step multiplies on the fp32 weights
         self.lin = linears(self.trunk, self.lm_weight, "fp32")
+        self._script = None  # dynamo compiles the eager forward
         import torch._dynamo.config as dynamo_config
 
         # one graph per shape and per decoder (a hot swap makes a new one): more than dynamo's default 8

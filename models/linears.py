@@ -30,24 +30,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Linears:
-    """``blocks[i] = (qkv, attn_proj, fc, mlp_proj)`` of block ``i``; ``lm`` the LM head."""
+    """``blocks[i] = (qkv, attn_proj, fc, mlp_proj)`` of block ``i``; ``lm`` the LM head. ``packed``
+    (int8: the packed weights, blocks' four each then the LM head's) or ``weights`` / ``biases``
+    (fp32: (in, out) weights and biases in that order; the LM head's bias a zero) are what the
+    products use, for a caller that runs them itself (models/scripted.py)."""
 
     kind: str
     blocks: tuple[tuple[Linear, Linear, Linear, Linear], ...]
     lm: Linear
+    packed: tuple[Any, ...] = ()
+    weights: tuple[torch.Tensor, ...] = ()
+    biases: tuple[torch.Tensor, ...] = ()
 
 
 def int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def _fp32(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+def _fp32(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> tuple[Linear, Any]:
     if bias is None:
-        return lambda x: torch.mm(x, w_in_out)
-    return lambda x: torch.addmm(bias, x, w_in_out)
+        return (lambda x: torch.mm(x, w_in_out)), (w_in_out, w_in_out.new_zeros(w_in_out.shape[1]))
+    return (lambda x: torch.addmm(bias, x, w_in_out)), (w_in_out, bias)
 
 
-def _int8(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+def _int8(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> tuple[Linear, Any]:
     w = w_in_out.detach().t().contiguous().float()  # (out, in)
     scale = (w.abs().amax(1).clamp_min(1e-12) / 127.0).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch; the packed op is what we use
@@ -55,17 +61,21 @@ def _int8(w_in_out: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
     op = torch.ops.quantized.linear_dynamic.default  # the overload: the packet re-checks its arguments per call
-    return lambda x: op(x, packed, True)
+    return (lambda x: op(x, packed, True)), packed
 
 
 def _build(trunk: Any, lm_weight: torch.Tensor, kind: str) -> Linears:
     make = _int8 if kind == "int8" else _fp32
-    blocks = tuple(
-        (make(b.attn.c_attn.weight, b.attn.c_attn.bias), make(b.attn.c_proj.weight, b.attn.c_proj.bias),
-         make(b.mlp.c_fc.weight, b.mlp.c_fc.bias), make(b.mlp.c_proj.weight, b.mlp.c_proj.bias))
-        for b in trunk.h
-    )
-    return Linears(kind, blocks, make(lm_weight.t(), None))
+    made = [make(w, bias) for b in trunk.h for w, bias in (
+        (b.attn.c_attn.weight, b.attn.c_attn.bias), (b.attn.c_proj.weight, b.attn.c_proj.bias),
+        (b.mlp.c_fc.weight, b.mlp.c_fc.bias), (b.mlp.c_proj.weight, b.mlp.c_proj.bias))]
+    made.append(make(lm_weight.t(), None))
+    fns = [f for f, _ in made]
+    blocks = tuple((fns[i], fns[i + 1], fns[i + 2], fns[i + 3]) for i in range(0, len(fns) - 1, 4))
+    raw = [r for _, r in made]
+    if kind == "int8":
+        return Linears(kind, blocks, fns[-1], packed=tuple(raw))
+    return Linears(kind, blocks, fns[-1], weights=tuple(w for w, _ in raw), biases=tuple(b for _, b in raw))
 
 
 _cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple[Any, ...], Linears]]] = weakref.WeakKeyDictionary()

@@ -232,6 +232,39 @@ def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[
             assert not any(ban[i, t] for t in toks[1:]) and not any(stop[t] for t in toks)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
+    """models/scripted.py runs the step's forward as TorchScript on a CPU: the same hidden states,
+    logits and KV-cache writes as the eager forward, over all rows, a subset, and speculative rows."""
+    st = load_student(shipped_student_dir())
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:3]])
+    first, ban = request_biases(m, tok, len(rows))
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, seed=3, max_prompts=3,
+                            weights=weights)
+    assert dec._script is not None
+    dec.admit([0, 1, 2], rows, first, ban)
+    for _ in range(3):
+        dec.step()
+    n = 6
+    feed, pos = dec.pending[:n].clone(), (dec.pos[:n] + 1).clamp(max=dec.n_positions - 1)
+    col = dec.glen[:n].clamp(max=dec.cap - 1)
+    t = int(col.max()) + 2
+    spec = (feed.repeat_interleave(2), pos.repeat_interleave(2) + torch.tensor([0, 1] * n),
+            col.repeat_interleave(2) + torch.tensor([0, 1] * n), t, None, 2)
+    for args in ((feed, pos, col, t - 1), (feed, pos, col, t - 1, torch.tensor([0, 3, 5])), spec):
+        kv = [c.clone() for c in dec.kv]
+        with torch.no_grad():
+            h_s, lg_s = dec._forward(*args)
+            kv_s, dec.kv = dec.kv, [c.clone() for c in kv]
+            script, dec._script = dec._script, None
+            h_e, lg_e = dec._forward(*args)
+            dec._script = script
+        assert torch.allclose(h_s, h_e, atol=1e-5) and torch.allclose(lg_s, lg_e, atol=1e-4)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kv_s, dec.kv, strict=True))
+
+
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
     st = load_student(dirs["v1"], device=DEVICE)
     sid = special_ids(st.tokenizer)

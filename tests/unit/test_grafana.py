@@ -14,6 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from core.metrics import TrainerMetrics
+from models.drafts import NGramDrafts
 from services.api.app import ApiMetrics
 from services.api.copy import CopyMetrics
 from services.api.events import CollectorMetrics
@@ -38,7 +39,7 @@ def exported() -> set[str]:
     stats = SimpleNamespace(checked=0, reasons={"x": 1}, fallback_reasons={"x": 1})
     copy.service = SimpleNamespace(  # type: ignore[assignment]
         engine=SimpleNamespace(model="m", version="v", queue_depth=lambda: 0, executor=SimpleNamespace(
-            filter_stats=stats)),
+            filter_stats=stats, drafts=NGramDrafts())),
         publisher=SimpleNamespace(failed=0, queued=lambda: 0, congested=lambda: False))
     registries: list[CollectorRegistry] = [TrainerMetrics("w").registry, ApiMetrics().registry, copy.registry,
                                            CollectorMetrics().registry]

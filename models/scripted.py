@@ -1,0 +1,96 @@
+"""The continuous decoder's step forward as one TorchScript function: no Python between its operations.
+
+A CPU step of a few rows is ~100 small operations; called from Python each costs its dispatch, and
+an int8 product, whose packed weight is a TorchScript object, costs most (the object crosses from
+Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.ContinuousDecoder._forward`
+(the same operations in the same order: tests compare them) compiled by ``torch.jit.script`` once
+per process, on first use. CPU only; tanh-GELU trunks only (the others take the eager forward).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+def _lin(x: Tensor, i: int, packed: list[torch.classes.quantized.LinearPackedParamsBase], w: list[Tensor],
+         b: list[Tensor]) -> Tensor:
+    """Product ``i``: int8 when ``packed`` is given, else fp32."""
+    if len(packed) > 0:
+        return torch.ops.quantized.linear_dynamic(x, packed[i], True)
+    return torch.addmm(b[i], x, w[i])
+
+
+def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None, per_row: int,
+             row_p: Tensor, row_j: Tensor, p_bias: Tensor, kv: list[Tensor], lc: int, k: int, neg: float,
+             scale: float, n_head: int, wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor],
+             eps: list[float], packed: list[torch.classes.quantized.LinearPackedParamsBase],
+             w: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Arguments as the decoder holds them; products from ``packed`` (int8: 4 per block, then the LM
+    head) or, when it is empty, from ``w`` / ``b`` (fp32, (in, out); the LM head's bias unused)."""
+    n = feed.shape[0]
+    hi = n // (k * per_row)
+    width = lc + t * k
+    rp = row_p[:n // per_row]
+    rj = row_j[:n // per_row]
+    if per_row > 1:
+        rp = rp.repeat_interleave(per_row)
+        rj = rj.repeat_interleave(per_row)
+    write = lc + col * k + rj
+    cc = torch.arange(t * k, device=feed.device)
+    mine = ((cc % k)[None, :] == rj[:, None]) & ((cc // k)[None, :] <= col[:, None])
+    gen = torch.zeros(mine.shape, dtype=p_bias.dtype, device=feed.device).masked_fill_(~mine, neg)
+    kq = k * per_row
+    mask = torch.cat([p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
+    d = wte.shape[1]
+    dh = d // n_head
+    if rows is not None:
+        feed, pos, rp, write = feed[rows], pos[rows], rp[rows], write[rows]
+    x = F.embedding(feed, wte) + F.embedding(pos, wpe)
+    m = x.shape[0]
+    for layer in range(len(kv)):
+        j = 4 * layer
+        h = F.layer_norm(x, [d], ln_w[2 * layer], ln_b[2 * layer], eps[2 * layer])
+        qkv = _lin(h, j, packed, w, b).view(m, 3, n_head, dh)
+        cache = kv[layer]
+        cache[:, rp, :, write] = qkv[:, 1:].to(cache.dtype)
+        q = qkv[:, 0]
+        if rows is not None:
+            q = q.new_zeros((n, n_head, dh)).index_copy_(0, rows, q)
+        q = q.view(hi, kq, n_head, dh).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, cache[0, :hi, :, :width], cache[1, :hi, :, :width],
+                                           attn_mask=mask, scale=scale)
+        o = o.transpose(1, 2).reshape(n, d)
+        if rows is not None:
+            o = o.index_select(0, rows)
+        x = x + _lin(o, j + 1, packed, w, b)
+        h = F.layer_norm(x, [d], ln_w[2 * layer + 1], ln_b[2 * layer + 1], eps[2 * layer + 1])
+        f = _lin(h, j + 2, packed, w, b)
+        if m < 12:
+            f = F.gelu(f, approximate="tanh")
+        else:  # models.cascade.gelu_tanh: the same function through sigmoid (torch's CPU tanh is slow)
+            y = f * f
+            f = y.mul_(0.0713548162726009).add_(1.5957691216057308).mul_(f).sigmoid_().mul_(f)
+        x = x + _lin(f, j + 3, packed, w, b)
+    h = F.layer_norm(x, [d], ln_w[-1], ln_b[-1], eps[-1])
+    return h, _lin(h, 4 * len(kv), packed, w, b)
+
+
+@functools.cache
+def step_forward() -> Any:
+    """:func:`_forward` scripted (once per process; ~30 ms), or None where TorchScript cannot compile
+    it (logged once; the decoder then runs its eager forward)."""
+    try:
+        with warnings.catch_warnings():  # deprecated in torch 2.x (still shipped): torch.compile cannot
+            warnings.simplefilter("ignore")  # trace the packed int8 weights, so this is the fast CPU path
+            return torch.jit.script(_forward)
+    except Exception as exc:  # any failure means: run eagerly
+        log.warning("the scripted decode step did not compile (%s: %s); decoding eagerly", type(exc).__name__, exc)
+        return None
