@@ -20,8 +20,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-def _lin(x: Tensor, i: int, packed: list[torch.classes.quantized.LinearPackedParamsBase], w: list[Tensor],
-         b: list[Tensor]) -> Tensor:
+def _lin(x: Tensor, i: int,
+         packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+         w: list[Tensor], b: list[Tensor]) -> Tensor:
     """Product ``i``: int8 when ``packed`` is given, else fp32."""
     if len(packed) > 0:
         return torch.ops.quantized.linear_dynamic(x, packed[i], True)
@@ -31,7 +32,8 @@ def _lin(x: Tensor, i: int, packed: list[torch.classes.quantized.LinearPackedPar
 def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None, per_row: int,
              row_p: Tensor, row_j: Tensor, p_bias: Tensor, kv: list[Tensor], lc: int, k: int, neg: float,
              scale: float, n_head: int, wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor],
-             eps: list[float], packed: list[torch.classes.quantized.LinearPackedParamsBase],
+             eps: list[float],
+             packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
              w: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Arguments as the decoder holds them; products from ``packed`` (int8: 4 per block, then the LM
     head) or, when it is empty, from ``w`` / ``b`` (fp32, (in, out); the LM head's bias unused)."""
