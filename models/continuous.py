@@ -25,9 +25,11 @@ newcomer takes the lowest free prompt slot and writes its prefill there: nothing
 (appending to or compacting the whole cache at every admission cost a third of a step at 128
 rows). Before a step the highest prompts move into the slots freed below them (a few MB), and
 the step runs the used slots only; once ``skip_rows`` rows of those slots have left (a prompt's
-candidates end at different steps), it computes only the rows still decoding. The sampling is
-:func:`models.generate._sample` (top-k, then top-p on the survivors): a row sees the same
-distribution as in the static decode (greedy decodes are the same tokens, tested).
+candidates end at different steps), it computes only the rows still decoding. The sampling
+(:func:`models.drafts.emit_tokens`: top-k, then top-p on the survivors, as
+:func:`models.generate.sampling_distribution`) gives a row the distribution of the static decode
+(greedy decodes are the same tokens, tested). On a CPU the step's forward is TorchScript
+(:mod:`models.scripted`); at small batches a step is speculative (:meth:`ContinuousDecoder._spec_step`).
 
 ``static_shapes=True`` (the CUDA path) runs all slots and attends over all ``max_new_tokens + 1``
 columns every step: the step's shapes never change and no length is read back to the host.
@@ -48,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from models import cascade, scripted
-from models.drafts import NGramDrafts
-from models.generate import _sample, autocast_for, sampling_distribution
+from models.drafts import NGramDrafts, emit_tokens
+from models.generate import autocast_for
 from models.linears import linears
 from models.sequences import left_pad, positions_from_mask
 
@@ -297,21 +299,35 @@ class ContinuousDecoder:
         x = logits.float()
         if add_ban:
             x = x + self.ban[rows]
-        tok, tok_lp, tok_slp = _sample(x, self.temperature, self.top_k, self.top_p, self.gen)
-        ends = tok == self.eos_id
-        if self.stop is not None:
-            ends = ends | self.stop[tok]
-        self.lp[rows] += tok_lp.double()
-        self.slp[rows] += tok_slp.double()
-        keep = ~ends
-        self.tokens[rows[keep], self.ntok[rows[keep]]] = tok[keep]
-        self.ntok[rows] += keep.long()
-        self.fin[rows[ends]] = True
-        self.pending[rows] = tok
-        closing = ends | (self.ntok[rows] >= self.max_new)  # truncated rows: EOS is forced for the CTR read
-        self.closing[rows] = closing
+        closing = self._emit_rows(rows, x[:, None], rows.new_zeros((rows.numel(), 0)), advance=False)[2]
         if not self.want_hidden:
             self._retire(rows[closing])
+
+    def _emit_rows(self, rows: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, advance: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows`` (m live rows) emit their tokens from ``x`` (m, qn, V; masks added): a plain draw
+        (qn = 1) or their kept guesses (``drafts`` (m, qn - 1)) and one draw
+        (:func:`models.drafts.speculative_pick`); an ending token (EOS or stop) ends the row
+        (closing: the CTR read comes next). ``advance``: the tokens before the last emitted one
+        were fed in this step (positions and columns move on). Returns (guesses kept, index of
+        the ending token (qn: none), closing) per row."""
+        m, qn = x.shape[0], x.shape[1]
+        u = torch.rand((m, qn), generator=self.gen, device=self.device)
+        acc, em, n_emit, n_keep, has_end, first_end, lps = emit_tokens(
+            x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop)
+        self.lp[rows] += lps[:, 0]
+        self.slp[rows] += lps[:, 1]
+        rw, cw = (torch.arange(qn, device=x.device)[None, :] < n_keep[:, None]).nonzero(as_tuple=True)
+        self.tokens[rows[rw], self.ntok[rows][rw] + cw] = em[rw, cw]
+        self.ntok[rows] += n_keep
+        self.pending[rows] = em.gather(1, (n_emit - 1)[:, None]).squeeze(1)
+        if advance:
+            self.pos[rows] += n_emit
+            self.glen[rows] += n_emit
+        self.fin[rows] |= has_end
+        closing = has_end | (self.ntok[rows] >= self.max_new)  # truncated rows: EOS is forced for the CTR read
+        self.closing[rows] = closing
+        return acc, first_end, closing
 
     def _retire(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Rows ``rows`` leave: their outputs move to ``_left`` (``hidden``: theirs at EOS, in order);
@@ -530,40 +546,14 @@ class ContinuousDecoder:
         m = live.numel()
         if m == 0:
             return True
-        x = logits[live].float() + self.ban[live][:, None]  # (m, qn, V)
-        logp = torch.log_softmax(x, -1)
-        idx, probs = sampling_distribution(x.view(m * qn, -1), self.temperature, self.top_k, self.top_p)
-        idx, probs = idx.view(m, qn, -1), probs.view(m, qn, -1)
         dl = dr[live]  # (m, d)
-        acc, em, pe = speculative_pick(idx, probs, dl, self.gen)
-        ar = torch.arange(m, device=dev)
-        em = em.clamp(min=0)  # past the emitted ones: drafts not kept, or none (-1)
-        lp_e = logp.gather(2, em[..., None]).squeeze(2).double()
-        slp_e = (pe.clamp_min(1e-30).log() if self.temperature > 0 else torch.zeros_like(pe)).double()
-        kept_n = acc + 1
-        ends = (em == self.eos_id) if self.stop is None else (em == self.eos_id) | self.stop[em]
-        ends &= steps[None, :] < kept_n[:, None]
-        has_end = ends.any(1)
-        first_end = torch.where(ends, steps[None, :], qn).min(1).values
-        n_emit = torch.where(has_end, first_end + 1, kept_n)  # tokens consumed, the ending one included
-        n_keep = n_emit - has_end.long()  # tokens kept (an ending token is not part of the copy)
-        used = steps[None, :] < n_emit[:, None]
-        self.lp[live] += torch.where(used, lp_e, 0.0).sum(1)
-        self.slp[live] += torch.where(used, slp_e, 0.0).sum(1)
-        rows_w, cols_w = (steps[None, :] < n_keep[:, None]).nonzero(as_tuple=True)
-        self.tokens[live[rows_w], self.ntok[live][rows_w] + cols_w] = em[rows_w, cols_w]
-        self.ntok[live] += n_keep
-        self.pending[live] = em[ar, n_emit - 1]
-        self.pos[live] += n_emit
-        self.glen[live] += n_emit
-        self.fin[live] |= has_end
-        closing_now = has_end | (self.ntok[live] >= self.max_new)
-        self.closing[live] = closing_now
+        acc, first_end, closing_now = self._emit_rows(live, logits[live].float() + self.ban[live][:, None], dl,
+                                                      advance=True)
         self.drafts.observe(int((dl >= 0).sum()), int(acc.sum()))
-        # an EOS among the kept drafts was fed in this step: its hidden state is the CTR read, the row leaves now
-        fed_eos = has_end & (first_end < acc) & (em[ar, first_end.clamp(max=d)] == self.eos_id)
-        if self.want_hidden:
-            now = fed_eos.nonzero().squeeze(1)
+        if self.want_hidden:  # an EOS among the kept guesses was fed in this step: its hidden state is the CTR read
+            ended = first_end < acc
+            now = (ended & (feed[live].gather(1, (first_end + 1).clamp(max=d)[:, None]).squeeze(1) == self.eos_id)
+                   ).nonzero().squeeze(1)
             self._retire(live[now], h[live[now], first_end[now] + 1])
         else:
             self._retire(live[closing_now])
@@ -600,36 +590,6 @@ class ContinuousDecoder:
                 self.prompt_gid[p] = -1
                 self.alive[p * self.k:(p + 1) * self.k] = False
                 self.closing[p * self.k:(p + 1) * self.k] = False
-
-
-def speculative_pick(idx: torch.Tensor, probs: torch.Tensor, drafts: torch.Tensor, gen: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Speculative sampling with one guessed token per position (Leviathan et al. 2023, a draft
-    distribution that is all on the guess): per row, the sampling distributions at ``d + 1``
-    positions (``idx``, ``probs``: (m, d + 1, c) ids and probabilities, as
-    :func:`models.generate.sampling_distribution` gives them) and ``d`` guesses (``drafts`` (m, d),
-    -1: none). Guess ``i`` is kept with probability ``p_i(guess)`` while all before it were kept;
-    at the first refused one a token is drawn from ``p_i`` without the guess (renormalised), after
-    ``d`` kept ones from ``p_d``: each emitted token has the distribution of a plain draw.
-    Returns (kept guesses per row (m,), emitted tokens (m, d + 1): the kept guesses, then the
-    drawn one, the rest as given; each emitted token's probability under its ``p_i`` (m, d + 1))."""
-    m, d = drafts.shape
-    hit = idx[:, :d] == drafts[:, :, None]
-    p_dr = (probs[:, :d] * hit).sum(-1)  # each guess's probability where it would be drawn
-    u = torch.rand((m, d), generator=gen, device=probs.device)
-    acc = (u < p_dr).long().cumprod(1).sum(1)
-    ar = torch.arange(m, device=probs.device)
-    pa, ia = probs[ar, acc], idx[ar, acc]  # the distribution after the last kept guess
-    refused = hit[ar, acc.clamp(max=d - 1)] & (acc < d)[:, None]  # d >= 1
-    rest = pa.masked_fill(refused, 0.0)
-    total = rest.sum(-1, keepdim=True)
-    rest = torch.where(total > 0, rest / total.clamp_min(1e-30), pa)  # 0: p(guess) was 1 up to rounding
-    choice = torch.multinomial(rest, 1, generator=gen)
-    em = torch.cat([drafts, drafts.new_zeros((m, 1))], 1)
-    em[ar, acc] = ia.gather(1, choice).squeeze(1)
-    pe = torch.cat([p_dr, p_dr.new_zeros((m, 1))], 1)
-    pe[ar, acc] = pa.gather(1, choice).squeeze(1)
-    return acc, em, pe
 
 
 def _pad_prompt(t: torch.Tensor, lc: int, width: int) -> torch.Tensor:

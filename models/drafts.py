@@ -1,4 +1,5 @@
-"""Draft tokens for speculative decoding: the n-grams of the copies decoded before (bounded).
+"""Speculative decoding's parts: draft tokens from the n-grams of the copies decoded before
+(bounded), and the rule that keeps or refuses them (:func:`speculative_pick`, :func:`emit_tokens`).
 
 :class:`NGramDrafts` learns, from every finished row, which token most often followed each context
 of 1 to ``n`` tokens, and proposes the next ``d`` tokens of a row by chaining its guesses (longest
@@ -15,6 +16,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from models.generate import sampling_distribution
 
 
 class NGramDrafts:
@@ -91,3 +97,66 @@ class NGramDrafts:
     @property
     def acceptance(self) -> float | None:
         return self.accepted / self.proposed if self.proposed else None
+
+
+def speculative_pick(idx: Tensor, probs: Tensor, drafts: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Speculative sampling with one guessed token per position (Leviathan et al. 2023, a draft
+    distribution that is all on the guess): per row, the sampling distributions at ``d + 1``
+    positions (``idx``, ``probs``: (m, d + 1, c) ids and probabilities, as
+    :func:`models.generate.sampling_distribution` gives them), ``d`` guesses (``drafts`` (m, d),
+    -1: none) and ``d + 1`` uniform draws ``u`` (m, d + 1). Guess ``i`` is kept when ``u[i] <
+    p_i(guess)`` and all before it were kept; at the first refused one a token is drawn from ``p_i``
+    without the guess (renormalised), after ``d`` kept ones from ``p_d`` (inverse CDF with
+    ``u[d]``): each emitted token has the distribution of a plain draw. ``d = 0``: a plain draw.
+    Returns (kept guesses per row (m,), emitted tokens (m, d + 1): the kept guesses, then the
+    drawn one, the rest as given; each emitted token's probability under its ``p_i`` (m, d + 1))."""
+    m = drafts.shape[0]
+    d = drafts.shape[1]
+    ar = torch.arange(m, device=probs.device)
+    if d > 0:
+        hit = idx[:, :d] == drafts[:, :, None]
+        p_dr = (probs[:, :d] * hit).sum(-1)  # each guess's probability where it would be drawn
+        acc = (u[:, :d] < p_dr).long().cumprod(1).sum(1)
+        refused = hit[ar, acc.clamp(max=d - 1)] & (acc < d)[:, None]
+    else:
+        p_dr = probs.new_zeros((m, 0))
+        acc = torch.zeros(m, dtype=torch.long, device=probs.device)
+        refused = torch.zeros(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
+    pa, ia = probs[ar, acc], idx[ar, acc]  # the distribution after the last kept guess
+    rest = pa.masked_fill(refused, 0.0)
+    total = rest.sum(-1, keepdim=True)
+    rest = torch.where(total > 0, rest, pa)  # 0: p(guess) was 1 up to rounding
+    cdf = rest.cumsum(-1)
+    choice = (cdf < u[:, d:d + 1] * cdf[:, -1:]).sum(-1, keepdim=True).clamp(max=rest.shape[1] - 1)
+    em = torch.cat([drafts, drafts.new_zeros((m, 1))], 1)
+    em[ar, acc] = ia.gather(1, choice).squeeze(1)
+    pe = torch.cat([p_dr, p_dr.new_zeros((m, 1))], 1)
+    pe[ar, acc] = pa.gather(1, choice).squeeze(1)
+    return acc, em, pe
+
+
+def emit_tokens(logits: Tensor, drafts: Tensor, u: Tensor, temperature: float, top_k: int, top_p: float,
+                eos: int, stop: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What rows emit from their logits (m, qn, V) at ``qn`` positions (masks added) and ``qn - 1``
+    guesses: (guesses kept (m,), emitted tokens (m, qn), tokens consumed (m,): up to and with an
+    ending one (EOS or ``stop``), tokens kept (m,): the ending one excluded, ended (m,), index of
+    the ending token (m,; qn: none), summed model log-probability at T=1 and sampling
+    log-probability of the consumed tokens (m,) float64)."""
+    m, qn, v = logits.shape
+    logp = torch.log_softmax(logits, -1)
+    idx, probs = sampling_distribution(logits.view(m * qn, v), temperature, top_k, top_p)
+    acc, em, pe = speculative_pick(idx.view(m, qn, -1), probs.view(m, qn, -1), drafts, u)
+    em = em.clamp(min=0)  # past the emitted ones: guesses not kept, or none (-1)
+    steps = torch.arange(qn, device=logits.device)
+    ends = em == eos
+    if stop is not None:
+        ends = ends | stop[em]
+    ends = ends & (steps[None, :] <= acc[:, None])
+    has_end = ends.any(1)
+    first_end = torch.where(ends, steps[None, :], qn).min(1).values
+    n_emit = torch.where(has_end, first_end + 1, acc + 1)
+    used = steps[None, :] < n_emit[:, None]
+    lp = torch.where(used, logp.gather(2, em[:, :, None]).squeeze(2).double(), 0.0).sum(1)
+    slp = torch.where(used, pe.clamp_min(1e-30).log().double(), 0.0).sum(1) if temperature > 0 else \
+        torch.zeros(m, dtype=torch.float64, device=logits.device)
+    return acc, em, n_emit, n_emit - has_end.long(), has_end, first_end, torch.stack([lp, slp], 1)

@@ -201,7 +201,7 @@ def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, 
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True), torch.ones((logits.shape[0], 1), device=logits.device)
     scaled = logits / temperature
-    k = top_k if 0 < top_k < scaled.shape[-1] else scaled.shape[-1]
+    k = top_k if top_k > 0 and top_k < scaled.shape[-1] else scaled.shape[-1]  # TorchScript: no chained <
     vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
     probs = torch.softmax(vals, dim=-1)
     if top_p < 1.0:

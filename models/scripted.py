@@ -5,6 +5,8 @@ an int8 product, whose packed weight is a TorchScript object, costs most (the ob
 Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.ContinuousDecoder._forward`
 (the same operations in the same order: tests compare them) compiled by ``torch.jit.script`` once
 per process, on first use. CPU only; tanh-GELU trunks only (the others take the eager forward).
+(The step's sampling is not scripted: scripting it was measured, no gain; its time is top-k and
+the softmax, not dispatch.)
 """
 
 from __future__ import annotations
@@ -85,14 +87,19 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     return h, _lin(h, 4 * len(kv), packed, w, b)
 
 
+def _script(fn: Any) -> Any:
+    try:
+        with warnings.catch_warnings():  # deprecated in torch 2.x (still shipped): torch.compile cannot
+            warnings.simplefilter("ignore")  # trace the packed int8 weights, so this is the fast CPU path
+            return torch.jit.script(fn)
+    except Exception as exc:  # any failure means: run eagerly
+        log.warning("%s did not compile as TorchScript (%s: %s); running it eagerly", fn.__name__,
+                    type(exc).__name__, exc)
+        return None
+
+
 @functools.cache
 def step_forward() -> Any:
     """:func:`_forward` scripted (once per process; ~30 ms), or None where TorchScript cannot compile
     it (logged once; the decoder then runs its eager forward)."""
-    try:
-        with warnings.catch_warnings():  # deprecated in torch 2.x (still shipped): torch.compile cannot
-            warnings.simplefilter("ignore")  # trace the packed int8 weights, so this is the fast CPU path
-            return torch.jit.script(_forward)
-    except Exception as exc:  # any failure means: run eagerly
-        log.warning("the scripted decode step did not compile (%s: %s); decoding eagerly", type(exc).__name__, exc)
-        return None
+    return _script(_forward)

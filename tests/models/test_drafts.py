@@ -1,13 +1,12 @@
 """Speculative decoding's parts: the n-gram draft table (models/drafts.py) and the acceptance rule
-(models.continuous.speculative_pick), whose emitted tokens must have the plain sampling's distribution."""
+(models.drafts.speculative_pick), whose emitted tokens must have the plain sampling's distribution."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.continuous import speculative_pick
-from models.drafts import NGramDrafts
+from models.drafts import NGramDrafts, emit_tokens, speculative_pick
 
 
 def test_guesses_chain_the_most_frequent_follower_longest_context_first() -> None:
@@ -49,7 +48,7 @@ def test_speculative_pick_emits_what_plain_sampling_would(guesses: list[int]) ->
     idx = torch.arange(5).expand(n, 3, 5)
     probs = torch.stack([p0, p1, p2]).expand(n, 3, 5)
     drafts = torch.tensor(guesses).expand(n, 2)
-    acc, em, pe = speculative_pick(idx, probs, drafts, gen)
+    acc, em, pe = speculative_pick(idx, probs, drafts, torch.rand((n, 3), generator=gen))
     first = torch.bincount(em[:, 0].clamp(min=0), minlength=5).float() / n
     assert torch.allclose(first, p0, atol=0.012)
     kept1 = acc >= 1
@@ -73,3 +72,24 @@ def test_contexts_seen_again_outlive_the_ones_seen_once() -> None:
         d.learn([1, 2])  # seen again and again
         d.learn([i, i + 1])  # one-off contexts that push the table over its bound
     assert d.propose([1], 1) == [2] and len(d._counts) <= 10
+
+
+def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
+    """models.drafts.emit_tokens (what the decoder's steps run): logits = log p at T=1 with no top-k
+    or top-p cut, so the sampling distributions are p0, p1, p2; token 4 is EOS. The first emitted
+    token follows p0; a kept EOS guess ends the row there (consumed with it, not kept as a token)."""
+    run = emit_tokens
+    n, gen = 40_000, torch.Generator().manual_seed(2)
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.05, 0.1, 0.1, 0.7], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    logits = p.log().expand(n, 3, 5).contiguous()
+    drafts = torch.tensor([0, 4]).expand(n, 2).contiguous()
+    acc, em, n_emit, n_keep, ended, first_end, lps = run(logits, drafts, torch.rand((n, 3), generator=gen),
+                                                         1.0, 0, 1.0, 4, None)
+    first = torch.bincount(em[:, 0], minlength=5).float() / n
+    assert torch.allclose(first, p[0], atol=0.012)
+    both = acc == 2  # 0 kept (p 0.5), then EOS kept (p 0.7): the row ends at the EOS guess
+    assert abs(both.float().mean().item() - 0.35) < 0.012
+    assert (ended[both] & (first_end[both] == 1) & (n_emit[both] == 2) & (n_keep[both] == 1)).all()
+    assert torch.allclose(lps[both, 0], torch.tensor(0.5 * 0.7).log().double().expand(int(both.sum())), atol=1e-5)
+    none = (acc == 0) & (em[:, 0] != 4)
+    assert (~ended[none] & (n_emit[none] == 1) & (n_keep[none] == 1)).all()
