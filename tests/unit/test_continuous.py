@@ -106,17 +106,24 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     assert dec.gids() == [] and dec.live_rows == 0
 
 
-def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs: dict[str, Path]) -> None:
-    """Rows that left are skipped: the forward over a subset of rows gives those rows' hidden states
-    and logits of the forward over all rows; sampled decodes that skip finish every prompt."""
-    st = load_student(dirs["v1"], device=DEVICE)
+def _stopping(path: Path, every: int) -> tuple[Any, Any, list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student at ``path``, six prompts, their first-token biases and bans, and a stop mask on
+    every ``every``-th token id (the style tokens excluded): rows end at random steps."""
+    st = load_student(path, device=DEVICE)
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
     rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:6]])
     first, ban = request_biases(m, tok, len(rows))
     stop = torch.zeros(int(m.config.vocab_size), dtype=torch.bool)
-    stop[::5] = True  # rows end at random steps, so a prompt's rows leave one by one
+    stop[::every] = True
     stop[sid.style_id_list] = False
+    return m, sid, rows, first, ban, stop
+
+
+def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs: dict[str, Path]) -> None:
+    """Rows that left are skipped: the forward over a subset of rows gives those rows' hidden states
+    and logits of the forward over all rows; sampled decodes that skip finish every prompt."""
+    m, sid, rows, first, ban, stop = _stopping(dirs["v1"], every=5)  # a prompt's rows leave one by one
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=12, temperature=1.0, seed=4,
                             want_hidden=True, max_prompts=6, stop_mask=stop)
     dec.skip_rows = 1  # skip as soon as one row left
@@ -204,14 +211,7 @@ def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[
     """Sampling with drafts, rows ending at random steps (stop tokens) or at max_new_tokens: every
     prompt comes back with k rows, a CTR hidden state each, no banned token after the first, no
     row longer than max_new_tokens; the table learned from the rows that finished."""
-    st = load_student(dirs["v1"], device=DEVICE)
-    m, tok = st.model, st.tokenizer
-    sid = special_ids(tok)
-    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:6]])
-    first, ban = request_biases(m, tok, len(rows))
-    stop = torch.zeros(int(m.config.vocab_size), dtype=torch.bool)
-    stop[::9] = True
-    stop[sid.style_id_list] = False
+    m, sid, rows, first, ban, stop = _stopping(dirs["v1"], every=9)
     drafts = NGramDrafts(n=1)  # unigram guesses: many refused
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=10, temperature=1.0, seed=7,
                             want_hidden=True, max_prompts=2, stop_mask=stop, drafts=drafts, draft_depth=4)
