@@ -90,7 +90,7 @@ class ContinuousDecoder:
         shape_buckets: bool = False,
         weights: str = "fp32",
         drafts: NGramDrafts | None = None,
-        draft_depth: int = 4,
+        draft_depth: int = 3,
         spec_rows: int = 32,
     ) -> None:
         trunk = cascade._trunk(model)
