@@ -167,6 +167,11 @@ def build() -> dict[str, Any]:
         ("sum by (reason) (rate(livecopy_collector_refused_total[$__rate_interval]))", "request refused {{reason}}"),
         *[(e, f"write {lg}") for e, lg in quantiles("livecopy_collector_write_seconds", "")[1:]],
     ], "short"))
+    g.add(timeseries("Speculative decode: guessed tokens kept", [
+        ('sum(rate(livecopy_copy_draft_tokens_total{outcome="kept"}[$__rate_interval])) / '
+         "sum(rate(livecopy_copy_draft_tokens_total[$__rate_interval]))", "share of guesses kept"),
+    ], "percentunit", "Guesses fed by the continuous engine's speculative steps (small batches) that the "
+       "rows' own sampling kept; low: the draft table does not fit the traffic (docs/generation.md)."))
     return {
         "uid": "livecopy", "title": "livecopy", "description": "livecopy's Prometheus metrics "
         "(deploy/grafana/build_dashboard.py builds this file)", "tags": ["livecopy", "kafka"],
