@@ -207,14 +207,15 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
             assert torch.allclose(g.eos_hidden[j].cpu(), ref.eos_hidden[r].cpu(), atol=1e-4)
 
 
-def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("want_hidden", [True, False])
+def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[str, Path], want_hidden: bool) -> None:
     """Sampling with drafts, rows ending at random steps (stop tokens) or at max_new_tokens: every
-    prompt comes back with k rows, a CTR hidden state each, no banned token after the first, no
-    row longer than max_new_tokens; the table learned from the rows that finished."""
+    prompt comes back with k rows (a CTR hidden state each when asked), no banned token after the
+    first, no row longer than max_new_tokens; the table learned from the rows that finished."""
     m, sid, rows, first, ban, stop = _stopping(dirs["v1"], every=9)
     drafts = NGramDrafts(n=1)  # unigram guesses: many refused
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=3, max_new_tokens=10, temperature=1.0, seed=7,
-                            want_hidden=True, max_prompts=2, stop_mask=stop, drafts=drafts, draft_depth=4)
+                            want_hidden=want_hidden, max_prompts=2, stop_mask=stop, drafts=drafts, draft_depth=4)
     got: dict[int, FinishedGroup] = {}
     for i in range(len(rows)):  # one prompt at a time: the table learns from the earlier ones
         dec.admit([i], [rows[i]], first[i:i + 1], ban[i:i + 1])
@@ -226,7 +227,7 @@ def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[
     assert sorted(got) == list(range(len(rows))) and dec.live_rows == 0
     assert drafts.proposed > 0 and len(drafts) > 0
     for i, g in got.items():
-        assert g.eos_hidden is not None and g.eos_hidden.shape[0] == 3
+        assert (g.eos_hidden is not None and g.eos_hidden.shape[0] == 3) == want_hidden
         for toks in g.tokens:
             assert 1 <= len(toks) <= 10
             assert not any(ban[i, t] for t in toks[1:]) and not any(stop[t] for t in toks)
