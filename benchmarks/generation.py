@@ -230,6 +230,9 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true", help="CPU: profile one static batch's matrix products.")
     ap.add_argument("--compile", action="store_true",
                     help="Continuous engine: torch.compile the decode step (generation.compile_decode).")
+    ap.add_argument("--draft-tokens", type=int, default=None, help="Continuous: speculative drafts per row (0: none).")
+    ap.add_argument("--draft-max-rows", type=int, default=None,
+                    help="Continuous: speculate while rows x (1 + drafts) <= this.")
     ap.add_argument("--json-out", type=Path, default=None)
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
@@ -239,12 +242,15 @@ def main() -> None:
     names = [a.engine] if a.engine else [x.strip() for x in a.engines.split(",") if x.strip()]
     extra_loads = [float(x) for x in a.loads.split(",") if x.strip()]
     n_burst = a.burst or (256 if cuda else 96)
+    drafts = {k: v for k, v in (("draft_tokens", a.draft_tokens), ("draft_max_rows", a.draft_max_rows))
+              if v is not None}
     base = dict(device=a.device, candidates=a.candidates, max_new_tokens=a.max_new_tokens, policy="thompson",
                 timeout_ms=a.timeout_ms, max_queue=4096)
     all_modes = {
         "unbatched": CopySettings(**base, engine="static", max_batch_size=1, max_wait_ms=0.0),
         "static": CopySettings(**base, engine="static", max_batch_size=a.max_batch, max_wait_ms=a.max_wait_ms),
-        "continuous": CopySettings(**base, engine="continuous", max_batch_size=a.max_batch, compile_decode=a.compile),
+        "continuous": CopySettings(**base, engine="continuous", max_batch_size=a.max_batch, compile_decode=a.compile,
+                                   **drafts),
     }
     modes = {m: all_modes[m] for m in names}
     dev = torch.cuda.get_device_name(0) if cuda else machine()
@@ -252,7 +258,7 @@ def main() -> None:
     print(f"device: {a.device} ({dev}); torch {torch.__version__}, threads {torch.get_num_threads()}{isa}")
     print(f"model: {a.model.name}; K={a.candidates} candidates, <= {a.max_new_tokens} new tokens, thompson; "
           f"{'bf16 autocast' if cuda else CopySettings().cpu_weights + ' weights'}; deadline {a.timeout_ms:g} ms")
-    d = CopySettings()
+    d = CopySettings(**drafts)
     spec = (f"speculative steps with up to {d.draft_tokens} drafts while rows x (1 + drafts) <= {d.draft_max_rows}"
             if d.draft_tokens and not (cuda or a.compile) else "no speculative steps")
     print(f"static: max_batch_size={a.max_batch}, max_wait_ms={a.max_wait_ms:g}; continuous: up to {a.max_batch} "
