@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.catalog import Product
+from core.catalog import Catalog, Product
 from models.generate import generate_candidates
 from models.sequences import EOS_TOKEN
 from models.text.context import CopyContext, build_prompt, department, product_context
@@ -171,6 +171,35 @@ def test_grounding_rejects_planted_errors(template: str, reason: str) -> None:
     c = ctx_of(title="Ray-Ban Aviator Classic Sunglasses", brand="Ray-Ban", noun="sunglasses")
     res = check_grounding(template, c)
     assert not res.ok and (res.reason or "").split(":")[0] == reason
+
+
+def test_grounding_flags_exactly_the_other_products_names() -> None:
+    """check_grounding finds names through precompiled patterns: on copy naming random catalog
+    names, it says other_product exactly when a catalog name that is not the product's own (not
+    inside one of its words, none of them inside it) is a whole word of it (the definition)."""
+    import random
+    import re
+
+    from models.text.filter import foreign_names
+
+    rng = random.Random(3)
+    names = sorted(n for n in foreign_names() if not re.search(r"\d", n))  # a digit is invented_number first
+    products = Catalog.generate(20, seed=8).products
+    seen = 0
+    for _ in range(400):
+        p = rng.choice(products)
+        name = rng.choice([*names, p.brand.lower(), p.noun] if rng.random() < 0.5 else [p.brand.lower(), p.noun])
+        text = f"Better than any {name}: the {{title}}."
+        low = text.lower().replace("{title}", "\x00")
+        own = {w.lower() for w in (p.brand, p.noun, *p.title.split(), *p.attributes) if w}
+        foreign = [n for n in foreign_names() if not any(n in o or o in n for o in own)]  # the definition
+        want = any(re.search(r"(?<![\w])" + re.escape(n) + r"(?![\w])", low) for n in foreign)
+        got = check_grounding(text, product_context(p)).reason == "other_product"
+        assert got == want, (text, p.title)
+        seen += want
+    assert 0 < seen < 400
+    own = products[0]
+    assert check_grounding(f"The {{title}}: a {own.noun} to keep.", product_context(own)).ok
 
 
 def test_grounding_accepts_copy_built_from_slots() -> None:
