@@ -513,11 +513,12 @@ def test_step_cost_learns_a_line_and_falls_back_to_proportional() -> None:
 class CostlyDecoder(ScriptedDecoder):
     """Each step advances the fake clock by 1 ms + 2 ms per request decoding (a CPU's cost)."""
 
-    def __init__(self, clock: FakeClock, length: int) -> None:
+    def __init__(self, clock: FakeClock, length: int, gate: threading.Event) -> None:
         super().__init__(length=length)
-        self.clock = clock
+        self.clock, self.gate = clock, gate
 
     def step(self) -> list[FinishedGroup]:
+        self.gate.wait(30)  # closed while the test submits a burst: no fake time passes in between
         self.clock.advance(0.001 + 0.002 * len(self.left))
         return super().step()
 
@@ -526,23 +527,30 @@ class CostlyExecutor(ScriptedExecutor):
     def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
+        self.gate = threading.Event()
+        self.gate.set()
 
     def decoder(self, max_prompts: int) -> ScriptedDecoder:
-        return CostlyDecoder(self.clock, length=10)
+        return CostlyDecoder(self.clock, length=10, gate=self.gate)
 
 
 def _overload(cost: StepCost) -> tuple[ContinuousEngine[str, str], list[Any], list[float]]:
     """Two requests alone (the engine learns), then 40 at once with 200 ms deadlines."""
     clock = FakeClock()
-    eng: ContinuousEngine[str, str] = ContinuousEngine(CostlyExecutor(clock), BatchConfig(max_batch_size=32),
-                                                       clock=clock, finish_in_thread=False)
+    ex = CostlyExecutor(clock)
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32), clock=clock,
+                                                       finish_in_thread=False)
     eng.cost = cost
     eng.start()
     try:
         assert _answers([eng.submit(r, timeout_ms=1e6) for r in "ab"]) == ["A", "B"]
         start = clock()
         when: list[float] = []
-        futs = [eng.submit(f"r{i}", timeout_ms=200) for i in range(40)]
+        ex.gate.clear()  # all 40 arrive at the same fake time (a step started meanwhile waits)
+        try:
+            futs = [eng.submit(f"r{i}", timeout_ms=200) for i in range(40)]
+        finally:
+            ex.gate.set()
         for f in futs:
             f.add_done_callback(lambda _f: when.append(clock() - start))
         out = _answers(futs)
