@@ -7,9 +7,9 @@ context first). :class:`models.continuous.ContinuousDecoder` feeds them to the m
 token and keeps those the model's own sampling accepts (exact in distribution: docs/generation.md).
 A guess only changes how many tokens a step yields, never which copy comes out, so one table serves
 every shopper. Bounded: at most ``max_contexts`` contexts (the least recently seen dropped),
-``max_next`` counts each (a full table of 32,768 contexts: ~20 MB). Contexts of up to 6 tokens: on the shipped student, guesses from 2, 3,
-4, 5, 6 and 8 tokens were kept 0.68, 0.70, 0.73, 0.75, 0.75, 0.75 of the time (batch-1 copies/s
-12.4, 12.9, 13.2, 13.4, 13.8, 13.8; docs/generation.md).
+``max_next`` counts each (a full table of 32,768 contexts: ~20 MB). Contexts of up to 6 tokens:
+on the shipped student, guesses from 2, 3, 4, 5, 6 and 8 tokens were kept 0.68, 0.70, 0.73,
+0.75, 0.75, 0.75 of the time (batch-1 copies/s 12.4, 12.9, 13.2, 13.4, 13.8, 13.8).
 """
 
 from __future__ import annotations

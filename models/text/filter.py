@@ -279,8 +279,7 @@ def check_grounding(template: str, ctx: CopyContext) -> FilterResult:
     for name, pattern in _name_patterns():  # the names in the text first (a substring test), then whose they are
         if name in low and pattern.search(low):
             if own is None:
-                p = ctx.to_product()
-                own = {w.lower() for w in (p.brand, p.noun, *p.title.split(), *p.attributes) if w}
+                own = _own_words(ctx.to_product())
             if not _is_own(name, own):
                 return FilterResult(False, "other_product")
     for m in _CAPITAL.finditer(bare):
@@ -308,8 +307,13 @@ def foreign_names(product: Product | None = None) -> frozenset[str]:
     names, _ = _foreign_all()
     if product is None:
         return names
-    own = {w.lower() for w in (product.brand, product.noun, *product.title.split(), *product.attributes) if w}
+    own = _own_words(product)
     return frozenset(n for n in names if not _is_own(n, own))
+
+
+def _own_words(product: Product) -> set[str]:
+    """The product's brand, noun, title words and attributes, lower-case: names it may use."""
+    return {w.lower() for w in (product.brand, product.noun, *product.title.split(), *product.attributes) if w}
 
 
 def _is_own(name: str, own: set[str]) -> bool:
