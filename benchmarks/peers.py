@@ -56,6 +56,7 @@ from models.continuous import ContinuousDecoder
 from models.drafts import NGramDrafts
 from models.generate import _banned_after_first, generate_candidates, request_biases
 from models.paths import shipped_student_dir
+from models.prefix_cache import PrefixCache
 from models.sequences import encode_text, special_ids
 from models.text.slots import available
 
@@ -100,6 +101,9 @@ class Bench:
         self.banned = [b for b in _banned_after_first(self.tok, self.sid) if b < int(self.model.config.vocab_size)]
         self.warm: NGramDrafts | None = None  # the draft table a serving process has after some traffic
         self.drafts: NGramDrafts | None = None  # the one this run learns into (a copy of warm)
+        self.steps = 0  # continuous decode steps run so far
+        self.warm_prefix: PrefixCache | None = None  # the prompt cache a serving process has after some traffic
+        self.prefix: PrefixCache | None = None  # the one this run fills (a copy of warm_prefix)
 
     def warm_drafts(self, reqs: list[CopyRequest], batch: int = 32) -> None:
         """Fill the draft table as serving would: the continuous decode of ``reqs`` (other requests
@@ -108,13 +112,15 @@ class Bench:
             return
         other = Bench(self.ex, reqs, self.k, self.max_new)
         other.drafts = NGramDrafts()
+        other.prefix = PrefixCache(self.ex.prompt_cache.max_bytes) if self.ex.prompt_cache is not None else None
         for s in range(0, len(reqs), batch):
             other.livecopy_continuous(list(range(s, min(s + batch, len(reqs)))), 10_000 + s)
-        self.warm = other.drafts
+        self.warm, self.warm_prefix = other.drafts, other.prefix
 
     def reset(self) -> None:
         """Before each measured run: the warm table again (a run learns from its own earlier prompts only)."""
         self.drafts = self.warm.copy() if self.warm is not None else None
+        self.prefix = self.warm_prefix.copy() if self.warm_prefix is not None else None
 
     def quality(self, texts: list[list[str]], styled: list[list[bool]], ended: list[list[bool]]) -> dict[str, float]:
         ok = n = 0
@@ -140,17 +146,22 @@ class Bench:
         return ([[c.text for c in g] for g in groups], [[c.style is not None for c in g] for g in groups],
                 [[c.finished for c in g] for g in groups])
 
-    def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None, drafts: bool = True
+    def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None, drafts: bool = True,
+                            depth: int | None = None, spec_rows: int | None = None, prefix: bool = True
                             ) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
+        """(``depth`` / ``spec_rows``: other draft settings than the served ones, benchmarks/speculation.py)"""
         cfg = self.ex.cfg  # as StudentExecutor.decoder builds it, with the served draft settings
         dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
                                 max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
                                 weights=weights or self.weights, drafts=self.drafts if drafts else None,
-                                draft_depth=cfg.draft_tokens, spec_rows=cfg.draft_max_rows, **SAMPLING)
+                                draft_depth=cfg.draft_tokens if depth is None else depth,
+                                spec_rows=cfg.draft_max_rows if spec_rows is None else spec_rows,
+                                prefix=self.prefix if prefix else None, **SAMPLING)
         first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
         dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)
         got: dict[int, Any] = {}
         while len(got) < len(idx):
+            self.steps += 1
             for g in dec.step():
                 got[g.gid] = g
         hidden = torch.cat([got[i].eos_hidden for i in range(len(idx))])
@@ -292,6 +303,8 @@ def main() -> None:
     if ex.drafts is not None and not cuda:
         bench.warm_drafts(make_requests(a.warm_requests, seed=7))
         systems["livecopy cont. no drafts"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, drafts=False)
+    if ex.prompt_cache is not None and not cuda:
+        systems["livecopy cont. no prompt cache"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, prefix=False)
     if ex.cfg.cpu_weights != "fp32" and not cuda:
         systems["livecopy cont. fp32"] = lambda idx, seed: bench.livecopy_continuous(idx, seed, "fp32")
     with tempfile.TemporaryDirectory() as tmp:

@@ -263,9 +263,13 @@ class CopySettings(Section):
     # speculative decoding (continuous engine, dynamic-shape steps; not with compile_decode or on CUDA's static
     # steps): up to draft_tokens guessed tokens per row and step from the n-grams of earlier copies
     # (models/drafts.py), kept where the row's own sampling accepts them (the copies' distribution is unchanged),
-    # while rows x (1 + draft_tokens) <= draft_max_rows (a small batch: there a step's rows are nearly free). 0: off.
+    # with the most drafts (up to draft_tokens) such that rows x (1 + drafts) <= draft_max_rows (a small batch:
+    # there a step's rows cost little beside its fixed part; benchmarks/speculation.py measured the 64). 0: off.
     draft_tokens: int = Field(3, ge=0, le=8)
-    draft_max_rows: int = Field(32, ge=2)
+    draft_max_rows: int = Field(64, ge=2)
+    # continuous engine: keys/values of recently prefilled prompts, reused by prompts that share a prefix with one
+    # (models/prefix_cache.py; many shoppers share a product's prompt or its first line). Bounded; 0: off.
+    prompt_cache_mb: int = Field(64, ge=0)
     max_batch_size: int = 32  # requests in one batch (static) or decoding together (continuous)
     max_wait_ms: float = 5.0  # static only: how long the oldest request waits for company
     max_queue: int = 256

@@ -47,6 +47,7 @@ from models.generate import (
     request_biases,
     score_ctr_with_features,
 )
+from models.prefix_cache import PrefixCache
 from models.sequences import encode_text, special_ids
 from models.student import LoadedStudent, load_student, resolve_device, trunk_of
 from models.style_policy import StylePolicy, choice_offsets
@@ -158,6 +159,8 @@ class StudentExecutor:
         # draft tokens for the continuous decoder's speculative steps: shared by its decoders, carried across a hot
         # swap (a guess changes a step's speed, never a copy)
         self.drafts = NGramDrafts() if cfg.draft_tokens > 0 else None
+        # prompts' keys/values, shared by its decoders; not carried across a hot swap (they belong to these weights)
+        self.prompt_cache = PrefixCache(cfg.prompt_cache_mb << 20) if cfg.prompt_cache_mb > 0 else None
         self.copies = 0
         self._lock = threading.Lock()  # run() is called from one engine thread; smoke checks share it
         config = getattr(student.model, "config", None)
@@ -271,7 +274,7 @@ class StudentExecutor:
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
             max_prompts=max_prompts, static_shapes=static_shapes, shape_buckets=self.cfg.compile_decode,
             weights=self.cfg.cpu_weights, drafts=self.drafts, draft_depth=self.cfg.draft_tokens,
-            spec_rows=self.cfg.draft_max_rows,
+            spec_rows=self.cfg.draft_max_rows, prefix=self.prompt_cache,
         )
         if self.cfg.compile_decode:
             dec.compile()

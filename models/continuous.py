@@ -53,6 +53,7 @@ from models import cascade, scripted
 from models.drafts import NGramDrafts, emit_tokens
 from models.generate import autocast_for
 from models.linears import linears
+from models.prefix_cache import PrefixCache, stack_kv
 from models.sequences import left_pad, positions_from_mask
 
 
@@ -91,7 +92,8 @@ class ContinuousDecoder:
         weights: str = "fp32",
         drafts: NGramDrafts | None = None,
         draft_depth: int = 3,
-        spec_rows: int = 32,
+        spec_rows: int = 64,
+        prefix: PrefixCache | None = None,
     ) -> None:
         trunk = cascade._trunk(model)
         lm = cascade._lm_weight(model, trunk) if trunk is not None else None
@@ -120,6 +122,7 @@ class ContinuousDecoder:
         self.spec_rows = int(spec_rows)
         self.room = self.cap + self.depth  # generated columns per row in the cache: drafts may go past the cap
         self._tail: dict[int, list[int]] = {}  # gid -> its prompt's last tokens (the drafts' first context)
+        self.prefix = prefix  # keys/values of prompts prefilled before (models/prefix_cache.py)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.want_hidden = want_hidden
         self.stop = stop_mask.to(self.device) if stop_mask is not None else None
@@ -216,21 +219,46 @@ class ContinuousDecoder:
     def _layers(self, x: torch.Tensor, attend: Any) -> torch.Tensor:
         return cascade.CascadeStepper._layers(self, x, attend)  # type: ignore[arg-type]
 
-    def _prefill(self, rows: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                                torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values per layer (P, H, L, dh), valid (P, L), last positions (P,), logits (P, V))."""
-        ids, mask = left_pad(rows, self.pad_id)
+    def _prefill(self, rows: Sequence[Sequence[int]], reuse: Sequence[tuple[int, torch.Tensor | None]] | None = None
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values per layer (P, H, L, dh), valid (P, L), last positions (P,), logits (P, V)), the
+        rows left-padded to the longest (L). ``reuse[i]`` = (c, keys/values (2, layers, H, >= c, dh)): row
+        ``i``'s first ``c`` tokens' (:class:`models.prefix_cache.PrefixCache`); only its other tokens are
+        computed (the last ``len - c`` columns of its row), attending to those."""
+        cs = [c for c, _ in reuse] if reuse is not None else [0] * len(rows)
+        width = max(len(r) for r in rows)
+        ids, mask = left_pad([r[c:] for r, c in zip(rows, cs, strict=True)], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = positions_from_mask(mask)
-        n, length = ids.shape
-        valid = mask.bool()
-        causal = torch.ones((length, length), dtype=torch.bool, device=self.device).tril()
-        allowed = ((causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=self.device))[:, None]
+        n, length = ids.shape  # the computed block: the last `length` columns
+        dev = self.device
+        pos = positions_from_mask(mask) + torch.tensor(cs, device=dev)[:, None]
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        cols = torch.arange(width, device=dev)
+        valid = cols[None, :] >= (width - lens)[:, None]
+        at = cols[width - length:]  # the computed columns
+        allowed = ((at[:, None] >= cols[None, :])[None] & valid[:, None, :]) | (at[:, None] == cols[None, :])[None]
+        allowed = allowed[:, None]
+        past: torch.Tensor | None = None  # reused keys/values in their columns (2, layers, P, H, width, dh)
+        cached = torch.zeros((n, width), dtype=torch.bool, device=dev)
+        if any(cs):
+            past = torch.zeros((2, self.n_layer, n, self.n_head, width, self.head_dim), device=dev)
+            for i, (c, kv) in enumerate(reuse or []):
+                if c and kv is not None:
+                    lo = width - len(rows[i])
+                    past[:, :, i, :, lo:lo + c] = kv[:, :, :, :c].to(device=dev, dtype=past.dtype)
+                    cached[i, lo:lo + c] = True
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             q, key, value = qkv.view(n, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            if width > length:
+                key = torch.cat([key.new_zeros((n, self.n_head, width - length, self.head_dim)), key], 2)
+                value = torch.cat([value.new_zeros((n, self.n_head, width - length, self.head_dim)), value], 2)
+            if past is not None:
+                here = cached[:, None, :, None]
+                key = torch.where(here, past[0, layer].to(key.dtype), key)
+                value = torch.where(here, past[1, layer].to(value.dtype), value)
             keys.append(key)
             values.append(value)
             o = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed)
@@ -256,9 +284,16 @@ class ContinuousDecoder:
         if any(int(g) in self._left for g in gids):
             raise ValueError("a gid is already decoding")
         k, dev, n_new = self.k, self.device, len(gids)
+        reuse = [self.prefix.lookup(r) for r in prompt_rows] if self.prefix is not None else None
         with autocast_for(dev):
-            keys, values, valid, last_pos, logits = self._prefill(prompt_rows)
+            keys, values, valid, last_pos, logits = self._prefill(prompt_rows, reuse)
         length = valid.shape[1]
+        if self.prefix is not None and reuse is not None:
+            self.prefix.count(sum(c for c, _ in reuse), sum(len(r) for r in prompt_rows) - sum(c for c, _ in reuse))
+            for i, r in enumerate(prompt_rows):
+                if reuse[i][0] < len(r) - 1:  # not yet cached
+                    self.prefix.store(r, stack_kv([t[i][:, valid[i]] for t in keys],
+                                                  [t[i][:, valid[i]] for t in values]))
         self._grow_prompts(n_new)
         self._widen(length, keys[0].dtype)
         slots = [p for p, g in enumerate(self.prompt_gid) if g < 0][:n_new]

@@ -172,6 +172,11 @@ def build() -> dict[str, Any]:
          "sum(rate(livecopy_copy_draft_tokens_total[$__rate_interval]))", "share of guesses kept"),
     ], "percentunit", "Guesses fed by the continuous engine's speculative steps (small batches) that the "
        "rows' own sampling kept; low: the draft table does not fit the traffic (docs/generation.md)."))
+    g.add(timeseries("Prompt prefix cache: prompt tokens reused", [
+        ('sum(rate(livecopy_copy_prompt_tokens_total{source="cached"}[$__rate_interval])) / '
+         "sum(rate(livecopy_copy_prompt_tokens_total[$__rate_interval]))", "share of prompt tokens reused"),
+    ], "percentunit", "Prompt tokens whose keys/values came from a recently prefilled prompt sharing the prefix "
+       "(continuous engine); low: prompts rarely repeat, or generation.prompt_cache_mb is small (docs/generation.md)."))
     return {
         "uid": "livecopy", "title": "livecopy", "description": "livecopy's Prometheus metrics "
         "(deploy/grafana/build_dashboard.py builds this file)", "tags": ["livecopy", "kafka"],

@@ -126,6 +126,14 @@ class CopyMetrics:
             guesses.add_metric(["kept"], drafts.accepted)
             guesses.add_metric(["refused"], drafts.proposed - drafts.accepted)
             yield guesses
+        prompts = svc.engine.executor.prompt_cache
+        if prompts is not None:  # the executor's: starts again at a hot swap (its keys/values are the old weights')
+            tokens = CounterMetricFamily("livecopy_copy_prompt_tokens", "Prompt tokens of the continuous engine's "
+                                         "admissions, by source (cached: a shared prefix's keys/values reused)",
+                                         labels=["source"])
+            tokens.add_metric(["cached"], prompts.reused)
+            tokens.add_metric(["prefilled"], prompts.computed)
+            yield tokens
 
     def on_batch(self, n: int, seconds: float, version: str) -> None:
         self.batch_size.observe(n)

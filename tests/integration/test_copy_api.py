@@ -130,6 +130,10 @@ def test_copy_contract_cache_cold_start_errors_and_publication(settings: Setting
         guesses = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith("livecopy_copy_draft_tokens_total{")}
         assert set(guesses) == {"kept", "refused"} and sum(guesses.values()) > 0, guesses
+        # the feed-slot copy's prompt shares its product line with the first copy's: those keys/values were reused
+        prompt = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("livecopy_copy_prompt_tokens_total{")}
+        assert prompt["cached"] > 0 and prompt["prefilled"] > prompt["cached"], prompt
     on_topic = copies_on_topic(s, len(served))
     assert sorted(c.copy_id for c in on_topic) == sorted(b["copy_id"] for b in served)  # each exactly once
     by_id = {c.copy_id: c for c in on_topic}

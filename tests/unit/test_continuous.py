@@ -25,6 +25,7 @@ from models.continuous import ContinuousDecoder, FinishedGroup
 from models.drafts import NGramDrafts
 from models.generate import decode, request_biases
 from models.paths import shipped_student_dir
+from models.prefix_cache import PrefixCache
 from models.sequences import encode_text, special_ids
 from models.student import load_student
 from models.text.context import build_prompt, product_context
@@ -205,6 +206,69 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
             assert g.logprob[j] == pytest.approx(ref.logprob[r], abs=1e-3)
             assert ref.eos_hidden is not None and g.eos_hidden is not None
             assert torch.allclose(g.eos_hidden[j].cpu(), ref.eos_hidden[r].cpu(), atol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_prompts_reusing_cached_prefixes_get_what_the_static_decode_gives(dirs: dict[str, Path],
+                                                                            weights: str) -> None:
+    """Prompts admitted after others that share their first line (other slot), the whole prompt
+    (the same request again) or nothing, mixed in one admission and in later ones: greedy rows come
+    out as the static decode of all of them gives (fp32: same tokens, log-likelihoods, EOS flags, CTR
+    hidden states; int8: the activation scale is per call, so a near-tie may flip a token: most rows
+    agree). The reused tokens are counted, and so are the prefilled ones."""
+    if DEVICE != "cpu" and weights == "int8":
+        pytest.skip("int8 products are the CPU path")
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    a, b = CAT.products[0], CAT.products[1]
+    prompts = [build_prompt(product_context(a, "pdp")), build_prompt(product_context(b, "pdp")),
+               build_prompt(product_context(a, "feed")), build_prompt(product_context(a, "pdp")),
+               build_prompt(product_context(CAT.products[2], "pdp")), build_prompt(product_context(b, None))]
+    rows = encode_text(tok, prompts)
+    assert rows[0] == rows[3] and rows[0][:8] == rows[2][:8] and rows[0] != rows[2]
+    first, ban = request_biases(m, tok, len(rows))
+    ref = decode(m, rows, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                 first_allowed=sid.style_id_list, banned=ban[0].nonzero().squeeze(1).tolist(), want_hidden=True,
+                 weights=weights)
+    cache = PrefixCache(64 << 20)
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                            want_hidden=True, max_prompts=2, prefix=cache, weights=weights)
+    got: dict[int, FinishedGroup] = {}
+    plan = {0: [0, 1], 2: [2, 3, 4], 5: [5]}
+    for step in range(200):
+        if step in plan:
+            ids = plan[step]
+            dec.admit(ids, [rows[i] for i in ids], first[ids], ban[ids])
+        for g in dec.step():
+            got[g.gid] = g
+        if len(got) == len(rows):
+            break
+    assert sorted(got) == list(range(len(rows)))
+    def common(x: list[int], y: list[int]) -> int:
+        return next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
+
+    # each prompt reuses the longest prefix it shares with one admitted before its own admission, but
+    # never its last token: prompt 3 is prompt 0 again (all but one token reused), 2 shares 0's first line
+    before = {0: [], 1: [], 2: [0, 1], 3: [0, 1], 4: [0, 1], 5: [0, 1, 2, 3, 4]}
+    shared = [min(len(rows[i]) - 1, max((common(rows[i], rows[j]) for j in before[i]), default=0))
+              for i in range(len(rows))]
+    assert shared[3] == len(rows[3]) - 1 and shared[2] > 0
+    assert cache.reused == sum(shared) and cache.computed == sum(map(len, rows)) - sum(shared)
+    assert len(cache) == sum(c < len(r) - 1 for c, r in zip(shared, rows, strict=True))  # prompt 3 added nothing
+    same = total = 0
+    for i, g in got.items():
+        for j in range(2):
+            r = i * 2 + j
+            total += 1
+            same += g.tokens[j] == ref.tokens[r]
+            if DEVICE != "cpu" or weights == "int8":
+                continue
+            assert g.tokens[j] == ref.tokens[r] and g.finished[j] == ref.finished[r]
+            assert g.logprob[j] == pytest.approx(ref.logprob[r], abs=1e-3)
+            assert ref.eos_hidden is not None and g.eos_hidden is not None
+            assert torch.allclose(g.eos_hidden[j].cpu(), ref.eos_hidden[r].cpu(), atol=1e-4)
+    assert same >= 0.75 * total
 
 
 @pytest.mark.parametrize("want_hidden", [True, False])

@@ -134,12 +134,15 @@ def test_hot_reload_swaps_between_batches_refuses_bad_versions_and_drops_nothing
     cfg = copy_settings(max_batch_size=4, max_wait_ms=1.0, candidates=2, max_new_tokens=6, mc_draws=20, engine=kind)
     seen: list[str] = []
     engine = CopyEngine(load_executor(dirs["v1"], cfg), cfg, on_batch=lambda n, s, v: seen.append(v)).start()
-    table = engine.executor.drafts
+    table, prompts = engine.executor.drafts, engine.executor.prompt_cache
     try:
         first: list[Future[Any]] = [engine.submit(r) for r in reqs(12)]
         ev = engine.apply_update(mv("v2", str(dirs["v2"])))
         assert ev.outcome == "swapped" and engine.version == "v2"
         assert table is not None and engine.executor.drafts is table  # the draft table carries over
+        # the prompt cache does not: its keys/values are v1's
+        assert prompts is not None and engine.executor.prompt_cache is not None
+        assert engine.executor.prompt_cache is not prompts and len(engine.executor.prompt_cache) == 0
         second = [engine.submit(r) for r in reqs(12)]
         results = [f.result(60) for f in first + second]
         assert len(results) == 24 and all(r.text for r in results)

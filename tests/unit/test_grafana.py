@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from core.metrics import TrainerMetrics
 from models.drafts import NGramDrafts
+from models.prefix_cache import PrefixCache
 from services.api.app import ApiMetrics
 from services.api.copy import CopyMetrics
 from services.api.events import CollectorMetrics
@@ -39,7 +40,7 @@ def exported() -> set[str]:
     stats = SimpleNamespace(checked=0, reasons={"x": 1}, fallback_reasons={"x": 1})
     copy.service = SimpleNamespace(  # type: ignore[assignment]
         engine=SimpleNamespace(model="m", version="v", queue_depth=lambda: 0, executor=SimpleNamespace(
-            filter_stats=stats, drafts=NGramDrafts())),
+            filter_stats=stats, drafts=NGramDrafts(), prompt_cache=PrefixCache(1))),
         publisher=SimpleNamespace(failed=0, queued=lambda: 0, congested=lambda: False))
     registries: list[CollectorRegistry] = [TrainerMetrics("w").registry, ApiMetrics().registry, copy.registry,
                                            CollectorMetrics().registry]
