@@ -196,12 +196,21 @@ class _CachedStepper:
 def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``logits`` (N, V), the distribution a token is sampled from: (ids (N, m), their
-    probabilities (N, m), descending), top-k after temperature, then top-p on the survivors
-    (``temperature <= 0``: the argmax, probability 1)."""
+    probabilities (N, m), descending; zeros past a row's nucleus), top-k after temperature, then
+    top-p on the survivors (``temperature <= 0``: the argmax, probability 1)."""
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True), torch.ones((logits.shape[0], 1), device=logits.device)
     scaled = logits / temperature
     k = top_k if top_k > 0 and top_k < scaled.shape[-1] else scaled.shape[-1]  # TorchScript: no chained <
+    if top_p < 1.0 and k > _NUCLEUS_FIRST:
+        return _nucleus_first(scaled, k, top_p)
+    return _top_k_top_p(scaled, k, top_p)
+
+
+_NUCLEUS_FIRST = 8  # a copy's nucleus is a few tokens: a top-8 is 4x faster than a top-50 here (docs/generation.md)
+
+
+def _top_k_top_p(scaled: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     vals, idx = scaled.topk(k, dim=-1)  # sorted, descending
     probs = torch.softmax(vals, dim=-1)
     if top_p < 1.0:
@@ -209,6 +218,34 @@ def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, 
         probs = probs * ((cum - probs) < top_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return idx, probs
+
+
+def _nucleus_first(scaled: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top_k_top_p` for rows whose nucleus provably lies in their top 8, the others through it.
+
+    A top-k token ``i`` is in the nucleus when the mass before it is below ``top_p * Z_k`` (``Z_k``:
+    the top ``k``'s mass). Unknown ``Z_k`` lies between the top 8's mass and the whole row's: a row
+    whose top 8 hold ``top_p`` of the row, and whose tokens each fall in or out for both bounds, has
+    the nucleus (and, renormalised, the probabilities) the top-``k`` path gives. Widths differ: the
+    other rows come back padded with zero-probability entries to ``k`` columns."""
+    m = _NUCLEUS_FIRST
+    vals, idx = scaled.topk(m, dim=-1)
+    p = torch.exp(vals - torch.logsumexp(scaled, -1, keepdim=True))  # of the whole row's mass
+    before = p.cumsum(-1) - p
+    low = p.sum(-1, keepdim=True)  # Z_k's lower bound (the upper: 1)
+    keep = before < top_p * low
+    sure = (low.squeeze(1) >= top_p) & (keep | (before >= top_p)).all(-1)
+    probs = p * keep
+    probs = probs / probs.sum(-1, keepdim=True)
+    if bool(sure.all()):
+        return idx, probs
+    rest = (~sure).nonzero().squeeze(1)
+    idx_k, probs_k = _top_k_top_p(scaled[rest], k, top_p)
+    out_idx = torch.zeros((scaled.shape[0], k), dtype=idx.dtype, device=idx.device)
+    out_p = torch.zeros((scaled.shape[0], k), dtype=probs.dtype, device=probs.device)
+    out_idx[:, :m], out_p[:, :m] = idx, probs
+    out_idx[rest], out_p[rest] = idx_k, probs_k
+    return out_idx, out_p
 
 
 def _sample(
