@@ -148,6 +148,8 @@ class ContinuousDecoder:
         self._fwd: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._forward
         # on a CPU the step's forward runs as one TorchScript function (models/scripted.py)
         self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
+        if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
+            self._script = None
         ln = [a for pair in self.norms[0] for a in pair] + [self.norms[1]]
         self._ln = ([a[1] for a in ln], [a[2] for a in ln], [float(a[3]) for a in ln])
 
@@ -247,8 +249,14 @@ class ContinuousDecoder:
                     lo = width - len(rows[i])
                     past[:, :, i, :, lo:lo + c] = kv[:, :, :, :c].to(device=dev, dtype=past.dtype)
                     cached[i, lo:lo + c] = True
-        keys: list[torch.Tensor] = []
-        values: list[torch.Tensor] = []
+        if self._script is not None:  # the same operations as one TorchScript function (models/scripted.py)
+            tr, lin = self.trunk, self.lin
+            keys, values, logits = scripted.prefill_forward()(
+                ids, pos, allowed, past, cached[:, None, :, None] if past is not None else None, self.n_head,
+                tr.wte.weight, tr.wpe.weight, *self._ln, list(lin.packed), list(lin.weights), list(lin.biases))
+            return keys, values, valid, pos[:, -1], logits
+        keys = []
+        values = []
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             q, key, value = qkv.view(n, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)

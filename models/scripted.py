@@ -1,10 +1,11 @@
-"""The continuous decoder's step forward as one TorchScript function: no Python between its operations.
+"""The continuous decoder's step and prefill forwards as TorchScript functions: no Python between their operations.
 
 A CPU step of a few rows is ~100 small operations; called from Python each costs its dispatch, and
 an int8 product, whose packed weight is a TorchScript object, costs most (the object crosses from
 Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.ContinuousDecoder._forward`
-(the same operations in the same order: tests compare them) compiled by ``torch.jit.script`` once
-per process, on first use. CPU only; tanh-GELU trunks only (the others take the eager forward).
+and :func:`prefill_forward` the forward of its ``_prefill`` (the same operations in the same order:
+tests compare them), compiled by ``torch.jit.script`` once per process, on first use. CPU only;
+tanh-GELU trunks only (the others take the eager forwards).
 (The step's sampling is not scripted: scripting it was measured, no gain; its time is top-k and
 the softmax, not dispatch.)
 """
@@ -87,6 +88,50 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     return h, _lin(h, 4 * len(kv), packed, w, b)
 
 
+def _prefill(ids: Tensor, pos: Tensor, allowed: Tensor, past: Tensor | None, cached: Tensor | None, n_head: int,
+             wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor], eps: list[float],
+             packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+             w: list[Tensor], b: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """:meth:`models.continuous.ContinuousDecoder._prefill`'s forward: prompts ``ids`` (P, L) at ``pos``,
+    each query's ``allowed`` keys (P, 1, L, W), the keys/values ``past`` (2, layers, P, H, W, dh)
+    reused where ``cached`` (P, 1, W, 1); the computed tokens are the last ``L`` columns. Returns the
+    keys and values per layer (P, H, W, dh) and the last position's logits (P, V)."""
+    n, length = ids.shape[0], ids.shape[1]
+    width = allowed.shape[-1]
+    d = wte.shape[1]
+    dh = d // n_head
+    x = (F.embedding(ids, wte) + F.embedding(pos, wpe)).reshape(n * length, d)
+    m = x.shape[0]
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    for layer in range(len(ln_w) // 2):
+        j = 4 * layer
+        h = F.layer_norm(x, [d], ln_w[2 * layer], ln_b[2 * layer], eps[2 * layer])
+        qkv = _lin(h, j, packed, w, b).view(n, length, 3, n_head, dh).permute(2, 0, 3, 1, 4)
+        q, key, value = qkv[0], qkv[1], qkv[2]
+        if width > length:
+            key = torch.cat([key.new_zeros((n, n_head, width - length, dh)), key], 2)
+            value = torch.cat([value.new_zeros((n, n_head, width - length, dh)), value], 2)
+        if past is not None and cached is not None:
+            key = torch.where(cached, past[0, layer].to(key.dtype), key)
+            value = torch.where(cached, past[1, layer].to(value.dtype), value)
+        keys.append(key)
+        values.append(value)
+        o = F.scaled_dot_product_attention(q, key, value, attn_mask=allowed)
+        x = x + _lin(o.transpose(1, 2).reshape(m, d), j + 1, packed, w, b)
+        h = F.layer_norm(x, [d], ln_w[2 * layer + 1], ln_b[2 * layer + 1], eps[2 * layer + 1])
+        f = _lin(h, j + 2, packed, w, b)
+        if m < 12:
+            f = F.gelu(f, approximate="tanh")
+        else:  # models.cascade.gelu_tanh
+            y = f * f
+            f = y.mul_(0.0713548162726009).add_(1.5957691216057308).mul_(f).sigmoid_().mul_(f)
+        x = x + _lin(f, j + 3, packed, w, b)
+    last = x.view(n, length, d)[:, -1]
+    h = F.layer_norm(last, [d], ln_w[-1], ln_b[-1], eps[-1])
+    return keys, values, _lin(h, 4 * len(keys), packed, w, b)
+
+
 def _script(fn: Any) -> Any:
     try:
         with warnings.catch_warnings():  # deprecated in torch 2.x (still shipped): torch.compile cannot
@@ -103,3 +148,9 @@ def step_forward() -> Any:
     """:func:`_forward` scripted (once per process; ~30 ms), or None where TorchScript cannot compile
     it (logged once; the decoder then runs its eager forward)."""
     return _script(_forward)
+
+
+@functools.cache
+def prefill_forward() -> Any:
+    """:func:`_prefill` scripted (once per process), or None (the decoder then prefills eagerly)."""
+    return _script(_prefill)

@@ -25,7 +25,7 @@ from models.continuous import ContinuousDecoder, FinishedGroup
 from models.drafts import NGramDrafts
 from models.generate import decode, request_biases
 from models.paths import shipped_student_dir
-from models.prefix_cache import PrefixCache
+from models.prefix_cache import PrefixCache, stack_kv
 from models.sequences import encode_text, special_ids
 from models.student import load_student
 from models.text.context import build_prompt, product_context
@@ -328,6 +328,34 @@ def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
             dec._script = script
         assert torch.allclose(h_s, h_e, atol=1e-5) and torch.allclose(lg_s, lg_e, atol=1e-4)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kv_s, dec.kv, strict=True))
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_the_scripted_prefill_is_the_eager_prefill(weights: str) -> None:
+    """The prefill's forward as TorchScript: the keys/values, valid columns, positions and logits of
+    the eager one, with no prefix reused and with cached prefixes of several lengths in one batch."""
+    st = load_student(shipped_student_dir())
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, s)) for p in CAT.products[:2] for s in ("pdp", "feed")])
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, max_prompts=4,
+                            weights=weights)
+    assert dec._script is not None
+    with torch.no_grad():
+        full = dec._prefill(rows)
+        kv = [stack_kv([t[i][:, full[2][i]] for t in full[0]], [t[i][:, full[2][i]] for t in full[1]])
+              for i in range(len(rows))]
+    reuse = [(0, None), (len(rows[1]) - 1, kv[1]), (5, kv[0]), (12, kv[2])]
+    for args in ((rows,), (rows, reuse)):
+        with torch.no_grad():
+            got = dec._prefill(*args)
+            script, dec._script = dec._script, None
+            ref = dec._prefill(*args)
+            dec._script = script
+        for a, b in zip(got[0] + got[1], ref[0] + ref[1], strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+        assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+        assert torch.allclose(got[4], ref[4], atol=1e-4)
 
 
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
