@@ -4,7 +4,8 @@
 step later waits for the whole batch. :class:`ContinuousDecoder` keeps one running batch of rows
 (``k`` rows per prompt, the candidates) and three operations, the scheduler step of vLLM's engine:
 
-* :meth:`~ContinuousDecoder.admit` prefills newcomers (one left-padded batch of their own), samples
+* :meth:`~ContinuousDecoder.admit` prefills newcomers (one left-padded batch of their own; the keys and
+  values of a prefix shared with a recently prefilled prompt are reused, :mod:`models.prefix_cache`), samples
   their first token (the style token, under each prompt's own first-token bias) and appends their
   rows to the batch: they take part from the next :meth:`~ContinuousDecoder.step` on.
 * :meth:`~ContinuousDecoder.step`: one token for every row (one forward over the whole batch), then

@@ -62,6 +62,22 @@ class FakeClock:
 
 # ------------------------------------------------------------------------------ the decoder
 
+def run_plan(dec: ContinuousDecoder, rows: list[list[int]], first: torch.Tensor, ban: torch.Tensor,
+             plan: dict[int, list[int]]) -> dict[int, FinishedGroup]:
+    """Admit prompts ``plan[step]`` before that step; step until every prompt finished."""
+    got: dict[int, FinishedGroup] = {}
+    for step in range(200):
+        if step in plan:
+            ids = plan[step]
+            dec.admit(ids, [rows[i] for i in ids], first[ids], ban[ids])
+        for g in dec.step():
+            got[g.gid] = g
+        if len(got) == len(rows):
+            break
+    assert sorted(got) == list(range(len(rows)))
+    return got
+
+
 @pytest.mark.parametrize("shapes", ["exact", "static", "buckets"])
 def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[str, Path], shapes: str) -> None:
     """Greedy rows are deterministic: prompts admitted at steps 0, 3 and 7 of a running decode (into
@@ -79,17 +95,7 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
                             want_hidden=True, max_prompts=2, static_shapes=shapes == "static",
                             shape_buckets=shapes == "buckets")  # grows past 2 slots
-    got: dict[int, FinishedGroup] = {}
-    plan = {0: [0, 1], 3: [2, 3, 4], 7: [5], 15: [6]}
-    for step in range(200):
-        if step in plan:
-            ids = plan[step]
-            dec.admit(ids, [rows[i] for i in ids], first[ids], ban[ids])
-        for g in dec.step():
-            got[g.gid] = g
-        if len(got) == len(rows):
-            break
-    assert sorted(got) == list(range(len(rows)))
+    got = run_plan(dec, rows, first, ban, {0: [0, 1], 3: [2, 3, 4], 7: [5], 15: [6]})
     same = 0
     for i, g in got.items():
         for j in range(2):
@@ -234,17 +240,7 @@ def test_prompts_reusing_cached_prefixes_get_what_the_static_decode_gives(dirs: 
     cache = PrefixCache(64 << 20)
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
                             want_hidden=True, max_prompts=2, prefix=cache, weights=weights)
-    got: dict[int, FinishedGroup] = {}
-    plan = {0: [0, 1], 2: [2, 3, 4], 5: [5]}
-    for step in range(200):
-        if step in plan:
-            ids = plan[step]
-            dec.admit(ids, [rows[i] for i in ids], first[ids], ban[ids])
-        for g in dec.step():
-            got[g.gid] = g
-        if len(got) == len(rows):
-            break
-    assert sorted(got) == list(range(len(rows)))
+    got = run_plan(dec, rows, first, ban, {0: [0, 1], 2: [2, 3, 4], 5: [5]})
     def common(x: list[int], y: list[int]) -> int:
         return next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
 
