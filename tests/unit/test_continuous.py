@@ -267,6 +267,30 @@ def test_prompts_reusing_cached_prefixes_get_what_the_static_decode_gives(dirs: 
     assert same >= 0.75 * total
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_the_draft_table_learns_every_row_at_small_batches_one_per_prompt_at_large(dirs: dict[str, Path],
+                                                                                    large: bool) -> None:
+    """Rows learn their n-grams as they finish: all K of a prompt where steps speculate, one per
+    prompt where none does (learning runs on the engine thread). Greedy candidates are the same
+    tokens, so the table holds each prompt's n-grams K times, or once."""
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:3]])
+    first, ban = request_biases(m, tok, len(rows))
+    table = NGramDrafts()
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=10, temperature=0.0,
+                            want_hidden=True, max_prompts=3, drafts=table, draft_depth=1,
+                            spec_rows=4 if large else 64)
+    got = run_plan(dec, rows, first, ban, {0: [0, 1, 2]})
+    want = NGramDrafts()
+    for i, g in got.items():
+        assert g.tokens[0] == g.tokens[1]
+        for _ in range(1 if large else 2):
+            want.learn(list(rows[i][-want.n:]) + g.tokens[0] + ([sid.eos] if g.finished[0] else []))
+    assert table._counts == want._counts
+
+
 @pytest.mark.parametrize("want_hidden", [True, False])
 def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[str, Path], want_hidden: bool) -> None:
     """Sampling with drafts, rows ending at random steps (stop tokens) or at max_new_tokens: every
