@@ -152,6 +152,7 @@ class ContinuousDecoder:
         self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
+        self._emit = scripted.emit() if self._script is not None else None  # the sampling too (eager if None)
         ln = [a for pair in self.norms[0] for a in pair] + [self.norms[1]]
         self._ln = ([a[1] for a in ln], [a[2] for a in ln], [float(a[3]) for a in ln])
 
@@ -358,7 +359,8 @@ class ContinuousDecoder:
         the ending token (qn: none), closing) per row."""
         m, qn = x.shape[0], x.shape[1]
         u = torch.rand((m, qn), generator=self.gen, device=self.device)
-        acc, em, n_emit, n_keep, has_end, first_end, lps = emit_tokens(
+        emit = self._emit if self._emit is not None else emit_tokens
+        acc, em, n_emit, n_keep, has_end, first_end, lps = emit(
             x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop)
         self.lp[rows] += lps[:, 0]
         self.slp[rows] += lps[:, 1]

@@ -193,21 +193,21 @@ class _CachedStepper:
         self.mask, self.pos, self.logits = self.mask[keep], self.pos[keep], self.logits[keep]
 
 
-def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                          nucleus_first: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``logits`` (N, V), the distribution a token is sampled from: (ids (N, m), their
     probabilities (N, m), descending; zeros past a row's nucleus), top-k after temperature, then
-    top-p on the survivors (``temperature <= 0``: the argmax, probability 1)."""
+    top-p on the survivors (``temperature <= 0``: the argmax, probability 1). ``nucleus_first``: look
+    for the nucleus among the top that many first (:func:`_nucleus_first`; a copy's nucleus is a few
+    tokens, and a top-8 is 4x faster than a top-50 on a CPU: docs/generation.md); 0: off."""
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True), torch.ones((logits.shape[0], 1), device=logits.device)
     scaled = logits / temperature
     k = top_k if top_k > 0 and top_k < scaled.shape[-1] else scaled.shape[-1]  # TorchScript: no chained <
-    if top_p < 1.0 and k > _NUCLEUS_FIRST:
-        return _nucleus_first(scaled, k, top_p)
+    if top_p < 1.0 and nucleus_first > 0 and k > nucleus_first:
+        return _nucleus_first(scaled, k, top_p, nucleus_first)
     return _top_k_top_p(scaled, k, top_p)
 
-
-_NUCLEUS_FIRST = 8  # a copy's nucleus is a few tokens: a top-8 is 4x faster than a top-50 here (docs/generation.md)
 
 
 def _top_k_top_p(scaled: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,15 +220,14 @@ def _top_k_top_p(scaled: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tens
     return idx, probs
 
 
-def _nucleus_first(scaled: torch.Tensor, k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_top_k_top_p` for rows whose nucleus provably lies in their top 8, the others through it.
+def _nucleus_first(scaled: torch.Tensor, k: int, top_p: float, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top_k_top_p` for rows whose nucleus provably lies in their top ``m`` (8), the others through it.
 
     A top-k token ``i`` is in the nucleus when the mass before it is below ``top_p * Z_k`` (``Z_k``:
-    the top ``k``'s mass). Unknown ``Z_k`` lies between the top 8's mass and the whole row's: a row
-    whose top 8 hold ``top_p`` of the row, and whose tokens each fall in or out for both bounds, has
+    the top ``k``'s mass). Unknown ``Z_k`` lies between the top ``m``'s mass and the whole row's: a row
+    whose top ``m`` hold ``top_p`` of the row, and whose tokens each fall in or out for both bounds, has
     the nucleus (and, renormalised, the probabilities) the top-``k`` path gives. Widths differ: the
     other rows come back padded with zero-probability entries to ``k`` columns."""
-    m = _NUCLEUS_FIRST
     vals, idx = scaled.topk(m, dim=-1)
     p = torch.exp(vals - torch.logsumexp(scaled, -1, keepdim=True))  # of the whole row's mass
     before = p.cumsum(-1) - p

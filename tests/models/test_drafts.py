@@ -93,3 +93,29 @@ def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
     assert torch.allclose(lps[both, 0], torch.tensor(0.5 * 0.7).log().double().expand(int(both.sum())), atol=1e-5)
     none = (acc == 0) & (em[:, 0] != 4)
     assert (~ended[none] & (n_emit[none] == 1) & (n_keep[none] == 1)).all()
+
+
+def test_the_scripted_emit_is_the_eager_emit() -> None:
+    """models/scripted.py runs emit_tokens as TorchScript on the CPU decoder's steps: the same outputs
+    for the same draws, peaked rows (the nucleus-first path), flat ones (top-k then top-p), masked
+    ones, with and without guesses, a stop mask, and greedy."""
+    from models import scripted
+
+    fn = scripted.emit()
+    assert fn is not None
+    gen = torch.Generator().manual_seed(5)
+    v = 300
+    for m, qn in ((4, 4), (6, 1), (3, 2)):
+        x = torch.randn((m, qn, v), generator=gen) * 2
+        x[0, :, 7] += 15.0  # peaked
+        x[-1, :, 50:] = float("-inf")  # masked to a few ids
+        drafts = torch.randint(-1, v, (m, qn - 1), generator=gen)
+        drafts[0, :] = 7
+        u = torch.rand((m, qn), generator=gen)
+        stop = torch.zeros(v, dtype=torch.bool)
+        stop[[3, 11]] = True
+        for temperature, stop_mask in ((0.9, None), (0.9, stop), (0.0, None)):
+            got = fn(x, drafts, u, temperature, 50, 0.95, 5, stop_mask)
+            ref = emit_tokens(x, drafts, u, temperature, 50, 0.95, 5, stop_mask)
+            for a, b in zip(got, ref, strict=True):
+                assert torch.allclose(a.double(), b.double(), atol=1e-6), (m, qn, temperature)
