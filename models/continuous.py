@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from models import cascade, scripted
-from models.drafts import NGramDrafts, emit_tokens
+from models.drafts import NGramDrafts, emit_into_rows
 from models.generate import autocast_for
 from models.linears import linears
 from models.prefix_cache import PrefixCache, stack_kv
@@ -359,22 +359,10 @@ class ContinuousDecoder:
         the ending token (qn: none), closing) per row."""
         m, qn = x.shape[0], x.shape[1]
         u = torch.rand((m, qn), generator=self.gen, device=self.device)
-        emit = self._emit if self._emit is not None else emit_tokens
-        acc, em, n_emit, n_keep, has_end, first_end, lps = emit(
-            x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop)
-        self.lp[rows] += lps[:, 0]
-        self.slp[rows] += lps[:, 1]
-        rw, cw = (torch.arange(qn, device=x.device)[None, :] < n_keep[:, None]).nonzero(as_tuple=True)
-        self.tokens[rows[rw], self.ntok[rows][rw] + cw] = em[rw, cw]
-        self.ntok[rows] += n_keep
-        self.pending[rows] = em.gather(1, (n_emit - 1)[:, None]).squeeze(1)
-        if advance:
-            self.pos[rows] += n_emit
-            self.glen[rows] += n_emit
-        self.fin[rows] |= has_end
-        closing = has_end | (self.ntok[rows] >= self.max_new)  # truncated rows: EOS is forced for the CTR read
-        self.closing[rows] = closing
-        return acc, first_end, closing
+        emit = self._emit if self._emit is not None else emit_into_rows
+        return emit(rows, x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop, advance,
+                    self.max_new, self.lp, self.slp, self.tokens, self.ntok, self.pending, self.pos, self.glen,
+                    self.fin, self.closing)
 
     def _retire(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Rows ``rows`` leave: their outputs move to ``_left`` (``hidden``: theirs at EOS, in order);

@@ -160,3 +160,29 @@ def emit_tokens(logits: Tensor, drafts: Tensor, u: Tensor, temperature: float, t
     slp = torch.where(used, pe.clamp_min(1e-30).log().double(), 0.0).sum(1) if temperature > 0 else \
         torch.zeros(m, dtype=torch.float64, device=logits.device)
     return acc, em, n_emit, n_emit - has_end.long(), has_end, first_end, torch.stack([lp, slp], 1)
+
+
+def emit_into_rows(rows: Tensor, x: Tensor, drafts: Tensor, u: Tensor, temperature: float, top_k: int, top_p: float,
+                   eos: int, stop: Tensor | None, advance: bool, max_new: int, lp: Tensor, slp: Tensor,
+                   tokens: Tensor, ntok: Tensor, pending: Tensor, pos: Tensor, glen: Tensor, fin: Tensor,
+                   closing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`emit_tokens` for decoder rows ``rows``, written into their state (the decoder's per-row
+    tensors, updated in place: log-likelihoods, tokens and their count, the pending token, position
+    and cache column when ``advance``, ended and closing flags). Returns (guesses kept, index of the
+    ending token (qn: none), closing) per row (:meth:`models.continuous.ContinuousDecoder._emit_rows`)."""
+    qn = x.shape[1]
+    acc, em, n_emit, n_keep, has_end, first_end, lps = emit_tokens(x, drafts, u, temperature, top_k, top_p, eos, stop)
+    lp[rows] = lp[rows] + lps[:, 0]
+    slp[rows] = slp[rows] + lps[:, 1]
+    at = (torch.arange(qn, device=x.device)[None, :] < n_keep[:, None]).nonzero()
+    rw, cw = at[:, 0], at[:, 1]
+    tokens[rows[rw], ntok[rows][rw] + cw] = em[rw, cw]
+    ntok[rows] = ntok[rows] + n_keep
+    pending[rows] = em.gather(1, (n_emit - 1)[:, None]).squeeze(1)
+    if advance:
+        pos[rows] = pos[rows] + n_emit
+        glen[rows] = glen[rows] + n_emit
+    fin[rows] = fin[rows] | has_end
+    ending = has_end | (ntok[rows] >= max_new)  # truncated rows: EOS is forced for the CTR read
+    closing[rows] = ending
+    return acc, first_end, ending

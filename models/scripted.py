@@ -6,8 +6,8 @@ Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.C
 and :func:`prefill_forward` the forward of its ``_prefill`` (the same operations in the same order:
 tests compare them), compiled by ``torch.jit.script`` once per process, on first use. CPU only;
 tanh-GELU trunks only (the others take the eager forwards).
-:func:`emit` scripts a step's sampling (:func:`models.drafts.emit_tokens`): 0.2 ms less a step
-(0.82 -> 0.61 ms for 4 rows x 4 positions), once its top-50 gave way to the nucleus-first top-8.
+:func:`emit` scripts a step's sampling and its writes into the rows' state
+(:func:`models.drafts.emit_into_rows`).
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ def prefill_forward() -> Any:
 
 @functools.cache
 def emit() -> Any:
-    """:func:`models.drafts.emit_tokens` (a step's sampling and speculative pick, ~60 small operations)
-    scripted (once per process), or None (the decoder then samples eagerly)."""
-    from models.drafts import emit_tokens
+    """:func:`models.drafts.emit_into_rows` (a step's sampling, speculative pick and row-state updates,
+    ~80 small operations) scripted (once per process), or None (the decoder then runs it eagerly)."""
+    from models.drafts import emit_into_rows
 
-    return _script(emit_tokens)
+    return _script(emit_into_rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.drafts import NGramDrafts, emit_tokens, speculative_pick
+from models.drafts import NGramDrafts, emit_into_rows, emit_tokens, speculative_pick
 
 
 def test_guesses_chain_the_most_frequent_follower_longest_context_first() -> None:
@@ -96,15 +96,16 @@ def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
 
 
 def test_the_scripted_emit_is_the_eager_emit() -> None:
-    """models/scripted.py runs emit_tokens as TorchScript on the CPU decoder's steps: the same outputs
-    for the same draws, peaked rows (the nucleus-first path), flat ones (top-k then top-p), masked
-    ones, with and without guesses, a stop mask, and greedy."""
+    """models/scripted.py runs emit_into_rows (a step's sampling and its writes into the rows' state)
+    as TorchScript on the CPU decoder: the same outputs and the same state for the same draws, on
+    peaked rows (the nucleus-first path), flat ones (top-k then top-p), masked ones, with and without
+    guesses, a stop mask, and greedy."""
     from models import scripted
 
     fn = scripted.emit()
     assert fn is not None
     gen = torch.Generator().manual_seed(5)
-    v = 300
+    v, n_rows, max_new = 300, 12, 9
     for m, qn in ((4, 4), (6, 1), (3, 2)):
         x = torch.randn((m, qn, v), generator=gen) * 2
         x[0, :, 7] += 15.0  # peaked
@@ -114,8 +115,15 @@ def test_the_scripted_emit_is_the_eager_emit() -> None:
         u = torch.rand((m, qn), generator=gen)
         stop = torch.zeros(v, dtype=torch.bool)
         stop[[3, 11]] = True
-        for temperature, stop_mask in ((0.9, None), (0.9, stop), (0.0, None)):
-            got = fn(x, drafts, u, temperature, 50, 0.95, 5, stop_mask)
-            ref = emit_tokens(x, drafts, u, temperature, 50, 0.95, 5, stop_mask)
-            for a, b in zip(got, ref, strict=True):
-                assert torch.allclose(a.double(), b.double(), atol=1e-6), (m, qn, temperature)
+        rows = torch.randperm(n_rows, generator=gen)[:m]
+        state = [torch.rand(n_rows, dtype=torch.float64), torch.rand(n_rows, dtype=torch.float64),  # lp, slp
+                 torch.full((n_rows, max_new), -1), torch.randint(0, 4, (n_rows,)),  # tokens, ntok
+                 torch.zeros(n_rows, dtype=torch.long), torch.randint(40, 50, (n_rows,)),  # pending, pos
+                 torch.randint(0, 4, (n_rows,)), torch.zeros(n_rows, dtype=torch.bool),  # glen, fin
+                 torch.zeros(n_rows, dtype=torch.bool)]  # closing
+        for temperature, stop_mask, advance in ((0.9, None, True), (0.9, stop, False), (0.0, None, True)):
+            mine, ref_state = [t.clone() for t in state], [t.clone() for t in state]
+            got = fn(rows, x, drafts, u, temperature, 50, 0.95, 5, stop_mask, advance, max_new, *mine)
+            ref = emit_into_rows(rows, x, drafts, u, temperature, 50, 0.95, 5, stop_mask, advance, max_new, *ref_state)
+            for a, b in zip([*got, *mine], [*ref, *ref_state], strict=True):
+                assert torch.allclose(a.double(), b.double(), atol=1e-9), (m, qn, temperature)
