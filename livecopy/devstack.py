@@ -77,9 +77,16 @@ def broker_version(kind: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct free ports (every socket held until all are picked, so none repeats)."""
+    with contextlib.ExitStack() as es:
+        socks = [es.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def port_open(host: str, port: int) -> bool:
@@ -357,7 +364,8 @@ def open_stack(
             else:
                 tmp = Path(data_dir)
             broker = prefer if prefer in ("kafka", "tansu") else "auto"  # "embedded": no Docker, either broker
-            stack = EmbeddedStack(DevStackSettings(broker=broker, kafka_port=free_port(), redis_port=free_port(),
+            kafka_port, redis_port = free_ports(2)
+            stack = EmbeddedStack(DevStackSettings(broker=broker, kafka_port=kafka_port, redis_port=redis_port,
                                                    data_dir=tmp), die_with_parent=True)
             info = stack.up(topics)
             es.callback(stack.down)

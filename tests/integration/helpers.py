@@ -115,6 +115,14 @@ def mismatches(settings: Settings, expected: Mapping[str, Profile]) -> list[str]
     return [f"{u}: got {got[u]}, expected {p}" for u, p in expected.items() if not same_profile(got[u], p)][:3]
 
 
+def wait_profiles(settings: Settings, expected: Mapping[str, Profile], timeout: float, what: str) -> None:
+    """Wait until Redis holds ``expected``; on a timeout, say which profiles differ and how."""
+    try:
+        wait_until(profiles_match(settings, expected), timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; first mismatches: {mismatches(settings, expected)}") from None
+
+
 class ThreadWorker:
     """A BatchLoop running in a thread (stop() then join())."""
 

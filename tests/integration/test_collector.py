@@ -35,8 +35,8 @@ from tests.integration.helpers import (
     ThreadWorker,
     expected_profiles,
     mismatches,
-    profiles_match,
     read_topic,
+    wait_profiles,
     wait_until,
 )
 
@@ -115,7 +115,7 @@ def test_posted_events_change_profiles_as_the_pure_function_predicts(settings: S
     expected = expected_profiles(s, (Event.model_validate(e) for e in good))
     with ThreadWorker(build_profile_loop(s)) as w:
         wait_until(lambda: w.loop.records >= len(good), 60, "every posted event consumed")
-        wait_until(profiles_match(s, expected), 15, "profiles to match")
+        wait_profiles(s, expected, 15, "profiles to match")
     assert not mismatches(s, expected)
 
 

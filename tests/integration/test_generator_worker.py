@@ -30,7 +30,7 @@ from services.workers.profile import build_profile_loop
 from stream.copy_store import CopyPublisher
 from stream.kafka_io import committed_offsets, producer_config
 from tests.copygen import ServerThread, save_tiny_student
-from tests.integration.helpers import ThreadWorker, expected_profiles, produce, profiles_match, wait_until
+from tests.integration.helpers import ThreadWorker, expected_profiles, produce, wait_profiles, wait_until
 from tests.integration.test_copy_api import CATALOG, copies_on_topic, with_generation
 
 pytestmark = pytest.mark.integration
@@ -51,8 +51,7 @@ def test_product_views_are_pregenerated_into_the_cache(settings: Settings, tmp_p
     ]
     produce(s, events)
     with ThreadWorker(build_profile_loop(s)):
-        wait_until(profiles_match(s, expected_profiles(s, [Event.model_validate(e) for e in events])), 60,
-                   "profiles applied")
+        wait_profiles(s, expected_profiles(s, [Event.model_validate(e) for e in events]), 60, "profiles applied")
     engine = CopyEngine.from_settings(s).start()
     # queue of one: each view's 3 copies overflow the producer's local queue; refused records are published again
     producer = (Producer(producer_config(s.kafka, **{"queue.buffering.max.messages": 1, "linger.ms": 100}))

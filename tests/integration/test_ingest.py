@@ -23,9 +23,9 @@ from tests.integration.helpers import (
     ThreadWorker,
     expected_profiles,
     mismatches,
-    profiles_match,
     read_topic,
     settings_env,
+    wait_profiles,
     wait_until,
 )
 
@@ -62,7 +62,7 @@ def test_sdk_events_change_profiles_as_the_pure_function_predicts(settings: Sett
     expected = expected_profiles(settings, (Event.model_validate(e) for e in events))
     with ThreadWorker(build_profile_loop(settings)) as w:
         wait_until(lambda: w.loop.records >= len(events) + len(dups), 60, "all records consumed")
-        wait_until(profiles_match(settings, expected), 10, "profiles to match")
+        wait_profiles(settings, expected, 60, "profiles to match")
     assert not mismatches(settings, expected)
     assert w.loop.processor.duplicates == len(dups)  # type: ignore[attr-defined]
     assert w.loop.processor.applied == len(events)  # type: ignore[attr-defined]
@@ -98,7 +98,7 @@ def test_every_malformed_class_lands_in_the_dlq_and_good_records_around_it_apply
                 p.send_raw(key, value)
     expected = expected_profiles(settings, [Event.model_validate(g) for g in good])
     with ThreadWorker(build_profile_loop(settings)):
-        wait_until(profiles_match(settings, expected), 60, "good records applied")
+        wait_profiles(settings, expected, 60, "good records applied")
         dlq = read_topic(settings, topics.dlq, expect=len(MALFORMED))
     assert sorted(dict(m.headers())["error"].decode() for m in dlq) == sorted(r for r, _k, _v in MALFORMED)
     by_reason = {dict(m.headers())["error"].decode(): m for m in dlq}

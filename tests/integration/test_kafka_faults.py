@@ -37,7 +37,7 @@ from core.settings import Settings
 from core.wire import Topics
 from livecopy import EventProducer
 from livecopy import kafka_kraft as kk
-from livecopy.devstack import StackInfo, free_port
+from livecopy.devstack import StackInfo, free_port, free_ports
 from livecopy.sim.loadgen import SessionGenerator, paced
 from stream.kafka_io import base_config, committed_offsets, ensure_topics
 from tests.integration.helpers import (
@@ -45,10 +45,10 @@ from tests.integration.helpers import (
     expected_profiles,
     mismatches,
     produce,
-    profiles_match,
     read_topic,
     redis_profiles,
     settings_env,
+    wait_profiles,
     wait_until,
 )
 
@@ -263,7 +263,7 @@ def test_leader_broker_kill_9_mid_stream_then_restart_applies_every_event_exactl
         assert not producer.is_alive(), "the producer finished"
         assert producer.error is None, f"the producer failed: {producer.error!r}"
         assert producer.finished_at is not None
-        wait_until(profiles_match(s, expected_stream), 120, "every event applied with one broker down")
+        wait_profiles(s, expected_stream, 120, "every event applied with one broker down")
         caught_up_at = time.monotonic()
         assert worker.poll() is None, f"the worker died with the broker:\n{log_tail(log)}"
 
@@ -273,7 +273,7 @@ def test_leader_broker_kill_9_mid_stream_then_restart_applies_every_event_exactl
         wait_until(lambda: _fully_replicated(s, topics.events, EVENTS_PARTITIONS), 60,
                    "the restarted broker back in every partition's ISR")
         produce(s, tail)
-        wait_until(profiles_match(s, expected), 60, "every event applied after the restart")
+        wait_profiles(s, expected, 60, "every event applied after the restart")
         assert not mismatches(s, expected)
         wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, EVENTS_PARTITIONS).values())
                    == len(events), 30, "every offset committed")
@@ -354,7 +354,7 @@ def test_one_of_three_workers_kill_9_exactly_once_and_commits_never_go_back(
     expected = expected_profiles(s, (Event.model_validate(e) for e in events))
     users = list(expected)
     names = [f"profile-w{i}" for i in range(3)]
-    ports = [free_port() for _ in names]
+    ports = free_ports(len(names))  # distinct
     logs = [tmp_path / f"{n}.log" for n in names]
     workers = [start_worker(s, n, log, port) for n, log, port in zip(names, logs, ports, strict=True)]
     sampler = CommitSampler(s, group, topics.events, EVENTS_PARTITIONS)
@@ -401,7 +401,7 @@ def test_one_of_three_workers_kill_9_exactly_once_and_commits_never_go_back(
 
         producer.join(120)
         assert not producer.is_alive() and producer.error is None, f"producer: {producer.error!r}"
-        wait_until(profiles_match(s, expected), 120, "every event applied")
+        wait_profiles(s, expected, 120, "every event applied")
         caught_up_s = time.monotonic() - killed_at
         assert not mismatches(s, expected)
         wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, EVENTS_PARTITIONS).values())

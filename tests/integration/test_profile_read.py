@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from core.contracts import Event, Profile
 from core.settings import Settings
-from livecopy.devstack import free_port
+from livecopy.devstack import free_port, free_ports
 from livecopy.kafka_kraft import kafka_available
 from services.api.app import create_app
 from services.workers.profile import build_profile_loop
@@ -26,9 +26,8 @@ from tests.integration.helpers import (
     ThreadWorker,
     expected_profiles,
     produce,
-    profiles_match,
     settings_env,
-    wait_until,
+    wait_profiles,
 )
 
 pytestmark = pytest.mark.integration
@@ -46,7 +45,7 @@ def applied(settings: Settings) -> Profile:
     produce(settings, EVENTS)
     expected = expected_profiles(settings, [Event.model_validate(e) for e in EVENTS])
     with ThreadWorker(build_profile_loop(settings)):
-        wait_until(profiles_match(settings, expected), 60, "events applied")
+        wait_profiles(settings, expected, 60, "events applied")
     return expected["reader@shop"]
 
 
@@ -104,7 +103,8 @@ def test_dev_up_status_down(tmp_path: Path, broker: str) -> None:
     if broker == "kafka" and not kafka_available() and not os.environ.get("CI"):
         pytest.skip("no Java 17+ (and no cached jars or Maven) on this machine")
     env = settings_env(Settings())
-    ports = ["--kafka-port", str(free_port()), "--redis-port", str(free_port()), "--data-dir", str(tmp_path)]
+    kafka_port, redis_port = free_ports(2)
+    ports = ["--kafka-port", str(kafka_port), "--redis-port", str(redis_port), "--data-dir", str(tmp_path)]
     bootstrap = f"127.0.0.1:{ports[1]}"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -30,7 +30,7 @@ from services.workers.profile import ProfileProcessor, build_profile_loop
 from services.workers.trainer import announce
 from stream.kafka_io import base_config, committed_offsets, consumer_config, producer_config
 from stream.model_updates import ModelUpdateFollower
-from tests.integration.helpers import ThreadWorker, expected_profiles, mismatches, produce, profiles_match, wait_until
+from tests.integration.helpers import ThreadWorker, expected_profiles, mismatches, produce, wait_profiles, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -240,7 +240,7 @@ def test_consumer_lag_equals_the_events_the_profile_worker_has_not_processed(set
 
     produce(settings, first)
     with ThreadWorker(build_profile_loop(settings)):
-        wait_until(profiles_match(settings, expected_first), 60, "the first events applied")
+        wait_profiles(settings, expected_first, 60, "the first events applied")
         wait_until(lambda: sum(committed().values()) == len(first), 20, "the first events committed")
     # stopped: the loop committed synchronously on the way out
 
@@ -262,7 +262,7 @@ def test_consumer_lag_equals_the_events_the_profile_worker_has_not_processed(set
     processor = cast(ProfileProcessor, loop.processor)
     with ThreadWorker(loop):
         wait_until(lambda: sum(committed().values()) == sum(after.values()), 60, "the lag worked off")
-        wait_until(profiles_match(settings, expected_all), 20, "every event applied")
+        wait_profiles(settings, expected_all, 20, "every event applied")
     assert processor.applied == sum(lag.values()), "the worker processed exactly the lag"
     assert processor.duplicates == 0, "and nothing it had processed before"
     assert committed() == after

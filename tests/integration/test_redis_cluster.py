@@ -42,11 +42,11 @@ from tests.integration.helpers import (
     expected_profiles,
     mismatches,
     produce,
-    profiles_match,
     read_topic,
     redis_profiles,
     settings_env,
     start_cli,
+    wait_profiles,
     wait_until,
 )
 from tests.integration.redis_cluster import LocalCluster, Node
@@ -105,7 +105,7 @@ def test_profile_worker_on_the_cluster_equals_the_pure_function(settings: Settin
     produce(s, events)
     produce(s, events[:500])  # re-delivered: no second effect
     with ThreadWorker(build_profile_loop(s, max_batch=300)):
-        wait_until(profiles_match(s, expected), 90, "every profile on the cluster")
+        wait_profiles(s, expected, 90, "every profile on the cluster")
     assert not mismatches(s, expected)
     assert lost_and_doubled(s, expected) == (0, 0)
     assert masters_holding(cluster, s.redis.key_prefix) == 3  # the shoppers spread over the three masters
@@ -119,7 +119,7 @@ def test_api_reads_profiles_serves_copy_and_forgets_on_the_cluster(settings: Set
     expected = expected_profiles(s, (Event.model_validate(e) for e in events))
     produce(s, events)
     with ThreadWorker(build_profile_loop(s)):
-        wait_until(profiles_match(s, expected), 60, "profiles applied")
+        wait_profiles(s, expected, 60, "profiles applied")
     users = sorted(expected)[:6]
     with ServerThread(create_app(s, extensions=[copy_extension(s)])) as url, \
             httpx.Client(base_url=url, timeout=60) as http:
@@ -321,7 +321,7 @@ def test_master_killed_under_load_loses_and_doubles_nothing_with_wait(settings: 
         assert killed_at < len(events) and cluster.roles()[victim.port] == "slave"
         t.join(60)
         try:
-            wait_until(profiles_match(s, expected), 120, "every event applied after the failover")
+            wait_profiles(s, expected, 120, "every event applied after the failover")
         except AssertionError as exc:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise AssertionError(f"{exc}; {lost_and_doubled(s, expected)} lost/doubled; worker log:\n{tail}") from None

@@ -24,9 +24,9 @@ from tests.integration.helpers import (
     ThreadWorker,
     expected_profiles,
     mismatches,
-    profiles_match,
     redis_profiles,
     start_cli,
+    wait_profiles,
     wait_until,
 )
 
@@ -71,7 +71,7 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_exactly_once(setting
         assert 0 < at_kill < len(events), "the kill must happen mid-stream"
         t.join(60)
         worker = start_cli(settings, "worker", "profile", "--max-batch", "200", log=log)
-        wait_until(profiles_match(settings, expected), 90, "every event applied after the restart")
+        wait_profiles(settings, expected, 90, "every event applied after the restart")
         assert not mismatches(settings, expected)
     finally:
         worker.kill()
@@ -87,7 +87,7 @@ def test_sigterm_finishes_commits_and_exits(settings: Settings, tmp_path: Path) 
         with EventProducer(settings=settings) as p:
             for e in events:
                 p.send(e)
-        wait_until(profiles_match(settings, expected), 60, "events applied")
+        wait_profiles(settings, expected, 60, "events applied")
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
     finally:
@@ -151,7 +151,7 @@ def test_redis_outage_pauses_commits_nothing_loses_nothing(settings: Settings, t
             with EventProducer(settings=s) as p:
                 for e in first:
                     p.send(e)
-            wait_until(profiles_match(s, expected_first), 60, "first events applied")
+            wait_profiles(s, expected_first, 60, "first events applied")
             wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, 4).values()) == len(first),
                        20, "first offsets committed")
             server.stop()
@@ -163,7 +163,7 @@ def test_redis_outage_pauses_commits_nothing_loses_nothing(settings: Settings, t
             committed = committed_offsets(s.kafka, group, topics.events, 4)
             assert sum(committed.values()) == len(first), "nothing committed during the outage"
             server.start()
-            wait_until(profiles_match(s, expected_all), 60, "all events applied after Redis is back")
+            wait_profiles(s, expected_all, 60, "all events applied after Redis is back")
             assert not mismatches(s, expected_all)
             wait_until(lambda: sum(committed_offsets(s.kafka, group, topics.events, 4).values())
                        == len(first) + len(second), 20, "all offsets committed")
@@ -209,7 +209,7 @@ def test_redis_kill_9_ten_times_under_load_loses_and_doubles_nothing(settings: S
         assert kills[0] > 0 and kills[-1] < len(events), f"the kills must happen mid-stream: {kills}"
         t.join(60)
         started = time.monotonic()
-        wait_until(profiles_match(s, expected), 120, "every event applied after the last restart")
+        wait_profiles(s, expected, 120, "every event applied after the last restart")
         assert not mismatches(s, expected)
         topics = Topics.from_settings(s.topics)
         wait_until(lambda: sum(committed_offsets(s.kafka, s.worker.group_prefix + "profile", topics.events,
