@@ -140,9 +140,10 @@ class Bench:
 
     # -- livecopy
     def livecopy_static(self, idx: list[int], seed: int) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
-        groups = generate_candidates(self.model, self.tok, [self.prompts[i] for i in idx], k=self.k,
-                                     max_new_tokens=self.max_new, seed=seed, slots_ok=[self.slots_ok[i] for i in idx],
-                                     weights=self.weights, **SAMPLING)
+        with torch.inference_mode():  # as StudentExecutor.run
+            groups = generate_candidates(self.model, self.tok, [self.prompts[i] for i in idx], k=self.k,
+                                         max_new_tokens=self.max_new, seed=seed,
+                                         slots_ok=[self.slots_ok[i] for i in idx], weights=self.weights, **SAMPLING)
         return ([[c.text for c in g] for g in groups], [[c.style is not None for c in g] for g in groups],
                 [[c.finished for c in g] for g in groups])
 

@@ -185,12 +185,13 @@ class StudentExecutor:
                 extra["style_bias"] = bias
             if self.generate is generate_candidates:
                 extra["weights"] = self.cfg.cpu_weights
-            groups = self.generate(
-                self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
-                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed,
-                slots_ok=[available(r.ctx) for r in requests], **extra,
-            )
+            with torch.inference_mode():  # as the continuous decoder: no autograd bookkeeping per operation
+                groups = self.generate(
+                    self.student.model, self.student.tokenizer, prompts, k=self.cfg.candidates,
+                    max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                    top_k=self.cfg.top_k, top_p=self.cfg.top_p, seed=seed,
+                    slots_ok=[available(r.ctx) for r in requests], **extra,
+                )
             return self._choose_all(requests, prompts, factors, groups)
 
     def _style_bias(self, req: CopyRequest, factors: np.ndarray | None) -> dict[str, float] | None:

@@ -281,7 +281,7 @@ class ContinuousDecoder:
         return keys, values, valid, pos[:, -1], self.lin.lm(h)
 
     # ------------------------------------------------------------------ admit
-    @torch.no_grad()
+    @torch.inference_mode()
     def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
               ban: torch.Tensor) -> None:
         """Add prompts ``gids`` (ids of the caller's choosing, unique among those admitted and not
@@ -466,7 +466,7 @@ class ContinuousDecoder:
             b *= 2
         return [*out, self.n_prompts]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def warmup(self) -> None:
         """Run the step's forward once per shape (compiles them all) before any request is admitted."""
         if bool(self.alive.any()):
@@ -504,7 +504,7 @@ class ContinuousDecoder:
                 self.prompt_gid[a], self.prompt_gid[b] = self.prompt_gid[b], -1
         return len(used)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[FinishedGroup]:
         """One token for every live row; returns the prompts that finished (all ``k`` rows left)."""
         out = self._collect()
@@ -613,6 +613,7 @@ class ContinuousDecoder:
         self._done = []
         return out
 
+    @torch.inference_mode()
     def drop(self, gids: Sequence[int]) -> None:
         """Remove prompts ``gids`` now (their rows stop at once, their slots are free; nothing is
         reported for them)."""

@@ -142,7 +142,7 @@ def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs:
     col = dec.glen[:n].clamp(max=dec.cap - 1)
     t = int(col.max()) + 1
     sub = torch.tensor([0, 2, 3, 7, 8, 17], device=feed.device)
-    with torch.no_grad():
+    with torch.inference_mode():  # the decoder's own mode
         h_all, lg_all = dec._forward(feed, pos, col, t)
         h_sub, lg_sub = dec._forward(feed, pos, col, t, sub)
     tol = (1e-4, 1e-3) if DEVICE == "cpu" else (5e-2, 2.5e-1)  # bf16 on a GPU: other shapes round otherwise
@@ -340,7 +340,7 @@ def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
             col.repeat_interleave(2) + torch.tensor([0, 1] * n), t, None, 2)
     for args in ((feed, pos, col, t - 1), (feed, pos, col, t - 1, torch.tensor([0, 3, 5])), spec):
         kv = [c.clone() for c in dec.kv]
-        with torch.no_grad():
+        with torch.inference_mode():  # the decoder's own mode
             h_s, lg_s = dec._forward(*args)
             kv_s, dec.kv = dec.kv, [c.clone() for c in kv]
             script, dec._script = dec._script, None
@@ -361,13 +361,13 @@ def test_the_scripted_prefill_is_the_eager_prefill(weights: str) -> None:
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, max_prompts=4,
                             weights=weights)
     assert dec._script is not None
-    with torch.no_grad():
+    with torch.inference_mode():  # the decoder's own mode
         full = dec._prefill(rows)
         kv = [stack_kv([t[i][:, full[2][i]] for t in full[0]], [t[i][:, full[2][i]] for t in full[1]])
               for i in range(len(rows))]
     reuse = [(0, None), (len(rows[1]) - 1, kv[1]), (5, kv[0]), (12, kv[2])]
     for args in ((rows,), (rows, reuse)):
-        with torch.no_grad():
+        with torch.inference_mode():  # the decoder's own mode
             got = dec._prefill(*args)
             script, dec._script = dec._script, None
             ref = dec._prefill(*args)
