@@ -39,30 +39,29 @@ class NGramDrafts:
 
     def learn(self, tokens: Sequence[int]) -> None:
         """Count every (context, next token) of ``tokens`` (a prompt's tail, then a row's tokens)."""
-        toks = [int(t) for t in tokens]
-        with self._lock:
+        toks = tuple(int(t) for t in tokens)  # a tuple's slice is the context key itself
+        counts, bests, n, max_next = self._counts, self._best, self.n, self.max_next
+        with self._lock:  # one loop, no call per count: ~0.5 ms a row on the engine thread otherwise
             for i in range(1, len(toks)):
                 nxt = toks[i]
-                for m in range(1, min(self.n, i) + 1):
-                    self._count(tuple(toks[i - m:i]), nxt)
-            if len(self._counts) > self.max_contexts:  # drop the least recently seen half
-                for ctx in list(self._counts)[: len(self._counts) - self.max_contexts // 2]:
-                    del self._counts[ctx]
-                    self._best.pop(ctx, None)
-
-    def _count(self, ctx: tuple[int, ...], nxt: int) -> None:
-        c = self._counts.pop(ctx, None)  # seen again: to the end of the order (dicts keep insertion order)
-        if c is None:
-            c = {}
-        self._counts[ctx] = c
-        c[nxt] = c.get(nxt, 0) + 1
-        best = self._best.get(ctx)
-        if len(c) > self.max_next:  # forget the rarest follower
-            rare = min((t for t in c if t != nxt), key=c.__getitem__)
-            del c[rare]
-            best = None if rare == best else best
-        if best is None or c[nxt] > c.get(best, 0):
-            self._best[ctx] = nxt
+                for m in range(1, min(n, i) + 1):
+                    ctx = toks[i - m:i]
+                    c = counts.pop(ctx, None)  # seen again: to the end of the order (dicts keep insertion order)
+                    if c is None:
+                        c = {}
+                    counts[ctx] = c
+                    c[nxt] = c.get(nxt, 0) + 1
+                    best = bests.get(ctx)
+                    if len(c) > max_next:  # forget the rarest follower
+                        rare = min((t for t in c if t != nxt), key=c.__getitem__)
+                        del c[rare]
+                        best = None if rare == best else best
+                    if best is None or c[nxt] > c.get(best, 0):
+                        bests[ctx] = nxt
+            if len(counts) > self.max_contexts:  # drop the least recently seen half
+                for ctx in list(counts)[: len(counts) - self.max_contexts // 2]:
+                    del counts[ctx]
+                    bests.pop(ctx, None)
 
     def propose(self, context: Sequence[int], d: int) -> list[int]:
         """Up to ``d`` guessed next tokens after ``context`` (fewer where no context was seen)."""
