@@ -18,6 +18,7 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
    the loop) says it finishes before its deadline in the batch it joins, without making a running
    request that would have finished in time miss; one that could not finish even alone is
    answered ``DeadlineExceeded`` at once; the others wait in the queue for the batch to shrink.
+   Oldest first while the oldest fits; under overload, the request with the most time left first.
    Under overload on a CPU, admitting whatever had room made every decode slow and most miss
    their deadline (docs/generation.md).
 4. **deadlines**: a running request past its deadline leaves the batch (a cancelled one too). Its
@@ -36,6 +37,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -92,18 +94,22 @@ class _Running(Generic[Req, Res]):
     job: Job[Req, Res]
     prepared: Any
     steps: int = 0  # decode steps taken so far
+    batch_sum: int = 0  # the requests decoding at each of those steps, summed
 
 
 class StepCost:
     """What the loop has learned: a step's seconds as ``a + b * n`` over the ``n`` requests decoding
-    (least squares with exponential forgetting) and the steps a request takes (moving average).
-    Pure: fed by the loop, asked at admission; ``None`` until it has seen enough."""
+    (least squares with exponential forgetting) and the steps a request takes by the batch it
+    decoded in (a moving average per power-of-two bucket of its mean batch: at small batches the
+    steps are speculative and take a request through in about a third as many, so one average
+    over both made the engine admit too many under overload after a calm spell). Pure: fed by the
+    loop, asked at admission; ``None`` until it has seen enough."""
 
     def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
         self.decay, self.min_steps = decay, min_steps
         self._w = self._n = self._t = self._nn = self._nt = 0.0
         self._seen = 0
-        self.steps_per_request: float | None = None
+        self._per: dict[int, tuple[float, float]] = {}  # batch bucket -> steps a request takes: mean, mean square
 
     def observe_step(self, n: int, seconds: float) -> None:
         d = self.decay
@@ -114,9 +120,26 @@ class StepCost:
         self._nt = d * self._nt + n * seconds
         self._seen += 1
 
-    def observe_request(self, steps: int) -> None:
-        s = self.steps_per_request
-        self.steps_per_request = float(steps) if s is None else 0.9 * s + 0.1 * steps
+    @staticmethod
+    def _bucket(n: float) -> int:
+        return max(0, math.ceil(math.log2(max(n, 1.0)) - 1e-9))
+
+    def observe_request(self, steps: int, batch: float = 1.0) -> None:
+        """A request finished after ``steps`` steps, ``batch`` requests decoding on average."""
+        b = self._bucket(batch)
+        m = self._per.get(b)
+        x = float(steps)
+        self._per[b] = (x, x * x) if m is None else (0.9 * m[0] + 0.1 * x, 0.9 * m[1] + 0.1 * x * x)
+
+    def steps(self, n: int) -> float | None:
+        """The steps a request takes with ``n`` decoding, its 90th percentile (mean + 1.28 sd): a
+        request ends when its last candidate does, and admitting on the mean made half of them
+        miss under overload. From the nearest batch bucket seen, the larger on a tie."""
+        if not self._per:
+            return None
+        b = self._bucket(n)
+        mean, sq = self._per[min(self._per, key=lambda k: (abs(k - b), -k))]
+        return mean + 1.28 * math.sqrt(max(sq - mean * mean, 0.0))
 
     def step_s(self, n: int) -> float | None:
         """Expected seconds of a step with ``n`` requests decoding."""
@@ -132,7 +155,7 @@ class StepCost:
 
     def decode_s(self, n: int, done_steps: int = 0) -> float | None:
         """Expected seconds left for a request that took ``done_steps`` of its decode, ``n`` decoding."""
-        per, step = self.steps_per_request, self.step_s(n)
+        per, step = self.steps(n), self.step_s(n)
         if per is None or step is None:
             return None
         return max(per - done_steps, 1.0) * step
@@ -300,10 +323,8 @@ class ContinuousEngine(Generic[Req, Res]):
                     if self.scheduler.queue:
                         expired += self._expire_queued(now)
                     if room > 0 and self.scheduler.queue:
-                        batch, gone = self._take(room, now)
+                        batch, gone, shed = self._take(room, now)
                         expired += gone
-                        batch, later, shed = self._plan(batch, now)
-                        self.scheduler.queue.extendleft(reversed(later))
                     if batch or expired or shed or running:
                         break
                     if self._stopping and not self.scheduler.queue:
@@ -347,49 +368,64 @@ class ContinuousEngine(Generic[Req, Res]):
         q.extend(live)
         return gone
 
-    def _take(self, room: int, now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]]]:
-        batch: list[Job[Req, Res]] = []
-        expired: list[Job[Req, Res]] = []
+    def _take(self, room: int, now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]], list[Job[Req, Res]]]:
+        """Split the queue into (admit now, expired, shed); the rest stay queued, in order. A job is
+        admitted (up to ``room``) when its decode fits before its deadline at the step time of the
+        batch it would join and no request decoding (or admitted just before it) that would have
+        finished in time would then miss; a job that would not finish even decoding alone is shed.
+        Oldest first while the oldest fits; when it does not (overload), the job with the most time
+        left goes first and the oldest waits for the batch to shrink. Admitting the oldest that
+        still fit kept the batch small and its requests short of slack: most of them missed."""
         q = self.scheduler.queue
-        while q and len(batch) < room:
-            job = q.popleft()
+        alone = self.cost.decode_s(1)
+        live: list[Job[Req, Res]] = []
+        expired: list[Job[Req, Res]] = []
+        shed: list[Job[Req, Res]] = []
+        for job in q:
             if job.future.done():  # cancelled, or answered by the deadline watchdog
                 continue
-            (expired if job.deadline <= now else batch).append(job)
-        return batch, expired
-
-    def _plan(self, batch: list[Job[Req, Res]], now: float) -> tuple[list[Job[Req, Res]], list[Job[Req, Res]],
-                                                                       list[Job[Req, Res]]]:
-        """Split the jobs taken from the queue (oldest first) into (admit now, back to the queue, shed):
-        a job is admitted when its decode fits before its deadline at the step time of the batch it
-        would join and no running request that would have finished in time would then miss; a job
-        that would not finish even decoding alone is shed; the others wait for the batch to shrink
-        (under overload the oldest have the least time left: a younger one that fits goes first)."""
-        alone = self.cost.decode_s(1)
-        if alone is None:
-            return batch, [], []
-        running = [r for s in self._sessions for r in s.jobs.values()]
-        n = len(running)
-        admit: list[Job[Req, Res]] = []
-        later: list[Job[Req, Res]] = []
-        shed: list[Job[Req, Res]] = []
-        for job in batch:
-            if now + alone > job.deadline:
+            if job.deadline <= now:
+                expired.append(job)
+            elif alone is not None and now + alone > job.deadline:
                 shed.append(job)
-                continue
-            m = n + len(admit) + 1
+            else:
+                live.append(job)
+        q.clear()
+        if alone is None:  # nothing learned yet: oldest first, as many as there is room for
+            q.extend(live[room:])
+            return live[:room], expired, shed
+        running = [(r.job.deadline, r.steps) for s in self._sessions for r in s.jobs.values()]
+        admit: list[Job[Req, Res]] = []
+        taken: set[int] = set()
+        by_slack: list[int] | None = None  # indices into live, the latest deadline first (built on overload)
+        head = 0
+        while len(admit) < room and len(taken) < len(live):
+            m = len(running) + 1
+            if self._would_miss(running, m - 1, m, now):
+                break  # no job can join before the batch shrinks
             mine = self.cost.decode_s(m)
-            if (mine is not None and now + mine > job.deadline) or self._would_miss(running, n + len(admit), m, now):
-                later.append(job)  # waits for the batch to shrink; a younger job with more time left may go first
-                continue
-            admit.append(job)
-        return admit, later, shed
+            fits_by = now if mine is None else now + mine
+            while head in taken:
+                head += 1
+            pick = head if live[head].deadline >= fits_by else None
+            if pick is None:
+                if by_slack is None:
+                    by_slack = sorted(range(len(live)), key=lambda i: live[i].deadline, reverse=True)
+                pick = next((i for i in by_slack if i not in taken), None)
+                if pick is None or live[pick].deadline < fits_by:
+                    break  # none fits this batch
+            taken.add(pick)
+            admit.append(live[pick])
+            running.append((live[pick].deadline, 0))
+        q.extend(j for i, j in enumerate(live) if i not in taken)
+        return admit, expired, shed
 
-    def _would_miss(self, running: list[_Running[Req, Res]], n: int, m: int, now: float) -> bool:
-        """Whether a running request that finishes in time at ``n`` decoding would miss at ``m``."""
-        for r in running:
-            before, after = self.cost.decode_s(n, r.steps), self.cost.decode_s(m, r.steps)
-            if before is not None and after is not None and now + before <= r.job.deadline < now + after:
+    def _would_miss(self, running: list[tuple[float, int]], n: int, m: int, now: float) -> bool:
+        """Whether a request decoding (deadline, steps taken) that finishes in time at ``n`` decoding
+        would miss at ``m``."""
+        for deadline, steps in running:
+            before, after = self.cost.decode_s(n, steps), self.cost.decode_s(m, steps)
+            if before is not None and after is not None and now + before <= deadline < now + after:
                 return True
         return False
 
@@ -465,10 +501,11 @@ class ContinuousEngine(Generic[Req, Res]):
         self.stats.batch_sizes.append(n)
         for r in session.jobs.values():
             r.steps += 1
+            r.batch_sum += n
         done = [(session.jobs.pop(g.gid), g) for g in finished if g.gid in session.jobs]
         for r, _ in done:
             self._running_ids.discard(id(r.job))
-            self.cost.observe_request(r.steps)
+            self.cost.observe_request(r.steps, r.batch_sum / r.steps)
         if done and self._finisher is not None:
             self._finisher.submit(self._finish, session.executor, done)
         elif done:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -622,6 +623,22 @@ def test_step_cost_learns_a_line_and_falls_back_to_proportional() -> None:
     assert flat.step_s(8) == pytest.approx(0.04)
 
 
+def test_step_cost_counts_a_requests_steps_by_the_batch_it_decoded_in() -> None:
+    """Speculative steps at small batches take a request through in fewer steps than at large ones:
+    the steps a request takes are learned per batch bucket, and a batch not seen yet takes the
+    nearest one seen."""
+    cost = StepCost(min_steps=1)
+    cost.observe_step(1, 0.01)
+    for _ in range(20):
+        cost.observe_request(10, batch=1.3)  # calm: speculative
+    assert cost.steps(1) == cost.steps(30) == pytest.approx(10)  # only small batches seen so far
+    for _ in range(20):
+        cost.observe_request(28, batch=27.5)  # overload: plain steps
+    assert cost.steps(1) == pytest.approx(10, rel=1e-3) and cost.steps(2) == pytest.approx(10, rel=1e-3)
+    assert cost.steps(30) == pytest.approx(28, rel=1e-3) and cost.steps(12) == pytest.approx(28, rel=1e-3)
+    assert cost.decode_s(30) == pytest.approx(28 * cost.step_s(30), rel=1e-3)  # type: ignore[operator]
+
+
 class CostlyDecoder(ScriptedDecoder):
     """Each step advances the fake clock by 1 ms + 2 ms per request decoding (a CPU's cost)."""
 
@@ -669,6 +686,49 @@ def _overload(cost: StepCost) -> tuple[ContinuousEngine[str, str], list[Any], li
     finally:
         eng.stop()
     return eng, out, when
+
+
+class RecordingExecutor(CostlyExecutor):
+    """Records the fake time at which each request was admitted (prepared)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.admitted: dict[str, float] = {}
+
+    def prepare(self, reqs: Sequence[str]) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        self.admitted.update((r, self.clock()) for r in reqs)
+        return super().prepare(reqs)
+
+
+def test_under_overload_a_younger_request_that_fits_is_admitted_before_older_ones_that_wait() -> None:
+    """Four requests decoding; then ten with 60 ms left (each would finish alone, none in this batch)
+    and four with a second left. The four that fit join at once, ahead of the ten that wait (more
+    than one admission's worth of them: only looking at the oldest left the batch half empty)."""
+    clock = FakeClock()
+    ex = RecordingExecutor(clock)
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32), clock=clock,
+                                                       finish_in_thread=False)
+    eng.start()
+    try:
+        assert _answers([eng.submit(r, timeout_ms=1e6) for r in "ab"]) == ["A", "B"]  # the engine learns
+        ex.gate.clear()
+        fill = [eng.submit(f"f{i}", timeout_ms=1e6) for i in range(4)]
+        deadline = time.monotonic() + 10
+        while eng.running() < 4 and time.monotonic() < deadline:  # admitted; the next step waits for the gate
+            time.sleep(0.001)
+        assert eng.running() == 4
+        start = clock()
+        old = [eng.submit(f"o{i}", timeout_ms=60) for i in range(10)]
+        young = [eng.submit(f"y{i}", timeout_ms=1000) for i in range(4)]
+        ex.gate.set()
+        assert _answers(young) == ["Y0", "Y1", "Y2", "Y3"]
+        assert _answers(fill) == ["F0", "F1", "F2", "F3"]
+        assert all(a in ("DeadlineExceeded",) or a.startswith("O") for a in _answers(old))
+    finally:
+        eng.stop()
+    # at the first admission after the burst (one 9 ms step), not once the old ones were shed (45 ms later)
+    assert all(ex.admitted[f"y{i}"] - start < 0.02 for i in range(4)), ex.admitted
+    assert not any(f"o{i}" in ex.admitted for i in range(10))  # none of them would have finished in time
 
 
 def test_under_overload_requests_that_cannot_make_their_deadline_are_not_started() -> None:
