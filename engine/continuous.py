@@ -396,28 +396,19 @@ class ContinuousEngine(Generic[Req, Res]):
             return live[:room], expired, shed
         running = [(r.job.deadline, r.steps) for s in self._sessions for r in s.jobs.values()]
         admit: list[Job[Req, Res]] = []
-        taken: set[int] = set()
-        by_slack: list[int] | None = None  # indices into live, the latest deadline first (built on overload)
-        head = 0
-        while len(admit) < room and len(taken) < len(live):
+        while live and len(admit) < room:
             m = len(running) + 1
             if self._would_miss(running, m - 1, m, now):
                 break  # no job can join before the batch shrinks
             mine = self.cost.decode_s(m)
             fits_by = now if mine is None else now + mine
-            while head in taken:
-                head += 1
-            pick = head if live[head].deadline >= fits_by else None
-            if pick is None:
-                if by_slack is None:
-                    by_slack = sorted(range(len(live)), key=lambda i: live[i].deadline, reverse=True)
-                pick = next((i for i in by_slack if i not in taken), None)
-                if pick is None or live[pick].deadline < fits_by:
-                    break  # none fits this batch
-            taken.add(pick)
-            admit.append(live[pick])
-            running.append((live[pick].deadline, 0))
-        q.extend(j for i, j in enumerate(live) if i not in taken)
+            i = 0 if live[0].deadline >= fits_by else max(range(len(live)), key=lambda j: live[j].deadline)
+            if live[i].deadline < fits_by:
+                break  # none fits this batch
+            job = live.pop(i)
+            admit.append(job)
+            running.append((job.deadline, 0))
+        q.extend(live)
         return admit, expired, shed
 
     def _would_miss(self, running: list[tuple[float, int]], n: int, m: int, now: float) -> bool:
