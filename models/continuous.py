@@ -93,7 +93,7 @@ class ContinuousDecoder:
         weights: str = "fp32",
         drafts: NGramDrafts | None = None,
         draft_depth: int = 3,
-        spec_rows: int = 64,
+        spec_rows: int = 256,
         prefix: PrefixCache | None = None,
     ) -> None:
         trunk = cascade._trunk(model)
@@ -549,8 +549,9 @@ class ContinuousDecoder:
         drafts its own sampling accepts plus one sampled token (speculative sampling: a draft ``x``
         at a position whose sampling distribution is ``p`` is kept with probability ``p(x)``; the
         first one refused is replaced by a draw from ``p`` without ``x``; after the last kept one,
-        a draw from ``p``): every row's tokens come from the distribution of :meth:`step`'s.
-        False (nothing done) when no row has a draft."""
+        a draw from ``p``): every row's tokens come from the distribution of :meth:`step`'s. The
+        step is as deep as its longest draft, and only the live rows' tokens and their own drafts
+        are computed (and a closing row's EOS). False (nothing done) when no row has a draft."""
         assert self.drafts is not None
         dev, d = self.device, qn - 1
         alive, closing = self.alive[:n], self.closing[:n]
@@ -558,18 +559,26 @@ class ContinuousDecoder:
         live_l = live.tolist()
         ntok, pos0 = self.ntok[:n].tolist(), self.pos[:n].tolist()
         toks = self.tokens[live].tolist()
-        drafts = [[-1] * d for _ in range(n)]
-        any_draft = False
+        guesses: dict[int, list[int]] = {}
         for i, r in enumerate(live_l):
             # emitted tokens stay within max_new_tokens, positions within the model's
             room = min(d, self.max_new - ntok[r] - 1, self.n_positions - 2 - pos0[r])
             gid = self.prompt_gid[r // self.k]
             guess = self.drafts.propose(self._tail.get(gid, []) + toks[i][:ntok[r]], room) if room > 0 else []
-            guess = list(takewhile(lambda g: 0 <= g < self.vocab, guess))  # a table of another model's ids
-            drafts[r][:len(guess)] = guess
-            any_draft = any_draft or bool(guess)
-        if not any_draft:
+            guesses[r] = list(takewhile(lambda g: 0 <= g < self.vocab, guess))  # a table of another model's ids
+        d = max(map(len, guesses.values()), default=0)  # the step is as deep as its longest draft
+        if d == 0:
             return False
+        qn = d + 1
+        drafts = [[-1] * d for _ in range(n)]
+        # the positions computed: a row's token and its own drafts (a row that left, or feeds EOS for
+        # its CTR read, or has fewer drafts, computes nothing more: a product's time grows with its rows)
+        need: list[int] = []
+        for r, a in enumerate(alive.tolist()):
+            g = guesses.get(r, [])
+            drafts[r][:len(g)] = g
+            if a:
+                need.extend(range(r * qn, r * qn + 1 + len(g)))
         dr = torch.tensor(drafts, dtype=torch.long, device=dev)  # (n, d), -1: none
         steps = torch.arange(qn, device=dev)
         first = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
@@ -577,7 +586,11 @@ class ContinuousDecoder:
         pos = (self.pos[:n, None] + 1 + steps).clamp(max=self.n_positions - 1)
         col = (self.glen[:n, None] + steps).clamp(max=self.room - 1)
         t = int(col[alive].max()) + 1
-        h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, per_row=qn)
+        rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
+        h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
+        if rows is not None:  # the positions not computed: zeros (their outputs are never read)
+            h = h.new_zeros((n * qn, h.shape[1])).index_copy_(0, rows, h)
+            logits = logits.new_zeros((n * qn, logits.shape[1])).index_copy_(0, rows, logits)
         h, logits = h.view(n, qn, -1), logits.view(n, qn, -1)
         ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
         self._retire(ending, h[ending, 0] if self.want_hidden else None)

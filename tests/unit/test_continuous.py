@@ -191,9 +191,20 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
         drafts.learn(list(rows[i // 2][-3:]) + seq[: len(seq) // 2] + noise)  # a wrong follower, half the time
     steps: dict[str, int] = {}
     got: dict[str, dict[int, FinishedGroup]] = {}
+    computed: list[tuple[int, int, int]] = []  # per speculative step: positions computed, rows alive, positions fed
+
+    class Counting(ContinuousDecoder):
+        def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int,
+                     rows: torch.Tensor | None = None, per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+            if per_row > 1:
+                n = feed.shape[0] // per_row
+                computed.append((feed.shape[0] if rows is None else rows.numel(), int(self.alive[:n].sum()),
+                                 feed.shape[0]))
+            return super()._forward(feed, pos, col, t, rows, per_row)
+
     for name, table in (("plain", None), ("spec", drafts)):
-        dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0,
-                                want_hidden=True, max_prompts=2, drafts=table, draft_depth=3, spec_rows=64)
+        dec = Counting(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0,
+                       want_hidden=True, max_prompts=2, drafts=table, draft_depth=3, spec_rows=64)
         got[name], steps[name] = {}, 0
         dec.admit([0, 1], rows[:2], first[:2], ban[:2])
         while len(got[name]) < len(rows):
@@ -204,6 +215,10 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
             steps[name] += 1
     assert steps["spec"] < steps["plain"]
     assert drafts.accepted > 0 and drafts.accepted < drafts.proposed
+    # a speculative step computes each live row's token and its own drafts only: rows that left (their
+    # prompt's other rows still decoding) and the places of drafts a row has not got are skipped
+    assert computed and all(c <= alive * 4 for c, alive, _ in computed)
+    assert sum(c for c, _, _ in computed) < sum(fed for _, _, fed in computed)
     for i, g in got["spec"].items():
         for j in range(2):
             r = i * 2 + j
