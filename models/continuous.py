@@ -15,10 +15,12 @@ step later waits for the whole batch. :class:`ContinuousDecoder` keeps one runni
 * :meth:`~ContinuousDecoder.drop` removes a prompt's rows at once (its deadline passed).
 
 The KV cache is preallocated and static: ``max_prompts`` prompt slots (doubled if ever exceeded),
-each owning ``k`` row slots. A prompt's keys/values are kept once per prompt slot (``Lc`` columns,
-the longest prompt so far; the rest masked), as in :mod:`models.cascade`; the slot's ``k`` rows
-write their generated ones after them, interleaved (row ``j``'s position ``c`` in column
-``Lc + c * k + j``), so a step's attention is one call per layer: the slot's ``k`` queries over its
+each owning ``k`` row slots. A prompt's keys/values are kept once per prompt slot, right-aligned
+in the slot's prompt columns (room for the longest prompt the positions allow; the rest masked),
+as in :mod:`models.cascade`; the slot's ``k`` rows write their generated ones after them,
+interleaved. A step reads a window of the prompt columns as wide as the longest prompt decoding
+(``Lc``: a view, so it follows the running batch at no cost), row ``j``'s position ``c`` in window
+column ``Lc + c * k + j``, so a step's attention is one call per layer: the slot's ``k`` queries over its
 ``Lc + t * k`` columns, each row masked to its prompt and its own columns (one SDPA call instead of
 the two-part softmax of the cascade step: a sixth of a batch-1 step fewer on a CPU). Rows join at
 different steps, so every row has its own write column and position (``glen``, ``pos``). A
@@ -134,14 +136,17 @@ class ContinuousDecoder:
         self.gen.manual_seed(int(seed))
         self.n_prompts = max(1, int(max_prompts))  # prompt slots
         self.prompt_gid: list[int] = [-1] * self.n_prompts  # gid per prompt slot, -1: free
-        self.lc = 0  # prompt columns
-        # per layer (2, P, H, Lc + cap * k, dh): keys [0] and values [1] of a prompt slot, its prompt's in
-        # columns 0 .. Lc-1, then its k rows' generated ones interleaved (row j's position c at Lc + c * k + j)
+        self.lcap = 0  # prompt columns allocated
+        self.plen: list[int] = [0] * self.n_prompts  # prompt tokens per prompt slot (its last plen prompt columns)
+        # per layer (2, P, H, lcap + room * k, dh): keys [0] and values [1] of a prompt slot, its prompt's in
+        # its last prompt columns (right-aligned), then its k rows' generated ones interleaved
         self.kv: list[torch.Tensor] = []
+        # what a step reads (Lc, the caches and p_bias it was taken from, their views from the last Lc prompt columns)
+        self._win: tuple[int, list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None
         # a step computes only the rows still decoding when at least this many rows of its slots have left
         # (gathering them costs two small ops a layer: worth it at large batches, not for a lone request)
         self.skip_rows = 8
-        self.p_bias = torch.zeros(0)  # (P, 1, 1, Lc): 0 on a prompt's tokens, the dtype's min elsewhere
+        self.p_bias = torch.zeros(0)  # (P, 1, 1, lcap): 0 on a prompt's tokens, the dtype's min elsewhere
         self._neg = 0.0
         self._rows_alloc(self.n_prompts * self.k)
         # rows that left, by gid: slot -> (tokens, logprob, sample logprob, ended by EOS, hidden at EOS)
@@ -188,29 +193,43 @@ class ContinuousDecoder:
             getattr(self, name)[:old_n] = t
         self.n_prompts = new_p
         self.prompt_gid += [-1] * (new_p - old_p)
+        self.plen += [0] * (new_p - old_p)
         if self.kv:
             self.kv = [torch.cat([t, t.new_zeros((2, new_p - old_p, *t.shape[2:]))], 1) for t in self.kv]
             self.p_bias = torch.cat([self.p_bias, self.p_bias.new_full((new_p - old_p, *self.p_bias.shape[1:]),
                                                                        self._neg)])
 
     def _widen(self, length: int, dtype: torch.dtype) -> None:
-        """Room for prompts of ``length`` tokens (allocates the cache at the first admission)."""
-        if self.kv and length <= self.lc:
+        """Room for prompts of ``length`` tokens (allocates the cache at the first admission: room for
+        the longest prompt the positions allow next to ``max_new_tokens``)."""
+        if self.kv and length <= self.lcap:
             return
         dev, p, h, dh = self.device, self.n_prompts, self.n_head, self.head_dim
         if not self.kv:
             self._neg = float(torch.finfo(dtype).min)
-            if self.static_shapes or self.shape_buckets:  # room for the longest prompt the positions allow
-                length = max(length, self.n_positions - self.max_new)
-            self.lc = length
-            self.kv = [torch.zeros((2, p, h, length + self.room * self.k, dh), dtype=dtype, device=dev)
+            self.lcap = max(length, self.n_positions - self.max_new)
+            self.kv = [torch.zeros((2, p, h, self.lcap + self.room * self.k, dh), dtype=dtype, device=dev)
                        for _ in range(self.n_layer)]
-            self.p_bias = torch.full((p, 1, 1, length), self._neg, dtype=dtype, device=dev)
+            self.p_bias = torch.full((p, 1, 1, self.lcap), self._neg, dtype=dtype, device=dev)
             return
-        width = min(max(length, 2 * self.lc), self.n_positions)
-        self.kv = [_pad_prompt(t, self.lc, width) for t in self.kv]
-        self.p_bias = _pad_bias(self.p_bias, width, self._neg)
-        self.lc = width
+        self.kv = [_pad_prompt(t, length - self.lcap) for t in self.kv]  # a longer prompt than that: rare
+        self.p_bias = torch.cat([self.p_bias.new_full((p, 1, 1, length - self.lcap), self._neg), self.p_bias], -1)
+        self.lcap = length
+
+    @property
+    def lc(self) -> int:
+        """Prompt columns a step reads: the longest prompt decoding (all of them with fixed shapes)."""
+        if self.static_shapes or self.shape_buckets:
+            return self.lcap
+        return max((self.plen[p] for p, g in enumerate(self.prompt_gid) if g >= 0), default=1)
+
+    def _window(self) -> tuple[int, list[torch.Tensor], torch.Tensor]:
+        """(Lc, every layer's cache from the last Lc prompt columns on, p_bias's last Lc columns): views."""
+        lc, w = self.lc, self._win
+        if w is None or w[0] != lc or w[1] is not self.kv or w[2] is not self.p_bias:
+            s = self.lcap - lc
+            w = self._win = (lc, self.kv, self.p_bias, [t[:, :, :, s:] for t in self.kv], self.p_bias[..., s:])
+        return w[0], w[3], w[4]
 
     @property
     def live_rows(self) -> int:
@@ -309,11 +328,12 @@ class ContinuousDecoder:
         self._widen(length, keys[0].dtype)
         slots = [p for p, g in enumerate(self.prompt_gid) if g < 0][:n_new]
         ps = torch.tensor(slots, dtype=torch.long, device=dev)
+        lo, hi = self.lcap - length, self.lcap  # right-aligned: each prompt's last token in the last column
         for layer in range(self.n_layer):
-            self.kv[layer][0, ps, :, :length] = keys[layer].to(self.kv[layer].dtype)
-            self.kv[layer][1, ps, :, :length] = values[layer].to(self.kv[layer].dtype)
-        bias = torch.full((n_new, self.lc), self._neg, dtype=self.p_bias.dtype, device=dev)
-        bias[:, :length].masked_fill_(valid, 0.0)
+            self.kv[layer][0, ps, :, lo:hi] = keys[layer].to(self.kv[layer].dtype)
+            self.kv[layer][1, ps, :, lo:hi] = values[layer].to(self.kv[layer].dtype)
+        bias = torch.full((n_new, self.lcap), self._neg, dtype=self.p_bias.dtype, device=dev)
+        bias[:, lo:].masked_fill_(valid, 0.0)
         self.p_bias[ps] = bias[:, None, None, :]
         rows = (ps[:, None] * k + torch.arange(k, device=dev)).reshape(-1)
         self.pos[rows] = last_pos.repeat_interleave(k)
@@ -330,6 +350,7 @@ class ContinuousDecoder:
         self.slp[rows] = 0.0
         for slot, g, prompt in zip(slots, gids, prompt_rows, strict=True):
             self.prompt_gid[slot] = int(g)
+            self.plen[slot] = len(prompt)
             self._left[int(g)] = {}
             if self.drafts is not None:
                 self._tail[int(g)] = [int(x) for x in prompt[-self.drafts.n:]]
@@ -402,12 +423,13 @@ class ContinuousDecoder:
         the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
         ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
         (its token, then its drafts), each at its own position and column."""
+        lc, kv, p_bias = self._window()
         if self._script is not None:
             tr, lin = self.trunk, self.lin
-            return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, self.p_bias, self.kv,
-                                self.lc, self.k, self._neg, self.scale, self.n_head, tr.wte.weight, tr.wpe.weight,
+            return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, p_bias, kv,
+                                lc, self.k, self._neg, self.scale, self.n_head, tr.wte.weight, tr.wpe.weight,
                                 *self._ln, list(lin.packed), list(lin.weights), list(lin.biases))
-        n, k, lc = feed.shape[0], self.k, self.lc
+        n, k = feed.shape[0], self.k
         hi, width = n // (k * per_row), lc + t * k
         rows_p, rows_j = self.row_p[:n // per_row], self.row_j[:n // per_row]
         if per_row > 1:
@@ -415,15 +437,15 @@ class ContinuousDecoder:
         write = lc + col * k + rows_j
         cc = torch.arange(t * k, device=feed.device)
         mine = ((cc % k)[None, :] == rows_j[:, None]) & ((cc // k)[None, :] <= col[:, None])  # (R, t*k)
-        gen = torch.zeros(mine.shape, dtype=self.p_bias.dtype, device=feed.device).masked_fill_(~mine, self._neg)
+        gen = torch.zeros(mine.shape, dtype=p_bias.dtype, device=feed.device).masked_fill_(~mine, self._neg)
         kq = k * per_row  # queries per prompt slot
-        mask = torch.cat([self.p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
+        mask = torch.cat([p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
         h_, dh = self.n_head, self.head_dim
         if rows is not None:
             feed, pos, rows_p, write = feed[rows], pos[rows], rows_p[rows], write[rows]
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            cache = self.kv[layer]
+            cache = kv[layer]
             cache[:, rows_p, :, write] = qkv[:, 1:].to(cache.dtype)  # (R, 2, H, dh): this step's key and value
             q = qkv[:, 0]
             if rows is not None:  # the rows not computed query nothing (zeros; their outputs are dropped)
@@ -502,6 +524,7 @@ class ContinuousDecoder:
             self.closing[rs] = False
             for a, b in zip(free, tops, strict=True):
                 self.prompt_gid[a], self.prompt_gid[b] = self.prompt_gid[b], -1
+                self.plen[a] = self.plen[b]
         return len(used)
 
     @torch.inference_mode()
@@ -644,18 +667,6 @@ class ContinuousDecoder:
                 self.closing[p * self.k:(p + 1) * self.k] = False
 
 
-def _pad_prompt(t: torch.Tensor, lc: int, width: int) -> torch.Tensor:
-    """(2, P, H, lc + G, dh) -> (2, P, H, width + G, dh): zero prompt columns inserted after the first lc."""
-    extra = width - lc
-    if extra <= 0:
-        return t
-    zeros = t.new_zeros((*t.shape[:3], extra, t.shape[4]))
-    return torch.cat([t[:, :, :, :lc], zeros, t[:, :, :, lc:]], 3)
-
-
-def _pad_bias(b: torch.Tensor, width: int, neg: float) -> torch.Tensor:
-    """(P, 1, 1, L) -> (P, 1, 1, width), masked columns appended."""
-    extra = width - b.shape[-1]
-    if extra <= 0:
-        return b
-    return torch.cat([b, b.new_full((b.shape[0], 1, 1, extra), neg)], -1)
+def _pad_prompt(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """(2, P, H, C, dh) -> (2, P, H, extra + C, dh): zero prompt columns in front."""
+    return torch.cat([t.new_zeros((*t.shape[:3], extra, t.shape[4])), t], 3)

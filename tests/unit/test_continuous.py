@@ -114,6 +114,35 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     assert dec.gids() == [] and dec.live_rows == 0
 
 
+def test_a_step_reads_the_prompt_columns_of_the_longest_prompt_decoding(dirs: dict[str, Path]) -> None:
+    """The prompt window follows the running batch: while a long prompt decodes a step reads its
+    columns; once it left, only the shorter prompt's, and that prompt's greedy rows are the static
+    decode's (the columns it no longer reads held the long prompt's keys)."""
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    short, other = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:2]])
+    rows = [other + short, short]  # a long prompt, then a short one admitted three steps later
+    first, ban = request_biases(m, tok, 2)
+    ref = decode(m, [short], eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                 first_allowed=sid.style_id_list, banned=ban[0].nonzero().squeeze(1).tolist())
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0, max_prompts=2)
+    got: dict[int, FinishedGroup] = {}
+    widths = []
+    for step in range(40):
+        if step == 3:
+            dec.admit([1], [rows[1]], first[1:], ban[1:])
+        elif step == 0:
+            dec.admit([0], [rows[0]], first[:1], ban[:1])
+        for g in dec.step():
+            got[g.gid] = g
+        widths.append((sorted(dec.gids()), dec.lc))
+        if len(got) == 2:
+            break
+    assert ([0], len(rows[0])) in widths and ([0, 1], len(rows[0])) in widths and ([1], len(short)) in widths
+    assert got[1].tokens == ref.tokens
+
+
 def _stopping(path: Path, every: int) -> tuple[Any, Any, list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student at ``path``, six prompts, their first-token biases and bans, and a stop mask on
     every ``every``-th token id (the style tokens excluded): rows end at random steps."""
