@@ -16,7 +16,8 @@ step later waits for the whole batch. :class:`ContinuousDecoder` keeps one runni
 
 The KV cache is preallocated and static: ``max_prompts`` prompt slots (doubled if ever exceeded),
 each owning ``k`` row slots. A prompt's keys/values are kept once per prompt slot, right-aligned
-in the slot's prompt columns (room for the longest prompt the positions allow; the rest masked),
+in the slot's prompt columns (room for the first prompts, then for the longest the positions allow;
+the rest masked),
 as in :mod:`models.cascade`; the slot's ``k`` rows write their generated ones after them,
 interleaved. A step reads a window of the prompt columns as wide as the longest prompt decoding
 (``Lc``: a view, so it follows the running batch at no cost), row ``j``'s position ``c`` in window
@@ -200,21 +201,23 @@ class ContinuousDecoder:
                                                                        self._neg)])
 
     def _widen(self, length: int, dtype: torch.dtype) -> None:
-        """Room for prompts of ``length`` tokens (allocates the cache at the first admission: room for
-        the longest prompt the positions allow next to ``max_new_tokens``)."""
+        """Room for prompts of ``length`` tokens: the cache is allocated at the first admission for
+        the first prompts (fixed shapes: for the longest prompt the positions allow next to
+        ``max_new_tokens``), and the first longer prompt widens it to that room at once (one copy)."""
         if self.kv and length <= self.lcap:
             return
         dev, p, h, dh = self.device, self.n_prompts, self.n_head, self.head_dim
+        room = max(length, self.n_positions - self.max_new)
         if not self.kv:
             self._neg = float(torch.finfo(dtype).min)
-            self.lcap = max(length, self.n_positions - self.max_new)
+            self.lcap = room if self.static_shapes or self.shape_buckets else length
             self.kv = [torch.zeros((2, p, h, self.lcap + self.room * self.k, dh), dtype=dtype, device=dev)
                        for _ in range(self.n_layer)]
             self.p_bias = torch.full((p, 1, 1, self.lcap), self._neg, dtype=dtype, device=dev)
             return
-        self.kv = [_pad_prompt(t, length - self.lcap) for t in self.kv]  # a longer prompt than that: rare
-        self.p_bias = torch.cat([self.p_bias.new_full((p, 1, 1, length - self.lcap), self._neg), self.p_bias], -1)
-        self.lcap = length
+        self.kv = [_pad_prompt(t, room - self.lcap) for t in self.kv]
+        self.p_bias = torch.cat([self.p_bias.new_full((p, 1, 1, room - self.lcap), self._neg), self.p_bias], -1)
+        self.lcap = room
 
     @property
     def lc(self) -> int:
@@ -597,11 +600,15 @@ class ContinuousDecoder:
         # the positions computed: a row's token and its own drafts (a row that left, or feeds EOS for
         # its CTR read, or has fewer drafts, computes nothing more: a product's time grows with its rows)
         need: list[int] = []
+        src: list[int] = []  # per place, the computed place whose outputs it reads: its own, else its row's first
         for r, a in enumerate(alive.tolist()):
             g = guesses.get(r, [])
             drafts[r][:len(g)] = g
+            at = len(need) if a else 0  # a row that left reads any computed place (its outputs are not read)
             if a:
                 need.extend(range(r * qn, r * qn + 1 + len(g)))
+            src.extend(range(at, at + 1 + len(g)))
+            src.extend([at] * (d - len(g)))
         dr = torch.tensor(drafts, dtype=torch.long, device=dev)  # (n, d), -1: none
         steps = torch.arange(qn, device=dev)
         first = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
@@ -611,9 +618,9 @@ class ContinuousDecoder:
         t = int(col[alive].max()) + 1
         rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
         h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
-        if rows is not None:  # the positions not computed: zeros (their outputs are never read)
-            h = h.new_zeros((n * qn, h.shape[1])).index_copy_(0, rows, h)
-            logits = logits.new_zeros((n * qn, logits.shape[1])).index_copy_(0, rows, logits)
+        if rows is not None:  # a place not computed gets its row's first outputs (never read: a peaked row
+            at = torch.tensor(src, dtype=torch.long, device=dev)  # keeps the sampling on its top-8 path)
+            h, logits = h.index_select(0, at), logits.index_select(0, at)
         h, logits = h.view(n, qn, -1), logits.view(n, qn, -1)
         ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
         self._retire(ending, h[ending, 0] if self.want_hidden else None)

@@ -115,32 +115,33 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
 
 
 def test_a_step_reads_the_prompt_columns_of_the_longest_prompt_decoding(dirs: dict[str, Path]) -> None:
-    """The prompt window follows the running batch: while a long prompt decodes a step reads its
-    columns; once it left, only the shorter prompt's, and that prompt's greedy rows are the static
-    decode's (the columns it no longer reads held the long prompt's keys)."""
+    """The prompt window follows the running batch: a short prompt decodes alone over its own
+    columns; a long one joins (the cache widens under the short one's rows) and a step reads the
+    long one's columns; once the long one left, a short one that joined meanwhile decodes over its
+    own columns again. Every prompt's greedy rows are what its own static decode gives."""
     st = load_student(dirs["v1"], device=DEVICE)
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
-    short, other = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:2]])
-    rows = [other + short, short]  # a long prompt, then a short one admitted three steps later
-    first, ban = request_biases(m, tok, 2)
-    ref = decode(m, [short], eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
-                 first_allowed=sid.style_id_list, banned=ban[0].nonzero().squeeze(1).tolist())
+    short, other, late = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:3]])
+    rows = [short, other + short, late]  # admitted at steps 0, 3 (the long one) and 8
+    first, ban = request_biases(m, tok, 3)
+    refs = [decode(m, [r], eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                   first_allowed=sid.style_id_list, banned=ban[0].nonzero().squeeze(1).tolist()) for r in rows]
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0, max_prompts=2)
     got: dict[int, FinishedGroup] = {}
     widths = []
     for step in range(40):
-        if step == 3:
-            dec.admit([1], [rows[1]], first[1:], ban[1:])
-        elif step == 0:
-            dec.admit([0], [rows[0]], first[:1], ban[:1])
+        if step in (0, 3, 8):
+            i = (0, 3, 8).index(step)
+            dec.admit([i], [rows[i]], first[i:i + 1], ban[i:i + 1])
         for g in dec.step():
             got[g.gid] = g
         widths.append((sorted(dec.gids()), dec.lc))
-        if len(got) == 2:
+        if len(got) == 3:
             break
-    assert ([0], len(rows[0])) in widths and ([0, 1], len(rows[0])) in widths and ([1], len(short)) in widths
-    assert got[1].tokens == ref.tokens
+    assert widths[0] == ([0], len(short)) and ([0, 1], len(rows[1])) in widths and ([2], len(late)) in widths
+    assert dec.lcap >= len(rows[1]) > max(len(short), len(late))
+    assert [got[i].tokens for i in range(3)] == [r.tokens for r in refs]
 
 
 def _stopping(path: Path, every: int) -> tuple[Any, Any, list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
