@@ -619,8 +619,8 @@ class ContinuousDecoder:
         rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
         h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
         if rows is not None:  # a place not computed gets its row's first outputs (never read: a peaked row
-            at = torch.tensor(src, dtype=torch.long, device=dev)  # keeps the sampling on its top-8 path)
-            h, logits = h.index_select(0, at), logits.index_select(0, at)
+            read = torch.tensor(src, dtype=torch.long, device=dev)  # keeps the sampling on its top-8 path)
+            h, logits = h.index_select(0, read), logits.index_select(0, read)
         h, logits = h.view(n, qn, -1), logits.view(n, qn, -1)
         ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
         self._retire(ending, h[ending, 0] if self.want_hidden else None)
