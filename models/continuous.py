@@ -426,7 +426,8 @@ class ContinuousDecoder:
         the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
         ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
         (its token, then its drafts), each at its own position and column."""
-        lc, kv, p_bias = self._window()
+        fixed = self.static_shapes or self.shape_buckets  # (what torch.compile traces: no window to look up)
+        lc, kv, p_bias = (self.lcap, self.kv, self.p_bias) if fixed else self._window()
         if self._script is not None:
             tr, lin = self.trunk, self.lin
             return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, p_bias, kv,
