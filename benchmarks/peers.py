@@ -148,15 +148,18 @@ class Bench:
                 [[c.finished for c in g] for g in groups])
 
     def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None, drafts: bool = True,
-                            depth: int | None = None, spec_rows: int | None = None, prefix: bool = True
+                            depth: int | None = None, spec_rows: int | None = None, prefix: bool = True,
+                            spec_places: int | None = None
                             ) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
-        """(``depth`` / ``spec_rows``: other draft settings than the served ones, benchmarks/speculation.py)"""
+        """(``depth`` / ``spec_rows`` / ``spec_places``: other draft settings than the served ones,
+        benchmarks/speculation.py)"""
         cfg = self.ex.cfg  # as StudentExecutor.decoder builds it, with the served draft settings
         dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
                                 max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
                                 weights=weights or self.weights, drafts=self.drafts if drafts else None,
                                 draft_depth=cfg.draft_tokens if depth is None else depth,
                                 spec_rows=cfg.draft_max_rows if spec_rows is None else spec_rows,
+                                spec_places=cfg.draft_tail_places if spec_places is None else spec_places,
                                 prefix=self.prefix if prefix else None, **SAMPLING)
         first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
         dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)

@@ -9,11 +9,16 @@ starting from it), speculating at every step with exactly d drafts per row (d = 
 Prints copies/s, ms per step and steps per request, then which depth the served settings
 (``generation.draft_tokens`` / ``draft_max_rows``: the most drafts with b x K x (1 + d) <= max rows)
 pick at each b against the best measured one: the evidence behind ``draft_max_rows``.
+
+Then, with the served depths, copies/s for each ``--tail-places`` value (``generation.draft_tail_places``:
+a step whose rows still decoding x (1 + drafts) fit in that many places gives each row more drafts,
+up to 8; 0: off), the runs interleaved and the median of ``--repeats``: the evidence behind its 28.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +50,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--warm-requests", type=int, default=128)
+    ap.add_argument("--tail-places", default="0,12,20,28")
+    ap.add_argument("--tail-batches", default="1,2,4,8")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = CopySettings(device="cpu", candidates=a.k, max_new_tokens=a.max_new_tokens)
@@ -54,7 +62,7 @@ def main() -> None:
     depths = [int(x) for x in a.depths.split(",")]
     print(f"CPU: {machine()}; torch {torch.__version__}, 1 thread; {a.prompts} prompts, K={a.k}, "
           f"<= {a.max_new_tokens} new tokens; served: draft_tokens={cfg.draft_tokens}, "
-          f"draft_max_rows={cfg.draft_max_rows}")
+          f"draft_max_rows={cfg.draft_max_rows}, draft_tail_places={cfg.draft_tail_places}")
     print(f"\n{'b':>3} " + " ".join(f"{f'd={d}: copies/s ms/step steps':>32}" for d in depths))
     picks = []
     for b in (int(x) for x in a.batches.split(",")):
@@ -62,7 +70,7 @@ def main() -> None:
         cells = []
         for d in depths:
             def run(idx: list[int], seed: int, d: int = d) -> None:
-                bench.livecopy_continuous(idx, seed, drafts=d > 0, depth=d, spec_rows=10**9)
+                bench.livecopy_continuous(idx, seed, drafts=d > 0, depth=d, spec_rows=10**9, spec_places=0)
 
             bench.reset()
             run(list(range(min(b, a.prompts))), 0)  # warm-up
@@ -84,6 +92,21 @@ def main() -> None:
         got = rates.get(served)
         ratio = f"{got / rates[best]:.2f}" if got is not None else "n/a"
         print(f"  b={b:3d}: served d={served} ({ratio} of best), best d={best}")
+
+    places = [int(x) for x in a.tail_places.split(",")]
+    print(f"\nserved depths, draft_tail_places = {a.tail_places} (copies/s, median of {a.repeats}, interleaved):")
+    for b in (int(x) for x in a.tail_batches.split(",")):
+        got: dict[int, list[float]] = {p: [] for p in places}
+        for _ in range(a.repeats):
+            for p in places:
+                bench.reset()
+                t0 = time.perf_counter()
+                for s in range(0, a.prompts, b):
+                    bench.livecopy_continuous(list(range(s, min(s + b, a.prompts))), s, spec_places=p)
+                got[p].append(a.prompts / (time.perf_counter() - t0))
+        med = {p: statistics.median(v) for p, v in got.items()}
+        print(f"{b:3d} " + " ".join(f"{p:>5}: {med[p]:6.2f} ({med[p] / med[places[0]]:.3f}x)" for p in places),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,10 @@ class CopySettings(Section):
     # the 256, every batch size up to 32 within 4% of its best depth). 0: off.
     draft_tokens: int = Field(3, ge=0, le=8)
     draft_max_rows: int = Field(256, ge=2)
+    # ... and a step with few rows left decoding (a request's last candidates) gives each up to 8 drafts, as many
+    # as keep its rows x (1 + drafts) within draft_tail_places (28: 6 drafts each to a lone request's 4 rows, 8 to
+    # 3 or fewer; benchmarks/speculation.py's second table: +4-9% at 1-2 requests, +3% at 4, none at 8). 0: off.
+    draft_tail_places: int = Field(28, ge=0)
     # continuous engine: keys/values of recently prefilled prompts, reused by prompts that share a prefix with one
     # (models/prefix_cache.py; many shoppers share a product's prompt or its first line). Bounded; 0: off.
     prompt_cache_mb: int = Field(64, ge=0)

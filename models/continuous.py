@@ -60,6 +60,8 @@ from models.linears import linears
 from models.prefix_cache import PrefixCache, stack_kv
 from models.sequences import left_pad, positions_from_mask
 
+MAX_DRAFTS = 8  # drafts a row gets at most in a step (a lone row's; the n-gram table chains its guesses)
+
 
 @dataclass
 class FinishedGroup:
@@ -97,6 +99,7 @@ class ContinuousDecoder:
         drafts: NGramDrafts | None = None,
         draft_depth: int = 3,
         spec_rows: int = 256,
+        spec_places: int = 28,
         prefix: PrefixCache | None = None,
     ) -> None:
         trunk = cascade._trunk(model)
@@ -124,7 +127,10 @@ class ContinuousDecoder:
         self.drafts = drafts if not (static_shapes or shape_buckets) else None
         self.depth = max(0, int(draft_depth)) if self.drafts is not None else 0
         self.spec_rows = int(spec_rows)
-        self.room = self.cap + self.depth  # generated columns per row in the cache: drafts may go past the cap
+        # a step with few rows left decoding (a request's last candidates) gives each more drafts, up to
+        # MAX_DRAFTS, as many as keep its places (live rows x (1 + drafts)) within spec_places (0: off)
+        self.spec_places = max(0, int(spec_places)) if self.depth else 0
+        self.room = self.cap + max(self.depth, MAX_DRAFTS if self.spec_places else 0)  # drafts may go past the cap
         self._tail: dict[int, list[int]] = {}  # gid -> its prompt's last tokens (the drafts' first context)
         self._large = False  # the last step ran more rows than speculative steps do
         self.prefix = prefix  # keys/values of prompts prefilled before (models/prefix_cache.py)
@@ -584,6 +590,8 @@ class ContinuousDecoder:
         alive, closing = self.alive[:n], self.closing[:n]
         live = (alive & ~closing).nonzero().squeeze(1)
         live_l = live.tolist()
+        if live_l and self.spec_places:  # few rows left: deeper (a step's fixed part is most of it)
+            d = max(d, min(MAX_DRAFTS, self.spec_places // len(live_l) - 1))
         ntok, pos0 = self.ntok[:n].tolist(), self.pos[:n].tolist()
         toks = self.tokens[live].tolist()
         guesses: dict[int, list[int]] = {}
