@@ -451,20 +451,29 @@ class ContinuousDecoder:
         kq = k * per_row  # queries per prompt slot
         mask = torch.cat([p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
         h_, dh = self.n_head, self.head_dim
+        grid: torch.Tensor | None = None
         if rows is not None:
             feed, pos, rows_p, write = feed[rows], pos[rows], rows_p[rows], write[rows]
+            # the computed places packed slot by slot into as many queries a slot as its most computes (the
+            # others query nothing: zeros, their outputs dropped): a slot's attention costs what it computes
+            slot = rows // kq
+            counts = torch.bincount(slot, minlength=hi)
+            kq = int(counts.max())
+            grid = slot * kq + torch.arange(rows.numel(), device=feed.device) - (counts.cumsum(0) - counts)[slot]
+            sel = mask.view(n, width)[rows]
+            mask = sel.new_zeros((hi * kq, width)).index_copy_(0, grid, sel).view(hi, 1, kq, width)
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             cache = kv[layer]
             cache[:, rows_p, :, write] = qkv[:, 1:].to(cache.dtype)  # (R, 2, H, dh): this step's key and value
             q = qkv[:, 0]
-            if rows is not None:  # the rows not computed query nothing (zeros; their outputs are dropped)
-                q = q.new_zeros((n, h_, dh)).index_copy_(0, rows, q)
+            if grid is not None:
+                q = q.new_zeros((hi * kq, h_, dh)).index_copy_(0, grid, q)
             q = q.view(hi, kq, h_, dh).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, cache[0, :hi, :, :width], cache[1, :hi, :, :width],
                                                attn_mask=mask, scale=self.scale)
-            o = o.transpose(1, 2).reshape(n, -1)
-            return o if rows is None else o.index_select(0, rows)
+            o = o.transpose(1, 2).reshape(hi * kq, -1)
+            return o if grid is None else o.index_select(0, grid)
 
         with autocast_for(self.device):
             x = self.trunk.wte(feed) + self.trunk.wpe(pos)

@@ -56,8 +56,17 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     mask = torch.cat([p_bias[:hi].expand(hi, 1, kq, lc), gen.view(hi, 1, kq, t * k)], -1)
     d = wte.shape[1]
     dh = d // n_head
+    grid: Tensor | None = None
     if rows is not None:
         feed, pos, rp, write = feed[rows], pos[rows], rp[rows], write[rows]
+        # the computed places packed slot by slot into kq queries a slot, as many as its most (zero queries past)
+        slot = rows // kq
+        counts = torch.bincount(slot, minlength=hi)
+        start = counts.cumsum(0) - counts
+        kq = int(counts.max().item())
+        grid = slot * kq + torch.arange(rows.shape[0], device=feed.device) - start[slot]
+        mask = mask.view(n, width)[rows]
+        mask = mask.new_zeros((hi * kq, width)).index_copy_(0, grid, mask).view(hi, 1, kq, width)
     x = F.embedding(feed, wte) + F.embedding(pos, wpe)
     m = x.shape[0]
     for layer in range(len(kv)):
@@ -67,14 +76,14 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
         cache = kv[layer]
         cache[:, rp, :, write] = qkv[:, 1:].to(cache.dtype)
         q = qkv[:, 0]
-        if rows is not None:
-            q = q.new_zeros((n, n_head, dh)).index_copy_(0, rows, q)
+        if grid is not None:
+            q = q.new_zeros((hi * kq, n_head, dh)).index_copy_(0, grid, q)
         q = q.view(hi, kq, n_head, dh).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, cache[0, :hi, :, :width], cache[1, :hi, :, :width],
                                            attn_mask=mask, scale=scale)
-        o = o.transpose(1, 2).reshape(n, d)
-        if rows is not None:
-            o = o.index_select(0, rows)
+        o = o.transpose(1, 2).reshape(hi * kq, d)
+        if grid is not None:
+            o = o.index_select(0, grid)
         x = x + _lin(o, j + 1, packed, w, b)
         h = F.layer_norm(x, [d], ln_w[2 * layer + 1], ln_b[2 * layer + 1], eps[2 * layer + 1])
         f = _lin(h, j + 2, packed, w, b)
