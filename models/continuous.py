@@ -636,17 +636,18 @@ class ContinuousDecoder:
         t = int(col[alive].max()) + 1
         rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
         h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
-        if rows is not None:  # a place not computed gets its row's first outputs (never read: a peaked row
-            read = torch.tensor(src, dtype=torch.long, device=dev)  # keeps the sampling on its top-8 path)
-            h, logits = h.index_select(0, read), logits.index_select(0, read)
-        h, logits = h.view(n, qn, -1), logits.view(n, qn, -1)
+        # a place not computed reads its row's first outputs (never used: a peaked row keeps the sampling on its
+        # top-8 path); the logits are gathered for the live rows only, the hidden states (narrow) for all
+        read = torch.tensor(src, dtype=torch.long, device=dev).view(n, qn) if rows is not None else None
+        h = (h if read is None else h.index_select(0, read.reshape(-1))).view(n, qn, -1)
         ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
         self._retire(ending, h[ending, 0] if self.want_hidden else None)
         m = live.numel()
         if m == 0:
             return True
+        x = logits.view(n, qn, -1)[live] if read is None else logits.index_select(0, read[live].reshape(-1))
         dl = dr[live]  # (m, d)
-        acc, first_end, closing_now = self._emit_rows(live, logits[live].float() + self.ban[live][:, None], dl,
+        acc, first_end, closing_now = self._emit_rows(live, x.view(m, qn, -1).float() + self.ban[live][:, None], dl,
                                                       advance=True)
         self.drafts.observe(int((dl >= 0).sum()), int(acc.sum()))
         if self.want_hidden:  # an EOS among the kept guesses was fed in this step: its hidden state is the CTR read
