@@ -10,7 +10,9 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
    the batch is full); then up to ``max_batch_size`` minus the running requests (at most
    ``admit_chunk`` per iteration, so that a burst's prefill does not stall the running rows for
    long) are taken, oldest first, prepared (prompt, bans, style tilt), prefilled and added to the
-   running batch (``models.continuous.ContinuousDecoder``).
+   running batch (``models.continuous.ContinuousDecoder``). While a batch decodes, the prefill runs
+   on a prefill thread (the other core of a CPU host) and the prompts join at the first step after
+   it is done: the running rows do not wait for an arrival's prefill.
 3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
    ended is finished (CTR head, filter, policy) on a second thread and answered at once.
    **Admission control**: a request is admitted only when :class:`StepCost` (a step's time as
@@ -41,7 +43,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -87,6 +90,18 @@ class ContinuousExecutor(Protocol[Req_contra, Res]):
     def prepare(self, requests: Sequence[Req_contra]) -> tuple[list[Any], torch.Tensor, torch.Tensor]: ...
 
     def finish(self, items: Sequence[tuple[Req_contra, Any, Any]]) -> list[Res]: ...
+
+
+@dataclass
+class _Admission(Generic[Req, Res]):
+    """A batch taken from the queue whose prompts prefill on the prefill thread (installed when done)."""
+
+    session: _Session[Req, Res]
+    batch: list[Job[Req, Res]]
+    prepared: list[Any]
+    first: torch.Tensor
+    ban: torch.Tensor
+    prefill: Future[Any]
 
 
 @dataclass
@@ -183,6 +198,7 @@ class ContinuousEngine(Generic[Req, Res]):
         on_step: Callable[[], None] | None = None,
         admit_chunk: int = 8,
         finish_in_thread: bool = True,
+        prefill_in_thread: bool = True,
     ) -> None:
         self.cfg = cfg or BatchConfig()
         self.scheduler: BatchScheduler[Req, Res] = BatchScheduler(self.cfg)
@@ -211,6 +227,10 @@ class ContinuousEngine(Generic[Req, Res]):
         # finishing a request (candidates' text, CTR head, filter, policy: ~10 ms of mostly Python) runs on
         # a second thread, so the decode loop does not stall for it (the other core of a CPU host)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="continuous-finish") if finish_in_thread else None
+        # prompts that arrive while a batch decodes prefill on a third thread (a decoder with ``prefill``), and
+        # join at the first step after: the decode does not stop for them (on a CPU host, the other core)
+        self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="continuous-prefill") if prefill_in_thread else None
+        self._admitting: list[_Admission[Req, Res]] = []
         self._gid = 0
         # admission control: a request is admitted only when it can finish before its deadline at the step
         # time the batch would then have, without making a running request miss its own; one that cannot
@@ -317,7 +337,8 @@ class ContinuousEngine(Generic[Req, Res]):
                             self._next_decoder = None
                         log.info("now admitting on %s (was %s)", self.executor.version, old.version)
                     running = self.running()
-                    room = min(self.cfg.max_batch_size - running, self.admit_chunk)
+                    admitting = sum(len(a.batch) for a in self._admitting)
+                    room = min(self.cfg.max_batch_size - running - admitting, self.admit_chunk - admitting)
                     batch: list[Job[Req, Res]] = []
                     shed: list[Job[Req, Res]] = []
                     if self.scheduler.queue:
@@ -325,11 +346,13 @@ class ContinuousEngine(Generic[Req, Res]):
                     if room > 0 and self.scheduler.queue:
                         batch, gone, shed = self._take(room, now)
                         expired += gone
-                    if batch or expired or shed or running:
+                    if batch or expired or shed or running or admitting:
                         break
                     if self._stopping and not self.scheduler.queue:
                         if self._finisher is not None:
                             self._finisher.shutdown(wait=True)  # every finished request answered
+                        if self._prefiller is not None:
+                            self._prefiller.shutdown(wait=False)
                         return
                     wait = self.scheduler.wait_time(now)
                     self._cond.wait(timeout=None if wait is None else max(wait, 0.001))
@@ -346,14 +369,16 @@ class ContinuousEngine(Generic[Req, Res]):
             if batch:
                 self._admit(executor, batch)
                 self._deadlines(self.clock())
+            if self._admitting:  # nothing decoding: wait for the prefill (else take what is ready)
+                self._install(wait=not self.running())
             stepping = self.running()
             for session in list(self._sessions):
                 self._step(session)
             if stepping:  # the iteration's time, prefills included, over the requests it stepped
                 self.cost.observe_step(stepping, self.clock() - began)
             self._deadlines(self.clock())
-            self._sessions = [s for s in self._sessions if s.jobs or (s is self._sessions[-1]
-                                                                     and s.executor is self.executor)]
+            self._sessions = [s for s in self._sessions if s.jobs or any(a.session is s for a in self._admitting)
+                              or (s is self._sessions[-1] and s.executor is self.executor)]
             if self.on_step:
                 self.on_step()
 
@@ -395,6 +420,7 @@ class ContinuousEngine(Generic[Req, Res]):
             q.extend(live[room:])
             return live[:room], expired, shed
         running = [(r.job.deadline, r.steps) for s in self._sessions for r in s.jobs.values()]
+        running += [(j.deadline, 0) for a in self._admitting for j in a.batch]
         admit: list[Job[Req, Res]] = []
         while live and len(admit) < room:
             m = len(running) + 1
@@ -461,12 +487,51 @@ class ContinuousEngine(Generic[Req, Res]):
 
     def _admit_into(self, session: _Session[Req, Res], batch: list[Job[Req, Res]]) -> None:
         prepared, first, ban = session.executor.prepare([j.request for j in batch])
+        prefill = getattr(session.decoder, "prefill", None)
+        if self._prefiller is not None and prefill is not None and (self.running() or self._admitting):
+            fut = self._prefiller.submit(prefill, [p.ids for p in prepared])
+            self._admitting.append(_Admission(session, batch, prepared, first, ban, fut))
+            return
+        self._join(session, batch, prepared, first, ban)
+
+    def _join(self, session: _Session[Req, Res], batch: list[Job[Req, Res]], prepared: list[Any],
+              first: torch.Tensor, ban: torch.Tensor, prefilled: Any = None) -> None:
         gids = list(range(self._gid, self._gid + len(batch)))
-        session.decoder.admit(gids, [p.ids for p in prepared], first, ban)
+        if prefilled is None:
+            session.decoder.admit(gids, [p.ids for p in prepared], first, ban)
+        else:  # a decoder with prefill() (models.continuous.ContinuousDecoder) admits what it prefilled
+            admit: Any = session.decoder.admit
+            admit(gids, [p.ids for p in prepared], first, ban, prefilled=prefilled)
         self._gid += len(batch)
         for gid, job, p in zip(gids, batch, prepared, strict=True):
             session.jobs[gid] = _Running(job, p)
             self._running_ids.add(id(job))
+
+    def _install(self, wait: bool) -> None:
+        """Batches whose prefill is done join their decoder, in the order they were taken (``wait``: for
+        the first one, up to 50 ms). A batch that fails to prefill or to join is admitted again one
+        request at a time, on this thread: a request that fails, fails alone."""
+        if wait:
+            wait_futures([a.prefill for a in self._admitting], timeout=0.05, return_when=FIRST_COMPLETED)
+        while self._admitting and self._admitting[0].prefill.done():
+            a = self._admitting.pop(0)
+            try:
+                self._join(a.session, a.batch, a.prepared, a.first, a.ban, prefilled=a.prefill.result())
+            except Exception as exc:
+                if len(a.batch) == 1:
+                    log.exception("request failed to start on %s", a.session.executor.version)
+                    self._fail(a.batch[0], exc)
+                    continue
+                log.warning("admitting %d requests failed on %s (%s: %s); admitting them one by one", len(a.batch),
+                            a.session.executor.version, type(exc).__name__, exc)
+                self.stats.failed_batches += 1
+                for job in a.batch:
+                    try:
+                        self._join(a.session, [job], *a.session.executor.prepare([job.request]))
+                    except Exception as one:
+                        log.exception("request failed to start on %s", a.session.executor.version)
+                        self._fail(job, one)
+        self._deadlines(self.clock())
 
     def _step(self, session: _Session[Req, Res]) -> None:
         if not session.jobs:

@@ -63,6 +63,19 @@ from models.sequences import left_pad, positions_from_mask
 MAX_DRAFTS = 8  # drafts a row gets at most in a step (a lone row's; the n-gram table chains its guesses)
 
 
+@dataclass(frozen=True)
+class Prefilled:
+    """Prompts prefilled for :meth:`ContinuousDecoder.admit`: keys/values per layer (P, H, L, dh), the
+    valid columns (P, L), last positions (P,) and first logits (P, V), left-padded to the longest (L)."""
+
+    rows: list[list[int]]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+    last_pos: torch.Tensor
+    logits: torch.Tensor
+
+
 @dataclass
 class FinishedGroup:
     """The ``k`` rows of one admitted prompt, in slot order."""
@@ -310,29 +323,41 @@ class ContinuousDecoder:
 
     # ------------------------------------------------------------------ admit
     @torch.inference_mode()
+    def prefill(self, prompt_rows: Sequence[Sequence[int]]) -> Prefilled:
+        """The prompts' keys, values and first logits, for :meth:`admit`. Reads the weights and the
+        prefix cache (locked) only, never the running batch: safe on another thread while :meth:`step`
+        runs (the engine prefills arrivals on a second core while the batch decodes)."""
+        rows = [list(r) for r in prompt_rows]
+        reuse = [self.prefix.lookup(r) for r in rows] if self.prefix is not None else None
+        with autocast_for(self.device):
+            keys, values, valid, last_pos, logits = self._prefill(rows, reuse)
+        if self.prefix is not None and reuse is not None:
+            self.prefix.count(sum(c for c, _ in reuse), sum(len(r) for r in rows) - sum(c for c, _ in reuse))
+            for i, r in enumerate(rows):
+                if reuse[i][0] < len(r) - 1:  # not yet cached
+                    self.prefix.store(r, stack_kv([t[i][:, valid[i]] for t in keys],
+                                                  [t[i][:, valid[i]] for t in values]))
+        return Prefilled(rows, keys, values, valid, last_pos, logits)
+
+    @torch.inference_mode()
     def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
-              ban: torch.Tensor) -> None:
+              ban: torch.Tensor, prefilled: Prefilled | None = None) -> None:
         """Add prompts ``gids`` (ids of the caller's choosing, unique among those admitted and not
         reported): ``first_bias`` (P, V) float added to the first token's logits (-inf: not allowed;
         the style tokens and the shopper's style tilt), ``ban`` (P, V) bool ids never sampled after
-        the first."""
+        the first. ``prefilled``: :meth:`prefill` of these prompts, done before (else done here)."""
         if not gids:
             return
         if len(gids) != len(prompt_rows) or first_bias.shape[0] != len(gids) or ban.shape[0] != len(gids):
             raise ValueError("gids, prompt_rows, first_bias and ban differ in length")
         if any(int(g) in self._left for g in gids):
             raise ValueError("a gid is already decoding")
+        if prefilled is not None and prefilled.rows != [list(r) for r in prompt_rows]:
+            raise ValueError("prefilled for other prompts")
         k, dev, n_new = self.k, self.device, len(gids)
-        reuse = [self.prefix.lookup(r) for r in prompt_rows] if self.prefix is not None else None
-        with autocast_for(dev):
-            keys, values, valid, last_pos, logits = self._prefill(prompt_rows, reuse)
+        pre = prefilled if prefilled is not None else self.prefill(prompt_rows)
+        keys, values, valid, last_pos, logits = pre.keys, pre.values, pre.valid, pre.last_pos, pre.logits
         length = valid.shape[1]
-        if self.prefix is not None and reuse is not None:
-            self.prefix.count(sum(c for c, _ in reuse), sum(len(r) for r in prompt_rows) - sum(c for c, _ in reuse))
-            for i, r in enumerate(prompt_rows):
-                if reuse[i][0] < len(r) - 1:  # not yet cached
-                    self.prefix.store(r, stack_kv([t[i][:, valid[i]] for t in keys],
-                                                  [t[i][:, valid[i]] for t in values]))
         self._grow_prompts(n_new)
         self._widen(length, keys[0].dtype)
         slots = [p for p, g in enumerate(self.prompt_gid) if g < 0][:n_new]

@@ -114,6 +114,41 @@ def test_prompts_joining_mid_decode_get_what_the_static_decode_gives(dirs: dict[
     assert dec.gids() == [] and dec.live_rows == 0
 
 
+def test_prompts_prefilled_on_another_thread_while_the_batch_steps_get_what_the_static_decode_gives(
+        dirs: dict[str, Path]) -> None:
+    """The engine prefills arrivals on a second thread while the running batch steps: prompts
+    prefilled there, concurrently with steps, and admitted afterwards come out with the greedy
+    tokens of one static decode of all of them; a prefill is only admitted for its own prompts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = load_student(dirs["v1"], device=DEVICE)
+    m, tok = st.model, st.tokenizer
+    sid = special_ids(tok)
+    rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:5]])
+    first, ban = request_biases(m, tok, len(rows))
+    ref = decode(m, rows, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0,
+                 first_allowed=sid.style_id_list, banned=ban[0].nonzero().squeeze(1).tolist())
+    dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, temperature=0.0, max_prompts=2)
+    dec.admit([0, 1], rows[:2], first[:2], ban[:2])
+    got: dict[int, FinishedGroup] = {}
+    with ThreadPoolExecutor(1) as pool:
+        later = pool.submit(dec.prefill, rows[2:])
+        while not later.done():  # the batch keeps stepping meanwhile
+            for g in dec.step():
+                got[g.gid] = g
+        with pytest.raises(ValueError, match="other prompts"):
+            dec.admit([2, 3, 4], rows[1:4], first[2:], ban[2:], prefilled=later.result())
+        dec.admit([2, 3, 4], rows[2:], first[2:], ban[2:], prefilled=later.result())
+    for _ in range(100):
+        for g in dec.step():
+            got[g.gid] = g
+        if len(got) == len(rows):
+            break
+    assert sorted(got) == list(range(len(rows)))
+    if DEVICE == "cpu":
+        assert [t for i in range(len(rows)) for t in got[i].tokens] == ref.tokens
+
+
 def test_a_step_reads_the_prompt_columns_of_the_longest_prompt_decoding(dirs: dict[str, Path]) -> None:
     """The prompt window follows the running batch: a short prompt decodes alone over its own
     columns; a long one joins (the cache widens under the short one's rows) and a step reads the
@@ -632,6 +667,92 @@ def test_one_bad_request_fails_alone_in_the_running_batch(kw: dict[str, str], ex
         assert _answers(futs) == expected
     finally:
         eng.stop()
+
+
+class PrefillingDecoder(ScriptedDecoder):
+    """Prefills on the caller's thread (recorded), waiting for ``gate``; a prompt ``[1]`` fails to prefill
+    and to be admitted. Each step takes 2 ms."""
+
+    def __init__(self, gate: threading.Event, length: int) -> None:
+        super().__init__(length=length)
+        self.gate = gate
+        self.threads: list[str] = []
+
+    def prefill(self, rows: Sequence[Sequence[int]]) -> Any:
+        self.threads.append(threading.current_thread().name)
+        self.gate.wait(30)
+        if [1] in [list(r) for r in rows]:
+            raise RuntimeError("cannot prefill")
+        return SimpleNamespace(rows=[list(r) for r in rows])
+
+    def admit(self, gids: Sequence[int], prompt_rows: Sequence[Sequence[int]], first_bias: torch.Tensor,
+              ban: torch.Tensor, prefilled: Any = None) -> None:
+        if [1] in [list(r) for r in prompt_rows]:
+            raise ValueError("bad prompt")
+        assert prefilled is None or prefilled.rows == [list(r) for r in prompt_rows]
+        super().admit(gids, prompt_rows, first_bias, ban)
+
+    def step(self) -> list[FinishedGroup]:
+        time.sleep(0.002)
+        return super().step()
+
+
+class PrefillingExecutor(ScriptedExecutor):
+    def __init__(self, length: int) -> None:
+        super().__init__(explode="x")  # "x" gets the prompt [1]
+        self.gate = threading.Event()
+        self.dec = PrefillingDecoder(self.gate, length)
+
+    def decoder(self, max_prompts: int) -> ScriptedDecoder:
+        return self.dec
+
+
+def _when_running(eng: ContinuousEngine[str, str], n: int) -> None:
+    deadline = time.monotonic() + 10
+    while eng.running() < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert eng.running() == n
+
+
+def test_a_slow_prefill_does_not_stall_the_running_decode() -> None:
+    """A request that arrives while another decodes is prefilled on the prefill thread: the running
+    one keeps stepping and is answered while that prefill is still blocked; the new one joins once
+    its prefill is done."""
+    ex = PrefillingExecutor(length=20)
+    ex.gate.set()
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32))
+    eng.start()
+    try:
+        a = eng.submit("a")
+        _when_running(eng, 1)
+        ex.gate.clear()
+        b = eng.submit("b")
+        assert a.result(30) == "A"  # 20 steps, while b's prefill waits
+        assert not b.done() and ex.dec.threads == ["continuous-prefill_0"]
+        ex.gate.set()
+        assert b.result(30) == "B"
+    finally:
+        ex.gate.set()
+        eng.stop()
+
+
+def test_a_batch_that_fails_to_prefill_is_admitted_one_by_one() -> None:
+    """Three requests prefilled together on the prefill thread, one of them with a prompt that cannot
+    be prefilled: the batch is admitted again request by request, and only that one fails."""
+    ex = PrefillingExecutor(length=40)
+    ex.gate.set()
+    eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32))
+    eng.start()
+    try:
+        first = eng.submit("a")
+        _when_running(eng, 1)
+        with eng._cond:  # the three arrive together: one batch
+            futs = [eng.submit(r) for r in ("b", "x", "c")]
+        assert _answers([first, *futs]) == ["A", "B", "ValueError", "C"]
+        assert "continuous-prefill_0" in ex.dec.threads
+    finally:
+        eng.stop()
+    assert eng.stats.failed_batches == 1
 
 
 def test_queue_is_bounded_and_a_queued_request_past_its_deadline_is_refused() -> None:
