@@ -94,14 +94,12 @@ class ContinuousExecutor(Protocol[Req_contra, Res]):
 
 @dataclass
 class _Admission(Generic[Req, Res]):
-    """A batch taken from the queue whose prompts prefill on the prefill thread (installed when done)."""
+    """A batch taken from the queue, prepared and prefilled on the prefill thread (installed when done):
+    ``prefill`` gives (prepared, first-token bias, bans, the decoder's prefill)."""
 
     session: _Session[Req, Res]
     batch: list[Job[Req, Res]]
-    prepared: list[Any]
-    first: torch.Tensor
-    ban: torch.Tensor
-    prefill: Future[Any]
+    prefill: Future[tuple[list[Any], torch.Tensor, torch.Tensor, Any]]
 
 
 @dataclass
@@ -486,13 +484,19 @@ class ContinuousEngine(Generic[Req, Res]):
                 self._admit(executor, [job])
 
     def _admit_into(self, session: _Session[Req, Res], batch: list[Job[Req, Res]]) -> None:
-        prepared, first, ban = session.executor.prepare([j.request for j in batch])
-        prefill = getattr(session.decoder, "prefill", None)
-        if self._prefiller is not None and prefill is not None and (self.running() or self._admitting):
-            fut = self._prefiller.submit(prefill, [p.ids for p in prepared])
-            self._admitting.append(_Admission(session, batch, prepared, first, ban, fut))
+        if self._prefiller is not None and hasattr(session.decoder, "prefill") and (self.running() or self._admitting):
+            fut = self._prefiller.submit(self._prepare_prefill, session, [j.request for j in batch])
+            self._admitting.append(_Admission(session, batch, fut))
             return
-        self._join(session, batch, prepared, first, ban)
+        self._join(session, batch, *session.executor.prepare([j.request for j in batch]))
+
+    @staticmethod
+    def _prepare_prefill(session: _Session[Req, Res], requests: list[Req]
+                         ) -> tuple[list[Any], torch.Tensor, torch.Tensor, Any]:
+        """(On the prefill thread) what :meth:`_join` needs, the decoder's prefill included."""
+        prepared, first, ban = session.executor.prepare(requests)
+        prefill: Any = getattr(session.decoder, "prefill")  # noqa: B009 (not in the Decoder protocol)
+        return prepared, first, ban, prefill([p.ids for p in prepared])
 
     def _join(self, session: _Session[Req, Res], batch: list[Job[Req, Res]], prepared: list[Any],
               first: torch.Tensor, ban: torch.Tensor, prefilled: Any = None) -> None:
@@ -509,14 +513,15 @@ class ContinuousEngine(Generic[Req, Res]):
 
     def _install(self, wait: bool) -> None:
         """Batches whose prefill is done join their decoder, in the order they were taken (``wait``: for
-        the first one, up to 50 ms). A batch that fails to prefill or to join is admitted again one
-        request at a time, on this thread: a request that fails, fails alone."""
+        the first one, up to 50 ms). A batch that fails to prepare, to prefill or to join is admitted
+        again one request at a time, on this thread: a request that fails, fails alone."""
         if wait:
             wait_futures([a.prefill for a in self._admitting], timeout=0.05, return_when=FIRST_COMPLETED)
         while self._admitting and self._admitting[0].prefill.done():
             a = self._admitting.pop(0)
             try:
-                self._join(a.session, a.batch, a.prepared, a.first, a.ban, prefilled=a.prefill.result())
+                prepared, first, ban, prefilled = a.prefill.result()
+                self._join(a.session, a.batch, prepared, first, ban, prefilled=prefilled)
             except Exception as exc:
                 if len(a.batch) == 1:
                     log.exception("request failed to start on %s", a.session.executor.version)

@@ -698,10 +698,15 @@ class PrefillingDecoder(ScriptedDecoder):
 
 
 class PrefillingExecutor(ScriptedExecutor):
-    def __init__(self, length: int) -> None:
-        super().__init__(explode="x")  # "x" gets the prompt [1]
+    def __init__(self, length: int, bad_prepare: str = "") -> None:
+        super().__init__(bad_prepare=bad_prepare, explode="x")  # "x" gets the prompt [1]
         self.gate = threading.Event()
         self.dec = PrefillingDecoder(self.gate, length)
+        self.prepared_on: list[str] = []
+
+    def prepare(self, reqs: Sequence[str]) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+        self.prepared_on.append(threading.current_thread().name)
+        return super().prepare(reqs)
 
     def decoder(self, max_prompts: int) -> ScriptedDecoder:
         return self.dec
@@ -736,10 +741,12 @@ def test_a_slow_prefill_does_not_stall_the_running_decode() -> None:
         eng.stop()
 
 
-def test_a_batch_that_fails_to_prefill_is_admitted_one_by_one() -> None:
-    """Three requests prefilled together on the prefill thread, one of them with a prompt that cannot
-    be prefilled: the batch is admitted again request by request, and only that one fails."""
-    ex = PrefillingExecutor(length=40)
+@pytest.mark.parametrize(("bad", "error"), [("x", "ValueError"), ("y", "ValueError")])
+def test_a_batch_that_fails_to_prefill_is_admitted_one_by_one(bad: str, error: str) -> None:
+    """Three requests prepared and prefilled together on the prefill thread, one of them with a
+    prompt that cannot be prefilled ("x") or a request that cannot be prepared ("y"): the batch is
+    admitted again request by request, and only that one fails."""
+    ex = PrefillingExecutor(length=40, bad_prepare="y")
     ex.gate.set()
     eng: ContinuousEngine[str, str] = ContinuousEngine(ex, BatchConfig(max_batch_size=32))
     eng.start()
@@ -747,9 +754,9 @@ def test_a_batch_that_fails_to_prefill_is_admitted_one_by_one() -> None:
         first = eng.submit("a")
         _when_running(eng, 1)
         with eng._cond:  # the three arrive together: one batch
-            futs = [eng.submit(r) for r in ("b", "x", "c")]
-        assert _answers([first, *futs]) == ["A", "B", "ValueError", "C"]
-        assert "continuous-prefill_0" in ex.dec.threads
+            futs = [eng.submit(r) for r in ("b", bad, "c")]
+        assert _answers([first, *futs]) == ["A", "B", error, "C"]
+        assert ex.prepared_on.count("continuous-prefill_0") == 1  # the batch; then one by one on the loop
     finally:
         eng.stop()
     assert eng.stats.failed_batches == 1
