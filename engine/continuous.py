@@ -10,9 +10,9 @@ runs vLLM's engine loop on one thread that owns the model. Each iteration:
    the batch is full); then up to ``max_batch_size`` minus the running requests (at most
    ``admit_chunk`` per iteration, so that a burst's prefill does not stall the running rows for
    long) are taken, oldest first, prepared (prompt, bans, style tilt), prefilled and added to the
-   running batch (``models.continuous.ContinuousDecoder``). While a batch decodes, the prefill runs
-   on a prefill thread (the other core of a CPU host) and the prompts join at the first step after
-   it is done: the running rows do not wait for an arrival's prefill.
+   running batch (``models.continuous.ContinuousDecoder``). While a CPU batch decodes, arrivals are
+   prepared and prefilled on a prefill thread (the other core) and join at the first step after:
+   the running rows do not wait for an arrival's prefill (a CUDA decoder prefills on the loop).
 3. **step**: one token for every row of every running batch; a request whose ``K`` candidates all
    ended is finished (CTR head, filter, policy) on a second thread and answered at once.
    **Admission control**: a request is admitted only when :class:`StepCost` (a step's time as
@@ -225,8 +225,8 @@ class ContinuousEngine(Generic[Req, Res]):
         # finishing a request (candidates' text, CTR head, filter, policy: ~10 ms of mostly Python) runs on
         # a second thread, so the decode loop does not stall for it (the other core of a CPU host)
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="continuous-finish") if finish_in_thread else None
-        # prompts that arrive while a batch decodes prefill on a third thread (a decoder with ``prefill``), and
-        # join at the first step after: the decode does not stop for them (on a CPU host, the other core)
+        # prompts that arrive while a batch decodes are prepared and prefilled on a third thread (a decoder whose
+        # ``prefill_concurrent``: a CPU one), and join at the first step after: the decode does not stop for them
         self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="continuous-prefill") if prefill_in_thread else None
         self._admitting: list[_Admission[Req, Res]] = []
         self._gid = 0
@@ -484,7 +484,8 @@ class ContinuousEngine(Generic[Req, Res]):
                 self._admit(executor, [job])
 
     def _admit_into(self, session: _Session[Req, Res], batch: list[Job[Req, Res]]) -> None:
-        if self._prefiller is not None and hasattr(session.decoder, "prefill") and (self.running() or self._admitting):
+        concurrent = getattr(session.decoder, "prefill_concurrent", False)  # prefill() safe beside step()
+        if self._prefiller is not None and concurrent and (self.running() or self._admitting):
             fut = self._prefiller.submit(self._prepare_prefill, session, [j.request for j in batch])
             self._admitting.append(_Admission(session, batch, fut))
             return

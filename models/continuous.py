@@ -178,6 +178,9 @@ class ContinuousDecoder:
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
         self._emit = scripted.emit() if self._script is not None else None  # the sampling too (eager if None)
+        # prefill() may run on another thread while step() runs: on a CPU (the other core); on a GPU both would
+        # share the stream, and a CUDA graph's capture must not see another thread's work
+        self.prefill_concurrent = self.device.type == "cpu"
         ln = [a for pair in self.norms[0] for a in pair] + [self.norms[1]]
         self._ln = ([a[1] for a in ln], [a[2] for a in ln], [float(a[3]) for a in ln])
 

@@ -677,6 +677,7 @@ class PrefillingDecoder(ScriptedDecoder):
         super().__init__(length=length)
         self.gate = gate
         self.threads: list[str] = []
+        self.prefill_concurrent = True
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> Any:
         self.threads.append(threading.current_thread().name)
