@@ -473,15 +473,25 @@ class ContinuousEngine(Generic[Req, Res]):
         try:
             self._admit_into(session, batch)
         except Exception as exc:
-            if len(batch) == 1:
-                log.exception("request failed to start on %s", executor.version)
-                self._fail(batch[0], exc)
-                return
-            log.warning("admitting %d requests failed on %s (%s: %s); admitting them one by one", len(batch),
-                        executor.version, type(exc).__name__, exc)
-            self.stats.failed_batches += 1
-            for job in batch:
-                self._admit(executor, [job])
+            self._start_alone(session, batch, exc)
+
+    def _start_alone(self, session: _Session[Req, Res], batch: list[Job[Req, Res]], exc: Exception) -> None:
+        """``batch`` failed to start (prepare, prefill or join) with ``exc``: its requests start again one
+        at a time on this thread, so a request that fails, fails alone."""
+        version = session.executor.version
+        if len(batch) == 1:
+            log.error("request failed to start on %s", version, exc_info=exc)
+            self._fail(batch[0], exc)
+            return
+        log.warning("admitting %d requests failed on %s (%s: %s); admitting them one by one", len(batch),
+                    version, type(exc).__name__, exc)
+        self.stats.failed_batches += 1
+        for job in batch:
+            try:
+                self._join(session, [job], *session.executor.prepare([job.request]))
+            except Exception as one:
+                log.error("request failed to start on %s", version, exc_info=one)
+                self._fail(job, one)
 
     def _admit_into(self, session: _Session[Req, Res], batch: list[Job[Req, Res]]) -> None:
         concurrent = getattr(session.decoder, "prefill_concurrent", False)  # prefill() safe beside step()
@@ -518,26 +528,17 @@ class ContinuousEngine(Generic[Req, Res]):
         again one request at a time, on this thread: a request that fails, fails alone."""
         if wait:
             wait_futures([a.prefill for a in self._admitting], timeout=0.05, return_when=FIRST_COMPLETED)
+        joined = False
         while self._admitting and self._admitting[0].prefill.done():
             a = self._admitting.pop(0)
+            joined = True
             try:
                 prepared, first, ban, prefilled = a.prefill.result()
                 self._join(a.session, a.batch, prepared, first, ban, prefilled=prefilled)
             except Exception as exc:
-                if len(a.batch) == 1:
-                    log.exception("request failed to start on %s", a.session.executor.version)
-                    self._fail(a.batch[0], exc)
-                    continue
-                log.warning("admitting %d requests failed on %s (%s: %s); admitting them one by one", len(a.batch),
-                            a.session.executor.version, type(exc).__name__, exc)
-                self.stats.failed_batches += 1
-                for job in a.batch:
-                    try:
-                        self._join(a.session, [job], *a.session.executor.prepare([job.request]))
-                    except Exception as one:
-                        log.exception("request failed to start on %s", a.session.executor.version)
-                        self._fail(job, one)
-        self._deadlines(self.clock())
+                self._start_alone(a.session, a.batch, exc)
+        if joined:  # a newcomer past its deadline leaves before its first step
+            self._deadlines(self.clock())
 
     def _step(self, session: _Session[Req, Res]) -> None:
         if not session.jobs:
