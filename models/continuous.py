@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models import cascade, scripted
+from models import cascade, cpu_emit, scripted
 from models.drafts import NGramDrafts, emit_into_rows
 from models.generate import autocast_for
 from models.linears import linears
@@ -177,7 +177,8 @@ class ContinuousDecoder:
         self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
-        self._emit = scripted.emit() if self._script is not None else None  # the sampling too (eager if None)
+        # the sampling and its writes: one compiled loop on a CPU (models/cpu_emit.py), tensor operations on a GPU
+        self._emit = cpu_emit.emit_into_rows if self.device.type == "cpu" else emit_into_rows
         # prefill() may run on another thread while step() runs: on a CPU (the other core); on a GPU both would
         # share the stream, and a CUDA graph's capture must not see another thread's work
         self.prefill_concurrent = self.device.type == "cpu"
@@ -417,8 +418,7 @@ class ContinuousDecoder:
         the ending token (qn: none), closing) per row."""
         m, qn = x.shape[0], x.shape[1]
         u = torch.rand((m, qn), generator=self.gen, device=self.device)
-        emit = self._emit if self._emit is not None else emit_into_rows
-        return emit(rows, x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop, advance,
+        return self._emit(rows, x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop, advance,
                     self.max_new, self.lp, self.slp, self.tokens, self.ntok, self.pending, self.pos, self.glen,
                     self.fin, self.closing)
 

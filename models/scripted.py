@@ -6,8 +6,6 @@ Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.C
 and :func:`prefill_forward` the forward of its ``_prefill`` (the same operations in the same order:
 tests compare them), compiled by ``torch.jit.script`` once per process, on first use. CPU only;
 tanh-GELU trunks only (the others take the eager forwards).
-:func:`emit` scripts a step's sampling and its writes into the rows' state
-(:func:`models.drafts.emit_into_rows`).
 """
 
 from __future__ import annotations
@@ -163,12 +161,3 @@ def step_forward() -> Any:
 def prefill_forward() -> Any:
     """:func:`_prefill` scripted (once per process), or None (the decoder then prefills eagerly)."""
     return _script(_prefill)
-
-
-@functools.cache
-def emit() -> Any:
-    """:func:`models.drafts.emit_into_rows` (a step's sampling, speculative pick and row-state updates,
-    ~80 small operations) scripted (once per process), or None (the decoder then runs it eagerly)."""
-    from models.drafts import emit_into_rows
-
-    return _script(emit_into_rows)

@@ -95,20 +95,19 @@ def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
     assert (~ended[none] & (n_emit[none] == 1) & (n_keep[none] == 1)).all()
 
 
-def test_the_scripted_emit_is_the_eager_emit() -> None:
-    """models/scripted.py runs emit_into_rows (a step's sampling and its writes into the rows' state)
-    as TorchScript on the CPU decoder: the same outputs and the same state for the same draws, on
-    peaked rows (the nucleus-first path), flat ones (top-k then top-p), masked ones, with and without
-    guesses, a stop mask, and greedy."""
-    from models import scripted
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.95), (0, 0.9), (5, 1.0), (300, 0.5)])
+def test_the_compiled_cpu_emit_is_the_eager_emit(top_k: int, top_p: float) -> None:
+    """models/cpu_emit.py runs emit_into_rows (a step's sampling and its writes into the rows' state)
+    as one compiled loop on the CPU decoder: the same outputs and the same state for the same draws, on
+    peaked rows, flat ones, masked ones, with and without guesses (kept, refused, absent), a stop
+    mask, truncation at max_new, greedy; top-k narrow, wide (a whole-row sort) and off."""
+    from models import cpu_emit
 
-    fn = scripted.emit()
-    assert fn is not None
     gen = torch.Generator().manual_seed(5)
     v, n_rows, max_new = 300, 12, 9
-    for m, qn in ((4, 4), (6, 1), (3, 2)):
+    for m, qn in ((4, 4), (6, 1), (3, 2), (5, 6)):
         x = torch.randn((m, qn, v), generator=gen) * 2
-        x[0, :, 7] += 15.0  # peaked
+        x[0, :, 7] += 15.0  # peaked: its guesses (7) are kept
         x[-1, :, 50:] = float("-inf")  # masked to a few ids
         drafts = torch.randint(-1, v, (m, qn - 1), generator=gen)
         drafts[0, :] = 7
@@ -121,9 +120,14 @@ def test_the_scripted_emit_is_the_eager_emit() -> None:
                  torch.zeros(n_rows, dtype=torch.long), torch.randint(40, 50, (n_rows,)),  # pending, pos
                  torch.randint(0, 4, (n_rows,)), torch.zeros(n_rows, dtype=torch.bool),  # glen, fin
                  torch.zeros(n_rows, dtype=torch.bool)]  # closing
-        for temperature, stop_mask, advance in ((0.9, None, True), (0.9, stop, False), (0.0, None, True)):
+        for temperature, stop_mask, advance in ((0.9, None, True), (0.9, stop, False), (1.3, stop, True),
+                                                (0.0, None, True)):
             mine, ref_state = [t.clone() for t in state], [t.clone() for t in state]
-            got = fn(rows, x, drafts, u, temperature, 50, 0.95, 5, stop_mask, advance, max_new, *mine)
-            ref = emit_into_rows(rows, x, drafts, u, temperature, 50, 0.95, 5, stop_mask, advance, max_new, *ref_state)
+            got = cpu_emit.emit_into_rows(rows, x, drafts, u, temperature, top_k, top_p, 5, stop_mask, advance,
+                                          max_new, *mine)
+            ref = emit_into_rows(rows, x, drafts, u, temperature, top_k, top_p, 5, stop_mask, advance, max_new,
+                                 *ref_state)
             for a, b in zip([*got, *mine], [*ref, *ref_state], strict=True):
-                assert torch.allclose(a.double(), b.double(), atol=1e-9), (m, qn, temperature)
+                assert torch.allclose(a.double(), b.double(), atol=1e-5), (m, qn, temperature)
+            if temperature > 0 and qn > 1:  # the peaked row keeps every guess, the random ones are mostly refused
+                assert int(got[0][0]) == qn - 1 and int(got[0][1:].sum()) < (m - 1) * (qn - 1)

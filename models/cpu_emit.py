@@ -1,0 +1,187 @@
+"""The CPU decoder's sampling and row-state writes as one compiled loop (numba).
+
+:func:`emit_into_rows` is :func:`models.drafts.emit_into_rows` (the reference, which CUDA decoders
+run) for CPU tensors: the same top-k then top-p distribution, the same speculative pick with the
+same uniform draws, the same writes into the rows' state. It computes only the places a row
+reaches (a refused guess ends the row's step), one top-k pass over each, instead of ~150 tensor
+operations over all of them; the log-likelihood's normaliser stays one vectorised torch call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+_FULL_SORT = 64  # a top-k wider than this (or none: top_k <= 0) sorts the whole row
+
+
+@numba.njit(cache=True, nogil=True)
+def _top(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray) -> int:  # pragma: no cover (compiled)
+    """``row``'s ``k`` largest values, descending, into ``vals`` / ``idx`` (ties: the lower id
+    first); returns how many (``k``, or the row's length)."""
+    if k > _FULL_SORT:
+        order = np.argsort(-row, kind="mergesort")
+        n = min(k, row.shape[0])
+        for c in range(n):
+            idx[c] = order[c]
+            vals[c] = row[order[c]]
+        return n
+    n = 0
+    thr = -np.inf
+    for j in range(row.shape[0]):
+        v = row[j]
+        if n < k or v > thr:
+            p = n if n < k else k - 1
+            while p > 0 and vals[p - 1] < v:
+                vals[p] = vals[p - 1]
+                idx[p] = idx[p - 1]
+                p -= 1
+            vals[p] = v
+            idx[p] = j
+            if n < k:
+                n += 1
+            if n == k:
+                thr = vals[k - 1]
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _emit(rows, x, lse, drafts, u, temperature, k, top_p, eos, stop, advance, max_new,
+          lp, slp, tokens, ntok, pending, pos, glen, fin, closing, acc_out, end_out, ending_out):  # pragma: no cover
+    m, qn, v = x.shape
+    d = qn - 1
+    vals = np.empty(k, np.float32)
+    idx = np.empty(k, np.int64)
+    pr = np.empty(k, np.float64)
+    em = np.empty(qn, np.int64)
+    pe = np.empty(qn, np.float64)
+    lps = np.empty(qn, np.float64)
+    for i in range(m):
+        acc = 0
+        for j in range(qn):
+            row = x[i, j]
+            # the sampling distribution: top-k after temperature, then top-p on the survivors
+            if temperature <= 0:
+                best = 0
+                for t in range(v):
+                    if row[t] > row[best]:
+                        best = t
+                nk = 1
+                idx[0] = best
+                pr[0] = 1.0
+            else:
+                nk = _top(row, k, vals, idx)
+                z = 0.0
+                for c in range(nk):
+                    pr[c] = math.exp((np.float64(vals[c]) - vals[0]) / temperature)
+                    z += pr[c]
+                if top_p < 1.0:
+                    before = 0.0
+                    kept = 0.0
+                    for c in range(nk):
+                        p = pr[c] / z
+                        if before < top_p:
+                            kept += pr[c]
+                        else:
+                            pr[c] = 0.0
+                        before += p
+                    z = kept
+                for c in range(nk):
+                    pr[c] /= z
+            g = drafts[i, j] if j < d else -1
+            pg = 0.0
+            if g >= 0:
+                for c in range(nk):
+                    if idx[c] == g:
+                        pg = pr[c]
+            if j < d and u[i, j] < pg:  # the guess is kept
+                em[j] = g
+                pe[j] = pg
+                lps[j] = row[g] - lse[i, j]
+                acc += 1
+                continue
+            # a draw (inverse CDF with the last draw) from the distribution without the refused guess
+            rest = 0.0
+            for c in range(nk):
+                if idx[c] != g:
+                    rest += pr[c]
+            drop = g if rest > 0 else -2  # p(guess) was 1 up to rounding: draw from all of it
+            if drop == -2:
+                rest = 0.0
+                for c in range(nk):
+                    rest += pr[c]
+            target = u[i, d] * rest
+            cum = 0.0
+            below = 0
+            for c in range(nk):
+                if idx[c] != drop:
+                    cum += pr[c]
+                if cum < target:
+                    below += 1
+            choice = min(below, nk - 1)
+            em[j] = idx[choice]
+            pe[j] = pr[choice]
+            lps[j] = row[idx[choice]] - lse[i, j]
+            break
+        n_emit = acc + 1
+        has_end = False
+        first_end = qn
+        for j in range(acc + 1):  # an ending token (EOS or stop) among the emitted ones ends the row there
+            if em[j] == eos or stop[em[j]]:
+                has_end = True
+                first_end = j
+                n_emit = j + 1
+                break
+        n_keep = n_emit - 1 if has_end else n_emit
+        r = rows[i]
+        a = 0.0
+        b = 0.0
+        for j in range(n_emit):
+            a += lps[j]
+            if temperature > 0:
+                b += math.log(max(pe[j], 1e-30))
+        lp[r] += a
+        slp[r] += b
+        for j in range(min(n_keep, tokens.shape[1] - ntok[r])):  # (the decoder never drafts past max_new)
+            tokens[r, ntok[r] + j] = em[j]
+        ntok[r] += n_keep
+        pending[r] = em[n_emit - 1]
+        if advance:
+            pos[r] += n_emit
+            glen[r] += n_emit
+        fin[r] = fin[r] or has_end
+        ending = has_end or ntok[r] >= max_new  # truncated rows: EOS is forced for the CTR read
+        closing[r] = ending
+        acc_out[i] = acc
+        end_out[i] = first_end
+        ending_out[i] = ending
+
+
+def emit_into_rows(rows: Tensor, x: Tensor, drafts: Tensor, u: Tensor, temperature: float, top_k: int, top_p: float,
+                   eos: int, stop: Tensor | None, advance: bool, max_new: int, lp: Tensor, slp: Tensor,
+                   tokens: Tensor, ntok: Tensor, pending: Tensor, pos: Tensor, glen: Tensor, fin: Tensor,
+                   closing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`models.drafts.emit_into_rows` on CPU tensors (the state tensors contiguous, updated in
+    place); the same arguments and results."""
+    m, v = x.shape[0], x.shape[2]
+    x = x.float().contiguous()
+    lse = torch.logsumexp(x, -1)  # the log-likelihood's normaliser, every place at once (vectorised)
+    k = top_k if 0 < top_k < v else v
+    acc, first_end = np.empty(m, np.int64), np.empty(m, np.int64)
+    ending = np.empty(m, np.bool_)
+    no_stop = _no_stop(v) if stop is None else stop.numpy()
+    _emit(rows.contiguous().numpy(), x.numpy(), lse.numpy(), drafts.contiguous().numpy(),
+          u.float().contiguous().numpy(), float(temperature), k, float(top_p), int(eos), no_stop, bool(advance),
+          int(max_new), lp.numpy(), slp.numpy(), tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(),
+          glen.numpy(), fin.numpy(), closing.numpy(), acc, first_end, ending)
+    return torch.from_numpy(acc), torch.from_numpy(first_end), torch.from_numpy(ending)
+
+
+@functools.cache
+def _no_stop(v: int) -> np.ndarray:
+    return np.zeros(v, np.bool_)
