@@ -482,14 +482,18 @@ class ContinuousDecoder:
         grid: torch.Tensor | None = None
         if rows is not None:
             feed, pos, rows_p, write = feed[rows], pos[rows], rows_p[rows], write[rows]
-            # the computed places packed slot by slot into as many queries a slot as its most computes (the
-            # others query nothing: zeros, their outputs dropped): a slot's attention costs what it computes
-            slot = rows // kq
-            counts = torch.bincount(slot, minlength=hi)
-            kq = int(counts.max())
-            grid = slot * kq + torch.arange(rows.numel(), device=feed.device) - (counts.cumsum(0) - counts)[slot]
             sel = mask.view(n, width)[rows]
-            mask = sel.new_zeros((hi * kq, width)).index_copy_(0, grid, sel).view(hi, 1, kq, width)
+            if hi == 1:  # one slot: its computed places are its queries, in order
+                kq = rows.numel()
+                mask = sel.view(1, 1, kq, width)
+            else:
+                # the computed places packed slot by slot into as many queries a slot as its most computes (the
+                # others query nothing: zeros, their outputs dropped): a slot's attention costs what it computes
+                slot = rows // kq
+                counts = torch.bincount(slot, minlength=hi)
+                kq = int(counts.max())
+                grid = slot * kq + torch.arange(rows.numel(), device=feed.device) - (counts.cumsum(0) - counts)[slot]
+                mask = sel.new_zeros((hi * kq, width)).index_copy_(0, grid, sel).view(hi, 1, kq, width)
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
             cache = kv[layer]

@@ -57,14 +57,19 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     grid: Tensor | None = None
     if rows is not None:
         feed, pos, rp, write = feed[rows], pos[rows], rp[rows], write[rows]
-        # the computed places packed slot by slot into kq queries a slot, as many as its most (zero queries past)
-        slot = rows // kq
-        counts = torch.bincount(slot, minlength=hi)
-        start = counts.cumsum(0) - counts
-        kq = int(counts.max().item())
-        grid = slot * kq + torch.arange(rows.shape[0], device=feed.device) - start[slot]
         mask = mask.view(n, width)[rows]
-        mask = mask.new_zeros((hi * kq, width)).index_copy_(0, grid, mask).view(hi, 1, kq, width)
+        if hi == 1:  # one slot: its computed places are its queries, in order
+            kq = rows.shape[0]
+            mask = mask.view(1, 1, kq, width)
+        else:
+            # the computed places packed slot by slot into kq queries a slot, as many as its most (zero queries past)
+            slot = rows // kq
+            counts = torch.bincount(slot, minlength=hi)
+            start = counts.cumsum(0) - counts
+            kq = int(counts.max().item())
+            g = slot * kq + torch.arange(rows.shape[0], device=feed.device) - start[slot]
+            mask = mask.new_zeros((hi * kq, width)).index_copy_(0, g, mask).view(hi, 1, kq, width)
+            grid = g
     x = F.embedding(feed, wte) + F.embedding(pos, wpe)
     m = x.shape[0]
     for layer in range(len(kv)):
