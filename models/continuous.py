@@ -177,8 +177,6 @@ class ContinuousDecoder:
         self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
-        # the sampling and its writes: one compiled loop on a CPU (models/cpu_emit.py), tensor operations on a GPU
-        self._emit = cpu_emit.emit_into_rows if self.device.type == "cpu" else emit_into_rows
         # prefill() may run on another thread while step() runs: on a CPU (the other core); on a GPU both would
         # share the stream, and a CUDA graph's capture must not see another thread's work
         self.prefill_concurrent = self.device.type == "cpu"
@@ -401,26 +399,31 @@ class ContinuousDecoder:
         """Sample the next token of ``rows`` (all live, not closing) from ``logits`` (len(rows), V)."""
         if rows.numel() == 0:
             return
-        x = logits.float()
-        if add_ban:
-            x = x + self.ban[rows]
-        closing = self._emit_rows(rows, x[:, None], rows.new_zeros((rows.numel(), 0)), advance=False)[2]
+        place = torch.arange(rows.numel(), device=rows.device)[:, None]
+        closing = self._emit_rows(rows, logits, place, rows.new_zeros((rows.numel(), 0)), False, add_ban)[2]
         if not self.want_hidden:
             self._retire(rows[closing])
 
-    def _emit_rows(self, rows: torch.Tensor, x: torch.Tensor, drafts: torch.Tensor, advance: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``rows`` (m live rows) emit their tokens from ``x`` (m, qn, V; masks added): a plain draw
-        (qn = 1) or their kept guesses (``drafts`` (m, qn - 1)) and one draw
-        (:func:`models.drafts.speculative_pick`); an ending token (EOS or stop) ends the row
-        (closing: the CTR read comes next). ``advance``: the tokens before the last emitted one
-        were fed in this step (positions and columns move on). Returns (guesses kept, index of
-        the ending token (qn: none), closing) per row."""
-        m, qn = x.shape[0], x.shape[1]
+    def _emit_rows(self, rows: torch.Tensor, logits: torch.Tensor, place: torch.Tensor, drafts: torch.Tensor,
+                   advance: bool, ban: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``rows`` (m live rows) emit their tokens from the logits at ``place`` (m, qn: rows of
+        ``logits``), their bans added (``ban``): a plain draw (qn = 1) or their kept guesses
+        (``drafts`` (m, qn - 1)) and one draw (:func:`models.drafts.speculative_pick`); an ending
+        token (EOS or stop) ends the row (closing: the CTR read comes next). ``advance``: the tokens
+        before the last emitted one were fed in this step (positions and columns move on). Returns
+        (guesses kept, index of the ending token (qn: none), closing) per row."""
+        m, qn = place.shape
         u = torch.rand((m, qn), generator=self.gen, device=self.device)
-        return self._emit(rows, x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop, advance,
-                    self.max_new, self.lp, self.slp, self.tokens, self.ntok, self.pending, self.pos, self.glen,
-                    self.fin, self.closing)
+        state = (self.max_new, self.lp, self.slp, self.tokens, self.ntok, self.pending, self.pos, self.glen, self.fin,
+                 self.closing)
+        if self.device.type == "cpu":  # one compiled loop (models/cpu_emit.py)
+            return cpu_emit.emit_into_rows(rows, logits, place, self.ban if ban else None, drafts, u, self.temperature,
+                                           self.top_k, self.top_p, self.eos_id, self.stop, advance, *state)
+        x = logits.float()[place]
+        if ban:
+            x = x + self.ban[rows][:, None]
+        return emit_into_rows(rows, x, drafts, u, self.temperature, self.top_k, self.top_p, self.eos_id, self.stop,
+                              advance, *state)
 
     def _retire(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> None:
         """Rows ``rows`` leave: their outputs move to ``_left`` (``hidden``: theirs at EOS, in order);
@@ -668,8 +671,8 @@ class ContinuousDecoder:
         t = int(col[alive].max()) + 1
         rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
         h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
-        # a place not computed reads its row's first outputs (never used: a peaked row keeps the sampling on its
-        # top-8 path); the logits are gathered for the live rows only, the hidden states (narrow) for all
+        # a place not computed reads its row's first outputs (never used: a row's draw comes at its first missing
+        # guess at the latest); the hidden states (narrow) are gathered for all, the logits read where they are
         read = torch.tensor(src, dtype=torch.long, device=dev).view(n, qn) if rows is not None else None
         h = (h if read is None else h.index_select(0, read.reshape(-1))).view(n, qn, -1)
         ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
@@ -677,11 +680,10 @@ class ContinuousDecoder:
         m = live.numel()
         if m == 0:
             return True
-        x = logits.view(n, qn, -1)[live] if read is None else logits.index_select(0, read[live].reshape(-1))
+        place = live[:, None] * qn + steps if read is None else read[live]  # (m, qn): rows of logits
         dl = dr[live]  # (m, d)
-        acc, first_end, closing_now = self._emit_rows(live, x.view(m, qn, -1).float() + self.ban[live][:, None], dl,
-                                                      advance=True)
-        self.drafts.observe(int((dl >= 0).sum()), int(acc.sum()))
+        acc, first_end, closing_now = self._emit_rows(live, logits, place, dl, advance=True)
+        self.drafts.observe(sum(len(guesses.get(r, ())) for r in live_l), int(acc.sum()))
         if self.want_hidden:  # an EOS among the kept guesses was fed in this step: its hidden state is the CTR read
             ended = first_end < acc
             now = (ended & (feed[live].gather(1, (first_end + 1).clamp(max=d)[:, None]).squeeze(1) == self.eos_id)

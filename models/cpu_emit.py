@@ -73,10 +73,12 @@ def _log_norm(row: np.ndarray, mx: float) -> float:  # pragma: no cover (compile
 
 
 @numba.njit(cache=True, nogil=True)
-def _emit(rows, x, drafts, u, temperature, k, top_p, eos, stop, advance, max_new,
+def _emit(rows, logits, place, ban, drafts, u, temperature, k, top_p, eos, stop, advance, max_new,
           lp, slp, tokens, ntok, pending, pos, glen, fin, closing, acc_out, end_out, ending_out):  # pragma: no cover
-    m, qn, v = x.shape
+    m, qn = place.shape
+    v = logits.shape[1]
     d = qn - 1
+    row = np.empty(v, np.float32)
     vals = np.empty(k, np.float32)
     idx = np.empty(k, np.int64)
     pr = np.empty(k, np.float64)
@@ -86,7 +88,9 @@ def _emit(rows, x, drafts, u, temperature, k, top_p, eos, stop, advance, max_new
     for i in range(m):
         acc = 0
         for j in range(qn):
-            row = x[i, j]
+            row[:] = logits[place[i, j]]
+            if ban.shape[0] > 0:
+                row += ban[rows[i]]
             # the sampling distribution: top-k after temperature, then top-p on the survivors
             if temperature <= 0:
                 best = 0
@@ -187,20 +191,20 @@ def _emit(rows, x, drafts, u, temperature, k, top_p, eos, stop, advance, max_new
         ending_out[i] = ending
 
 
-def emit_into_rows(rows: Tensor, x: Tensor, drafts: Tensor, u: Tensor, temperature: float, top_k: int, top_p: float,
-                   eos: int, stop: Tensor | None, advance: bool, max_new: int, lp: Tensor, slp: Tensor,
-                   tokens: Tensor, ntok: Tensor, pending: Tensor, pos: Tensor, glen: Tensor, fin: Tensor,
-                   closing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`models.drafts.emit_into_rows` on CPU tensors (the state tensors contiguous, updated in
-    place); the same arguments and results."""
-    m, v = x.shape[0], x.shape[2]
-    x = x.float().contiguous()
+def emit_into_rows(rows: Tensor, logits: Tensor, place: Tensor, ban: Tensor | None, drafts: Tensor, u: Tensor,
+                   temperature: float, top_k: int, top_p: float, eos: int, stop: Tensor | None, advance: bool,
+                   max_new: int, lp: Tensor, slp: Tensor, tokens: Tensor, ntok: Tensor, pending: Tensor, pos: Tensor,
+                   glen: Tensor, fin: Tensor, closing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`models.drafts.emit_into_rows` on CPU tensors for ``x = logits[place] + ban[rows][:, None]``
+    (``place`` (m, qn): rows of ``logits`` (·, V); ``ban`` (·, V) by decoder row, or None), read
+    where they are; the state tensors (contiguous) updated in place. The same results."""
+    m, v = place.shape[0], logits.shape[1]
     k = top_k if 0 < top_k < v else v
     acc, first_end = np.empty(m, np.int64), np.empty(m, np.int64)
     ending = np.empty(m, np.bool_)
-    no_stop = _no_stop(v) if stop is None else stop.numpy()
-    _emit(rows.contiguous().numpy(), x.numpy(), drafts.contiguous().numpy(),
-          u.float().contiguous().numpy(), float(temperature), k, float(top_p), int(eos), no_stop, bool(advance),
+    _emit(rows.contiguous().numpy(), logits.float().contiguous().numpy(), place.contiguous().numpy(),
+          _none(v) if ban is None else ban.numpy(), drafts.contiguous().numpy(), u.float().contiguous().numpy(),
+          float(temperature), k, float(top_p), int(eos), _no_stop(v) if stop is None else stop.numpy(), bool(advance),
           int(max_new), lp.numpy(), slp.numpy(), tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(),
           glen.numpy(), fin.numpy(), closing.numpy(), acc, first_end, ending)
     return torch.from_numpy(acc), torch.from_numpy(first_end), torch.from_numpy(ending)
@@ -209,3 +213,8 @@ def emit_into_rows(rows: Tensor, x: Tensor, drafts: Tensor, u: Tensor, temperatu
 @functools.cache
 def _no_stop(v: int) -> np.ndarray:
     return np.zeros(v, np.bool_)
+
+
+@functools.cache
+def _none(v: int) -> np.ndarray:
+    return np.zeros((0, v), np.float32)

@@ -98,9 +98,10 @@ def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
 @pytest.mark.parametrize("top_k,top_p", [(50, 0.95), (0, 0.9), (5, 1.0), (300, 0.5)])
 def test_the_compiled_cpu_emit_is_the_eager_emit(top_k: int, top_p: float) -> None:
     """models/cpu_emit.py runs emit_into_rows (a step's sampling and its writes into the rows' state)
-    as one compiled loop on the CPU decoder: the same outputs and the same state for the same draws, on
+    as one compiled loop on the CPU decoder, reading each place's logits where the step left them
+    and adding the rows' bans itself: the same outputs and the same state for the same draws, on
     peaked rows, flat ones, masked ones, with and without guesses (kept, refused, absent), a stop
-    mask, truncation at max_new, greedy; top-k narrow, wide (a whole-row sort) and off."""
+    mask, bans, truncation at max_new, greedy; top-k narrow, wide (a whole-row sort) and off."""
     from models import cpu_emit
 
     gen = torch.Generator().manual_seed(5)
@@ -120,12 +121,20 @@ def test_the_compiled_cpu_emit_is_the_eager_emit(top_k: int, top_p: float) -> No
                  torch.zeros(n_rows, dtype=torch.long), torch.randint(40, 50, (n_rows,)),  # pending, pos
                  torch.randint(0, 4, (n_rows,)), torch.zeros(n_rows, dtype=torch.bool),  # glen, fin
                  torch.zeros(n_rows, dtype=torch.bool)]  # closing
-        for temperature, stop_mask, advance in ((0.9, None, True), (0.9, stop, False), (1.3, stop, True),
-                                                (0.0, None, True)):
+        # the logits as a step leaves them: one row per computed place, read through ``place``; bans by decoder row
+        order = torch.randperm(m * qn, generator=gen)
+        logits = torch.empty((m * qn, v))
+        logits[order] = x.reshape(m * qn, v)
+        place = order.view(m, qn)
+        ban = torch.zeros((n_rows, v))
+        ban[:, 200:] = float("-inf")
+        for temperature, stop_mask, advance, banned in ((0.9, None, True, None), (0.9, stop, False, ban),
+                                                        (1.3, stop, True, None), (0.0, None, True, ban)):
             mine, ref_state = [t.clone() for t in state], [t.clone() for t in state]
-            got = cpu_emit.emit_into_rows(rows, x, drafts, u, temperature, top_k, top_p, 5, stop_mask, advance,
-                                          max_new, *mine)
-            ref = emit_into_rows(rows, x, drafts, u, temperature, top_k, top_p, 5, stop_mask, advance, max_new,
+            got = cpu_emit.emit_into_rows(rows, logits, place, banned, drafts, u, temperature, top_k, top_p, 5,
+                                          stop_mask, advance, max_new, *mine)
+            xb = x if banned is None else x + banned[rows][:, None]
+            ref = emit_into_rows(rows, xb, drafts, u, temperature, top_k, top_p, 5, stop_mask, advance, max_new,
                                  *ref_state)
             for a, b in zip([*got, *mine], [*ref, *ref_state], strict=True):
                 assert torch.allclose(a.double(), b.double(), atol=1e-5), (m, qn, temperature)
