@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from itertools import takewhile
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -631,12 +632,15 @@ class ContinuousDecoder:
         are computed (and a closing row's EOS). False (nothing done) when no row has a draft."""
         assert self.drafts is not None
         dev, d = self.device, qn - 1
-        alive, closing = self.alive[:n], self.closing[:n]
-        live = (alive & ~closing).nonzero().squeeze(1)
-        live_l = live.tolist()
+        # the step is planned on the host, in lists (a few rows: a tensor operation each would cost more)
+        alive = self.alive[:n].tolist()
+        closing = self.closing[:n].tolist()
+        live_l = [r for r in range(n) if alive[r] and not closing[r]]
         if live_l and self.spec_places:  # few rows left: deeper (a step's fixed part is most of it)
             d = max(d, min(MAX_DRAFTS, self.spec_places // len(live_l) - 1))
-        ntok, pos0 = self.ntok[:n].tolist(), self.pos[:n].tolist()
+        ntok, pos0, glen = self.ntok[:n].tolist(), self.pos[:n].tolist(), self.glen[:n].tolist()
+        pending = self.pending[:n].tolist()
+        live = torch.tensor(live_l, dtype=torch.long, device=dev)
         toks = self.tokens[live].tolist()
         guesses: dict[int, list[int]] = {}
         for i, r in enumerate(live_l):
@@ -649,46 +653,51 @@ class ContinuousDecoder:
         if d == 0:
             return False
         qn = d + 1
-        drafts = [[-1] * d for _ in range(n)]
-        # the positions computed: a row's token and its own drafts (a row that left, or feeds EOS for
-        # its CTR read, or has fewer drafts, computes nothing more: a product's time grows with its rows)
-        need: list[int] = []
-        src: list[int] = []  # per place, the computed place whose outputs it reads: its own, else its row's first
-        for r, a in enumerate(alive.tolist()):
-            g = guesses.get(r, [])
-            drafts[r][:len(g)] = g
-            at = len(need) if a else 0  # a row that left reads any computed place (its outputs are not read)
-            if a:
-                need.extend(range(r * qn, r * qn + 1 + len(g)))
-            src.extend(range(at, at + 1 + len(g)))
-            src.extend([at] * (d - len(g)))
-        dr = torch.tensor(drafts, dtype=torch.long, device=dev)  # (n, d), -1: none
-        steps = torch.arange(qn, device=dev)
-        first = torch.where(closing, torch.full_like(self.pending[:n], self.eos_id), self.pending[:n])
-        feed = torch.cat([first[:, None], dr.clamp(min=0)], 1)  # a row without a draft feeds token 0 (refused)
-        pos = (self.pos[:n, None] + 1 + steps).clamp(max=self.n_positions - 1)
-        col = (self.glen[:n, None] + steps).clamp(max=self.room - 1)
-        t = int(col[alive].max()) + 1
-        rows = torch.tensor(need, dtype=torch.long, device=dev) if len(need) < n * qn else None
-        h, logits = self._forward(feed.reshape(-1), pos.reshape(-1), col.reshape(-1), t, rows, per_row=qn)
-        # a place not computed reads its row's first outputs (never used: a row's draw comes at its first missing
-        # guess at the latest); the hidden states (narrow) are gathered for all, the logits read where they are
-        read = torch.tensor(src, dtype=torch.long, device=dev).view(n, qn) if rows is not None else None
+        # per row and place (n, qn): the token fed (its token, or EOS for its CTR read, then its drafts; token 0
+        # past them, refused), its position and cache column; the places computed: a row's token and its own
+        # drafts (a row that left, or feeds EOS for its CTR read, or has fewer drafts, computes nothing more: a
+        # product's time grows with its rows); per place, the computed place whose outputs it reads (its own,
+        # else its row's first; a row that left reads any)
+        steps_h = np.arange(qn)
+        on, lens = np.array(alive, dtype=bool), np.zeros(n, dtype=np.int64)
+        feed = np.zeros((n, qn), dtype=np.int64)
+        feed[:, 0] = np.where(closing, self.eos_id, pending)
+        for r, g in guesses.items():
+            lens[r] = len(g)
+            feed[r, 1:1 + len(g)] = g
+        pos = np.minimum(np.array(pos0)[:, None] + 1 + steps_h, self.n_positions - 1)
+        col = np.minimum(np.array(glen)[:, None] + steps_h, self.room - 1)
+        t = int(col[on, -1].max()) + 1
+        mine = steps_h[None, :] <= lens[:, None]
+        need = np.flatnonzero(on[:, None] & mine)
+        counts = np.where(on, 1 + lens, 0)
+        src = np.where(on, np.cumsum(counts) - counts, 0)[:, None] + np.where(mine, steps_h, 0)
+
+        def dev_t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.reshape(-1)).to(dev)
+
+        rows = dev_t(need) if need.size < n * qn else None
+        h, logits = self._forward(dev_t(feed), dev_t(pos), dev_t(col), t, rows, per_row=qn)
+        read = dev_t(src).view(n, qn) if rows is not None else None
         h = (h if read is None else h.index_select(0, read.reshape(-1))).view(n, qn, -1)
-        ending = (closing & alive).nonzero().squeeze(1)  # rows that fed EOS for their CTR read
-        self._retire(ending, h[ending, 0] if self.want_hidden else None)
-        m = live.numel()
-        if m == 0:
+        ending = [r for r in range(n) if closing[r] and alive[r]]  # rows that fed EOS for their CTR read
+        if ending:
+            at_end = torch.tensor(ending, dtype=torch.long, device=dev)
+            self._retire(at_end, h[at_end, 0] if self.want_hidden else None)
+        if not live_l:
             return True
+        steps = torch.arange(qn, device=dev)
         place = live[:, None] * qn + steps if read is None else read[live]  # (m, qn): rows of logits
-        dl = dr[live]  # (m, d)
+        dl = torch.tensor([guesses[r] + [-1] * (d - len(guesses[r])) for r in live_l], dtype=torch.long, device=dev)
         acc, first_end, closing_now = self._emit_rows(live, logits, place, dl, advance=True)
-        self.drafts.observe(sum(len(guesses.get(r, ())) for r in live_l), int(acc.sum()))
+        acc_l = acc.tolist()
+        self.drafts.observe(sum(len(guesses[r]) for r in live_l), sum(acc_l))
         if self.want_hidden:  # an EOS among the kept guesses was fed in this step: its hidden state is the CTR read
-            ended = first_end < acc
-            now = (ended & (feed[live].gather(1, (first_end + 1).clamp(max=d)[:, None]).squeeze(1) == self.eos_id)
-                   ).nonzero().squeeze(1)
-            self._retire(live[now], h[live[now], first_end[now] + 1])
+            fe = first_end.tolist()
+            now = [i for i, r in enumerate(live_l) if fe[i] < acc_l[i] and feed[r, fe[i] + 1] == self.eos_id]
+            if now:
+                at_now = torch.tensor(now, dtype=torch.long, device=dev)
+                self._retire(live[at_now], h[live[at_now], first_end[at_now] + 1])
         else:
             self._retire(live[closing_now])
         return True
