@@ -14,7 +14,8 @@ prompts in one call):
   token first, the shopper's slot bans and spelled numbers banned, CTR head at EOS included), with
   the served ``generation.cpu_weights`` (int8 by default; ``livecopy cont. fp32`` beside it);
 * **livecopy continuous**: ``models.continuous.ContinuousDecoder`` (the continuous engine's decode,
-  same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time, with
+  same constraints, CTR head at EOS), all prompts admitted at once (batch N) or one at a time to one
+  long-lived decoder of ``max_batch_size`` prompt slots, warmed up as the engine's is, with
   the served draft settings (speculative steps at small batches, ``generation.draft_tokens``): the
   draft table is first filled by ``--warm-requests`` other requests, as a serving process's is by
   its traffic, and every measured run starts from that table (``livecopy cont. no drafts`` beside it);
@@ -104,6 +105,8 @@ class Bench:
         self.steps = 0  # continuous decode steps run so far
         self.warm_prefix: PrefixCache | None = None  # the prompt cache a serving process has after some traffic
         self.prefix: PrefixCache | None = None  # the one this run fills (a copy of warm_prefix)
+        # livecopy's decoders by setting, kept across calls and runs as a serving engine keeps its own
+        self._decoders: dict[tuple[Any, ...], ContinuousDecoder] = {}
 
     def warm_drafts(self, reqs: list[CopyRequest], batch: int = 32) -> None:
         """Fill the draft table as serving would: the continuous decode of ``reqs`` (other requests
@@ -121,6 +124,9 @@ class Bench:
         """Before each measured run: the warm table again (a run learns from its own earlier prompts only)."""
         self.drafts = self.warm.copy() if self.warm is not None else None
         self.prefix = self.warm_prefix.copy() if self.warm_prefix is not None else None
+        for (_, drafts, _, _, prefix, _), dec in self._decoders.items():  # they read the new table and cache
+            dec.drafts = self.drafts if drafts else None
+            dec.prefix = self.prefix if prefix else None
 
     def quality(self, texts: list[list[str]], styled: list[list[bool]], ended: list[list[bool]]) -> dict[str, float]:
         ok = n = 0
@@ -154,13 +160,18 @@ class Bench:
         """(``depth`` / ``spec_rows`` / ``spec_places``: other draft settings than the served ones,
         benchmarks/speculation.py)"""
         cfg = self.ex.cfg  # as StudentExecutor.decoder builds it, with the served draft settings
-        dec = ContinuousDecoder(self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k,
-                                max_new_tokens=self.max_new, seed=seed, want_hidden=True, max_prompts=len(idx),
-                                weights=weights or self.weights, drafts=self.drafts if drafts else None,
-                                draft_depth=cfg.draft_tokens if depth is None else depth,
-                                spec_rows=cfg.draft_max_rows if spec_rows is None else spec_rows,
-                                spec_places=cfg.draft_tail_places if spec_places is None else spec_places,
-                                prefix=self.prefix if prefix else None, **SAMPLING)
+        key = (weights, drafts, depth, spec_rows, prefix, spec_places)
+        dec = self._decoders.get(key)
+        if dec is None or dec.n_prompts < len(idx):  # a serving engine's: max_batch_size prompt slots, warmed up
+            dec = self._decoders[key] = ContinuousDecoder(
+                self.model, eos_id=self.sid.eos, pad_id=self.sid.pad, k=self.k, max_new_tokens=self.max_new, seed=seed,
+                want_hidden=True, max_prompts=max(len(idx), cfg.max_batch_size), weights=weights or self.weights,
+                drafts=self.drafts if drafts else None, draft_depth=cfg.draft_tokens if depth is None else depth,
+                spec_rows=cfg.draft_max_rows if spec_rows is None else spec_rows,
+                spec_places=cfg.draft_tail_places if spec_places is None else spec_places,
+                prefix=self.prefix if prefix else None, **SAMPLING)
+            dec.warmup()
+        dec.gen.manual_seed(seed)
         first, ban = request_biases(self.model, self.tok, len(idx), slots_ok=[self.slots_ok[i] for i in idx])
         dec.admit(list(range(len(idx))), [self.ids[i] for i in idx], first, ban)
         got: dict[int, Any] = {}

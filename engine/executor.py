@@ -279,7 +279,7 @@ class StudentExecutor:
         )
         if self.cfg.compile_decode:
             dec.compile()
-            dec.warmup()  # every shape compiled now, not on a request's time
+        dec.warmup()  # the caches at their full width now (and every shape compiled), not on a request's time
         return dec
 
     def prepare(self, requests: Sequence[CopyRequest]) -> tuple[list[Prepared], torch.Tensor, torch.Tensor]:
