@@ -545,11 +545,14 @@ class ContinuousDecoder:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Run the step's forward once per shape (compiles them all) before any request is admitted."""
+        """Before any request is admitted: the caches at their full width, the CPU sampling loop
+        compiled, and the step's forward run once per shape (compiles them all) where shapes are fixed."""
         if bool(self.alive.any()):
             raise RuntimeError("warmup() on a decoder with rows")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._widen(self.n_positions - self.max_new, dtype)
+        if self.device.type == "cpu":
+            cpu_emit.warm()  # the sampling loop compiled (or loaded from its disk cache) now
         for b in (self.buckets() if self.static_shapes or self.shape_buckets else []):
             n = b * self.k
             z = torch.zeros(n, dtype=torch.long, device=self.device)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 
@@ -140,3 +141,18 @@ def test_the_compiled_cpu_emit_is_the_eager_emit(top_k: int, top_p: float) -> No
                 assert torch.allclose(a.double(), b.double(), atol=1e-5), (m, qn, temperature)
             if temperature > 0 and qn > 1:  # the peaked row keeps every guess, the random ones are mostly refused
                 assert int(got[0][0]) == qn - 1 and int(got[0][1:].sum()) < (m - 1) * (qn - 1)
+
+
+def test_the_compiled_loop_needs_no_writable_cache_directory() -> None:
+    """Where numba finds no directory to cache machine code in (a read-only install without a
+    home; here: a function whose source file is not on disk, which numba refuses the same way, with
+    RuntimeError when the function is decorated, i.e. at import), the loop is compiled in the
+    process and runs."""
+    from models import cpu_emit
+
+    scope: dict[str, object] = {}
+    exec("def twice(x):\n    return 2.0 * x\n", scope)  # a function without a file
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(scope["twice"])
+    twice = cpu_emit._compiled(fastmath=True)(scope["twice"])
+    assert twice(1.5) == 3.0
