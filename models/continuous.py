@@ -444,10 +444,9 @@ class ContinuousDecoder:
                 continue
             mine = [t for t in toks[i] if t >= 0]
             left[slot] = (mine, lps[i], slps[i], fins[i], None if h is None else h[i])
-            # the row's n-grams, its ending token (EOS or stop) included; one candidate per prompt (the others are
-            # samples of the same distributions: learning from all four kept no more guesses after 512 requests,
-            # at ~0.25 ms a row on the engine thread: docs/generation.md)
-            if self.drafts is not None and slot == 0:
+            # the row's n-grams, its ending token (EOS or stop) included: every candidate while the table is young,
+            # then one per prompt (learning is ~0.25 ms a row on the engine thread: docs/generation.md)
+            if self.drafts is not None and (slot == 0 or self.drafts.young):
                 self.drafts.learn(self._tail.get(gid, []) + mine + ([ends[i]] if fins[i] else []))
             if len(left) == self.k:
                 self._done.append(gid)

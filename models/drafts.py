@@ -24,10 +24,14 @@ from models.generate import sampling_distribution
 
 
 class NGramDrafts:
-    def __init__(self, n: int = 6, max_contexts: int = 32_768, max_next: int = 8) -> None:
+    def __init__(self, n: int = 6, max_contexts: int = 32_768, max_next: int = 8, young_rows: int = 2_048) -> None:
         if n < 1:
             raise ValueError("n >= 1")
         self.n, self.max_contexts, self.max_next = int(n), int(max_contexts), int(max_next)
+        # until it has learned this many rows the table is young: decoders teach it every candidate of a
+        # prompt, then one (the others are samples of the same distributions: docs/generation.md)
+        self.young_rows = int(young_rows)
+        self.rows = 0  # rows learned
         self._counts: dict[tuple[int, ...], dict[int, int]] = {}
         self._best: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
@@ -37,11 +41,16 @@ class NGramDrafts:
     def __len__(self) -> int:
         return len(self._best)
 
+    @property
+    def young(self) -> bool:
+        return self.rows < self.young_rows
+
     def learn(self, tokens: Sequence[int]) -> None:
         """Count every (context, next token) of ``tokens`` (a prompt's tail, then a row's tokens)."""
         toks = tuple(int(t) for t in tokens)  # a tuple's slice is the context key itself
         counts, bests, n, max_next = self._counts, self._best, self.n, self.max_next
         with self._lock:  # one loop, no method call per count (learning runs on the engine thread)
+            self.rows += 1
             for i in range(1, len(toks)):
                 nxt = toks[i]
                 for m in range(1, min(n, i) + 1):
@@ -81,11 +90,13 @@ class NGramDrafts:
         return out
 
     def copy(self) -> NGramDrafts:
-        """An independent table with these counts (the counters of proposed/accepted drafts start at 0)."""
-        out = NGramDrafts(self.n, self.max_contexts, self.max_next)
+        """An independent table with these counts and rows learned (the counters of proposed/accepted
+        drafts start at 0)."""
+        out = NGramDrafts(self.n, self.max_contexts, self.max_next, self.young_rows)
         with self._lock:
             out._counts = {ctx: dict(c) for ctx, c in self._counts.items()}
             out._best = dict(self._best)
+            out.rows = self.rows
         return out
 
     def observe(self, proposed: int, accepted: int) -> None:

@@ -352,17 +352,20 @@ def test_prompts_reusing_cached_prefixes_get_what_the_static_decode_gives(dirs: 
     assert same >= 0.75 * total
 
 
+@pytest.mark.parametrize("young", [True, False])
 @pytest.mark.parametrize("large", [False, True])
-def test_the_draft_table_learns_one_candidate_per_prompt(dirs: dict[str, Path], large: bool) -> None:
-    """Rows learn their n-grams as they finish, one candidate per prompt (the others are samples of
-    the same distributions), whether steps speculate or not: greedy candidates are the same tokens,
-    so the table holds each prompt's n-grams once, not K times."""
+def test_the_draft_table_learns_every_candidate_while_young_then_one_per_prompt(dirs: dict[str, Path], large: bool,
+                                                                               young: bool) -> None:
+    """Rows learn their n-grams as they finish: every candidate of a prompt while the table is young
+    (fewer rows learned than ``young_rows``), then one per prompt (the others are samples of the same
+    distributions), whether steps speculate or not. Greedy candidates are the same tokens, so the
+    table holds each prompt's n-grams K times, or once."""
     st = load_student(dirs["v1"], device=DEVICE)
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
     rows = encode_text(tok, [build_prompt(product_context(p, "pdp")) for p in CAT.products[:3]])
     first, ban = request_biases(m, tok, len(rows))
-    table = NGramDrafts()
+    table = NGramDrafts(young_rows=1_000 if young else 0)
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=10, temperature=0.0,
                             want_hidden=True, max_prompts=3, drafts=table, draft_depth=1,
                             spec_rows=4 if large else 64)
@@ -370,8 +373,9 @@ def test_the_draft_table_learns_one_candidate_per_prompt(dirs: dict[str, Path], 
     want = NGramDrafts()
     for i, g in got.items():
         assert g.tokens[0] == g.tokens[1]
-        want.learn(list(rows[i][-want.n:]) + g.tokens[0] + ([sid.eos] if g.finished[0] else []))
-    assert table._counts == want._counts
+        for _ in range(2 if young else 1):
+            want.learn(list(rows[i][-want.n:]) + g.tokens[0] + ([sid.eos] if g.finished[0] else []))
+    assert table._counts == want._counts and table.rows == want.rows
 
 
 @pytest.mark.parametrize("want_hidden", [True, False])
