@@ -210,16 +210,26 @@ def emit_into_rows(rows: Tensor, logits: Tensor, place: Tensor, ban: Tensor | No
                    glen: Tensor, fin: Tensor, closing: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`models.drafts.emit_into_rows` on CPU tensors for ``x = logits[place] + ban[rows][:, None]``
     (``place`` (m, qn): rows of ``logits`` (·, V); ``ban`` (·, V) by decoder row, or None), read
-    where they are; the state tensors (contiguous) updated in place. The same results."""
+    where they are; the state tensors (contiguous) updated in place. The same results. The loop
+    reads and writes without bounds checks, so the indices it follows are checked here first
+    (ValueError: nothing read or written)."""
     m, v = place.shape[0], logits.shape[1]
     k = top_k if 0 < top_k < v else v
+    rows_n, place_n, drafts_n = rows.contiguous().numpy(), place.contiguous().numpy(), drafts.contiguous().numpy()
+    stop_n = _no_stop(v) if stop is None else stop.numpy()
+    ban_n = _none(v) if ban is None else ban.numpy()
+    n = lp.shape[0]
+    if (rows_n.shape[0] != m or drafts_n.shape != (m, place_n.shape[1] - 1) or stop_n.shape[0] < v
+            or ban_n.shape[1] != v or (m and (rows_n.min() < 0 or rows_n.max() >= n or place_n.min() < 0
+                                              or place_n.max() >= logits.shape[0] or drafts_n.max(initial=-1) >= v
+                                              or (ban is not None and rows_n.max() >= ban_n.shape[0])))):
+        raise ValueError("emit_into_rows: rows, places, guesses, bans or stop mask out of range")
     acc, first_end = np.empty(m, np.int64), np.empty(m, np.int64)
     ending = np.empty(m, np.bool_)
-    _emit(rows.contiguous().numpy(), logits.float().contiguous().numpy(), place.contiguous().numpy(),
-          _none(v) if ban is None else ban.numpy(), drafts.contiguous().numpy(), u.float().contiguous().numpy(),
-          float(temperature), k, float(top_p), int(eos), _no_stop(v) if stop is None else stop.numpy(), bool(advance),
-          int(max_new), lp.numpy(), slp.numpy(), tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(),
-          glen.numpy(), fin.numpy(), closing.numpy(), acc, first_end, ending)
+    _emit(rows_n, logits.float().contiguous().numpy(), place_n, ban_n, drafts_n, u.float().contiguous().numpy(),
+          float(temperature), k, float(top_p), int(eos), stop_n, bool(advance), int(max_new), lp.numpy(), slp.numpy(),
+          tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(), glen.numpy(), fin.numpy(), closing.numpy(),
+          acc, first_end, ending)
     return torch.from_numpy(acc), torch.from_numpy(first_end), torch.from_numpy(ending)
 
 

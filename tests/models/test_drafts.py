@@ -156,3 +156,38 @@ def test_the_compiled_loop_needs_no_writable_cache_directory() -> None:
         numba.njit(cache=True)(scope["twice"])
     twice = cpu_emit._compiled(fastmath=True)(scope["twice"])
     assert twice(1.5) == 3.0
+
+
+@pytest.mark.parametrize("bad", ["place", "row", "guess", "stop", "ban"])
+def test_the_compiled_loop_refuses_indices_out_of_range(bad: str) -> None:
+    """The compiled loop reads and writes without bounds checks: a place, row, guess, stop mask or
+    ban table that does not fit is refused before it runs (ValueError), the state left as it was."""
+    from models import cpu_emit
+
+    v, n_rows, max_new = 20, 4, 6
+    logits = torch.randn((6, v))
+    place = torch.arange(6).view(2, 3)
+    rows = torch.tensor([0, 3])
+    drafts = torch.tensor([[1, 2], [3, -1]])
+    stop: torch.Tensor | None = None
+    ban: torch.Tensor | None = torch.zeros((n_rows, v))
+    if bad == "place":
+        place = place + 1  # reads past the logits
+    elif bad == "row":
+        rows = torch.tensor([0, n_rows])
+    elif bad == "guess":
+        drafts = torch.tensor([[1, v], [3, -1]])
+    elif bad == "stop":
+        stop = torch.zeros(v - 1, dtype=torch.bool)
+    else:
+        ban = torch.zeros((n_rows, v + 1))
+    state = [torch.zeros(n_rows, dtype=torch.float64), torch.zeros(n_rows, dtype=torch.float64),
+             torch.full((n_rows, max_new), -1), torch.zeros(n_rows, dtype=torch.long),
+             torch.zeros(n_rows, dtype=torch.long), torch.zeros(n_rows, dtype=torch.long),
+             torch.zeros(n_rows, dtype=torch.long), torch.zeros(n_rows, dtype=torch.bool),
+             torch.zeros(n_rows, dtype=torch.bool)]
+    before = [t.clone() for t in state]
+    with pytest.raises(ValueError, match="out of range"):
+        cpu_emit.emit_into_rows(rows, logits, place, ban, drafts, torch.rand((2, 3)), 0.9, 5, 0.95, 2, stop, True,
+                                max_new, *state)
+    assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
