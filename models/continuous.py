@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from models import cascade, cpu_emit, scripted
 from models.drafts import NGramDrafts, emit_into_rows
+from models.drafts import warm as drafts_warm
 from models.generate import autocast_for
 from models.linears import linears
 from models.prefix_cache import PrefixCache, stack_kv
@@ -445,7 +446,7 @@ class ContinuousDecoder:
             mine = [t for t in toks[i] if t >= 0]
             left[slot] = (mine, lps[i], slps[i], fins[i], None if h is None else h[i])
             # the row's n-grams, its ending token (EOS or stop) included: every candidate while the table is young,
-            # then one per prompt (learning is ~0.25 ms a row on the engine thread: docs/generation.md)
+            # then one per prompt (learning is ~0.05 ms a row on the engine thread: docs/generation.md)
             if self.drafts is not None and (slot == 0 or self.drafts.young):
                 self.drafts.learn(self._tail.get(gid, []) + mine + ([ends[i]] if fins[i] else []))
             if len(left) == self.k:
@@ -544,14 +545,17 @@ class ContinuousDecoder:
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Before any request is admitted: the caches at their full width, the CPU sampling loop
-        compiled, and the step's forward run once per shape (compiles them all) where shapes are fixed."""
+        """Before any request is admitted: the caches at their full width, the CPU sampling loop and
+        the draft table's compiled, and the step's forward run once per shape (compiles them all)
+        where shapes are fixed."""
         if bool(self.alive.any()):
             raise RuntimeError("warmup() on a decoder with rows")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._widen(self.n_positions - self.max_new, dtype)
         if self.device.type == "cpu":
             cpu_emit.warm()  # the sampling loop compiled (or loaded from its disk cache) now
+        if self.drafts is not None:
+            drafts_warm()
         for b in (self.buckets() if self.static_shapes or self.shape_buckets else []):
             n = b * self.k
             z = torch.zeros(n, dtype=torch.long, device=self.device)

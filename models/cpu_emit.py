@@ -22,7 +22,7 @@ from torch import Tensor
 _FULL_SORT = 64  # a top-k wider than this (or none: top_k <= 0) sorts the whole row
 
 
-def _compiled(**kw: Any) -> Callable[[Callable[..., Any]], Any]:
+def compiled(**kw: Any) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit`` releasing the GIL, its machine code cached on disk (next to this file, else in
     the user's cache) where a directory is writable; else compiled once per process."""
     def wrap(fn: Callable[..., Any]) -> Any:
@@ -33,7 +33,7 @@ def _compiled(**kw: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
-@_compiled()
+@compiled()
 def _top(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray) -> int:  # pragma: no cover (compiled)
     """``row``'s ``k`` largest values, descending, into ``vals`` / ``idx`` (ties: the lower id
     first); returns how many (``k``, or the row's length)."""
@@ -63,7 +63,7 @@ def _top(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray) -> int:  # 
     return n
 
 
-@_compiled(fastmath=True)
+@compiled(fastmath=True)
 def _log_norm(row: np.ndarray, mx: float) -> float:  # pragma: no cover (compiled)
     """log(sum(exp(row))) given ``row``'s max ``mx``, to float64 rounding: each exp(x), x clamped at
     -40 (~4e-18, below any float32 sum's rounding), as exp(x / 64) ** 64 with exp(x / 64) on
@@ -85,7 +85,7 @@ def _log_norm(row: np.ndarray, mx: float) -> float:  # pragma: no cover (compile
     return mx + math.log(s)
 
 
-@_compiled()
+@compiled()
 def _emit(rows, logits, place, ban, drafts, u, temperature, k, top_p, eos, stop, advance, max_new,
           lp, slp, tokens, ntok, pending, pos, glen, fin, closing, acc_out, end_out, ending_out):  # pragma: no cover
     m, qn = place.shape

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import random
+
 import numba
+import numpy as np
 import pytest
 import torch
 
+from models import drafts as drafts_mod
 from models.drafts import NGramDrafts, emit_into_rows, emit_tokens, speculative_pick
 
 
@@ -26,14 +30,77 @@ def test_the_table_is_bounded_and_a_copy_is_independent() -> None:
     d = NGramDrafts(n=2, max_contexts=50, max_next=3)
     for i in range(200):
         d.learn([i, i + 1000, i % 7])
-    assert len(d._counts) <= 50 and len(d) <= 50
+    assert len(d) <= 50
     for nxt in range(10):
         d.learn([5, 6, nxt])
         d.learn([5, 6, 0])
-    assert len(d._counts[(5, 6)]) <= 3 and d.propose([5, 6], 1) == [0]
+    assert len(d.followers([5, 6])) <= 3 and d.propose([5, 6], 1) == [0]
     c = d.copy()
     c.learn([5, 6, 9] * 50)
     assert d.propose([5, 6], 1) == [0] and c.propose([5, 6], 1) == [9]
+
+
+def _reference(rows: list[list[int]], n: int, max_next: int) -> tuple[dict, dict]:
+    """The table's rule in plain Python: per context, the followers' counts in the order first seen
+    (past max_next the rarest other one forgotten, the first seen of equals) and the most frequent
+    (a tie keeps the earlier best; a forgotten best gives way to the new follower)."""
+    counts: dict[tuple[int, ...], dict[int, int]] = {}
+    best: dict[tuple[int, ...], int] = {}
+    for toks in rows:
+        for i in range(1, len(toks)):
+            for m in range(1, min(n, i) + 1):
+                ctx, nxt = tuple(toks[i - m:i]), toks[i]
+                c = counts.setdefault(ctx, {})
+                c[nxt] = c.get(nxt, 0) + 1
+                b = best.get(ctx)
+                if len(c) > max_next:
+                    rare = min((t for t in c if t != nxt), key=c.__getitem__)
+                    del c[rare]
+                    b = None if rare == b else b
+                if b is None or c[nxt] > c.get(b, 0):
+                    best[ctx] = nxt
+    return counts, best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_compiled_table_counts_and_guesses_as_the_plain_rule(seed: int) -> None:
+    """Random rows over a small vocabulary (many contexts with more followers than max_next): every
+    context's followers and counts, and every chained guess, are the reference's."""
+    rng = random.Random(seed)
+    rows = [[rng.randrange(12) for _ in range(rng.randint(2, 30))] for _ in range(300)]
+    d = NGramDrafts(n=3, max_contexts=100_000, max_next=3)
+    for r in rows:
+        d.learn(r)
+    counts, best = _reference(rows, 3, 3)
+    assert len(d) == len(counts)
+    for ctx, c in counts.items():
+        assert d.followers(list(ctx)) == c
+    for r in rows[:100]:
+        ctx, want = list(r[:5]), []
+        while len(want) < 4:
+            g = next((best[tuple(ctx[-m:])] for m in range(min(3, len(ctx)), 0, -1) if tuple(ctx[-m:]) in best), None)
+            if g is None:
+                break
+            want.append(g)
+            ctx.append(g)
+        assert d.propose(r[:5], 4) == want
+
+
+def test_a_row_longer_than_the_table_leaves_it_bounded_and_usable() -> None:
+    d = NGramDrafts(n=6, max_contexts=8)  # 32 slots; one row brings ~6,000 new contexts
+    d.learn(list(range(1000)))
+    assert len(d) <= 8
+    d.learn([7, 8, 9])  # three more: within the bound
+    assert d.propose([7, 8], 1) == [9] and len(d) <= 8
+
+
+def test_a_count_near_its_int32_bound_halves_its_contexts_counts() -> None:
+    d = NGramDrafts(n=1)
+    d.learn([1, 2, 1, 3, 1, 3])  # (1,) -> 2 once, 3 twice
+    s = drafts_mod._find(d._keys, np.array([1]))
+    d._cnt[s, 1] = drafts_mod._MAX_COUNT - 1  # as after ~1e9 counts of (1,) -> 3
+    d.learn([1, 3])
+    assert d.followers([1]) == {2: 1, 3: drafts_mod._MAX_COUNT // 2} and d.propose([1], 1) == [3]
 
 
 @pytest.mark.parametrize("guesses", [[0, 1], [3, 0], [4, 2], [-1, -1]])
@@ -72,7 +139,7 @@ def test_contexts_seen_again_outlive_the_ones_seen_once() -> None:
     for i in range(100, 130):
         d.learn([1, 2])  # seen again and again
         d.learn([i, i + 1])  # one-off contexts that push the table over its bound
-    assert d.propose([1], 1) == [2] and len(d._counts) <= 10
+    assert d.propose([1], 1) == [2] and len(d) <= 10
 
 
 def test_emit_keeps_guesses_as_sampling_would_and_stops_at_eos() -> None:
@@ -154,7 +221,7 @@ def test_the_compiled_loop_needs_no_writable_cache_directory() -> None:
     exec("def twice(x):\n    return 2.0 * x\n", scope)  # a function without a file
     with pytest.raises(RuntimeError, match="no locator"):
         numba.njit(cache=True)(scope["twice"])
-    twice = cpu_emit._compiled(fastmath=True)(scope["twice"])
+    twice = cpu_emit.compiled(fastmath=True)(scope["twice"])
     assert twice(1.5) == 3.0
 
 

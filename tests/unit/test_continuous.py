@@ -375,7 +375,7 @@ def test_the_draft_table_learns_every_candidate_while_young_then_one_per_prompt(
         assert g.tokens[0] == g.tokens[1]
         for _ in range(2 if young else 1):
             want.learn(list(rows[i][-want.n:]) + g.tokens[0] + ([sid.eos] if g.finished[0] else []))
-    assert table._counts == want._counts and table.rows == want.rows
+    assert table.state() == want.state() and table.rows == want.rows
 
 
 @pytest.mark.parametrize("want_hidden", [True, False])
