@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import takewhile
 from typing import Any
 
 import numpy as np
@@ -146,11 +145,12 @@ class ContinuousDecoder:
         # MAX_DRAFTS, as many as keep its places (live rows x (1 + drafts)) within spec_places (0: off)
         self.spec_places = max(0, int(spec_places)) if self.depth else 0
         self.room = self.cap + max(self.depth, MAX_DRAFTS if self.spec_places else 0)  # drafts may go past the cap
-        self._tail: dict[int, list[int]] = {}  # gid -> its prompt's last tokens (the drafts' first context)
+        self._tail_w = self.drafts.n if self.drafts is not None else 0  # prompt tokens a row keeps for its drafts
         self.prefix = prefix  # keys/values of prompts prefilled before (models/prefix_cache.py)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.want_hidden = want_hidden
         self.stop = stop_mask.to(self.device) if stop_mask is not None else None
+        self._stop_np = self.stop.numpy() if self.stop is not None and self.device.type == "cpu" else None
         self.static_shapes = static_shapes
         self.shape_buckets = shape_buckets and not static_shapes
         self.gen = torch.Generator(device=self.device)
@@ -198,8 +198,18 @@ class ContinuousDecoder:
         self.fin = torch.zeros(n, dtype=torch.bool, device=dev)
         self.ban = torch.zeros((n, self.vocab), dtype=torch.float32, device=dev)
         self.tokens = torch.full((n, self.max_new), -1, dtype=torch.long, device=dev)
+        self.tail = torch.zeros((n, self._tail_w), dtype=torch.long, device=dev)  # its prompt's last tokens (the
+        self.tail_len = torch.zeros(n, dtype=torch.long, device=dev)  # drafts' first context) and how many
         self.lp = torch.zeros(n, dtype=torch.float64, device=dev)
         self.slp = torch.zeros(n, dtype=torch.float64, device=dev)
+        # on a CPU, host arrays that are these tensors (views: compiled loops read and write the state in place)
+        self._views = {name: getattr(self, name).numpy() for name in self._ROW_STATE} if dev.type == "cpu" else {}
+
+    def _host_state(self, n: int) -> dict[str, np.ndarray]:
+        """The rows' state as host arrays (the CPU's views; a CUDA decoder's first ``n`` rows copied)."""
+        if self._views:
+            return self._views
+        return {name: getattr(self, name)[:n].cpu().numpy() for name in self._ROW_STATE}
 
     def _grow_prompts(self, need: int) -> None:
         """Double the prompt slots until ``need`` more are free (rare: the engine admits at most max_prompts)."""
@@ -389,8 +399,10 @@ class ContinuousDecoder:
             self.prompt_gid[slot] = int(g)
             self.plen[slot] = len(prompt)
             self._left[int(g)] = {}
-            if self.drafts is not None:
-                self._tail[int(g)] = [int(x) for x in prompt[-self.drafts.n:]]
+            if self._tail_w:
+                tail = [int(x) for x in prompt[-self._tail_w:]]
+                self.tail[slot * k:(slot + 1) * k, :len(tail)] = torch.tensor(tail, dtype=torch.long)
+                self.tail_len[slot * k:(slot + 1) * k] = len(tail)
         # the first token: from the prefill's logits, under each prompt's first-token bias
         first = logits.float() + first_bias.to(device=dev, dtype=torch.float32)[:, : logits.shape[-1]]
         self._sample_rows(rows, first.repeat_interleave(k, 0) if k > 1 else first, add_ban=False)
@@ -415,11 +427,15 @@ class ContinuousDecoder:
         (guesses kept, index of the ending token (qn: none), closing) per row."""
         m, qn = place.shape
         u = torch.rand((m, qn), generator=self.gen, device=self.device)
+        if self._views:  # one compiled loop over the state's host views (models/cpu_emit.py)
+            v = self._views
+            return cpu_emit.emit_views(
+                rows.contiguous().numpy(), logits, place.contiguous().numpy(), v["ban"] if ban else None,
+                drafts.contiguous().numpy(), u.numpy(),
+                self.temperature, self.top_k, self.top_p, self.eos_id, self._stop_np, advance, self.max_new, v["lp"],
+                v["slp"], v["tokens"], v["ntok"], v["pending"], v["pos"], v["glen"], v["fin"], v["closing"])
         state = (self.max_new, self.lp, self.slp, self.tokens, self.ntok, self.pending, self.pos, self.glen, self.fin,
                  self.closing)
-        if self.device.type == "cpu":  # one compiled loop (models/cpu_emit.py)
-            return cpu_emit.emit_into_rows(rows, logits, place, self.ban if ban else None, drafts, u, self.temperature,
-                                           self.top_k, self.top_p, self.eos_id, self.stop, advance, *state)
         x = logits.float()[place]
         if ban:
             x = x + self.ban[rows][:, None]
@@ -436,6 +452,7 @@ class ContinuousDecoder:
         toks = self.tokens[rows].tolist()
         lps, slps, fins = self.lp[rows].tolist(), self.slp[rows].tolist(), self.fin[rows].tolist()
         ends = self.pending[rows].tolist()
+        tails, tail_lens = self.tail[rows].tolist(), self.tail_len[rows].tolist()
         h = hidden.float() if hidden is not None else None
         for i, r in enumerate(rows.tolist()):
             p, slot = divmod(r, self.k)
@@ -448,11 +465,10 @@ class ContinuousDecoder:
             # the row's n-grams, its ending token (EOS or stop) included: every candidate while the table is young,
             # then one per prompt (learning is ~0.05 ms a row on the engine thread: docs/generation.md)
             if self.drafts is not None and (slot == 0 or self.drafts.young):
-                self.drafts.learn(self._tail.get(gid, []) + mine + ([ends[i]] if fins[i] else []))
+                self.drafts.learn(tails[i][:tail_lens[i]] + mine + ([ends[i]] if fins[i] else []))
             if len(left) == self.k:
                 self._done.append(gid)
                 self.prompt_gid[p] = -1
-                self._tail.pop(gid, None)
 
     def _forward(self, feed: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, t: int,
                  rows: torch.Tensor | None = None, per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,7 +577,8 @@ class ContinuousDecoder:
             z = torch.zeros(n, dtype=torch.long, device=self.device)
             self._fwd(z, z, z, self.cap)
 
-    _ROW_STATE = ("pos", "glen", "ntok", "pending", "alive", "closing", "fin", "ban", "tokens", "lp", "slp")
+    _ROW_STATE = ("pos", "glen", "ntok", "pending", "alive", "closing", "fin", "ban", "tokens", "tail", "tail_len",
+                  "lp", "slp")
 
     def _defrag(self) -> int:
         """Move the highest prompts into the free slots below them (their prompt and row caches, a few
@@ -636,73 +653,38 @@ class ContinuousDecoder:
         step is as deep as its longest draft, and only the live rows' tokens and their own drafts
         are computed (and a closing row's EOS). False (nothing done) when no row has a draft."""
         assert self.drafts is not None
-        dev, d = self.device, qn - 1
-        # the step is planned on the host, in lists (a few rows: a tensor operation each would cost more)
-        alive = self.alive[:n].tolist()
-        closing = self.closing[:n].tolist()
-        live_l = [r for r in range(n) if alive[r] and not closing[r]]
-        if live_l and self.spec_places:  # few rows left: deeper (a step's fixed part is most of it)
-            d = max(d, min(MAX_DRAFTS, self.spec_places // len(live_l) - 1))
-        ntok, pos0, glen = self.ntok[:n].tolist(), self.pos[:n].tolist(), self.glen[:n].tolist()
-        pending = self.pending[:n].tolist()
-        live = torch.tensor(live_l, dtype=torch.long, device=dev)
-        toks = self.tokens[live].tolist()
-        guesses: dict[int, list[int]] = {}
-        for i, r in enumerate(live_l):
-            # emitted tokens stay within max_new_tokens, positions within the model's
-            room = min(d, self.max_new - ntok[r] - 1, self.n_positions - 2 - pos0[r])
-            gid = self.prompt_gid[r // self.k]
-            guess = self.drafts.propose(self._tail.get(gid, []) + toks[i][:ntok[r]], room) if room > 0 else []
-            guesses[r] = list(takewhile(lambda g: 0 <= g < self.vocab, guess))  # a table of another model's ids
-        d = max(map(len, guesses.values()), default=0)  # the step is as deep as its longest draft
-        if d == 0:
+        dev = self.device
+        # the step is planned on the host in one compiled loop (a few rows: a tensor operation each would cost more)
+        st = self._host_state(n)
+        plan = self.drafts.plan_step(n, st["alive"], st["closing"], st["ntok"], st["pos"], st["glen"], st["pending"],
+                                     st["tokens"], st["tail"], st["tail_len"], qn - 1, self.spec_places, MAX_DRAFTS,
+                                     self.max_new, self.n_positions, self.room, self.eos_id, self.vocab)
+        qn = plan.feed.shape[1]
+        if qn == 1:  # no row has a guess
             return False
-        qn = d + 1
-        # per row and place (n, qn): the token fed (its token, or EOS for its CTR read, then its drafts; token 0
-        # past them, refused), its position and cache column; the places computed: a row's token and its own
-        # drafts (a row that left, or feeds EOS for its CTR read, or has fewer drafts, computes nothing more: a
-        # product's time grows with its rows); per place, the computed place whose outputs it reads (its own,
-        # else its row's first; a row that left reads any)
-        steps_h = np.arange(qn)
-        on, lens = np.array(alive, dtype=bool), np.zeros(n, dtype=np.int64)
-        feed = np.zeros((n, qn), dtype=np.int64)
-        feed[:, 0] = np.where(closing, self.eos_id, pending)
-        for r, g in guesses.items():
-            lens[r] = len(g)
-            feed[r, 1:1 + len(g)] = g
-        pos = np.minimum(np.array(pos0)[:, None] + 1 + steps_h, self.n_positions - 1)
-        col = np.minimum(np.array(glen)[:, None] + steps_h, self.room - 1)
-        t = int(col[on, -1].max()) + 1
-        mine = steps_h[None, :] <= lens[:, None]
-        need = np.flatnonzero(on[:, None] & mine)
-        counts = np.where(on, 1 + lens, 0)
-        src = np.where(on, np.cumsum(counts) - counts, 0)[:, None] + np.where(mine, steps_h, 0)
 
         def dev_t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a.reshape(-1)).to(dev)
+            return torch.from_numpy(a).to(dev)
 
-        rows = dev_t(need) if need.size < n * qn else None
-        h, logits = self._forward(dev_t(feed), dev_t(pos), dev_t(col), t, rows, per_row=qn)
-        read = dev_t(src).view(n, qn) if rows is not None else None
-        h = (h if read is None else h.index_select(0, read.reshape(-1))).view(n, qn, -1)
-        ending = [r for r in range(n) if closing[r] and alive[r]]  # rows that fed EOS for their CTR read
-        if ending:
-            at_end = torch.tensor(ending, dtype=torch.long, device=dev)
-            self._retire(at_end, h[at_end, 0] if self.want_hidden else None)
-        if not live_l:
+        every = plan.need.shape[0] == n * qn
+        h, logits = self._forward(dev_t(plan.feed.reshape(-1)), dev_t(plan.pos.reshape(-1)),
+                                  dev_t(plan.col.reshape(-1)), plan.t, None if every else dev_t(plan.need), per_row=qn)
+        if plan.ending.size:  # rows that fed EOS for their CTR read
+            self._retire(dev_t(plan.ending), h[dev_t(plan.src[plan.ending, 0])] if self.want_hidden else None)
+        m = plan.live.shape[0]
+        if m == 0:
             return True
-        steps = torch.arange(qn, device=dev)
-        place = live[:, None] * qn + steps if read is None else read[live]  # (m, qn): rows of logits
-        dl = torch.tensor([guesses[r] + [-1] * (d - len(guesses[r])) for r in live_l], dtype=torch.long, device=dev)
-        acc, first_end, closing_now = self._emit_rows(live, logits, place, dl, advance=True)
-        acc_l = acc.tolist()
-        self.drafts.observe(sum(len(guesses[r]) for r in live_l), sum(acc_l))
+        live, place = dev_t(plan.live), dev_t(plan.place)  # place: where each live place's outputs are in h, logits
+        acc, first_end, closing_now = self._emit_rows(live, logits, place, dev_t(plan.guesses), advance=True)
+        acc_n = _host(acc)
+        self.drafts.observe(int(plan.lens.sum()), int(acc_n.sum()))
         if self.want_hidden:  # an EOS among the kept guesses was fed in this step: its hidden state is the CTR read
-            fe = first_end.tolist()
-            now = [i for i, r in enumerate(live_l) if fe[i] < acc_l[i] and feed[r, fe[i] + 1] == self.eos_id]
-            if now:
-                at_now = torch.tensor(now, dtype=torch.long, device=dev)
-                self._retire(live[at_now], h[live[at_now], first_end[at_now] + 1])
+            fe = _host(first_end)
+            nxt = np.minimum(fe + 1, qn - 1)
+            now = np.flatnonzero((fe < acc_n) & (plan.feed[plan.live, nxt] == self.eos_id))
+            if now.size:
+                at_now = dev_t(now)
+                self._retire(live[at_now], h[place[at_now, first_end[at_now] + 1]])
         else:
             self._retire(live[closing_now])
         return True
@@ -732,13 +714,17 @@ class ContinuousDecoder:
             return
         for g in want:
             del self._left[g]
-            self._tail.pop(g, None)
         self._done = [g for g in self._done if g not in want]
         for p, g in enumerate(self.prompt_gid):
             if g in want:
                 self.prompt_gid[p] = -1
                 self.alive[p * self.k:(p + 1) * self.k] = False
                 self.closing[p * self.k:(p + 1) * self.k] = False
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a host array (a view of a CPU tensor)."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
 def _pad_prompt(t: torch.Tensor, extra: int) -> torch.Tensor:

@@ -88,9 +88,24 @@ def _log_norm(row: np.ndarray, mx: float) -> float:  # pragma: no cover (compile
 @compiled()
 def _emit(rows, logits, place, ban, drafts, u, temperature, k, top_p, eos, stop, advance, max_new,
           lp, slp, tokens, ntok, pending, pos, glen, fin, closing, acc_out, end_out, ending_out):  # pragma: no cover
+    """The loop (:func:`emit_views`); False, with nothing read or written, when an index it would
+    follow is out of range (it reads and writes without bounds checks)."""
     m, qn = place.shape
     v = logits.shape[1]
     d = qn - 1
+    n = lp.shape[0]
+    if (rows.shape[0] != m or drafts.shape[0] != m or drafts.shape[1] != d or u.shape[0] != m or u.shape[1] != qn
+            or stop.shape[0] < v or ban.shape[1] != v or acc_out.shape[0] != m):
+        return False
+    for i in range(m):
+        if rows[i] < 0 or rows[i] >= n or (ban.shape[0] > 0 and rows[i] >= ban.shape[0]):
+            return False
+        for j in range(qn):
+            if place[i, j] < 0 or place[i, j] >= logits.shape[0]:
+                return False
+        for j in range(d):
+            if drafts[i, j] >= v:
+                return False
     row = np.empty(v, np.float32)
     vals = np.empty(k, np.float32)
     idx = np.empty(k, np.int64)
@@ -202,6 +217,26 @@ def _emit(rows, logits, place, ban, drafts, u, temperature, k, top_p, eos, stop,
         acc_out[i] = acc
         end_out[i] = first_end
         ending_out[i] = ending
+    return True
+
+
+def emit_views(rows: np.ndarray, logits: Tensor, place: np.ndarray, ban: np.ndarray | None, drafts: np.ndarray,
+               u: np.ndarray, temperature: float, top_k: int, top_p: float, eos: int, stop: np.ndarray | None,
+               advance: bool, max_new: int, lp: np.ndarray, slp: np.ndarray, tokens: np.ndarray, ntok: np.ndarray,
+               pending: np.ndarray, pos: np.ndarray, glen: np.ndarray, fin: np.ndarray,
+               closing: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`emit_into_rows` on host arrays (the decoder's state as views of its CPU tensors, updated
+    in place; ``logits`` a CPU tensor): what a decoder step calls, without a conversion per argument."""
+    m, v = place.shape[0], logits.shape[1]
+    k = top_k if 0 < top_k < v else v
+    acc, first_end = np.empty(m, np.int64), np.empty(m, np.int64)
+    ending = np.empty(m, np.bool_)
+    ok = _emit(rows, logits.float().contiguous().numpy(), place, _none(v) if ban is None else ban, drafts, u,
+               float(temperature), k, float(top_p), int(eos), _no_stop(v) if stop is None else stop, bool(advance),
+               int(max_new), lp, slp, tokens, ntok, pending, pos, glen, fin, closing, acc, first_end, ending)
+    if not ok:
+        raise ValueError("emit_into_rows: rows, places, guesses, bans or stop mask out of range")
+    return torch.from_numpy(acc), torch.from_numpy(first_end), torch.from_numpy(ending)
 
 
 def emit_into_rows(rows: Tensor, logits: Tensor, place: Tensor, ban: Tensor | None, drafts: Tensor, u: Tensor,
@@ -211,26 +246,13 @@ def emit_into_rows(rows: Tensor, logits: Tensor, place: Tensor, ban: Tensor | No
     """:func:`models.drafts.emit_into_rows` on CPU tensors for ``x = logits[place] + ban[rows][:, None]``
     (``place`` (m, qn): rows of ``logits`` (·, V); ``ban`` (·, V) by decoder row, or None), read
     where they are; the state tensors (contiguous) updated in place. The same results. The loop
-    reads and writes without bounds checks, so the indices it follows are checked here first
-    (ValueError: nothing read or written)."""
-    m, v = place.shape[0], logits.shape[1]
-    k = top_k if 0 < top_k < v else v
-    rows_n, place_n, drafts_n = rows.contiguous().numpy(), place.contiguous().numpy(), drafts.contiguous().numpy()
-    stop_n = _no_stop(v) if stop is None else stop.numpy()
-    ban_n = _none(v) if ban is None else ban.numpy()
-    n = lp.shape[0]
-    if (rows_n.shape[0] != m or drafts_n.shape != (m, place_n.shape[1] - 1) or stop_n.shape[0] < v
-            or ban_n.shape[1] != v or (m and (rows_n.min() < 0 or rows_n.max() >= n or place_n.min() < 0
-                                              or place_n.max() >= logits.shape[0] or drafts_n.max(initial=-1) >= v
-                                              or (ban is not None and rows_n.max() >= ban_n.shape[0])))):
-        raise ValueError("emit_into_rows: rows, places, guesses, bans or stop mask out of range")
-    acc, first_end = np.empty(m, np.int64), np.empty(m, np.int64)
-    ending = np.empty(m, np.bool_)
-    _emit(rows_n, logits.float().contiguous().numpy(), place_n, ban_n, drafts_n, u.float().contiguous().numpy(),
-          float(temperature), k, float(top_p), int(eos), stop_n, bool(advance), int(max_new), lp.numpy(), slp.numpy(),
-          tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(), glen.numpy(), fin.numpy(), closing.numpy(),
-          acc, first_end, ending)
-    return torch.from_numpy(acc), torch.from_numpy(first_end), torch.from_numpy(ending)
+    reads and writes without bounds checks, so it checks the indices it follows first (ValueError:
+    nothing read or written)."""
+    return emit_views(rows.contiguous().numpy(), logits, place.contiguous().numpy(),
+                      None if ban is None else ban.numpy(), drafts.contiguous().numpy(), u.float().contiguous().numpy(),
+                      temperature, top_k, top_p, eos, None if stop is None else stop.numpy(), advance, max_new,
+                      lp.numpy(), slp.numpy(), tokens.numpy(), ntok.numpy(), pending.numpy(), pos.numpy(), glen.numpy(),
+                      fin.numpy(), closing.numpy())
 
 
 def warm() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -176,6 +177,105 @@ def _keep_recent(keys, seen, fol, cnt, best, keep, nkeys, nseen, nfol, ncnt, nbe
     return kept
 
 
+class StepPlan(NamedTuple):
+    """A speculative step's layout (:meth:`NGramDrafts.plan_step`), over ``n`` rows and ``qn`` places
+    a row (its token, then up to ``qn - 1`` guesses)."""
+
+    live: np.ndarray  # (m,) the rows that emit tokens (alive, not closing), ascending
+    guesses: np.ndarray  # (m, qn - 1) their guesses, -1 past a row's own
+    lens: np.ndarray  # (n,) guesses per row
+    feed: np.ndarray  # (n, qn) the token fed at each place
+    pos: np.ndarray  # (n, qn) its position
+    col: np.ndarray  # (n, qn) its cache column
+    t: int  # generated columns the step attends to
+    need: np.ndarray  # the places computed (flat n * qn indices, ascending)
+    src: np.ndarray  # (n, qn) the computed place whose outputs each place reads
+    place: np.ndarray  # (m, qn) src of the live rows
+    ending: np.ndarray  # the rows that feed EOS for their CTR read (alive, closing)
+
+
+@compiled()
+def _plan(keys, best, ngram, n, alive, closing, ntok, pos0, glen, pending, tokens, tail, tail_len, depth,
+          spec_places, max_drafts, max_new, n_positions, cols, eos, vocab):  # pragma: no cover (compiled)
+    """:meth:`NGramDrafts.plan_step`'s loop: the live rows' guesses, then the step's layout."""
+    live = np.empty(n, np.int64)
+    m = 0
+    for r in range(n):
+        if alive[r] and not closing[r]:
+            live[m] = r
+            m += 1
+    live = live[:m]
+    d = depth
+    if m > 0 and spec_places > 0:  # few rows left: deeper (a step's fixed part is most of it)
+        d = max(d, min(max_drafts, spec_places // m - 1))
+    lens = np.zeros(n, np.int64)
+    guess = np.full((m, max(d, 1)), -1, np.int64)
+    ctx = np.empty(ngram, np.int64)
+    out = np.empty(ngram + max(d, 1), np.int64)
+    for i in range(m):
+        r = live[i]
+        # emitted tokens stay within max_new, positions within the model's
+        room = min(d, max_new - ntok[r] - 1, n_positions - 2 - pos0[r])
+        if room <= 0:
+            continue
+        # the context: the last ngram tokens of the prompt's tail, then the row's tokens
+        nt, tl = ntok[r], tail_len[r]
+        c = min(ngram, tl + nt)
+        for j in range(c):
+            at = tl + nt - c + j
+            ctx[j] = tail[r, at] if at < tl else tokens[r, at - tl]
+        got = _propose(keys, best, ctx[:c], ngram, room, out)
+        for j in range(got):
+            g = out[c + j]
+            if g < 0 or g >= vocab:  # a table of another model's ids
+                break
+            guess[i, j] = g
+            lens[r] += 1
+    dmax = 0
+    for r in range(n):
+        dmax = max(dmax, lens[r])
+    qn = dmax + 1
+    # per row and place (n, qn): the token fed (its token, or EOS for its CTR read, then its guesses; token 0 past
+    # them), its position and cache column; the places computed: a row's token and its own guesses (a row that
+    # left, or feeds EOS for its CTR read, or has fewer guesses, computes nothing more: a product's time grows
+    # with its rows); per place, the computed place whose outputs it reads (its own, else its row's first)
+    feed = np.zeros((n, qn), np.int64)
+    pos = np.empty((n, qn), np.int64)
+    col = np.empty((n, qn), np.int64)
+    src = np.zeros((n, qn), np.int64)
+    need = np.empty(n * qn, np.int64)
+    t = 0
+    nn = 0
+    for r in range(n):
+        feed[r, 0] = eos if closing[r] else pending[r]
+        start = nn
+        for j in range(qn):
+            pos[r, j] = min(pos0[r] + 1 + j, n_positions - 1)
+            col[r, j] = min(glen[r] + j, cols - 1)
+            if alive[r] and j <= lens[r]:
+                need[nn] = r * qn + j
+                src[r, j] = nn
+                nn += 1
+            else:
+                src[r, j] = start if alive[r] else 0
+        if alive[r]:
+            t = max(t, col[r, qn - 1] + 1)
+    place = np.empty((m, qn), np.int64)
+    for i in range(m):
+        r = live[i]
+        for j in range(lens[r]):
+            feed[r, 1 + j] = guess[i, j]
+        for j in range(qn):
+            place[i, j] = src[r, j]
+    ending = np.empty(n, np.int64)
+    ne = 0
+    for r in range(n):
+        if alive[r] and closing[r]:
+            ending[ne] = r
+            ne += 1
+    return live, guess[:, :dmax], lens, feed, pos, col, t, need[:nn], src, place, ending[:ne]
+
+
 class NGramDrafts:
     def __init__(self, n: int = 6, max_contexts: int = 32_768, max_next: int = 8, young_rows: int = 2_048) -> None:
         if n < 1 or max_contexts < 2 or max_next < 1:
@@ -231,6 +331,20 @@ class NGramDrafts:
         out = np.empty(ctx.shape[0] + d, np.int64)
         got = _propose(self._keys, self._best, ctx, self.n, d, out)
         return out[ctx.shape[0]:ctx.shape[0] + got].tolist()
+
+    def plan_step(self, n: int, alive: np.ndarray, closing: np.ndarray, ntok: np.ndarray, pos: np.ndarray,
+                  glen: np.ndarray, pending: np.ndarray, tokens: np.ndarray, tail: np.ndarray, tail_len: np.ndarray,
+                  depth: int, spec_places: int, max_drafts: int, max_new: int, n_positions: int, cols: int, eos: int,
+                  vocab: int) -> StepPlan:
+        """A speculative step over the first ``n`` decoder rows (their state as host arrays; ``tail`` /
+        ``tail_len``: each row's prompt's last tokens): each live row (alive, not closing) gets up to ``depth``
+        guesses (up to ``max_drafts`` while rows x (1 + guesses) fit in ``spec_places``), within
+        ``max_new`` tokens and the model's ``n_positions``, ids below ``vocab``; then what the
+        step feeds (:class:`StepPlan`)."""
+        with self._lock:
+            return StepPlan(*_plan(self._keys, self._best, self.n, int(n), alive, closing, ntok, pos, glen, pending,
+                                   tokens, tail, tail_len, int(depth), int(spec_places), int(max_drafts),
+                                   int(max_new), int(n_positions), int(cols), int(eos), int(vocab)))
 
     def followers(self, context: Sequence[int]) -> dict[int, int]:
         """The counts of the tokens seen after ``context``, in the order first seen (empty: unseen)."""
