@@ -385,6 +385,9 @@ def warm() -> None:
     t.learn([1, 2, 3, 1, 3])  # over its bound: the eviction compiles too
     t.propose([1, 2], 2)
     t.followers([1])
+    z, b = np.zeros(2, np.int64), np.array([True, False])
+    t.plan_step(2, b, ~b, z, z, z, z, np.zeros((2, 4), np.int64), np.ones((2, 2), np.int64), z + 2, 3, 8, 8, 4, 16,
+                20, 0, 8)
 
 
 def speculative_pick(idx: Tensor, probs: Tensor, drafts: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
