@@ -28,7 +28,9 @@ prompts in one call):
 * **CT2 int8 + CTR pass**: what CTranslate2 as livecopy's decode backend would cost at least: CT2
   returns no hidden state, so the CTR head needs one pass of the student over every candidate.
 
-copies/s = prompts / wall time (a copy = one request's K candidates). Quality, same for all: the
+copies/s = prompts / wall time (a copy = one request's K candidates), the median of ``--repeats``
+runs; in each round every system runs once, in turn, so a shared host's drift in speed reaches all
+of them alike (the ratios are the figures to read). Quality, same for all: the
 share of candidates that begin with a style token, that end with EOS, and that pass the serving
 filter (grounding + copy rules on the filled text, ``StudentExecutor.render``).
 """
@@ -53,6 +55,7 @@ from benchmarks._common import machine
 from benchmarks.generation import make_requests
 from core.settings import CopySettings
 from engine.executor import CopyRequest, StudentExecutor, load_executor
+from engine.serving import settle_heap
 from models.continuous import ContinuousDecoder
 from models.drafts import NGramDrafts
 from models.generate import _banned_after_first, generate_candidates, request_biases
@@ -269,28 +272,36 @@ class Bench:
         return texts, styled, ended
 
 
-def measure(fn: Callable[[list[int], int], Any], n: int, batch: int, bench: Bench,
-            repeats: int) -> tuple[float, dict[str, float]]:
-    """(copies/s, quality) of ``n`` prompts in chunks of ``batch`` (median of ``repeats`` runs)."""
+def measure(systems: dict[str, Callable[[list[int], int], Any]], n: int, batch: int, bench: Bench,
+            repeats: int) -> dict[str, dict[str, Any]]:
+    """Per system: copies/s of ``n`` prompts in chunks of ``batch`` (median of ``repeats`` runs), the
+    quality of its last run's copies and its draft counters. The systems take turns, one run each per
+    round, so a shared host's drift in speed reaches them alike (their ratios are what is compared)."""
     idx = list(range(n))
-    rates, outs = [], None
-    bench.reset()
-    fn(idx[:min(batch, 2)], 0)  # warm-up
-    for r in range(repeats):
+    rates: dict[str, list[float]] = {name: [] for name in systems}
+    out: dict[str, dict[str, Any]] = {}
+    for fn in systems.values():
         bench.reset()
-        t0 = time.perf_counter()
-        texts: list[list[str]] = []
-        styled: list[list[bool]] = []
-        ended: list[list[bool]] = []
-        for s in range(0, n, batch):
-            a, b, c = fn(idx[s:s + batch], 1000 * r + s)
-            texts += a
-            styled += b
-            ended += c
-        rates.append(n / (time.perf_counter() - t0))
-        outs = (texts, styled, ended)
-    assert outs is not None
-    return statistics.median(rates), bench.quality(*outs)
+        fn(idx[:min(batch, 2)], 0)  # warm-up
+    for r in range(repeats):
+        for name, fn in systems.items():
+            bench.reset()
+            t0 = time.perf_counter()
+            texts: list[list[str]] = []
+            styled: list[list[bool]] = []
+            ended: list[list[bool]] = []
+            for s in range(0, n, batch):
+                a, b, c = fn(idx[s:s + batch], 1000 * r + s)
+                texts += a
+                styled += b
+                ended += c
+            rates[name].append(n / (time.perf_counter() - t0))
+            guessed = bench.drafts.proposed if bench.drafts is not None else 0
+            kept = bench.drafts.acceptance if bench.drafts is not None else None
+            out[name] = {**bench.quality(texts, styled, ended), "drafts": guessed, "drafts_kept": kept}
+    for name in systems:
+        out[name]["copies_per_s"] = statistics.median(rates[name])
+    return out
 
 
 def main() -> None:
@@ -353,15 +364,15 @@ def main() -> None:
               f"<= {a.max_new_tokens} new tokens, top-k 50 / top-p 0.95 / T 0.9, median of {a.repeats}")
         print(f"\n{'system':24} {'batch':>5} {'copies/s':>9} {'style 1st':>9} {'EOS':>6} {'filter':>7}")
         results: dict[str, dict[int, Any]] = {}
-        for name, fn in systems.items():
-            for batch in (1, a.prompts):
-                rate, q = measure(fn, a.prompts, batch, bench, a.repeats)
-                guessed = bench.drafts.proposed if bench.drafts is not None else 0  # in the last run
-                kept = bench.drafts.acceptance if bench.drafts is not None else None
-                results.setdefault(name, {})[batch] = {"copies_per_s": rate, **q, "drafts": guessed,
-                                                       "drafts_kept": kept}
-                print(f"{name:24} {batch:5d} {rate:9.2f} {q['style_first']:9.2f} {q['eos']:6.2f} "
-                      f"{q['filter_pass']:7.2f}" + (f"  kept {kept:.2f} of {guessed} guesses" if kept else ""),
+        settle_heap()  # as CopyEngine.start() does in a serving process
+        for batch in (1, a.prompts):
+            for name, m in measure(systems, a.prompts, batch, bench, a.repeats).items():
+                results.setdefault(name, {})[batch] = m
+        for name, by in results.items():
+            for batch, m in by.items():
+                kept = m["drafts_kept"]
+                print(f"{name:24} {batch:5d} {m['copies_per_s']:9.2f} {m['style_first']:9.2f} {m['eos']:6.2f} "
+                      f"{m['filter_pass']:7.2f}" + (f"  kept {kept:.2f} of {m['drafts']} guesses" if kept else ""),
                       flush=True)
     if bench.warm is not None:
         print(f"\ndraft table after {a.warm_requests} warm-up requests (not the measured ones): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,20 @@ def test_engine_batches_real_model_and_answers_one_to_one(model_dir: Path, kind:
     if kind == "static":
         assert sum(sizes) == 24
     assert isinstance(engine.executor, StudentExecutor) and engine.version == "v1"
+
+
+def test_a_started_engine_leaves_its_startup_heap_to_reference_counting(model_dir: Path) -> None:
+    """CopyEngine.start() freezes what is alive (the model, torch): a full collection no longer scans it."""
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    engine = CopyEngine.from_dir(model_dir, copy_settings(engine="continuous")).start()
+    try:
+        assert gc.get_freeze_count() > 0
+        model = engine.executor.student.model  # loaded before the start: frozen, out of the collector's scans
+        assert not any(o is model for o in gc.get_objects())
+    finally:
+        engine.stop()
+        gc.unfreeze()
 
 
 def _eco_lover() -> Any:
