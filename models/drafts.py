@@ -15,7 +15,6 @@ on the shipped student, guesses from 2, 3, 4, 5, 6 and 8 tokens were kept 0.68, 
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -290,7 +289,7 @@ class NGramDrafts:
         # the slots free. Per context: the row it was last seen in, up to max_next followers and their
         # counts (in the order first seen), the most frequent one
         self._size = 0
-        self._arrays(int(2 ** math.ceil(math.log2(2 * self.max_contexts + 1))))
+        self._arrays(1 << (2 * self.max_contexts - 1).bit_length())  # a power of two, >= 2 x max_contexts
         self._lock = threading.Lock()
         self.proposed = 0  # draft tokens fed to the model
         self.accepted = 0  # of those, kept
