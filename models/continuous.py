@@ -205,11 +205,14 @@ class ContinuousDecoder:
         # on a CPU, host arrays that are these tensors (views: compiled loops read and write the state in place)
         self._views = {name: getattr(self, name).numpy() for name in self._ROW_STATE} if dev.type == "cpu" else {}
 
+    _PLANNED = ("alive", "closing", "ntok", "pos", "glen", "pending", "tokens", "tail", "tail_len")
+
     def _host_state(self, n: int) -> dict[str, np.ndarray]:
-        """The rows' state as host arrays (the CPU's views; a CUDA decoder's first ``n`` rows copied)."""
+        """The rows' state a step's plan reads, as host arrays (the CPU's views; a CUDA decoder's
+        first ``n`` rows copied)."""
         if self._views:
             return self._views
-        return {name: getattr(self, name)[:n].cpu().numpy() for name in self._ROW_STATE}
+        return {name: getattr(self, name)[:n].cpu().numpy() for name in self._PLANNED}
 
     def _grow_prompts(self, need: int) -> None:
         """Double the prompt slots until ``need`` more are free (rare: the engine admits at most max_prompts)."""

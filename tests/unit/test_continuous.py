@@ -230,13 +230,15 @@ def test_a_step_over_the_rows_still_decoding_gives_their_full_step_outputs(dirs:
     assert all(g.eos_hidden is not None and g.eos_hidden.shape[0] == 3 for g in got.values())
 
 
-@pytest.mark.parametrize("model", ["tiny", "shipped"])
-def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: str) -> None:
+@pytest.mark.parametrize(("model", "views"), [("tiny", True), ("shipped", True), ("shipped", False)])
+def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: str, views: bool) -> None:
     """Greedy, with drafts that are mostly right (learned from the same prompts' decode, EOS
     included) and some wrong (noise learned too): the tokens, log-likelihoods, EOS flags and CTR
     hidden states of the static decode, in fewer steps; guesses were both kept and refused. The
     tiny random student never ends (rows truncated at max_new_tokens); the shipped one ends its
-    rows with EOS, often a kept guess (its CTR read is then taken in the same step)."""
+    rows with EOS, often a kept guess (its CTR read is then taken in the same step). ``views``
+    False: the path a CUDA decoder takes (the rows' state copied to the host for each step's plan,
+    the torch sampling)."""
     st = load_student(dirs["v1"] if model == "tiny" else shipped_student_dir(), device=DEVICE)
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
@@ -269,9 +271,15 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
                 depths.append(per_row)
             return super()._forward(feed, pos, col, t, rows, per_row)
 
+    class Copying(Counting):
+        def _rows_alloc(self, n: int) -> None:
+            super()._rows_alloc(n)
+            self._views = {}
+
     for name, table in (("plain", None), ("spec", drafts)):
-        dec = Counting(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0,
-                       want_hidden=True, max_prompts=2, drafts=table, draft_depth=3, spec_rows=64)
+        dec = (Counting if views else Copying)(
+            m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=max_new, temperature=0.0, want_hidden=True,
+            max_prompts=2, drafts=table, draft_depth=3, spec_rows=64)
         got[name], steps[name] = {}, 0
         dec.admit([0, 1], rows[:2], first[:2], ban[:2])
         while len(got[name]) < len(rows):
@@ -280,6 +288,7 @@ def test_speculative_steps_give_the_plain_decode(dirs: dict[str, Path], model: s
             for g in dec.step():
                 got[name][g.gid] = g
             steps[name] += 1
+        assert bool(dec._views) == (views and DEVICE == "cpu")  # (grown past its 2 prompt slots meanwhile)
     assert steps["spec"] < steps["plain"]
     assert drafts.accepted > 0 and drafts.accepted < drafts.proposed
     # a speculative step computes each live row's token and its own drafts only: rows that left (their
