@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def settle_heap() -> None:
     """Collect once, then freeze what is left alive (``gc.freeze``): the model, torch and every library
     loaded at start are no longer scanned by the cyclic collector. A full collection over them took
-    ~250 ms on the 2-core dev host (~500k objects): a pause for every decode in flight, each time
+    ~200 ms on the 2-core dev host (~440k objects): a pause for every decode in flight, each time
     enough objects outlived younger collections; after the freeze, ~12 ms. What is frozen is freed by
     reference counting as before; only a reference cycle among it would outlive its use."""
     gc.collect()

@@ -194,6 +194,19 @@ class StepPlan(NamedTuple):
 
 
 @compiled()
+def _plan_ok(n, alive, closing, ntok, pos, glen, pending, tokens, tail, tail_len):  # pragma: no cover (compiled)
+    """Whether :func:`_plan` stays within the arrays: ``n`` rows each, token and tail counts within
+    their arrays' widths."""
+    if n < 0 or min(alive.shape[0], closing.shape[0], ntok.shape[0], pos.shape[0], glen.shape[0], pending.shape[0],
+                    tokens.shape[0], tail.shape[0], tail_len.shape[0]) < n:
+        return False
+    for r in range(n):
+        if ntok[r] < 0 or ntok[r] > tokens.shape[1] or tail_len[r] < 0 or tail_len[r] > tail.shape[1]:
+            return False
+    return True
+
+
+@compiled()
 def _plan(keys, best, ngram, n, alive, closing, ntok, pos0, glen, pending, tokens, tail, tail_len, depth,
           spec_places, max_drafts, max_new, n_positions, cols, eos, vocab):  # pragma: no cover (compiled)
     """:meth:`NGramDrafts.plan_step`'s loop: the live rows' guesses, then the step's layout."""
@@ -339,7 +352,10 @@ class NGramDrafts:
         ``tail_len``: each row's prompt's last tokens): each live row (alive, not closing) gets up to ``depth``
         guesses (up to ``max_drafts`` while rows x (1 + guesses) fit in ``spec_places``), within
         ``max_new`` tokens and the model's ``n_positions``, ids below ``vocab``; then what the
-        step feeds (:class:`StepPlan`)."""
+        step feeds (:class:`StepPlan`). The loop reads without bounds checks, so the state it
+        follows is checked first (ValueError)."""
+        if not _plan_ok(int(n), alive, closing, ntok, pos, glen, pending, tokens, tail, tail_len):
+            raise ValueError("plan_step: rows' state out of range (n, tokens or tail counts)")
         with self._lock:
             return StepPlan(*_plan(self._keys, self._best, self.n, int(n), alive, closing, ntok, pos, glen, pending,
                                    tokens, tail, tail_len, int(depth), int(spec_places), int(max_drafts),

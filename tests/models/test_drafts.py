@@ -94,6 +94,22 @@ def test_a_row_longer_than_the_table_leaves_it_bounded_and_usable() -> None:
     assert d.propose([7, 8], 1) == [9] and len(d) <= 8
 
 
+@pytest.mark.parametrize("bad", ["n", "ntok", "tail_len"])
+def test_a_step_plan_refuses_state_its_loop_would_read_past(bad: str) -> None:
+    d = NGramDrafts(n=2)
+    d.learn([1, 2, 3, 4])
+    alive, closing = np.array([True, True]), np.array([False, False])
+    ntok, tail_len, z = np.array([1, 1]), np.array([2, 2]), np.zeros(2, np.int64)
+    tokens, tail = np.array([[2, 0, 0], [2, 0, 0]]), np.array([[0, 1], [0, 1]])
+    args = dict(n=2, ntok=ntok, tail_len=tail_len)
+    ok = d.plan_step(2, alive, closing, ntok, z, z, z + 2, tokens, tail, tail_len, 2, 0, 8, 10, 50, 60, 9, 10)
+    assert ok.guesses.tolist() == [[3, 4], [3, 4]]  # (1, 2) -> 3, (2, 3) -> 4
+    args[bad] = 3 if bad == "n" else np.array([1, 4 if bad == "ntok" else 3])
+    with pytest.raises(ValueError):
+        d.plan_step(args["n"], alive, closing, args["ntok"], z, z, z + 2, tokens, tail, args["tail_len"], 2, 0, 8, 10,
+                    50, 60, 9, 10)
+
+
 def test_a_count_near_its_int32_bound_halves_its_contexts_counts() -> None:
     d = NGramDrafts(n=1)
     d.learn([1, 2, 1, 3, 1, 3])  # (1,) -> 2 once, 3 twice
