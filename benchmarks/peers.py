@@ -127,7 +127,7 @@ class Bench:
         """Before each measured run: the warm table again (a run learns from its own earlier prompts only)."""
         self.drafts = self.warm.copy() if self.warm is not None else None
         self.prefix = self.warm_prefix.copy() if self.warm_prefix is not None else None
-        for (_, drafts, _, _, prefix, _), dec in self._decoders.items():  # they read the new table and cache
+        for (_, drafts, _, _, prefix, _, _), dec in self._decoders.items():  # they read the new table and cache
             dec.drafts = self.drafts if drafts else None
             dec.prefix = self.prefix if prefix else None
 
@@ -158,12 +158,12 @@ class Bench:
 
     def livecopy_continuous(self, idx: list[int], seed: int, weights: str | None = None, drafts: bool = True,
                             depth: int | None = None, spec_rows: int | None = None, prefix: bool = True,
-                            spec_places: int | None = None
+                            spec_places: int | None = None, first: int | None = -1
                             ) -> tuple[list[list[str]], list[list[bool]], list[list[bool]]]:
-        """(``depth`` / ``spec_rows`` / ``spec_places``: other draft settings than the served ones,
-        benchmarks/speculation.py)"""
+        """(``depth`` / ``spec_rows`` / ``spec_places`` / ``first`` (-1: the served one, None: no cap): other
+        draft settings than the served ones, benchmarks/speculation.py)"""
         cfg = self.ex.cfg  # as StudentExecutor.decoder builds it, with the served draft settings
-        key = (weights, drafts, depth, spec_rows, prefix, spec_places)
+        key = (weights, drafts, depth, spec_rows, prefix, spec_places, first)
         dec = self._decoders.get(key)
         if dec is None or dec.n_prompts < len(idx):  # a serving engine's: max_batch_size prompt slots, warmed up
             dec = self._decoders[key] = ContinuousDecoder(
@@ -172,6 +172,7 @@ class Bench:
                 drafts=self.drafts if drafts else None, draft_depth=cfg.draft_tokens if depth is None else depth,
                 spec_rows=cfg.draft_max_rows if spec_rows is None else spec_rows,
                 spec_places=cfg.draft_tail_places if spec_places is None else spec_places,
+                first_drafts=cfg.draft_first_tokens if first == -1 else first,
                 prefix=self.prefix if prefix else None, **SAMPLING)
             dec.warmup()
         dec.gen.manual_seed(seed)

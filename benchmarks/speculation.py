@@ -13,6 +13,8 @@ pick at each b against the best measured one: the evidence behind ``draft_max_ro
 Then, with the served depths, copies/s for each ``--tail-places`` value (``generation.draft_tail_places``:
 a step whose rows still decoding x (1 + drafts) fit in that many places gives each row more drafts,
 up to 8; 0: off), the runs interleaved and the median of ``--repeats``: the evidence behind its 28.
+Last, for each ``--first-drafts`` value (``generation.draft_first_tokens``: the drafts a row gets at
+most in its first step, right after its style token; none: no cap), the same way: the evidence behind its 1.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     ap.add_argument("--warm-requests", type=int, default=128)
     ap.add_argument("--tail-places", default="0,12,20,28")
     ap.add_argument("--tail-batches", default="1,2,4,8")
+    ap.add_argument("--first-drafts", default="none,0,1,2,3",
+                    help="Values of generation.draft_first_tokens for the third table (none: no cap).")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -62,7 +66,8 @@ def main() -> None:
     depths = [int(x) for x in a.depths.split(",")]
     print(f"CPU: {machine()}; torch {torch.__version__}, 1 thread; {a.prompts} prompts, K={a.k}, "
           f"<= {a.max_new_tokens} new tokens; served: draft_tokens={cfg.draft_tokens}, "
-          f"draft_max_rows={cfg.draft_max_rows}, draft_tail_places={cfg.draft_tail_places}")
+          f"draft_max_rows={cfg.draft_max_rows}, draft_tail_places={cfg.draft_tail_places}, "
+          f"draft_first_tokens={cfg.draft_first_tokens}")
     print(f"\n{'b':>3} " + " ".join(f"{f'd={d}: copies/s ms/step steps':>32}" for d in depths))
     picks = []
     for b in (int(x) for x in a.batches.split(",")):
@@ -107,6 +112,22 @@ def main() -> None:
         med = {p: statistics.median(v) for p, v in got.items()}
         print(f"{b:3d} " + " ".join(f"{p:>5}: {med[p]:6.2f} ({med[p] / med[places[0]]:.3f}x)" for p in places),
               flush=True)
+
+    firsts = [None if x.strip() == "none" else int(x) for x in a.first_drafts.split(",")]
+    print(f"\nserved depths, draft_first_tokens = {a.first_drafts} (a row's first step after its style token; "
+          f"copies/s, median of {a.repeats}, interleaved; ratio to the first):")
+    for b in (int(x) for x in a.tail_batches.split(",")):
+        got_f: dict[int | None, list[float]] = {f: [] for f in firsts}
+        for _ in range(a.repeats):
+            for f in firsts:
+                bench.reset()
+                t0 = time.perf_counter()
+                for s in range(0, a.prompts, b):
+                    bench.livecopy_continuous(list(range(s, min(s + b, a.prompts))), s, first=f)
+                got_f[f].append(a.prompts / (time.perf_counter() - t0))
+        med_f = {f: statistics.median(v) for f, v in got_f.items()}
+        print(f"{b:3d} " + " ".join(f"{f!s:>5}: {med_f[f]:6.2f} ({med_f[f] / med_f[firsts[0]]:.3f}x)"
+                                     for f in firsts), flush=True)
 
 
 if __name__ == "__main__":

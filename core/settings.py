@@ -272,6 +272,10 @@ class CopySettings(Section):
     # as keep its rows x (1 + drafts) within draft_tail_places (28: 6 drafts each to a lone request's 4 rows, 8 to
     # 3 or fewer; benchmarks/speculation.py's second table: +4-9% at 1-2 requests, +3% at 4, none at 8). 0: off.
     draft_tail_places: int = Field(28, ge=0)
+    # ... except a row's first step after its style token (the token sampled from its prompt), which gets at most
+    # draft_first_tokens: the candidates of one prompt open differently by design and ~1/4 of those guesses are
+    # kept (benchmarks/speculation.py's third table: 1 was +4% at one request against no cap).
+    draft_first_tokens: int = Field(1, ge=0, le=8)
     # continuous engine: keys/values of recently prefilled prompts, reused by prompts that share a prefix with one
     # (models/prefix_cache.py; many shoppers share a product's prompt or its first line). Bounded; 0: off.
     prompt_cache_mb: int = Field(64, ge=0)

@@ -275,7 +275,8 @@ class StudentExecutor:
             top_p=self.cfg.top_p, seed=seed, want_hidden=hasattr(self.student.model, "ctr_from_hidden"),
             max_prompts=max_prompts, static_shapes=static_shapes, shape_buckets=self.cfg.compile_decode,
             weights=self.cfg.cpu_weights, drafts=self.drafts, draft_depth=self.cfg.draft_tokens,
-            spec_rows=self.cfg.draft_max_rows, spec_places=self.cfg.draft_tail_places, prefix=self.prompt_cache,
+            spec_rows=self.cfg.draft_max_rows, spec_places=self.cfg.draft_tail_places,
+            first_drafts=self.cfg.draft_first_tokens, prefix=self.prompt_cache,
         )
         if self.cfg.compile_decode:
             dec.compile()

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import cascade, cpu_emit, scripted
+from models import cascade, cpu_emit, cpu_ops, scripted
 from models.drafts import NGramDrafts, emit_into_rows
 from models.drafts import warm as drafts_warm
 from models.generate import autocast_for
@@ -114,6 +114,7 @@ class ContinuousDecoder:
         draft_depth: int = 3,
         spec_rows: int = 256,
         spec_places: int = 28,
+        first_drafts: int | None = 1,
         prefix: PrefixCache | None = None,
     ) -> None:
         trunk = cascade._trunk(model)
@@ -144,6 +145,9 @@ class ContinuousDecoder:
         # a step with few rows left decoding (a request's last candidates) gives each more drafts, up to
         # MAX_DRAFTS, as many as keep its places (live rows x (1 + drafts)) within spec_places (0: off)
         self.spec_places = max(0, int(spec_places)) if self.depth else 0
+        # ... except in a row's first step after the token sampled from its prompt (the style token): candidates open
+        # differently by design, so few of those guesses are kept (None: no cap; docs/generation.md)
+        self.first_drafts = None if first_drafts is None else max(0, int(first_drafts))
         self.room = self.cap + max(self.depth, MAX_DRAFTS if self.spec_places else 0)  # drafts may go past the cap
         self._tail_w = self.drafts.n if self.drafts is not None else 0  # prompt tokens a row keeps for its drafts
         self.prefix = prefix  # keys/values of prompts prefilled before (models/prefix_cache.py)
@@ -178,6 +182,9 @@ class ContinuousDecoder:
         self._script = scripted.step_forward() if self.device.type == "cpu" and self.tanh_gelu else None
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
+        # ... its attention (each place over its prompt's and its own row's columns only, not the slot's every
+        # column masked) and GELU as compiled loops (models/cpu_ops.py; 64-dim heads)
+        self._fused = self._script is not None and self.head_dim == cpu_ops.HEAD_DIM and cpu_ops.available()
         # prefill() may run on another thread while step() runs: on a CPU (the other core); on a GPU both would
         # share the stream, and a CUDA graph's capture must not see another thread's work
         self.prefill_concurrent = self.device.type == "cpu"
@@ -313,7 +320,8 @@ class ContinuousDecoder:
             tr, lin = self.trunk, self.lin
             keys, values, logits = scripted.prefill_forward()(
                 ids, pos, allowed, past, cached[:, None, :, None] if past is not None else None, self.n_head,
-                tr.wte.weight, tr.wpe.weight, *self._ln, list(lin.packed), list(lin.weights), list(lin.biases))
+                tr.wte.weight, tr.wpe.weight, *self._ln, list(lin.packed), list(lin.weights), list(lin.biases),
+                self._fused)
             return keys, values, valid, pos[:, -1], logits
         keys = []
         values = []
@@ -483,13 +491,13 @@ class ContinuousDecoder:
         the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
         ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
         (its token, then its drafts), each at its own position and column."""
-        fixed = self.static_shapes or self.shape_buckets  # (what torch.compile traces: no window to look up)
+        fixed = self.static_shapes or self.shape_buckets or self._fused  # (no window to look up: the whole cache)
         lc, kv, p_bias = (self.lcap, self.kv, self.p_bias) if fixed else self._window()
         if self._script is not None:
             tr, lin = self.trunk, self.lin
             return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, p_bias, kv,
                                 lc, self.k, self._neg, self.scale, self.n_head, tr.wte.weight, tr.wpe.weight,
-                                *self._ln, list(lin.packed), list(lin.weights), list(lin.biases))
+                                *self._ln, list(lin.packed), list(lin.weights), list(lin.biases), self._fused)
         n, k = feed.shape[0], self.k
         hi, width = n // (k * per_row), lc + t * k
         rows_p, rows_j = self.row_p[:n // per_row], self.row_j[:n // per_row]
@@ -542,6 +550,7 @@ class ContinuousDecoder:
         # fbgemm's packed int8 weights are opaque to dynamo: the compiled step multiplies on the fp32 weights
         self.lin = linears(self.trunk, self.lm_weight, "fp32")
         self._script = None  # dynamo compiles the eager forward
+        self._fused = False
         import torch._dynamo.config as dynamo_config
 
         # one graph per shape and per decoder (a hot swap makes a new one): more than dynamo's default 8
@@ -573,6 +582,8 @@ class ContinuousDecoder:
         self._widen(self.n_positions - self.max_new, dtype)
         if self.device.type == "cpu":
             cpu_emit.warm()  # the sampling loop compiled (or loaded from its disk cache) now
+        if self._fused:
+            cpu_ops.warm()
         if self.drafts is not None:
             drafts_warm()
         for b in (self.buckets() if self.static_shapes or self.shape_buckets else []):
@@ -661,7 +672,8 @@ class ContinuousDecoder:
         st = self._host_state(n)
         plan = self.drafts.plan_step(n, st["alive"], st["closing"], st["ntok"], st["pos"], st["glen"], st["pending"],
                                      st["tokens"], st["tail"], st["tail_len"], qn - 1, self.spec_places, MAX_DRAFTS,
-                                     self.max_new, self.n_positions, self.room, self.eos_id, self.vocab)
+                                     self.max_new, self.n_positions, self.room, self.eos_id, self.vocab,
+                                     first=self.first_drafts)
         qn = plan.feed.shape[1]
         if qn == 1:  # no row has a guess
             return False

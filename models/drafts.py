@@ -208,7 +208,7 @@ def _plan_ok(n, alive, closing, ntok, pos, glen, pending, tokens, tail, tail_len
 
 @compiled()
 def _plan(keys, best, ngram, n, alive, closing, ntok, pos0, glen, pending, tokens, tail, tail_len, depth,
-          spec_places, max_drafts, max_new, n_positions, cols, eos, vocab):  # pragma: no cover (compiled)
+          spec_places, max_drafts, max_new, n_positions, cols, eos, vocab, first):  # pragma: no cover (compiled)
     """:meth:`NGramDrafts.plan_step`'s loop: the live rows' guesses, then the step's layout."""
     live = np.empty(n, np.int64)
     m = 0
@@ -228,6 +228,8 @@ def _plan(keys, best, ngram, n, alive, closing, ntok, pos0, glen, pending, token
         r = live[i]
         # emitted tokens stay within max_new, positions within the model's
         room = min(d, max_new - ntok[r] - 1, n_positions - 2 - pos0[r])
+        if ntok[r] <= 1 and first >= 0:  # the row's first step after the token sampled from its prompt
+            room = min(room, first)
         if room <= 0:
             continue
         # the context: the last ngram tokens of the prompt's tail, then the row's tokens
@@ -347,11 +349,12 @@ class NGramDrafts:
     def plan_step(self, n: int, alive: np.ndarray, closing: np.ndarray, ntok: np.ndarray, pos: np.ndarray,
                   glen: np.ndarray, pending: np.ndarray, tokens: np.ndarray, tail: np.ndarray, tail_len: np.ndarray,
                   depth: int, spec_places: int, max_drafts: int, max_new: int, n_positions: int, cols: int, eos: int,
-                  vocab: int) -> StepPlan:
+                  vocab: int, first: int | None = None) -> StepPlan:
         """A speculative step over the first ``n`` decoder rows (their state as host arrays; ``tail`` /
         ``tail_len``: each row's prompt's last tokens): each live row (alive, not closing) gets up to ``depth``
         guesses (up to ``max_drafts`` while rows x (1 + guesses) fit in ``spec_places``), within
-        ``max_new`` tokens and the model's ``n_positions``, ids below ``vocab``; then what the
+        ``max_new`` tokens and the model's ``n_positions``, ids below ``vocab``, and at most ``first``
+        in a row's first step (it has emitted one token: the one sampled from its prompt); then what the
         step feeds (:class:`StepPlan`). The loop reads without bounds checks, so the state it
         follows is checked first (ValueError)."""
         if not _plan_ok(int(n), alive, closing, ntok, pos, glen, pending, tokens, tail, tail_len):
@@ -359,7 +362,8 @@ class NGramDrafts:
         with self._lock:
             return StepPlan(*_plan(self._keys, self._best, self.n, int(n), alive, closing, ntok, pos, glen, pending,
                                    tokens, tail, tail_len, int(depth), int(spec_places), int(max_drafts),
-                                   int(max_new), int(n_positions), int(cols), int(eos), int(vocab)))
+                                   int(max_new), int(n_positions), int(cols), int(eos), int(vocab),
+                                   -1 if first is None else int(first)))
 
     def followers(self, context: Sequence[int]) -> dict[int, int]:
         """The counts of the tokens seen after ``context``, in the order first seen (empty: unseen)."""
@@ -402,7 +406,7 @@ def warm() -> None:
     t.followers([1])
     z, b = np.zeros(2, np.int64), np.array([True, False])
     t.plan_step(2, b, ~b, z, z, z, z, np.zeros((2, 4), np.int64), np.ones((2, 2), np.int64), z + 2, 3, 8, 8, 4, 16,
-                20, 0, 8)
+                20, 0, 8, first=1)
 
 
 def speculative_pick(idx: Tensor, probs: Tensor, drafts: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:

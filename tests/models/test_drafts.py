@@ -274,3 +274,21 @@ def test_the_compiled_loop_refuses_indices_out_of_range(bad: str) -> None:
         cpu_emit.emit_into_rows(rows, logits, place, ban, drafts, torch.rand((2, 3)), 0.9, 5, 0.95, 2, stop, True,
                                 max_new, *state)
     assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+
+
+def test_a_rows_first_step_gets_at_most_first_guesses() -> None:
+    """A row that has emitted one token (the one sampled from its prompt) is guessed for at most
+    ``first`` tokens; a row further on gets the step's depth."""
+    d = NGramDrafts(n=2)
+    d.learn([1, 2, 3, 4, 5, 6])
+    alive, closing = np.array([True, True]), np.array([False, False])
+    ntok, tail_len, z = np.array([1, 2]), np.array([2, 1]), np.zeros(2, np.int64)
+    tokens, tail = np.array([[3, 0, 0], [2, 3, 0]]), np.array([[1, 2], [1, 0]])  # both rows' context ends (2, 3)
+    plan = d.plan_step(2, alive, closing, ntok, z, z, z + 2, tokens, tail, tail_len, 3, 0, 8, 10, 50, 60, 9, 10,
+                       first=1)
+    assert plan.lens.tolist() == [1, 3] and plan.guesses.tolist() == [[4, -1, -1], [4, 5, 6]]
+    uncapped = d.plan_step(2, alive, closing, ntok, z, z, z + 2, tokens, tail, tail_len, 3, 0, 8, 10, 50, 60, 9, 10)
+    assert uncapped.lens.tolist() == [3, 3]
+    none = d.plan_step(2, alive, closing, ntok, z, z, z + 2, tokens, tail, tail_len, 3, 0, 8, 10, 50, 60, 9, 10,
+                       first=0)
+    assert none.lens.tolist() == [0, 3]
