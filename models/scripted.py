@@ -5,7 +5,9 @@ an int8 product, whose packed weight is a TorchScript object, costs most (the ob
 Python to C++ at every call). :func:`step_forward` is :meth:`models.continuous.ContinuousDecoder._forward`
 and :func:`prefill_forward` the forward of its ``_prefill`` (the same operations in the same order:
 tests compare them), compiled by ``torch.jit.script`` once per process, on first use. CPU only;
-tanh-GELU trunks only (the others take the eager forwards).
+tanh-GELU trunks only (the others take the eager forwards). With ``fused`` the step attends and writes
+its cache through ``torch.ops.livecopy.attend`` and both run their GELU through
+``torch.ops.livecopy.gelu_tanh_`` (models/cpu_ops.py: compiled loops, registered before scripting).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models import cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +39,14 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
              scale: float, n_head: int, wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor],
              eps: list[float],
              packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
-             w: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
+             w: list[Tensor], b: list[Tensor], fused: bool = False) -> tuple[Tensor, Tensor]:
     """Arguments as the decoder holds them; products from ``packed`` (int8: 4 per block, then the LM
-    head) or, when it is empty, from ``w`` / ``b`` (fp32, (in, out); the LM head's bias unused)."""
+    head) or, when it is empty, from ``w`` / ``b`` (fp32, (in, out); the LM head's bias unused).
+    ``fused``: ``kv`` and ``p_bias`` are the whole caches and ``lc`` their prompt columns (no window),
+    and attention and GELU run as :mod:`models.cpu_ops`' loops."""
+    if fused:
+        return _fused_forward(feed, pos, col, rows, per_row, row_p, row_j, p_bias, kv, lc, k, scale, n_head, wte, wpe,
+                              ln_w, ln_b, eps, packed, w, b)
     n = feed.shape[0]
     hi = n // (k * per_row)
     width = lc + t * k
@@ -100,14 +109,43 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     return h, _lin(h, 4 * len(kv), packed, w, b)
 
 
+def _fused_forward(feed: Tensor, pos: Tensor, col: Tensor, rows: Tensor | None, per_row: int, row_p: Tensor,
+                   row_j: Tensor, p_bias: Tensor, kv: list[Tensor], lcap: int, k: int, scale: float, n_head: int,
+                   wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor], eps: list[float],
+                   packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
+                   w: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_forward` with ``fused``: each computed place attends to its prompt's and its own row's
+    columns only (``torch.ops.livecopy.attend``, which writes its key and value first), no mask."""
+    n = feed.shape[0]
+    rp = row_p[:n // per_row]
+    rj = row_j[:n // per_row]
+    if per_row > 1:
+        rp = rp.repeat_interleave(per_row)
+        rj = rj.repeat_interleave(per_row)
+    if rows is not None:
+        feed, pos, rp, rj, col = feed[rows], pos[rows], rp[rows], rj[rows], col[rows]
+    d = wte.shape[1]
+    x = F.embedding(feed, wte) + F.embedding(pos, wpe)
+    for layer in range(len(kv)):
+        j = 4 * layer
+        h = F.layer_norm(x, [d], ln_w[2 * layer], ln_b[2 * layer], eps[2 * layer])
+        o = torch.ops.livecopy.attend(_lin(h, j, packed, w, b), kv[layer], p_bias, rp, rj, col, lcap, k, scale)
+        x = x + _lin(o, j + 1, packed, w, b)
+        h = F.layer_norm(x, [d], ln_w[2 * layer + 1], ln_b[2 * layer + 1], eps[2 * layer + 1])
+        x = x + _lin(torch.ops.livecopy.gelu_tanh_(_lin(h, j + 2, packed, w, b)), j + 3, packed, w, b)
+    h = F.layer_norm(x, [d], ln_w[-1], ln_b[-1], eps[-1])
+    return h, _lin(h, 4 * len(kv), packed, w, b)
+
+
 def _prefill(ids: Tensor, pos: Tensor, allowed: Tensor, past: Tensor | None, cached: Tensor | None, n_head: int,
              wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor], eps: list[float],
              packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
-             w: list[Tensor], b: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+             w: list[Tensor], b: list[Tensor], fused: bool = False) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """:meth:`models.continuous.ContinuousDecoder._prefill`'s forward: prompts ``ids`` (P, L) at ``pos``,
     each query's ``allowed`` keys (P, 1, L, W), the keys/values ``past`` (2, layers, P, H, W, dh)
     reused where ``cached`` (P, 1, W, 1); the computed tokens are the last ``L`` columns. Returns the
-    keys and values per layer (P, H, W, dh) and the last position's logits (P, V)."""
+    keys and values per layer (P, H, W, dh) and the last position's logits (P, V). ``fused``: the GELU
+    through ``torch.ops.livecopy.gelu_tanh_``."""
     n, length = ids.shape[0], ids.shape[1]
     width = allowed.shape[-1]
     d = wte.shape[1]
@@ -133,7 +171,9 @@ def _prefill(ids: Tensor, pos: Tensor, allowed: Tensor, past: Tensor | None, cac
         x = x + _lin(o.transpose(1, 2).reshape(m, d), j + 1, packed, w, b)
         h = F.layer_norm(x, [d], ln_w[2 * layer + 1], ln_b[2 * layer + 1], eps[2 * layer + 1])
         f = _lin(h, j + 2, packed, w, b)
-        if m < 12:
+        if fused:
+            f = torch.ops.livecopy.gelu_tanh_(f)
+        elif m < 12:
             f = F.gelu(f, approximate="tanh")
         else:  # models.cascade.gelu_tanh
             y = f * f
@@ -159,10 +199,12 @@ def _script(fn: Any) -> Any:
 def step_forward() -> Any:
     """:func:`_forward` scripted (once per process; ~30 ms), or None where TorchScript cannot compile
     it (logged once; the decoder then runs its eager forward)."""
+    cpu_ops.register()  # the ops it calls must exist when it compiles
     return _script(_forward)
 
 
 @functools.cache
 def prefill_forward() -> Any:
     """:func:`_prefill` scripted (once per process), or None (the decoder then prefills eagerly)."""
+    cpu_ops.register()
     return _script(_prefill)

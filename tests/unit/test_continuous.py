@@ -413,10 +413,13 @@ def test_sampled_speculative_steps_finish_every_prompt_within_bounds(dirs: dict[
             assert not any(ban[i, t] for t in toks[1:]) and not any(stop[t] for t in toks)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
+@pytest.mark.parametrize(("weights", "fused"), [("fp32", True), ("fp32", False), ("int8", True), ("int8", False)])
+def test_the_scripted_step_is_the_eager_step(weights: str, fused: bool) -> None:
     """models/scripted.py runs the step's forward as TorchScript on a CPU: the same hidden states,
-    logits and KV-cache writes as the eager forward, over all rows, a subset, and speculative rows."""
+    logits and KV-cache writes as the eager forward, over all rows, a subset, and speculative rows;
+    ``fused`` with models/cpu_ops.py's attention and GELU (float rounding apart, the same function:
+    with int8 products a rounding can move an activation across a quantization step, which the
+    next layers carry, so there the same up to that)."""
     st = load_student(shipped_student_dir())
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
@@ -424,7 +427,9 @@ def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
     first, ban = request_biases(m, tok, len(rows))
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, seed=3, max_prompts=3,
                             weights=weights)
-    assert dec._script is not None
+    assert dec._script is not None and dec._fused
+    dec._fused = fused
+    tol_kv, tol = (0.5, 0.5) if fused and weights == "int8" else (1e-5, 1e-4)
     dec.admit([0, 1, 2], rows, first, ban)
     for _ in range(3):
         dec.step()
@@ -439,24 +444,28 @@ def test_the_scripted_step_is_the_eager_step(weights: str) -> None:
         with torch.inference_mode():  # the decoder's own mode
             h_s, lg_s = dec._forward(*args)
             kv_s, dec.kv = dec.kv, [c.clone() for c in kv]
-            script, dec._script = dec._script, None
+            script, dec._script, dec._fused = dec._script, None, False
             h_e, lg_e = dec._forward(*args)
-            dec._script = script
-        assert torch.allclose(h_s, h_e, atol=1e-5) and torch.allclose(lg_s, lg_e, atol=1e-4)
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(kv_s, dec.kv, strict=True))
+            dec._script, dec._fused = script, fused
+        assert torch.allclose(h_s, h_e, atol=tol_kv) and torch.allclose(lg_s, lg_e, atol=tol)
+        assert (lg_s.argmax(-1) == lg_e.argmax(-1)).float().mean() >= 0.9
+        assert all(torch.allclose(a, b, atol=tol_kv) for a, b in zip(kv_s, dec.kv, strict=True))
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_the_scripted_prefill_is_the_eager_prefill(weights: str) -> None:
+@pytest.mark.parametrize(("weights", "fused"), [("fp32", True), ("fp32", False), ("int8", True), ("int8", False)])
+def test_the_scripted_prefill_is_the_eager_prefill(weights: str, fused: bool) -> None:
     """The prefill's forward as TorchScript: the keys/values, valid columns, positions and logits of
-    the eager one, with no prefix reused and with cached prefixes of several lengths in one batch."""
+    the eager one, with no prefix reused and with cached prefixes of several lengths in one batch
+    (``fused``: its GELU by models/cpu_ops.py; with int8, the same up to quantization steps)."""
     st = load_student(shipped_student_dir())
     m, tok = st.model, st.tokenizer
     sid = special_ids(tok)
     rows = encode_text(tok, [build_prompt(product_context(p, s)) for p in CAT.products[:2] for s in ("pdp", "feed")])
     dec = ContinuousDecoder(m, eos_id=sid.eos, pad_id=sid.pad, k=2, max_new_tokens=12, max_prompts=4,
                             weights=weights)
-    assert dec._script is not None
+    assert dec._script is not None and dec._fused
+    dec._fused = fused
+    tol_kv, tol = (0.5, 0.5) if fused and weights == "int8" else (1e-5, 1e-4)
     with torch.inference_mode():  # the decoder's own mode
         full = dec._prefill(rows)
         kv = [stack_kv([t[i][:, full[2][i]] for t in full[0]], [t[i][:, full[2][i]] for t in full[1]])
@@ -469,9 +478,9 @@ def test_the_scripted_prefill_is_the_eager_prefill(weights: str) -> None:
             ref = dec._prefill(*args)
             dec._script = script
         for a, b in zip(got[0] + got[1], ref[0] + ref[1], strict=True):
-            assert torch.allclose(a, b, atol=1e-5)
+            assert torch.allclose(a, b, atol=tol_kv)
         assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
-        assert torch.allclose(got[4], ref[4], atol=1e-4)
+        assert torch.allclose(got[4], ref[4], atol=tol)
 
 
 def test_a_dropped_prompt_leaves_at_once_and_the_others_finish(dirs: dict[str, Path]) -> None:
