@@ -274,7 +274,7 @@ class CopySettings(Section):
     draft_tail_places: int = Field(28, ge=0)
     # ... except a row's first step after its style token (the token sampled from its prompt), which gets at most
     # draft_first_tokens: the candidates of one prompt open differently by design and ~1/4 of those guesses are
-    # kept (benchmarks/speculation.py's third table: 1 was +4% at one request against no cap).
+    # kept (benchmarks/speculation.py's third table and A/B runs: +3-4% at one or two requests against no cap).
     draft_first_tokens: int = Field(1, ge=0, le=8)
     # continuous engine: keys/values of recently prefilled prompts, reused by prompts that share a prefix with one
     # (models/prefix_cache.py; many shoppers share a product's prompt or its first line). Bounded; 0: off.
