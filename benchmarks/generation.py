@@ -20,8 +20,9 @@ Measurements, all engines back to back in one process:
   saturated copies/s (the same offered load for every engine), and at each of ``--loads``:
   achieved copies/s, p50/p99 latency (submit -> result), refused and expired requests. The
   report prints continuous p99 / static p99 at that load (target: <= 1/3).
-* **deadlines** (``--deadline-ms`` > 0): open loop at 1.5x the static saturated rate with that
-  deadline: how late the 503 answers (``DeadlineExceeded``) come after their deadline (p99, max;
+* **deadlines** (``--deadline-ms`` > 0): open loop at 1.5x the highest saturated rate (so every
+  engine is overloaded) with that deadline: how late the 503 answers (``DeadlineExceeded``) come
+  after their deadline (p99, max;
   target: within 100 ms). The continuous engine checks deadlines at every step; the static one only
   before a batch starts, so a request that started in time is answered when its batch ends.
 
@@ -284,7 +285,7 @@ def main() -> None:
                 points.append(open_loop(engine, reqs, mode, load, a.duration, seed=i))
                 print(fmt(points[-1]), flush=True)
         if a.deadline_ms > 0:
-            over = round(1.5 * ref, 2)
+            over = round(1.5 * max(sat.values()), 2)  # every engine overloaded: its deadlines are what is read
             print(f"\noverload {over:g}/s with a {a.deadline_ms:g} ms deadline:")
             for mode, engine in engines.items():
                 late[mode] = []
