@@ -1,14 +1,9 @@
 """The CPU decode step's attention (with its cache write) and tanh-GELU as compiled loops (numba), as torch ops.
 
-:func:`register` defines ``torch.ops.livecopy.attend`` and ``torch.ops.livecopy.gelu_tanh_`` so the
-TorchScript step (models/scripted.py) calls them between its int8 products. ``attend`` writes each
-computed place's key and value into its row's cache column, then attends each place to its
-prompt's columns and to its own row's columns up to its own (what the dense step's mask allows),
-reading only those: the dense attention also multiplies the other rows' columns of the slot and
-masks them (at one request, half of what it computes). The prompt part, shared by a slot's places,
-is one matrix product per head (BLAS); the row part and the softmax are loops. ``gelu_tanh_`` is
-the trunk's GELU in place (torch's CPU sigmoid and tanh are slow at these sizes). Heads of
-:data:`HEAD_DIM` only (the student's); other trunks take the dense path.
+:func:`register` defines ``torch.ops.livecopy.attend`` (each computed place attends to its prompt's
+columns and its own row's, nothing else) and ``torch.ops.livecopy.gelu_tanh_``, which the
+TorchScript step (models/scripted.py) calls between its int8 products. Heads of :data:`HEAD_DIM`
+only. Why and what it gained: docs/generation.md.
 """
 
 from __future__ import annotations
@@ -161,9 +156,14 @@ def attend(qkv: Tensor, cache: Tensor, p_bias: Tensor, slot: Tensor, row_j: Tens
     """``torch.ops.livecopy.attend``: see :func:`_attend`; ``qkv`` (m, 3 * H * D), ``cache`` a layer's
     (2, P, H, C, D) (written), ``p_bias`` (P, 1, 1, lcap). Returns (m, H * D)."""
     m, nh = qkv.shape[0], cache.shape[2]
+    if not cache.is_contiguous() or cache.dtype != torch.float32:
+        raise ValueError("attend: the cache must be one contiguous float32 tensor (the decoder's CPU cache)")
     out = torch.empty((m, nh * HEAD_DIM), dtype=torch.float32)
-    ok = _attend(qkv.reshape(m, 3, nh, -1).numpy(), cache.numpy(), p_bias.reshape(p_bias.shape[0], -1).numpy(),
-                 slot.numpy(), row_j.numpy(), col.numpy(), int(lcap), int(k), np.float32(scale), out.numpy())
+    # contiguous arrays of these types: the one signature warm() compiled (another would compile on a request's time)
+    ok = _attend(qkv.reshape(m, 3, nh, -1).contiguous().numpy(), cache.numpy(),
+                 p_bias.reshape(p_bias.shape[0], -1).contiguous().numpy(), slot.contiguous().numpy(),
+                 row_j.contiguous().numpy(), col.contiguous().numpy(), int(lcap), int(k), np.float32(scale),
+                 out.numpy())
     if not ok:
         raise IndexError("attend: a place's slot, row or column is outside the cache")
     return out

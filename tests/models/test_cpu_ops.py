@@ -69,6 +69,8 @@ def test_attend_refuses_a_place_outside_the_cache_and_writes_nothing() -> None:
         with pytest.raises(IndexError):
             cpu_ops.attend(torch.ones((1, 3 * H * D)), cache, p_bias, slot, row_j, col, 4, 2, 0.125)
     assert not cache.any()
+    with pytest.raises(ValueError):  # a window of the cache, not the cache: the loop reads it as one array
+        cpu_ops.attend(torch.ones((1, 3 * H * D)), cache[..., :6, :], p_bias, 0 * one, 0 * one, 0 * one, 4, 2, 0.125)
 
 
 def test_the_ops_are_registered_for_torchscript() -> None:
