@@ -23,7 +23,9 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,37 +100,33 @@ def main() -> None:
         ratio = f"{got / rates[best]:.2f}" if got is not None else "n/a"
         print(f"  b={b:3d}: served d={served} ({ratio} of best), best d={best}")
 
+    batches = [int(x) for x in a.tail_batches.split(",")]
     places = [int(x) for x in a.tail_places.split(",")]
     print(f"\nserved depths, draft_tail_places = {a.tail_places} (copies/s, median of {a.repeats}, interleaved):")
-    for b in (int(x) for x in a.tail_batches.split(",")):
-        got: dict[int, list[float]] = {p: [] for p in places}
-        for _ in range(a.repeats):
-            for p in places:
-                bench.reset()
-                t0 = time.perf_counter()
-                for s in range(0, a.prompts, b):
-                    bench.livecopy_continuous(list(range(s, min(s + b, a.prompts))), s, spec_places=p)
-                got[p].append(a.prompts / (time.perf_counter() - t0))
-        med = {p: statistics.median(v) for p, v in got.items()}
-        print(f"{b:3d} " + " ".join(f"{p:>5}: {med[p]:6.2f} ({med[p] / med[places[0]]:.3f}x)" for p in places),
-              flush=True)
-
+    interleaved(bench, a.prompts, batches, a.repeats, "spec_places", places)
     firsts = [None if x.strip() == "none" else int(x) for x in a.first_drafts.split(",")]
     print(f"\nserved depths, draft_first_tokens = {a.first_drafts} (a row's first step after its style token; "
           f"copies/s, median of {a.repeats}, interleaved; ratio to the first):")
-    for b in (int(x) for x in a.tail_batches.split(",")):
-        got_f: dict[int | None, list[float]] = {f: [] for f in firsts}
-        for _ in range(a.repeats):
-            for f in firsts:
+    interleaved(bench, a.prompts, batches, a.repeats, "first", firsts)
+
+
+def interleaved(bench: Bench, prompts: int, batches: list[int], repeats: int, knob: str,
+                values: Sequence[int | None]) -> None:
+    """Per batch size, copies/s with each value of ``knob`` (a ``Bench.livecopy_continuous`` keyword),
+    the values in turn each round, medians printed with their ratio to the first value's."""
+    for b in batches:
+        got: dict[int | None, list[float]] = {v: [] for v in values}
+        for _ in range(repeats):
+            for v in values:
                 bench.reset()
                 t0 = time.perf_counter()
-                for s in range(0, a.prompts, b):
-                    bench.livecopy_continuous(list(range(s, min(s + b, a.prompts))), s, first=f)
-                got_f[f].append(a.prompts / (time.perf_counter() - t0))
-        med_f = {f: statistics.median(v) for f, v in got_f.items()}
-        print(f"{b:3d} " + " ".join(f"{f!s:>5}: {med_f[f]:6.2f} ({med_f[f] / med_f[firsts[0]]:.3f}x)"
-                                     for f in firsts), flush=True)
-
+                for s in range(0, prompts, b):
+                    kw: dict[str, Any] = {knob: v}
+                    bench.livecopy_continuous(list(range(s, min(s + b, prompts))), s, **kw)
+                got[v].append(prompts / (time.perf_counter() - t0))
+        med = {v: statistics.median(x) for v, x in got.items()}
+        print(f"{b:3d} " + " ".join(f"{v!s:>5}: {med[v]:6.2f} ({med[v] / med[values[0]]:.3f}x)" for v in values),
+              flush=True)
 
 if __name__ == "__main__":
     main()
