@@ -183,8 +183,8 @@ class ContinuousDecoder:
         if self._script is not None and scripted.prefill_forward() is None:  # both scripted, or neither
             self._script = None
         # ... its attention (each place over its prompt's and its own row's columns only, not the slot's every
-        # column masked) and GELU as compiled loops (models/cpu_ops.py; 64-dim heads)
-        self._fused = self._script is not None and self.head_dim == cpu_ops.HEAD_DIM and cpu_ops.available()
+        # column masked) and GELU as compiled loops (models/cpu_ops.py)
+        self._fused = self._script is not None and cpu_ops.available()
         # prefill() may run on another thread while step() runs: on a CPU (the other core); on a GPU both would
         # share the stream, and a CUDA graph's capture must not see another thread's work
         self.prefill_concurrent = self.device.type == "cpu"

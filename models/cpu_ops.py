@@ -2,8 +2,8 @@
 
 :func:`register` defines ``torch.ops.livecopy.attend`` (each computed place attends to its prompt's
 columns and its own row's, nothing else) and ``torch.ops.livecopy.gelu_tanh_``, which the
-TorchScript step (models/scripted.py) calls between its int8 products. Heads of :data:`HEAD_DIM`
-only. Why and what it gained: docs/generation.md.
+TorchScript step (models/scripted.py) calls between its int8 products. Why and what it gained:
+docs/generation.md.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from torch import Tensor
 from models.cpu_emit import compiled
 
 log = logging.getLogger(__name__)
-
-HEAD_DIM = 64  # a compile-time constant of the loops below (their inner loops are then exact vector widths)
 
 
 @compiled(fastmath=True, error_model="numpy", inline="always")
@@ -62,10 +60,10 @@ def _attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, scale, out):  # pragm
     ``out[i]`` (m, H * D) = softmax over the slot's prompt columns (``p_bias[slot] == 0``: a
     right-aligned run up to ``lcap``) and the row's columns ``0..col[i]`` of q . key * scale, times
     the values. False (nothing written) when an index is out of range."""
-    m, nh = qkv.shape[0], qkv.shape[2]
+    m, nh, dh = qkv.shape[0], qkv.shape[2], qkv.shape[3]
     ps, cols = cache.shape[1], cache.shape[3]
-    if (qkv.shape[3] != HEAD_DIM or cache.shape[4] != HEAD_DIM or cache.shape[2] != nh or slot.shape[0] != m
-            or row_j.shape[0] != m or col.shape[0] != m or out.shape[0] != m or out.shape[1] != nh * HEAD_DIM
+    if (cache.shape[4] != dh or cache.shape[2] != nh or slot.shape[0] != m
+            or row_j.shape[0] != m or col.shape[0] != m or out.shape[0] != m or out.shape[1] != nh * dh
             or p_bias.shape[0] != ps or p_bias.shape[1] != lcap or lcap > cols):
         return False
     cmax = 0
@@ -79,12 +77,12 @@ def _attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, scale, out):  # pragm
         w = lcap + col[i] * k + row_j[i]
         p = slot[i]
         for h in range(nh):
-            for d in range(HEAD_DIM):
+            for d in range(dh):
                 cache[0, p, h, w, d] = qkv[i, 1, h, d]
                 cache[1, p, h, w, d] = qkv[i, 2, h, d]
-    q = np.empty((m, HEAD_DIM), np.float32)
+    q = np.empty((m, dh), np.float32)
     s = np.empty((m, lcap + cmax + 1), np.float32)
-    acc = np.empty(HEAD_DIM, np.float32)
+    acc = np.empty(dh, np.float32)
     i0 = 0
     while i0 < m:  # the places of one slot (consecutive) share its prompt's columns
         p = slot[i0]
@@ -103,7 +101,7 @@ def _attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, scale, out):  # pragm
             vals = cache[1, p, h]
             qh = q[:nq]
             for i in range(nq):
-                for d in range(HEAD_DIM):
+                for d in range(dh):
                     qh[i, d] = qkv[i0 + i, 0, h, d] * scale
             sp = np.dot(qh, keys[lo:lcap].T) if npr else np.zeros((nq, 0), np.float32)
             for i in range(nq):
@@ -115,7 +113,7 @@ def _attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, scale, out):  # pragm
                 for t in range(c + 1):
                     kr = keys[lcap + t * k + j]
                     acc_s = np.float32(0.0)
-                    for d in range(HEAD_DIM):
+                    for d in range(dh):
                         acc_s += qi[d] * kr[d]
                     si[npr + t] = acc_s
                 n = npr + c + 1
@@ -132,19 +130,19 @@ def _attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, scale, out):  # pragm
                     si[t] *= inv
                 for t in range(npr):
                     sp[i, t] = si[t]
-            op = np.dot(sp, vals[lo:lcap]) if npr else np.zeros((nq, HEAD_DIM), np.float32)
+            op = np.dot(sp, vals[lo:lcap]) if npr else np.zeros((nq, dh), np.float32)
             for i in range(nq):
                 j, c = row_j[i0 + i], col[i0 + i]
                 si = s[i]
-                for d in range(HEAD_DIM):
+                for d in range(dh):
                     acc[d] = op[i, d]
                 for t in range(c + 1):
                     vr = vals[lcap + t * k + j]
                     e = si[npr + t]
-                    for d in range(HEAD_DIM):
+                    for d in range(dh):
                         acc[d] += e * vr[d]
-                for d in range(HEAD_DIM):
-                    out[i0 + i, h * HEAD_DIM + d] = acc[d]
+                for d in range(dh):
+                    out[i0 + i, h * dh + d] = acc[d]
         i0 = i1
     return True
 
@@ -153,10 +151,10 @@ def attend(qkv: Tensor, cache: Tensor, p_bias: Tensor, slot: Tensor, row_j: Tens
            scale: float) -> Tensor:
     """``torch.ops.livecopy.attend``: see :func:`_attend`; ``qkv`` (m, 3 * H * D), ``cache`` a layer's
     (2, P, H, C, D) (written), ``p_bias`` (P, 1, 1, lcap). Returns (m, H * D)."""
-    m, nh = qkv.shape[0], cache.shape[2]
+    m, nh, dh = qkv.shape[0], cache.shape[2], cache.shape[4]
     if not cache.is_contiguous() or cache.dtype != torch.float32:
         raise ValueError("attend: the cache must be one contiguous float32 tensor (the decoder's CPU cache)")
-    out = torch.empty((m, nh * HEAD_DIM), dtype=torch.float32)
+    out = torch.empty((m, nh * dh), dtype=torch.float32)
     # contiguous arrays of these types: the one signature warm() compiled (another would compile on a request's time)
     ok = _attend(qkv.reshape(m, 3, nh, -1).contiguous().numpy(), cache.numpy(),
                  p_bias.reshape(p_bias.shape[0], -1).contiguous().numpy(), slot.contiguous().numpy(),
@@ -211,6 +209,6 @@ def warm() -> None:
     """Compile the loops now (or load them from numba's disk cache), not on a request's time."""
     x = torch.zeros(16)
     gelu_tanh_(x)
-    cache = torch.zeros((2, 1, 1, 4, HEAD_DIM))
-    attend(torch.zeros((1, 3 * HEAD_DIM)), cache, torch.zeros((1, 1, 1, 2)), torch.zeros(1, dtype=torch.long),
+    cache = torch.zeros((2, 1, 1, 4, 64))
+    attend(torch.zeros((1, 3 * 64)), cache, torch.zeros((1, 1, 1, 2)), torch.zeros(1, dtype=torch.long),
            torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 2, 1, 0.125)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from models import cpu_ops
 
-H, D = 3, cpu_ops.HEAD_DIM
+H, D = 3, 64
 
 
 def test_gelu_is_the_tanh_gelu() -> None:
@@ -20,10 +20,11 @@ def test_gelu_is_the_tanh_gelu() -> None:
 
 def _dense(qkv: torch.Tensor, cache: torch.Tensor, p_bias: torch.Tensor, slot: torch.Tensor, row_j: torch.Tensor,
            col: torch.Tensor, lcap: int, k: int, scale: float) -> torch.Tensor:
+    dh = cache.shape[4]
     """What the dense step computes for these places: the write, then each place over its slot's
     prompt columns (bias 0) and its own row's columns up to its own, by SDPA over every column masked."""
     m = qkv.shape[0]
-    q, key, val = qkv.view(m, 3, H, D).unbind(1)
+    q, key, val = qkv.view(m, 3, H, dh).unbind(1)
     w = lcap + col * k + row_j
     cache[0, slot, :, w] = key
     cache[1, slot, :, w] = val
@@ -35,17 +36,17 @@ def _dense(qkv: torch.Tensor, cache: torch.Tensor, p_bias: torch.Tensor, slot: t
     mask = torch.where(prompt | mine, 0.0, float("-inf"))
     o = F.scaled_dot_product_attention(q[:, :, None], cache[0, slot], cache[1, slot], attn_mask=mask[:, None, None],
                                        scale=scale)
-    return o.reshape(m, H * D)
+    return o.reshape(m, H * dh)
 
 
-@pytest.mark.parametrize("spec", [False, True])
-def test_attend_writes_and_attends_as_the_masked_dense_step(spec: bool) -> None:
+@pytest.mark.parametrize(("spec", "dh"), [(False, D), (True, D), (True, 16)])
+def test_attend_writes_and_attends_as_the_masked_dense_step(spec: bool, dh: int) -> None:
     """Two prompt slots (prompts of 5 and 9 tokens right-aligned in 10 columns), 3 rows each at
     different columns; ``spec``: rows feed 3 consecutive places (a speculative step's), some rows
-    fewer; the places of a slot need not be all its rows'."""
+    fewer; the places of a slot need not be all its rows'; heads of ``dh`` dimensions."""
     gen = torch.Generator().manual_seed(0)
     lcap, k, room, ps = 10, 3, 10, 2
-    cache = torch.randn((2, ps, H, lcap + room * k, D), generator=gen)
+    cache = torch.randn((2, ps, H, lcap + room * k, dh), generator=gen)
     p_bias = torch.full((ps, 1, 1, lcap), torch.finfo(torch.float32).min)
     p_bias[0, ..., lcap - 5:] = 0
     p_bias[1, ..., lcap - 9:] = 0
@@ -53,7 +54,7 @@ def test_attend_writes_and_attends_as_the_masked_dense_step(spec: bool) -> None:
     if spec:
         places = [(s, j, c + i) for s, j, c in places for i in range(3 if j != 1 else 2)]
     slot, row_j, col = (torch.tensor(v) for v in zip(*places, strict=True))
-    qkv = torch.randn((len(places), 3 * H * D), generator=gen)
+    qkv = torch.randn((len(places), 3 * H * dh), generator=gen)
     ref_cache = cache.clone()
     want = _dense(qkv, ref_cache, p_bias, slot, row_j, col, lcap, k, 0.125)
     got = cpu_ops.attend(qkv, cache, p_bias, slot, row_j, col, lcap, k, 0.125)
