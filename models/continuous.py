@@ -491,8 +491,9 @@ class ContinuousDecoder:
         the ``k`` queries of a prompt slot over its ``Lc + t * k`` columns (the prompt read once).
         ``per_row`` > 1 (a speculative step): ``feed`` holds that many consecutive tokens per row
         (its token, then its drafts), each at its own position and column."""
-        fixed = self.static_shapes or self.shape_buckets or self._fused  # (no window to look up: the whole cache)
-        lc, kv, p_bias = (self.lcap, self.kv, self.p_bias) if fixed else self._window()
+        # the whole cache, no window: fixed shapes (what torch.compile traces), or the fused step (columns by index)
+        whole = self.static_shapes or self.shape_buckets or self._fused
+        lc, kv, p_bias = (self.lcap, self.kv, self.p_bias) if whole else self._window()
         if self._script is not None:
             tr, lin = self.trunk, self.lin
             return self._script(feed, pos, col, t, rows, per_row, self.row_p, self.row_j, p_bias, kv,

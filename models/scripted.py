@@ -45,8 +45,8 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
     ``fused``: ``kv`` and ``p_bias`` are the whole caches and ``lc`` their prompt columns (no window),
     and attention and GELU run as :mod:`models.cpu_ops`' loops."""
     if fused:
-        return _fused_forward(feed, pos, col, rows, per_row, row_p, row_j, p_bias, kv, lc, k, scale, n_head, wte, wpe,
-                              ln_w, ln_b, eps, packed, w, b)
+        return _fused_forward(feed, pos, col, rows, per_row, row_p, row_j, p_bias, kv, lc, k, scale, wte, wpe, ln_w,
+                              ln_b, eps, packed, w, b)
     n = feed.shape[0]
     hi = n // (k * per_row)
     width = lc + t * k
@@ -110,8 +110,8 @@ def _forward(feed: Tensor, pos: Tensor, col: Tensor, t: int, rows: Tensor | None
 
 
 def _fused_forward(feed: Tensor, pos: Tensor, col: Tensor, rows: Tensor | None, per_row: int, row_p: Tensor,
-                   row_j: Tensor, p_bias: Tensor, kv: list[Tensor], lcap: int, k: int, scale: float, n_head: int,
-                   wte: Tensor, wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor], eps: list[float],
+                   row_j: Tensor, p_bias: Tensor, kv: list[Tensor], lcap: int, k: int, scale: float, wte: Tensor,
+                   wpe: Tensor, ln_w: list[Tensor], ln_b: list[Tensor], eps: list[float],
                    packed: list[torch.classes.quantized.LinearPackedParamsBase],  # type: ignore[name-defined]
                    w: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor]:
     """:func:`_forward` with ``fused``: each computed place attends to its prompt's and its own row's
